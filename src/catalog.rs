@@ -1,0 +1,394 @@
+//! The catalog: servers, snapshots and the id counter, in a redb database
+//! (ACID, checksummed pages, one fsync per commit). Values are JSON so the
+//! catalog stays readable with generic tools; the schema is in
+//! docs/FORMAT.md ("Catalog").
+//!
+//! This module also holds the pure policy functions (names, the cap, which
+//! states allow which operation): they take records and answer, so they are
+//! tested without a store.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::ids::{ServerId, SnapshotId};
+
+/// At most this many counted (in-progress or completed) snapshots per server.
+pub const MAX_SNAPSHOTS_PER_SERVER: usize = 5;
+/// Longest snapshot name, in characters.
+pub const MAX_NAME_LEN: usize = 64;
+/// Longest snapshot description, in characters.
+pub const MAX_DESCRIPTION_LEN: usize = 1024;
+/// Longest server name, in characters.
+pub const MAX_SERVER_NAME_LEN: usize = 255;
+/// Version of the catalog schema this code writes.
+pub const CATALOG_FORMAT: u64 = 1;
+
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const SERVERS: TableDefinition<u64, &[u8]> = TableDefinition::new("servers");
+const SNAPSHOTS: TableDefinition<u64, &[u8]> = TableDefinition::new("snapshots");
+
+const META_FORMAT: &str = "format";
+const META_BLOCK_SIZE: &str = "block_size";
+const META_NEXT_SNAPSHOT: &str = "next_snapshot_id";
+
+/// A registered server, as persisted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerRecord {
+    pub id: ServerId,
+    pub name: String,
+    pub disk: PathBuf,
+    /// Set while a restore from this snapshot has started and not finished;
+    /// survives a crash, so a half-restored disk is never reported idle.
+    pub restoring_from: Option<SnapshotId>,
+}
+
+/// Lifecycle of a snapshot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotStatus {
+    InProgress,
+    Completed,
+    Failed,
+}
+
+impl SnapshotStatus {
+    /// The API's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SnapshotStatus::InProgress => "in_progress",
+            SnapshotStatus::Completed => "completed",
+            SnapshotStatus::Failed => "failed",
+        }
+    }
+}
+
+/// What a completed capture found and stored.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaptureStats {
+    /// Length of the disk in bytes.
+    pub image_len: u64,
+    /// Bytes in data (non-zero) blocks.
+    pub data_bytes: u64,
+    pub zero_blocks: u64,
+    pub data_blocks: u64,
+    /// Chunks this capture added to the store, and their size before and
+    /// after compression (with record framing).
+    pub new_chunks: u64,
+    pub new_raw_bytes: u64,
+    pub new_stored_bytes: u64,
+    /// Wall time of the capture, in microseconds.
+    pub micros: u64,
+}
+
+/// A snapshot, as persisted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    pub id: SnapshotId,
+    pub server_id: ServerId,
+    pub name: String,
+    pub description: String,
+    pub status: SnapshotStatus,
+    /// RFC 3339, UTC, whole seconds.
+    pub created_at: String,
+    pub stats: Option<CaptureStats>,
+    /// Why a failed snapshot failed.
+    pub error: Option<String>,
+}
+
+impl SnapshotRecord {
+    /// MiB of non-zero data, rounded up; `None` until completed.
+    pub fn size_mb(&self) -> Option<u64> {
+        match (self.status, &self.stats) {
+            (SnapshotStatus::Completed, Some(s)) => Some(s.data_bytes.div_ceil(1 << 20)),
+            _ => None,
+        }
+    }
+}
+
+/// Everything the catalog holds, loaded at open.
+pub struct Loaded {
+    pub block_size: u32,
+    pub next_snapshot_id: u64,
+    pub servers: BTreeMap<ServerId, ServerRecord>,
+    pub snapshots: BTreeMap<SnapshotId, SnapshotRecord>,
+}
+
+/// The catalog database.
+pub struct Catalog {
+    db: Database,
+    path: PathBuf,
+}
+
+/// One change to apply in a catalog commit.
+pub enum Change<'a> {
+    PutServer(&'a ServerRecord),
+    PutSnapshot(&'a SnapshotRecord),
+    RemoveSnapshot(SnapshotId),
+    NextSnapshotId(u64),
+}
+
+impl Catalog {
+    /// Opens the catalog at `path`; when it does not exist yet and
+    /// `create_with_block_size` is given, creates it.
+    pub fn open(path: &Path, create_with_block_size: Option<u32>) -> Result<(Self, Loaded)> {
+        let exists = path.exists();
+        let db = if exists {
+            Database::open(path)?
+        } else {
+            Database::create(path)?
+        };
+        let catalog = Catalog {
+            db,
+            path: path.to_path_buf(),
+        };
+        if !exists {
+            let block_size = create_with_block_size.ok_or_else(|| Error::NoStore {
+                path: path.parent().unwrap_or(path).to_path_buf(),
+            })?;
+            let tx = catalog.db.begin_write()?;
+            {
+                let mut meta = tx.open_table(META)?;
+                meta.insert(META_FORMAT, CATALOG_FORMAT)?;
+                meta.insert(META_BLOCK_SIZE, u64::from(block_size))?;
+                meta.insert(META_NEXT_SNAPSHOT, 1)?;
+                tx.open_table(SERVERS)?;
+                tx.open_table(SNAPSHOTS)?;
+            }
+            tx.commit()?;
+        }
+        let loaded = catalog.load()?;
+        Ok((catalog, loaded))
+    }
+
+    fn load(&self) -> Result<Loaded> {
+        let tx = self.db.begin_read()?;
+        let meta = tx.open_table(META)?;
+        let get = |key: &str| -> Result<u64> {
+            meta.get(key)?
+                .map(|v| v.value())
+                .ok_or_else(|| Error::corrupt(&self.path, format!("catalog lacks {key}")))
+        };
+        let format = get(META_FORMAT)?;
+        if format != CATALOG_FORMAT {
+            return Err(Error::corrupt(
+                &self.path,
+                format!("unsupported catalog format {format}"),
+            ));
+        }
+        let block_size = u32::try_from(get(META_BLOCK_SIZE)?)
+            .map_err(|_| Error::corrupt(&self.path, "block size out of range"))?;
+        crate::manifest::check_block_size(block_size)
+            .map_err(|e| Error::corrupt(&self.path, e.to_string()))?;
+        let next_snapshot_id = get(META_NEXT_SNAPSHOT)?;
+
+        let mut servers = BTreeMap::new();
+        for row in tx.open_table(SERVERS)?.iter()? {
+            let (k, v) = row?;
+            let rec: ServerRecord = self.decode(v.value(), "server", k.value())?;
+            servers.insert(rec.id, rec);
+        }
+        let mut snapshots = BTreeMap::new();
+        for row in tx.open_table(SNAPSHOTS)?.iter()? {
+            let (k, v) = row?;
+            let rec: SnapshotRecord = self.decode(v.value(), "snapshot", k.value())?;
+            if rec.id.0 >= next_snapshot_id {
+                return Err(Error::corrupt(
+                    &self.path,
+                    format!("snapshot {} is not below the id counter", rec.id),
+                ));
+            }
+            snapshots.insert(rec.id, rec);
+        }
+        Ok(Loaded {
+            block_size,
+            next_snapshot_id,
+            servers,
+            snapshots,
+        })
+    }
+
+    fn decode<T: serde::de::DeserializeOwned>(&self, bytes: &[u8], what: &str, key: u64) -> Result<T> {
+        serde_json::from_slice(bytes)
+            .map_err(|e| Error::corrupt(&self.path, format!("{what} {key} does not decode: {e}")))
+    }
+
+    /// Applies `changes` in one durable transaction: all or nothing.
+    pub fn commit(&self, changes: &[Change<'_>]) -> Result<()> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut servers = tx.open_table(SERVERS)?;
+            let mut snapshots = tx.open_table(SNAPSHOTS)?;
+            let mut meta = tx.open_table(META)?;
+            for change in changes {
+                match change {
+                    Change::PutServer(s) => {
+                        servers.insert(s.id.0, json(s).as_slice())?;
+                    }
+                    Change::PutSnapshot(s) => {
+                        snapshots.insert(s.id.0, json(s).as_slice())?;
+                    }
+                    Change::RemoveSnapshot(id) => {
+                        snapshots.remove(id.0)?;
+                    }
+                    Change::NextSnapshotId(n) => {
+                        meta.insert(META_NEXT_SNAPSHOT, *n)?;
+                    }
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+}
+
+fn json<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("catalog records always serialize")
+}
+
+/// Checks a snapshot name: 1 to 64 characters from `[A-Za-z0-9_-]`.
+pub fn check_snapshot_name(name: &str) -> Result<()> {
+    let bad = |reason: &str| {
+        Err(Error::InvalidName {
+            name: name.to_string(),
+            reason: reason.to_string(),
+        })
+    };
+    if name.is_empty() {
+        return bad("a snapshot name must not be empty");
+    }
+    if name.chars().count() > MAX_NAME_LEN {
+        return bad("a snapshot name has at most 64 characters");
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
+    {
+        return bad(&format!(
+            "{c:?} is not allowed; use letters, digits, hyphens and underscores"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a snapshot description: at most 1,024 characters.
+pub fn check_description(description: &str) -> Result<()> {
+    let n = description.chars().count();
+    if n > MAX_DESCRIPTION_LEN {
+        return Err(Error::InvalidParameter(format!(
+            "description has {n} characters; at most {MAX_DESCRIPTION_LEN} are allowed"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a server name: 1 to 255 printable characters.
+pub fn check_server_name(name: &str) -> Result<()> {
+    let n = name.chars().count();
+    if n == 0 || n > MAX_SERVER_NAME_LEN || name.chars().any(char::is_control) {
+        return Err(Error::InvalidName {
+            name: name.to_string(),
+            reason: "a server name has 1 to 255 printable characters".to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Snapshots that count toward the cap: in progress or completed. Failed
+/// ones hold no data a user can restore, so they do not block new captures.
+pub fn counted(s: &SnapshotRecord) -> bool {
+    matches!(
+        s.status,
+        SnapshotStatus::InProgress | SnapshotStatus::Completed
+    )
+}
+
+/// The cap rule: may `server` take one more snapshot, given its snapshots?
+pub fn check_cap<'a>(
+    server: ServerId,
+    its_snapshots: impl IntoIterator<Item = &'a SnapshotRecord>,
+) -> Result<()> {
+    let n = its_snapshots.into_iter().filter(|s| counted(s)).count();
+    if n >= MAX_SNAPSHOTS_PER_SERVER {
+        return Err(Error::SnapshotLimit {
+            server,
+            limit: MAX_SNAPSHOTS_PER_SERVER,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snap(id: u64, status: SnapshotStatus) -> SnapshotRecord {
+        SnapshotRecord {
+            id: SnapshotId(id),
+            server_id: ServerId(1),
+            name: format!("s{id}"),
+            description: String::new(),
+            status,
+            created_at: "2026-01-01T00:00:00Z".into(),
+            stats: None,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn names_follow_the_api_rule() {
+        for ok in ["a", "pre-update_2", &"x".repeat(64)] {
+            assert!(check_snapshot_name(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", &"x".repeat(65), "has space", "../x", "héllo", "a/b", "a.b"] {
+            assert!(
+                matches!(check_snapshot_name(bad), Err(Error::InvalidName { .. })),
+                "{bad}"
+            );
+        }
+        assert!(check_description(&"d".repeat(1024)).is_ok());
+        assert!(check_description(&"d".repeat(1025)).is_err());
+    }
+
+    #[test]
+    fn cap_counts_in_progress_and_completed_but_not_failed() {
+        let mut v: Vec<_> = (1..=4).map(|i| snap(i, SnapshotStatus::Completed)).collect();
+        v.push(snap(5, SnapshotStatus::Failed));
+        assert!(check_cap(ServerId(1), &v).is_ok());
+        v.push(snap(6, SnapshotStatus::InProgress));
+        assert!(matches!(
+            check_cap(ServerId(1), &v),
+            Err(Error::SnapshotLimit { limit: 5, .. })
+        ));
+    }
+
+    #[test]
+    fn catalog_commits_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog");
+        {
+            let (c, loaded) = Catalog::open(&path, Some(65536)).unwrap();
+            assert_eq!(loaded.next_snapshot_id, 1);
+            let server = ServerRecord {
+                id: ServerId(9),
+                name: "web".into(),
+                disk: "/dev/null".into(),
+                restoring_from: None,
+            };
+            c.commit(&[
+                Change::PutServer(&server),
+                Change::PutSnapshot(&snap(1, SnapshotStatus::Completed)),
+                Change::NextSnapshotId(2),
+            ])
+            .unwrap();
+        }
+        let (_, loaded) = Catalog::open(&path, None).unwrap();
+        assert_eq!(loaded.block_size, 65536);
+        assert_eq!(loaded.next_snapshot_id, 2);
+        assert_eq!(loaded.servers[&ServerId(9)].name, "web");
+        assert_eq!(loaded.snapshots[&SnapshotId(1)].status, SnapshotStatus::Completed);
+    }
+}

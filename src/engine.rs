@@ -1,0 +1,830 @@
+//! The facade: open a store, register servers, create, list, restore,
+//! delete and verify snapshots.
+//!
+//! Locking (in this order, never the reverse):
+//! 1. `Inner::state` — the in-memory mirror of the catalog plus what only
+//!    lives in memory (running restores, progress). Every check-then-change
+//!    (the cap, state rules) happens under it, together with the catalog
+//!    commit that persists the change, so racing callers see one order.
+//! 2. the chunk store's own locks (see `store`), taken by captures and
+//!    restores without holding `state`.
+//!
+//! Durability order of a capture: chunk data (`ChunkStore::sync`), then the
+//! manifest (temporary file, fsync, rename, directory fsync), then the
+//! catalog commit that marks the snapshot completed. A crash before that
+//! commit leaves the snapshot `in_progress` in the catalog; `open` turns it
+//! into `failed` and removes its manifest.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use parking_lot::Mutex;
+use serde::Serialize;
+
+use crate::capture::{self, CaptureSettings};
+use crate::catalog::{
+    self, Catalog, Change, ServerRecord, SnapshotRecord, SnapshotStatus, check_cap,
+};
+use crate::disk::{DiskOpener, default_opener};
+use crate::error::{Error, IoContext, Result};
+use crate::ids::{ServerId, SnapshotId};
+use crate::job::{Job, Progress};
+use crate::manifest::{self, Manifest, check_block_size};
+use crate::restore::{self, RestoreReport};
+use crate::store::{ChunkStore, sync_dir};
+use crate::verify::{self, VerifyReport};
+
+pub use crate::catalog::CaptureStats;
+
+/// Block size of a new store unless chosen otherwise: 64 KiB, the
+/// granularity of QEMU dirty bitmaps.
+pub const DEFAULT_BLOCK_SIZE: u32 = 64 << 10;
+/// zstd level for new chunks unless chosen otherwise.
+pub const DEFAULT_COMPRESSION_LEVEL: i32 = 3;
+/// Bytes read from a disk per window unless chosen otherwise.
+pub const DEFAULT_WINDOW_LEN: usize = 16 << 20;
+
+const LOCK_FILE: &str = "LOCK";
+const CATALOG_FILE: &str = "catalog";
+const MANIFEST_DIR: &str = "manifests";
+const PACK_DIR: &str = "packs";
+
+/// Called before a restore rewrites a server's disk; must stop the server.
+/// An `Err` cancels the restore before anything is written.
+pub type StopHook = Arc<dyn Fn(&Server) -> std::result::Result<(), String> + Send + Sync>;
+
+/// What a server is doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServerState {
+    Idle,
+    Capturing,
+    /// A restore is running, or one was interrupted and must be run again.
+    Restoring,
+}
+
+/// A registered server.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Server {
+    pub id: ServerId,
+    pub name: String,
+    pub disk: PathBuf,
+    #[serde(rename = "status")]
+    pub state: ServerState,
+    /// The snapshot an unfinished restore was writing, if any.
+    pub restoring_from: Option<SnapshotId>,
+}
+
+/// A server as a snapshot names it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ServerRef {
+    pub id: ServerId,
+    pub name: String,
+}
+
+/// A snapshot. Serializes to exactly the snapshot object of the Snapshots
+/// API (SEED_API.md); the extra fields are for library users.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Snapshot {
+    pub id: SnapshotId,
+    pub server: ServerRef,
+    pub name: String,
+    pub status: SnapshotStatus,
+    pub size_mb: Option<u64>,
+    pub created_at: String,
+    pub description: String,
+    /// What the capture found and stored (completed snapshots).
+    #[serde(skip)]
+    pub stats: Option<CaptureStats>,
+    /// Why the capture failed (failed snapshots).
+    #[serde(skip)]
+    pub error: Option<String>,
+}
+
+/// What `open` found and repaired.
+#[derive(Clone, Debug, Default)]
+pub struct OpenReport {
+    /// Captures a crash interrupted, now `failed`.
+    pub failed_captures: Vec<SnapshotId>,
+    /// Servers whose restore a crash interrupted: run it again.
+    pub interrupted_restores: Vec<(ServerId, SnapshotId)>,
+    /// Packs left unsealed by a crash, now sealed, and torn bytes cut.
+    pub packs_recovered: u64,
+    pub bytes_cut: u64,
+    /// Packs that could not be read at all.
+    pub unreadable_packs: Vec<String>,
+}
+
+/// A capture running in the background.
+pub struct CaptureJob {
+    /// The snapshot as created: `in_progress`.
+    pub snapshot: Snapshot,
+    job: Job<Snapshot>,
+}
+
+impl CaptureJob {
+    /// `(done, total)` bytes of the disk read so far.
+    pub fn progress(&self) -> (u64, u64) {
+        self.job.progress()
+    }
+
+    /// The shared progress counter.
+    pub fn progress_handle(&self) -> Arc<Progress> {
+        self.job.progress_handle()
+    }
+
+    /// True once the capture has ended.
+    pub fn is_finished(&self) -> bool {
+        self.job.is_finished()
+    }
+
+    /// Waits for the capture; returns the completed snapshot, or the error
+    /// that made it `failed`.
+    pub fn wait(self) -> Result<Snapshot> {
+        self.job.wait()
+    }
+}
+
+/// A restore running in the background.
+pub type RestoreJob = Job<RestoreReport>;
+
+/// Options for [`EngineOptions::open`]; each setter names its default.
+#[derive(Clone)]
+pub struct EngineOptions {
+    create: bool,
+    block_size: Option<u32>,
+    compression_level: i32,
+    window_len: usize,
+    stop_hook: Option<StopHook>,
+    disk_opener: DiskOpener,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            create: true,
+            block_size: None,
+            compression_level: DEFAULT_COMPRESSION_LEVEL,
+            window_len: DEFAULT_WINDOW_LEN,
+            stop_hook: None,
+            disk_opener: default_opener(),
+        }
+    }
+}
+
+impl EngineOptions {
+    /// The defaults.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Create the store when the directory holds none. Default: true.
+    pub fn create(mut self, create: bool) -> Self {
+        self.create = create;
+        self
+    }
+
+    /// Block size of a new store: a power of two from 4 KiB to 4 MiB.
+    /// Default: 64 KiB. Fixed at creation; opening an existing store with
+    /// another size is an error.
+    pub fn block_size(mut self, bytes: u32) -> Self {
+        self.block_size = Some(bytes);
+        self
+    }
+
+    /// zstd level for new chunks, 1 to 19. Default: 3.
+    pub fn compression_level(mut self, level: i32) -> Self {
+        self.compression_level = level;
+        self
+    }
+
+    /// Bytes read per window during capture and restore. Default: 16 MiB.
+    /// Memory use is a few windows, whatever the disk size.
+    pub fn window_len(mut self, bytes: usize) -> Self {
+        self.window_len = bytes;
+        self
+    }
+
+    /// Called to stop a server before a restore writes its disk.
+    /// Default: none (the embedder stops servers itself).
+    pub fn stop_hook(
+        mut self,
+        hook: impl Fn(&Server) -> std::result::Result<(), String> + Send + Sync + 'static,
+    ) -> Self {
+        self.stop_hook = Some(Arc::new(hook));
+        self
+    }
+
+    /// How disks are opened. Default: image files and block devices.
+    pub fn disk_opener(mut self, opener: DiskOpener) -> Self {
+        self.disk_opener = opener;
+        self
+    }
+
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(self, dir: impl AsRef<Path>) -> Result<Engine> {
+        Engine::open_with(dir.as_ref(), self)
+    }
+}
+
+/// An open store. Cheap to clone; all clones share one store. Background
+/// captures and restores keep the store open until they end.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    root: PathBuf,
+    manifests: PathBuf,
+    block_size: u32,
+    options: EngineOptions,
+    catalog: Catalog,
+    store: ChunkStore,
+    state: Mutex<State>,
+    report: OpenReport,
+    /// Held for the life of the store; the OS releases it if we die.
+    _lock: File,
+}
+
+struct State {
+    servers: BTreeMap<ServerId, ServerRecord>,
+    snapshots: BTreeMap<SnapshotId, SnapshotRecord>,
+    next_snapshot_id: u64,
+    /// Restores running in this process: server -> snapshot.
+    live_restores: HashMap<ServerId, SnapshotId>,
+    progress: HashMap<SnapshotId, Arc<Progress>>,
+}
+
+impl State {
+    fn server(&self, id: ServerId) -> Result<&ServerRecord> {
+        self.servers.get(&id).ok_or(Error::ServerNotFound(id))
+    }
+
+    fn snapshot(&self, id: SnapshotId) -> Result<&SnapshotRecord> {
+        self.snapshots.get(&id).ok_or(Error::SnapshotNotFound(id))
+    }
+
+    fn snapshots_of(&self, server: ServerId) -> impl Iterator<Item = &SnapshotRecord> {
+        self.snapshots.values().filter(move |s| s.server_id == server)
+    }
+
+    fn capturing(&self, server: ServerId) -> Option<SnapshotId> {
+        self.snapshots_of(server)
+            .find(|s| s.status == SnapshotStatus::InProgress)
+            .map(|s| s.id)
+    }
+
+    fn server_view(&self, rec: &ServerRecord) -> Server {
+        let state = if self.live_restores.contains_key(&rec.id) || rec.restoring_from.is_some() {
+            ServerState::Restoring
+        } else if self.capturing(rec.id).is_some() {
+            ServerState::Capturing
+        } else {
+            ServerState::Idle
+        };
+        Server {
+            id: rec.id,
+            name: rec.name.clone(),
+            disk: rec.disk.clone(),
+            state,
+            restoring_from: rec.restoring_from,
+        }
+    }
+
+    fn snapshot_view(&self, rec: &SnapshotRecord) -> Snapshot {
+        let server_name = self
+            .servers
+            .get(&rec.server_id)
+            .map(|s| s.name.clone())
+            .unwrap_or_default();
+        Snapshot {
+            id: rec.id,
+            server: ServerRef {
+                id: rec.server_id,
+                name: server_name,
+            },
+            name: rec.name.clone(),
+            status: rec.status,
+            size_mb: rec.size_mb(),
+            created_at: rec.created_at.clone(),
+            description: rec.description.clone(),
+            stats: rec.stats,
+            error: rec.error.clone(),
+        }
+    }
+
+    /// Refuses to start anything on a server that is being restored.
+    fn check_not_restoring(&self, rec: &ServerRecord) -> Result<()> {
+        if let Some(snap) = self.live_restores.get(&rec.id) {
+            return Err(Error::WrongState(format!(
+                "server {} is being restored from snapshot {snap}; wait for the restore to finish",
+                rec.id
+            )));
+        }
+        if let Some(snap) = rec.restoring_from {
+            return Err(Error::WrongState(format!(
+                "server {} was left half-restored from snapshot {snap}; run that restore again to finish it",
+                rec.id
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}
+
+impl Engine {
+    /// Opens the store in `dir`, creating it with the default options when
+    /// it does not exist.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Engine> {
+        EngineOptions::default().open(dir)
+    }
+
+    fn open_with(root: &Path, options: EngineOptions) -> Result<Engine> {
+        if let Some(bs) = options.block_size {
+            check_block_size(bs)?;
+        }
+        if !(1..=19).contains(&options.compression_level) {
+            return Err(Error::InvalidParameter(format!(
+                "compression level {} is not from 1 to 19",
+                options.compression_level
+            )));
+        }
+        let catalog_path = root.join(CATALOG_FILE);
+        if !catalog_path.exists() && !options.create {
+            return Err(Error::NoStore {
+                path: root.to_path_buf(),
+            });
+        }
+        fs::create_dir_all(root).at(root)?;
+        let lock = lock_store(root)?;
+        let new_store = !catalog_path.exists();
+        let create_with = options.block_size.unwrap_or(DEFAULT_BLOCK_SIZE);
+        let (catalog, loaded) = Catalog::open(&catalog_path, Some(create_with))?;
+        if let Some(bs) = options.block_size {
+            if bs != loaded.block_size && !new_store {
+                return Err(Error::InvalidParameter(format!(
+                    "the store uses {}-byte blocks, fixed at creation; {bs} was asked for",
+                    loaded.block_size
+                )));
+            }
+        }
+        let manifests = root.join(MANIFEST_DIR);
+        fs::create_dir_all(&manifests).at(&manifests)?;
+        let (store, recovery) = ChunkStore::open(&root.join(PACK_DIR))?;
+        if new_store {
+            sync_dir(root)?;
+        }
+        let mut report = OpenReport {
+            packs_recovered: recovery.packs_sealed,
+            bytes_cut: recovery.bytes_cut,
+            unreadable_packs: recovery.unreadable,
+            ..OpenReport::default()
+        };
+        let mut state = State {
+            servers: loaded.servers,
+            snapshots: loaded.snapshots,
+            next_snapshot_id: loaded.next_snapshot_id,
+            live_restores: HashMap::new(),
+            progress: HashMap::new(),
+        };
+        recover(&catalog, &manifests, &mut state, &mut report)?;
+        Ok(Engine {
+            inner: Arc::new(Inner {
+                root: root.to_path_buf(),
+                manifests,
+                block_size: loaded.block_size,
+                options,
+                catalog,
+                store,
+                state: Mutex::new(state),
+                report,
+                _lock: lock,
+            }),
+        })
+    }
+
+    /// The store's directory.
+    pub fn root(&self) -> &Path {
+        &self.inner.root
+    }
+
+    /// The store's block size in bytes.
+    pub fn block_size(&self) -> u32 {
+        self.inner.block_size
+    }
+
+    /// What opening the store found and repaired.
+    pub fn open_report(&self) -> &OpenReport {
+        &self.inner.report
+    }
+
+    /// Number of distinct chunks stored.
+    pub fn chunk_count(&self) -> usize {
+        self.inner.store.chunk_count()
+    }
+
+    /// Registers a server and its disk (an image file or a block device; it
+    /// need not exist yet). The path is stored absolute.
+    pub fn add_server(&self, id: ServerId, name: &str, disk: impl AsRef<Path>) -> Result<Server> {
+        catalog::check_server_name(name)?;
+        let disk = disk.as_ref();
+        if disk.as_os_str().is_empty() {
+            return Err(Error::InvalidParameter("the disk path is empty".into()));
+        }
+        let disk = std::path::absolute(disk).at(disk)?;
+        let mut state = self.inner.state.lock();
+        if state.servers.contains_key(&id) {
+            return Err(Error::ServerExists(id));
+        }
+        let rec = ServerRecord {
+            id,
+            name: name.to_string(),
+            disk,
+            restoring_from: None,
+        };
+        self.inner.catalog.commit(&[Change::PutServer(&rec)])?;
+        let view = state.server_view(&rec);
+        state.servers.insert(id, rec);
+        Ok(view)
+    }
+
+    /// All servers, by id.
+    pub fn servers(&self) -> Vec<Server> {
+        let state = self.inner.state.lock();
+        state.servers.values().map(|s| state.server_view(s)).collect()
+    }
+
+    /// One server.
+    pub fn server(&self, id: ServerId) -> Result<Server> {
+        let state = self.inner.state.lock();
+        Ok(state.server_view(state.server(id)?))
+    }
+
+    /// Snapshots, newest first: all of them, or one server's.
+    pub fn snapshots(&self, server: Option<ServerId>) -> Result<Vec<Snapshot>> {
+        let state = self.inner.state.lock();
+        if let Some(id) = server {
+            state.server(id)?;
+        }
+        Ok(state
+            .snapshots
+            .values()
+            .rev()
+            .filter(|s| server.is_none_or(|id| s.server_id == id))
+            .map(|s| state.snapshot_view(s))
+            .collect())
+    }
+
+    /// One snapshot.
+    pub fn snapshot(&self, id: SnapshotId) -> Result<Snapshot> {
+        let state = self.inner.state.lock();
+        Ok(state.snapshot_view(state.snapshot(id)?))
+    }
+
+    /// `(done, total)` bytes of a running capture, `None` when not running.
+    pub fn capture_progress(&self, id: SnapshotId) -> Option<(u64, u64)> {
+        self.inner.state.lock().progress.get(&id).map(|p| p.get())
+    }
+
+    /// Captures a snapshot of `server` and returns it once completed.
+    pub fn create_snapshot(
+        &self,
+        server: ServerId,
+        name: &str,
+        description: &str,
+    ) -> Result<Snapshot> {
+        self.start_snapshot(server, name, description)?.wait()
+    }
+
+    /// Reserves a snapshot slot and id at once and captures in the
+    /// background. The returned job holds the `in_progress` snapshot.
+    ///
+    /// The checks (name, server, restoring, the five-snapshot cap) and the
+    /// reservation are one step under the state lock, committed to the
+    /// catalog before this returns: racing callers never make a sixth.
+    pub fn start_snapshot(
+        &self,
+        server: ServerId,
+        name: &str,
+        description: &str,
+    ) -> Result<CaptureJob> {
+        catalog::check_snapshot_name(name)?;
+        catalog::check_description(description)?;
+        let progress = Arc::new(Progress::default());
+        let (record, disk, snapshot) = {
+            let mut state = self.inner.state.lock();
+            let srv = state.server(server)?;
+            state.check_not_restoring(srv)?;
+            check_cap(server, state.snapshots_of(server))?;
+            let disk = srv.disk.clone();
+            let id = SnapshotId(state.next_snapshot_id);
+            let record = SnapshotRecord {
+                id,
+                server_id: server,
+                name: name.to_string(),
+                description: description.to_string(),
+                status: SnapshotStatus::InProgress,
+                created_at: now_rfc3339(),
+                stats: None,
+                error: None,
+            };
+            self.inner.catalog.commit(&[
+                Change::PutSnapshot(&record),
+                Change::NextSnapshotId(id.0 + 1),
+            ])?;
+            state.next_snapshot_id = id.0 + 1;
+            state.snapshots.insert(id, record.clone());
+            state.progress.insert(id, progress.clone());
+            let view = state.snapshot_view(&record);
+            (record, disk, view)
+        };
+        let engine = self.clone();
+        let job_progress = progress.clone();
+        let job = Job::spawn(format!("capture-{}", record.id), progress, move || {
+            let outcome = engine.run_capture(&record, &disk, &job_progress);
+            engine.finish_capture(record.id, outcome)
+        })?;
+        Ok(CaptureJob { snapshot, job })
+    }
+
+    /// Reads the disk and writes chunks and the manifest (steps 1 and 2 of
+    /// the durability order).
+    fn run_capture(
+        &self,
+        rec: &SnapshotRecord,
+        disk_path: &Path,
+        progress: &Progress,
+    ) -> Result<CaptureStats> {
+        let inner = &self.inner;
+        let disk = (inner.options.disk_opener)(disk_path, false)?;
+        let settings = CaptureSettings {
+            block_size: inner.block_size,
+            compression_level: inner.options.compression_level,
+            window_len: inner.options.window_len,
+        };
+        let captured = capture::capture(&inner.store, disk.as_ref(), &settings, progress)?;
+        inner.store.sync()?;
+        let manifest = Manifest::new(
+            rec.id,
+            rec.server_id,
+            inner.block_size,
+            captured.stats.image_len,
+            captured.blocks,
+        )?;
+        manifest.write_durably(&inner.manifests)?;
+        Ok(captured.stats)
+    }
+
+    /// Step 3: the catalog commit that marks the snapshot completed (or
+    /// failed, with the reason).
+    fn finish_capture(&self, id: SnapshotId, outcome: Result<CaptureStats>) -> Result<Snapshot> {
+        let mut state = self.inner.state.lock();
+        state.progress.remove(&id);
+        let mut rec = state.snapshot(id)?.clone();
+        match &outcome {
+            Ok(stats) => {
+                rec.status = SnapshotStatus::Completed;
+                rec.stats = Some(*stats);
+            }
+            Err(e) => {
+                rec.status = SnapshotStatus::Failed;
+                rec.error = Some(e.to_string());
+            }
+        }
+        let committed = self.inner.catalog.commit(&[Change::PutSnapshot(&rec)]);
+        if committed.is_err() || outcome.is_err() {
+            // Not completed: its manifest, if written, must not outlive it.
+            rec.status = SnapshotStatus::Failed;
+            let _ = manifest::remove(&self.inner.manifests, id);
+        }
+        state.snapshots.insert(id, rec.clone());
+        committed?;
+        outcome?;
+        Ok(state.snapshot_view(&rec))
+    }
+
+    /// Deletes a snapshot: catalog entry first, then its manifest. Its
+    /// chunks stay until garbage collection.
+    pub fn delete_snapshot(&self, id: SnapshotId) -> Result<()> {
+        let mut state = self.inner.state.lock();
+        let rec = state.snapshot(id)?;
+        if rec.status == SnapshotStatus::InProgress {
+            return Err(Error::WrongState(format!(
+                "snapshot {id} is still being created; wait for it to finish"
+            )));
+        }
+        let restoring = state.live_restores.values().any(|s| *s == id)
+            || state.servers.values().any(|s| s.restoring_from == Some(id));
+        if restoring {
+            return Err(Error::WrongState(format!(
+                "snapshot {id} is being restored from; wait for the restore to finish"
+            )));
+        }
+        self.inner.catalog.commit(&[Change::RemoveSnapshot(id)])?;
+        state.snapshots.remove(&id);
+        drop(state);
+        manifest::remove(&self.inner.manifests, id)
+    }
+
+    /// Restores a snapshot onto its server's disk and returns once the disk
+    /// is durable. See [`Engine::start_restore`].
+    pub fn restore_snapshot(&self, id: SnapshotId) -> Result<RestoreReport> {
+        self.start_restore(id)?.wait()
+    }
+
+    /// Starts restoring a completed snapshot onto its server's disk.
+    ///
+    /// Refused while the server captures or restores, or while the snapshot
+    /// is not completed. The job calls the stop hook, marks the server
+    /// restoring in the catalog, rewrites only the blocks that differ
+    /// (each chunk checked before it is written), sets an image file's
+    /// length, fsyncs, and clears the mark. If it fails after writing, the
+    /// server stays marked restoring until a restore succeeds.
+    pub fn start_restore(&self, id: SnapshotId) -> Result<RestoreJob> {
+        let server = {
+            let mut state = self.inner.state.lock();
+            let rec = state.snapshot(id)?;
+            if rec.status != SnapshotStatus::Completed {
+                return Err(Error::WrongState(format!(
+                    "snapshot {id} is {}; only a completed snapshot can be restored",
+                    rec.status.as_str()
+                )));
+            }
+            let server_id = rec.server_id;
+            let srv = state.server(server_id)?;
+            if let Some(capturing) = state.capturing(server_id) {
+                return Err(Error::WrongState(format!(
+                    "server {server_id} is capturing snapshot {capturing}; wait for it to finish"
+                )));
+            }
+            if let Some(other) = state.live_restores.get(&server_id) {
+                return Err(Error::WrongState(format!(
+                    "server {server_id} is already being restored from snapshot {other}"
+                )));
+            }
+            let view = state.server_view(srv);
+            state.live_restores.insert(server_id, id);
+            view
+        };
+        let engine = self.clone();
+        let progress = Arc::new(Progress::default());
+        let job_progress = progress.clone();
+        Job::spawn(format!("restore-{id}"), progress, move || {
+            let outcome = engine.run_restore(&server, id, &job_progress);
+            engine.inner.state.lock().live_restores.remove(&server.id);
+            outcome
+        })
+    }
+
+    fn run_restore(&self, server: &Server, id: SnapshotId, progress: &Progress) -> Result<RestoreReport> {
+        let inner = &self.inner;
+        if let Some(hook) = &inner.options.stop_hook {
+            hook(server).map_err(|reason| Error::StopHook {
+                server: server.id,
+                reason,
+            })?;
+        }
+        self.set_restoring_from(server.id, Some(id))?;
+        let mut written = 0;
+        let outcome = (|| {
+            let manifest = Manifest::read(&inner.manifests, id)?;
+            let disk = (inner.options.disk_opener)(&server.disk, true)?;
+            restore::restore(
+                &inner.store,
+                &manifest,
+                disk.as_ref(),
+                inner.options.window_len,
+                progress,
+                &mut written,
+            )
+        })();
+        if outcome.is_ok() || written == 0 {
+            self.set_restoring_from(server.id, None)?;
+        }
+        outcome
+    }
+
+    fn set_restoring_from(&self, server: ServerId, snapshot: Option<SnapshotId>) -> Result<()> {
+        let mut state = self.inner.state.lock();
+        let mut rec = state.server(server)?.clone();
+        if rec.restoring_from == snapshot {
+            return Ok(());
+        }
+        rec.restoring_from = snapshot;
+        self.inner.catalog.commit(&[Change::PutServer(&rec)])?;
+        state.servers.insert(server, rec);
+        Ok(())
+    }
+
+    /// Reads every chunk of one completed snapshot, or of all of them, and
+    /// checks its CRC32 and BLAKE3. Corruption is reported, not returned as
+    /// an error: the report names each bad chunk and the snapshots using it.
+    pub fn verify(&self, snapshot: Option<SnapshotId>) -> Result<VerifyReport> {
+        let ids: Vec<SnapshotId> = {
+            let state = self.inner.state.lock();
+            match snapshot {
+                Some(id) => {
+                    let rec = state.snapshot(id)?;
+                    if rec.status != SnapshotStatus::Completed {
+                        return Err(Error::WrongState(format!(
+                            "snapshot {id} is {}; only a completed snapshot can be verified",
+                            rec.status.as_str()
+                        )));
+                    }
+                    vec![id]
+                }
+                None => state
+                    .snapshots
+                    .values()
+                    .filter(|s| s.status == SnapshotStatus::Completed)
+                    .map(|s| s.id)
+                    .collect(),
+            }
+        };
+        let manifests = ids
+            .into_iter()
+            .map(|id| (id, Manifest::read(&self.inner.manifests, id)))
+            .collect();
+        Ok(verify::verify(&self.inner.store, manifests))
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Seal the open pack so the next open need not scan it.
+        let _ = self.store.close();
+    }
+}
+
+fn lock_store(root: &Path) -> Result<File> {
+    let path = root.join(LOCK_FILE);
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .at(&path)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(fs::TryLockError::WouldBlock) => Err(Error::StoreLocked {
+            path: root.to_path_buf(),
+        }),
+        Err(fs::TryLockError::Error(e)) => Err(Error::io(path, e)),
+    }
+}
+
+/// Applies the crash rules: captures left in progress become failed (and
+/// lose any manifest), manifests of no completed snapshot are removed,
+/// interrupted restores are reported.
+fn recover(
+    catalog: &Catalog,
+    manifests: &Path,
+    state: &mut State,
+    report: &mut OpenReport,
+) -> Result<()> {
+    manifest::clean_temporaries(manifests)?;
+    let mut failed = Vec::new();
+    for rec in state.snapshots.values_mut() {
+        if rec.status == SnapshotStatus::InProgress {
+            rec.status = SnapshotStatus::Failed;
+            rec.error = Some("interrupted: the process stopped before the capture completed".into());
+            failed.push(rec.clone());
+        }
+    }
+    if !failed.is_empty() {
+        let changes: Vec<Change<'_>> = failed.iter().map(Change::PutSnapshot).collect();
+        catalog.commit(&changes)?;
+        report.failed_captures = failed.iter().map(|r| r.id).collect();
+    }
+    for entry in fs::read_dir(manifests).at(manifests)? {
+        let entry = entry.at(manifests)?;
+        let name = entry.file_name();
+        let Some(id) = name
+            .to_str()
+            .and_then(|n| n.strip_suffix(".manifest"))
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        let completed = state
+            .snapshots
+            .get(&SnapshotId(id))
+            .is_some_and(|s| s.status == SnapshotStatus::Completed);
+        if !completed {
+            manifest::remove(manifests, SnapshotId(id))?;
+        }
+    }
+    report.interrupted_restores = state
+        .servers
+        .values()
+        .filter_map(|s| s.restoring_from.map(|snap| (s.id, snap)))
+        .collect();
+    Ok(())
+}

@@ -1,0 +1,166 @@
+//! The library's one error type.
+//!
+//! Policy: every fallible public call returns [`Error`]. Each variant is
+//! something a caller can act on (fix the input, pick another id, wait for a
+//! job, repair the store), and its `Display` says what was wrong in one
+//! sentence. Nothing read from disk or given by a caller is trusted: bad input
+//! becomes [`Error::InvalidName`]/[`Error::InvalidParameter`], bad bytes on disk
+//! become [`Error::Corruption`]; neither ever panics. I/O errors carry the path
+//! they happened on.
+
+use std::path::PathBuf;
+
+use crate::ids::{ChunkId, ServerId, SnapshotId};
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in blocksnap.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// No server with this id is registered.
+    #[error("server {0} does not exist")]
+    ServerNotFound(ServerId),
+
+    /// A server with this id is already registered.
+    #[error("server {0} already exists")]
+    ServerExists(ServerId),
+
+    /// No snapshot with this id exists (never did, or was deleted).
+    #[error("snapshot {0} does not exist")]
+    SnapshotNotFound(SnapshotId),
+
+    /// A snapshot or server name breaks the naming rule.
+    #[error("invalid name {name:?}: {reason}")]
+    InvalidName { name: String, reason: String },
+
+    /// Some other argument is out of range or malformed.
+    #[error("invalid parameter: {0}")]
+    InvalidParameter(String),
+
+    /// The server already holds the maximum number of snapshots.
+    #[error(
+        "server {server} already has {limit} snapshots (the maximum); delete one before creating another"
+    )]
+    SnapshotLimit { server: ServerId, limit: usize },
+
+    /// The server or snapshot is not in a state that allows the operation.
+    #[error("{0}")]
+    WrongState(String),
+
+    /// Another process (or another `Engine` in this one) holds the store.
+    #[error("store {} is locked by another process; stop it or use another store", .path.display())]
+    StoreLocked { path: PathBuf },
+
+    /// The store directory holds no store and creation was not asked for.
+    #[error("no blocksnap store at {}; create it with `blocksnap --store {} init`", .path.display(), .path.display())]
+    NoStore { path: PathBuf },
+
+    /// A store already exists where a new one was asked for.
+    #[error("a blocksnap store already exists at {}", .path.display())]
+    StoreExists { path: PathBuf },
+
+    /// Stored bytes failed a check (magic, version, length, CRC32 or BLAKE3).
+    #[error("corruption detected in {}: {what}", .path.display())]
+    Corruption { path: PathBuf, what: String },
+
+    /// A chunk a manifest needs is not in the store.
+    #[error("chunk {chunk} is missing from the store")]
+    ChunkMissing { chunk: ChunkId },
+
+    /// The disk target cannot hold the snapshot.
+    #[error("disk {} is {have} bytes, smaller than the snapshot's {need} bytes", .path.display())]
+    DiskTooSmall {
+        path: PathBuf,
+        have: u64,
+        need: u64,
+    },
+
+    /// The embedder's stop hook refused or failed.
+    #[error("the stop hook failed for server {server}: {reason}")]
+    StopHook { server: ServerId, reason: String },
+
+    /// An operating-system I/O error, with the path it happened on.
+    #[error("I/O error on {}: {source}", .path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The catalog database failed.
+    #[error("catalog error: {0}")]
+    Catalog(String),
+}
+
+impl Error {
+    /// True for errors caused by the caller's request rather than by the
+    /// store or the machine: the command-line exits 2 on these, 1 otherwise,
+    /// and the HTTP layer answers 4xx.
+    pub fn is_user_error(&self) -> bool {
+        matches!(
+            self,
+            Error::ServerNotFound(_)
+                | Error::ServerExists(_)
+                | Error::SnapshotNotFound(_)
+                | Error::InvalidName { .. }
+                | Error::InvalidParameter(_)
+                | Error::SnapshotLimit { .. }
+                | Error::WrongState(_)
+                | Error::StoreLocked { .. }
+                | Error::NoStore { .. }
+                | Error::StoreExists { .. }
+                | Error::DiskTooSmall { .. }
+        )
+    }
+
+    /// True when stored data failed a check.
+    pub fn is_corruption(&self) -> bool {
+        matches!(self, Error::Corruption { .. } | Error::ChunkMissing { .. })
+    }
+
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn corrupt(path: impl Into<PathBuf>, what: impl Into<String>) -> Self {
+        Error::Corruption {
+            path: path.into(),
+            what: what.into(),
+        }
+    }
+}
+
+/// Attaches a path to `std::io::Result`s.
+pub(crate) trait IoContext<T> {
+    fn at(self, path: impl Into<PathBuf>) -> Result<T>;
+}
+
+impl<T> IoContext<T> for std::io::Result<T> {
+    fn at(self, path: impl Into<PathBuf>) -> Result<T> {
+        self.map_err(|e| Error::io(path, e))
+    }
+}
+
+macro_rules! catalog_error {
+    ($($t:ty),*) => {$(
+        impl From<$t> for Error {
+            fn from(e: $t) -> Self {
+                Error::Catalog(e.to_string())
+            }
+        }
+    )*};
+}
+
+catalog_error!(
+    redb::Error,
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);

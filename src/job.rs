@@ -1,0 +1,75 @@
+//! Background work: a progress counter and a handle to wait on.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::JoinHandle;
+
+use crate::error::{Error, Result};
+
+/// Bytes done out of bytes to do, updated by a running capture or restore.
+#[derive(Debug, Default)]
+pub struct Progress {
+    done: AtomicU64,
+    total: AtomicU64,
+}
+
+impl Progress {
+    /// `(done, total)` in bytes.
+    pub fn get(&self) -> (u64, u64) {
+        (
+            self.done.load(Ordering::Relaxed),
+            self.total.load(Ordering::Relaxed),
+        )
+    }
+
+    pub(crate) fn start(&self, total: u64) {
+        self.total.store(total, Ordering::Relaxed);
+        self.done.store(0, Ordering::Relaxed);
+    }
+
+    pub(crate) fn add(&self, n: u64) {
+        self.done.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// A capture or restore running on its own thread.
+pub struct Job<T> {
+    thread: JoinHandle<Result<T>>,
+    progress: Arc<Progress>,
+}
+
+impl<T: Send + 'static> Job<T> {
+    pub(crate) fn spawn(
+        name: String,
+        progress: Arc<Progress>,
+        work: impl FnOnce() -> Result<T> + Send + 'static,
+    ) -> Result<Self> {
+        let thread = std::thread::Builder::new()
+            .name(name)
+            .spawn(work)
+            .map_err(|e| Error::io("<thread spawn>", e))?;
+        Ok(Job { thread, progress })
+    }
+
+    /// `(done, total)` bytes so far.
+    pub fn progress(&self) -> (u64, u64) {
+        self.progress.get()
+    }
+
+    /// The shared progress counter, for a progress bar on another thread.
+    pub fn progress_handle(&self) -> Arc<Progress> {
+        self.progress.clone()
+    }
+
+    /// True once the work has ended (successfully or not).
+    pub fn is_finished(&self) -> bool {
+        self.thread.is_finished()
+    }
+
+    /// Blocks until the work ends and returns its outcome.
+    pub fn wait(self) -> Result<T> {
+        self.thread
+            .join()
+            .unwrap_or_else(|_| Err(Error::WrongState("background job panicked".into())))
+    }
+}

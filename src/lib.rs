@@ -1,0 +1,55 @@
+//! blocksnap: point-in-time snapshots of server disks, as an in-process
+//! storage engine.
+//!
+//! A disk (raw image file or block device) is cut into fixed-size blocks;
+//! each block is hashed with BLAKE3 and stored once however many snapshots or
+//! servers share it, compressed with zstd, framed with CRC32 in append-only
+//! packs, and listed in an immutable manifest. Restore rewrites only the
+//! blocks that differ. A server keeps at most five snapshots.
+//!
+//! ```
+//! use blocksnap::{Engine, ServerId};
+//!
+//! # fn main() -> blocksnap::Result<()> {
+//! let dir = tempfile::tempdir().unwrap();
+//! let disk = dir.path().join("disk.img");
+//! std::fs::write(&disk, vec![7u8; 1 << 20]).unwrap();
+//!
+//! let engine = Engine::open(dir.path().join("store"))?;
+//! engine.add_server(ServerId(1), "web-01", &disk)?;
+//! let snap = engine.create_snapshot(ServerId(1), "before-update", "")?;
+//!
+//! std::fs::write(&disk, vec![9u8; 1 << 20]).unwrap(); // the update goes wrong
+//! let report = engine.restore_snapshot(snap.id)?;
+//! assert_eq!(report.blocks_rewritten, 16); // every 64 KiB block differed
+//! assert_eq!(std::fs::read(&disk).unwrap(), vec![7u8; 1 << 20]);
+//! # Ok(())
+//! # }
+//! ```
+
+mod capture;
+mod catalog;
+pub mod disk;
+mod engine;
+mod error;
+mod ids;
+mod job;
+mod manifest;
+mod restore;
+pub mod sample;
+mod store;
+mod verify;
+mod window;
+
+pub use catalog::{
+    CaptureStats, MAX_DESCRIPTION_LEN, MAX_NAME_LEN, MAX_SNAPSHOTS_PER_SERVER, SnapshotStatus,
+};
+pub use engine::{
+    CaptureJob, DEFAULT_BLOCK_SIZE, DEFAULT_COMPRESSION_LEVEL, DEFAULT_WINDOW_LEN, Engine,
+    EngineOptions, OpenReport, RestoreJob, Server, ServerRef, ServerState, Snapshot, StopHook,
+};
+pub use error::{Error, Result};
+pub use ids::{ChunkId, ServerId, SnapshotId};
+pub use job::{Job, Progress};
+pub use restore::RestoreReport;
+pub use verify::{BadChunk, BadManifest, VerifyReport};

@@ -1,0 +1,494 @@
+//! The chunk store: content-addressed chunks in append-only pack files, and
+//! the in-memory index from chunk id to record location.
+//!
+//! The packs are the source of truth: the index is rebuilt on open from the
+//! sealed packs' trailing indexes, and from a forward scan of any pack a crash
+//! left unsealed (its torn tail is cut, then it is sealed).
+//!
+//! Locking (take in this order, never the reverse):
+//! 1. `sync_lock` — one `sync` at a time, so a returning `sync` has really
+//!    made every earlier append and pack creation durable.
+//! 2. `writer` — the one open pack and its pending index entries.
+//! 3. `index` — readers take it shared; `insert` takes it exclusive only to
+//!    add entries, after the bytes are in the pack file.
+//!
+//! Invariant: a chunk is in the index only after its record was written to a
+//! pack. A caller that saw a chunk in the index (dedup hit) and then calls
+//! `sync` has that chunk durable, whichever capture wrote it.
+
+pub mod pack;
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
+
+use crate::error::{Error, IoContext, Result};
+use crate::ids::ChunkId;
+use pack::{EncodedChunk, IndexEntry, PACK_HEADER_LEN, RECORD_HEADER_LEN, TRAILER_LEN};
+
+/// A pack is sealed once it grows past this many bytes.
+pub const PACK_TARGET_LEN: u64 = 256 << 20;
+// Record offsets are kept as u32 in memory: a pack never reaches 4 GiB.
+const _: () = assert!(PACK_TARGET_LEN + (pack::MAX_CHUNK_LEN as u64) * 2 < u32::MAX as u64);
+
+const PACK_SUFFIX: &str = ".pack";
+
+/// Where a chunk's record lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChunkLoc {
+    pub pack: u32,
+    pub offset: u32,
+    pub stored_len: u32,
+}
+
+/// Hashes a [`ChunkId`] by the one `u64` its `Hash` impl feeds: no rehashing.
+#[derive(Default)]
+pub struct PrefixHasher(u64);
+
+impl Hasher for PrefixHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
+
+type ChunkIndex = HashMap<ChunkId, ChunkLoc, BuildHasherDefault<PrefixHasher>>;
+
+struct ActivePack {
+    seq: u32,
+    file: Arc<File>,
+    len: u64,
+    entries: Vec<IndexEntry>,
+}
+
+struct Writer {
+    active: Option<ActivePack>,
+    next_seq: u32,
+    /// A pack file was created since the last directory fsync.
+    dir_dirty: bool,
+}
+
+/// What the store did while opening.
+#[derive(Clone, Debug, Default)]
+pub struct Recovery {
+    /// Unsealed packs found (left by a crash) and sealed now.
+    pub packs_sealed: u64,
+    /// Bytes of torn tails cut from them.
+    pub bytes_cut: u64,
+    /// Packs that could not be read at all, with the reason; their chunks
+    /// are missing from the index and `verify` reports them.
+    pub unreadable: Vec<String>,
+}
+
+/// Outcome of appending a batch of chunks.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Appended {
+    pub chunks: u64,
+    pub raw_bytes: u64,
+    pub stored_bytes: u64,
+}
+
+/// The content-addressed chunk store under `packs/`.
+pub struct ChunkStore {
+    dir: PathBuf,
+    sync_lock: Mutex<()>,
+    writer: Mutex<Writer>,
+    index: RwLock<ChunkIndex>,
+    readers: RwLock<HashMap<u32, Arc<File>>>,
+}
+
+impl ChunkStore {
+    /// Opens (creating if needed) the pack directory and rebuilds the index.
+    pub fn open(dir: &Path) -> Result<(Self, Recovery)> {
+        fs::create_dir_all(dir).at(dir)?;
+        let mut recovery = Recovery::default();
+        let mut index = ChunkIndex::default();
+        let mut max_seq = 0;
+        for (seq, path) in list_packs(dir)? {
+            max_seq = max_seq.max(seq);
+            match load_pack(&path, &mut recovery) {
+                Ok(entries) => {
+                    for e in entries {
+                        let loc = ChunkLoc {
+                            pack: seq,
+                            offset: e.offset as u32,
+                            stored_len: e.stored_len,
+                        };
+                        index.entry(e.id).or_insert(loc);
+                    }
+                }
+                Err(e) => recovery.unreadable.push(e.to_string()),
+            }
+        }
+        if recovery.packs_sealed > 0 {
+            sync_dir(dir)?;
+        }
+        let store = ChunkStore {
+            dir: dir.to_path_buf(),
+            sync_lock: Mutex::new(()),
+            writer: Mutex::new(Writer {
+                active: None,
+                next_seq: max_seq + 1,
+                dir_dirty: false,
+            }),
+            index: RwLock::new(index),
+            readers: RwLock::new(HashMap::new()),
+        };
+        Ok((store, recovery))
+    }
+
+    /// True when the store holds this chunk (written, perhaps not yet synced).
+    pub fn contains(&self, id: &ChunkId) -> bool {
+        self.index.read().contains_key(id)
+    }
+
+    /// Number of distinct chunks stored.
+    pub fn chunk_count(&self) -> usize {
+        self.index.read().len()
+    }
+
+    /// Where a chunk lives, if stored.
+    pub fn locate(&self, id: &ChunkId) -> Option<ChunkLoc> {
+        self.index.read().get(id).copied()
+    }
+
+    /// Appends the chunks the store does not hold yet (checked again under the
+    /// writer lock, so racing captures store a chunk once).
+    pub fn insert(&self, chunks: Vec<EncodedChunk>) -> Result<Appended> {
+        let mut done = Appended::default();
+        if chunks.is_empty() {
+            return Ok(done);
+        }
+        let mut w = self.writer.lock();
+        for c in chunks {
+            if self.index.read().contains_key(&c.id) {
+                continue;
+            }
+            let active = self.active_pack(&mut w)?;
+            let header = c.record_header();
+            let path = pack_path(&self.dir, active.seq);
+            let mut rec = Vec::with_capacity(header.len() + c.payload.len());
+            rec.extend_from_slice(&header);
+            rec.extend_from_slice(&c.payload);
+            active.file.write_all_at(&rec, active.len).at(&path)?;
+            let entry = IndexEntry {
+                id: c.id,
+                offset: active.len,
+                stored_len: c.payload.len() as u32,
+                raw_len: c.raw_len,
+            };
+            active.entries.push(entry);
+            active.len += rec.len() as u64;
+            let loc = ChunkLoc {
+                pack: active.seq,
+                offset: entry.offset as u32,
+                stored_len: entry.stored_len,
+            };
+            self.index.write().insert(c.id, loc);
+            done.chunks += 1;
+            done.raw_bytes += u64::from(c.raw_len);
+            done.stored_bytes += rec.len() as u64;
+            if active.len >= PACK_TARGET_LEN {
+                self.seal(&mut w)?;
+            }
+        }
+        Ok(done)
+    }
+
+    /// Makes every chunk appended so far durable: fsyncs the open pack and,
+    /// when a pack file was created since the last sync, the pack directory.
+    pub fn sync(&self) -> Result<()> {
+        let _one_at_a_time = self.sync_lock.lock();
+        let (file, dir_dirty) = {
+            let mut w = self.writer.lock();
+            let dirty = std::mem::take(&mut w.dir_dirty);
+            (w.active.as_ref().map(|a| (a.file.clone(), a.seq)), dirty)
+        };
+        if let Some((file, seq)) = file {
+            file.sync_data().at(pack_path(&self.dir, seq))?;
+        }
+        if dir_dirty {
+            sync_dir(&self.dir)?;
+        }
+        Ok(())
+    }
+
+    /// Seals the open pack (index, trailer, fsync). Called on clean close.
+    pub fn close(&self) -> Result<()> {
+        let mut w = self.writer.lock();
+        self.seal(&mut w)?;
+        if std::mem::take(&mut w.dir_dirty) {
+            sync_dir(&self.dir)?;
+        }
+        Ok(())
+    }
+
+    /// Reads one chunk and checks it end to end (record CRCs, decompression,
+    /// BLAKE3 against its id). A failed check is [`Error::Corruption`].
+    pub fn read(&self, id: &ChunkId) -> Result<Vec<u8>> {
+        let loc = self.locate(id).ok_or(Error::ChunkMissing { chunk: *id })?;
+        let file = self.reader(loc.pack)?;
+        let path = pack_path(&self.dir, loc.pack);
+        let mut rec = vec![0u8; RECORD_HEADER_LEN + loc.stored_len as usize];
+        file.read_exact_at(&mut rec, u64::from(loc.offset))
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::UnexpectedEof => {
+                    Error::corrupt(&path, format!("chunk {id} at offset {}: pack is truncated", loc.offset))
+                }
+                _ => Error::io(&path, e),
+            })?;
+        pack::decode_record(&rec, id)
+            .map_err(|what| Error::corrupt(&path, format!("chunk {id} at offset {}: {what}", loc.offset)))
+    }
+
+    /// The pack file a chunk lives in, for reports.
+    pub fn pack_path_of(&self, loc: &ChunkLoc) -> PathBuf {
+        pack_path(&self.dir, loc.pack)
+    }
+
+    fn reader(&self, seq: u32) -> Result<Arc<File>> {
+        if let Some(f) = self.readers.read().get(&seq) {
+            return Ok(f.clone());
+        }
+        let path = pack_path(&self.dir, seq);
+        let f = Arc::new(File::open(&path).at(&path)?);
+        self.readers.write().insert(seq, f.clone());
+        Ok(f)
+    }
+
+    fn active_pack<'w>(&self, w: &'w mut Writer) -> Result<&'w mut ActivePack> {
+        if w.active.is_none() {
+            let seq = w.next_seq;
+            let path = pack_path(&self.dir, seq);
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .at(&path)?;
+            file.write_all_at(&pack::encode_pack_header(), 0).at(&path)?;
+            let file = Arc::new(file);
+            self.readers.write().insert(seq, file.clone());
+            w.next_seq += 1;
+            w.dir_dirty = true;
+            w.active = Some(ActivePack {
+                seq,
+                file,
+                len: PACK_HEADER_LEN as u64,
+                entries: Vec::new(),
+            });
+        }
+        Ok(w.active.as_mut().expect("active pack was just opened"))
+    }
+
+    fn seal(&self, w: &mut Writer) -> Result<()> {
+        let Some(active) = w.active.take() else {
+            return Ok(());
+        };
+        let path = pack_path(&self.dir, active.seq);
+        let tail = pack::encode_index(&active.entries, active.len);
+        active.file.write_all_at(&tail, active.len).at(&path)?;
+        active.file.sync_data().at(&path)?;
+        Ok(())
+    }
+}
+
+impl Drop for ChunkStore {
+    fn drop(&mut self) {
+        // Best effort: an unsealed pack is recovered by a scan on next open.
+        let _ = self.close();
+    }
+}
+
+fn pack_path(dir: &Path, seq: u32) -> PathBuf {
+    dir.join(format!("{seq:08}{PACK_SUFFIX}"))
+}
+
+fn list_packs(dir: &Path) -> Result<Vec<(u32, PathBuf)>> {
+    let mut packs = Vec::new();
+    for entry in fs::read_dir(dir).at(dir)? {
+        let entry = entry.at(dir)?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if let Some(seq) = name
+            .strip_suffix(PACK_SUFFIX)
+            .and_then(|s| s.parse::<u32>().ok())
+        {
+            packs.push((seq, entry.path()));
+        }
+    }
+    packs.sort();
+    Ok(packs)
+}
+
+/// Reads a pack's index: from its trailer when sealed, else by a forward scan
+/// that cuts the torn tail and seals the pack.
+fn load_pack(path: &Path, recovery: &mut Recovery) -> Result<Vec<IndexEntry>> {
+    let file = OpenOptions::new().read(true).write(true).open(path).at(path)?;
+    let len = file.metadata().at(path)?.len();
+    if len >= (PACK_HEADER_LEN + TRAILER_LEN) as u64 {
+        let mut t = [0u8; TRAILER_LEN];
+        file.read_exact_at(&mut t, len - TRAILER_LEN as u64).at(path)?;
+        if let Some(tr) = pack::decode_trailer(&t, len) {
+            let mut bytes = vec![0u8; tr.count as usize * pack::INDEX_ENTRY_LEN];
+            file.read_exact_at(&mut bytes, tr.index_offset).at(path)?;
+            match pack::decode_index(&bytes, &tr) {
+                Ok(entries) => return Ok(entries),
+                // A damaged index: the records themselves are still readable.
+                Err(_) => return scan_records(&file, path, tr.index_offset).map(|(e, _)| e),
+            }
+        }
+    }
+    let mut header = [0u8; PACK_HEADER_LEN];
+    if len < PACK_HEADER_LEN as u64 {
+        // Created by a crash before its header reached the disk: empty.
+        file.set_len(0).at(path)?;
+        file.write_all_at(&pack::encode_pack_header(), 0).at(path)?;
+    } else {
+        file.read_exact_at(&mut header, 0).at(path)?;
+        pack::check_pack_header(&header).map_err(|w| Error::corrupt(path, w))?;
+    }
+    let (entries, end) = scan_records(&file, path, len)?;
+    recovery.bytes_cut += len.saturating_sub(end);
+    file.set_len(end).at(path)?;
+    file.write_all_at(&pack::encode_index(&entries, end), end).at(path)?;
+    file.sync_all().at(path)?;
+    recovery.packs_sealed += 1;
+    Ok(entries)
+}
+
+/// Walks records from the pack header up to `limit`, stopping at the first
+/// record that is incomplete or fails a check. Returns the entries found and
+/// the offset where valid records end.
+fn scan_records(file: &File, path: &Path, limit: u64) -> Result<(Vec<IndexEntry>, u64)> {
+    let mut entries = Vec::new();
+    let mut at = PACK_HEADER_LEN as u64;
+    let mut header = [0u8; RECORD_HEADER_LEN];
+    let mut payload = Vec::new();
+    while at + RECORD_HEADER_LEN as u64 <= limit {
+        file.read_exact_at(&mut header, at).at(path)?;
+        let Ok(h) = pack::RecordHeader::decode(&header) else {
+            break;
+        };
+        if at + h.record_len() > limit {
+            break;
+        }
+        payload.resize(h.stored_len as usize, 0);
+        file.read_exact_at(&mut payload, at + RECORD_HEADER_LEN as u64)
+            .at(path)?;
+        if crc32fast::hash(&payload) != h.payload_crc {
+            break;
+        }
+        entries.push(IndexEntry {
+            id: h.id,
+            offset: at,
+            stored_len: h.stored_len,
+            raw_len: h.raw_len,
+        });
+        at += h.record_len();
+    }
+    Ok((entries, at))
+}
+
+/// fsyncs a directory, making the creation or rename of its entries durable.
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|d| d.sync_all()).at(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(data: &[u8]) -> EncodedChunk {
+        EncodedChunk::compress(ChunkId::of(data), data, 1).unwrap()
+    }
+
+    #[test]
+    fn chunks_survive_a_clean_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let ids: Vec<ChunkId> = {
+            let (s, _) = ChunkStore::open(dir.path()).unwrap();
+            let data: Vec<Vec<u8>> = (0..10u8).map(|i| vec![i; 5000]).collect();
+            let n = s.insert(data.iter().map(|d| chunk(d)).collect()).unwrap();
+            assert_eq!(n.chunks, 10);
+            s.sync().unwrap();
+            data.iter().map(|d| ChunkId::of(d)).collect()
+        };
+        let (s, rec) = ChunkStore::open(dir.path()).unwrap();
+        assert_eq!(rec.packs_sealed, 0);
+        for (i, id) in ids.iter().enumerate() {
+            assert_eq!(s.read(id).unwrap(), vec![i as u8; 5000]);
+        }
+    }
+
+    #[test]
+    fn a_chunk_is_stored_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = ChunkStore::open(dir.path()).unwrap();
+        let n = s.insert(vec![chunk(b"same"), chunk(b"same")]).unwrap();
+        assert_eq!(n.chunks, 1);
+        assert_eq!(s.insert(vec![chunk(b"same")]).unwrap().chunks, 0);
+        assert_eq!(s.chunk_count(), 1);
+    }
+
+    #[test]
+    fn torn_pack_tail_is_cut_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = ChunkStore::open(dir.path()).unwrap();
+        s.insert(vec![chunk(&[1u8; 3000]), chunk(&[2u8; 3000])]).unwrap();
+        s.sync().unwrap();
+        // Simulate a crash: no seal, then a half-written third record.
+        std::mem::forget(s);
+        let path = pack_path(dir.path(), 1);
+        let good_len = fs::metadata(&path).unwrap().len();
+        let third = chunk(&[3u8; 3000]);
+        let mut torn = third.record_header().to_vec();
+        torn.extend_from_slice(&third.payload[..third.payload.len() / 2]);
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(&torn, good_len).unwrap();
+        drop(f);
+
+        let (s, rec) = ChunkStore::open(dir.path()).unwrap();
+        assert_eq!(rec.packs_sealed, 1);
+        assert_eq!(rec.bytes_cut, torn.len() as u64);
+        assert_eq!(s.chunk_count(), 2);
+        assert_eq!(s.read(&ChunkId::of(&[2u8; 3000])).unwrap(), vec![2u8; 3000]);
+        assert!(matches!(
+            s.read(&ChunkId::of(&[3u8; 3000])),
+            Err(Error::ChunkMissing { .. })
+        ));
+        // New chunks go to a new pack; the recovered one is sealed.
+        s.insert(vec![chunk(&[4u8; 10])]).unwrap();
+        assert_eq!(s.locate(&ChunkId::of(&[4u8; 10])).unwrap().pack, 2);
+    }
+
+    #[test]
+    fn a_flipped_payload_byte_is_corruption_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = b"some text that compresses ".repeat(200);
+        let id = ChunkId::of(&data);
+        {
+            let (s, _) = ChunkStore::open(dir.path()).unwrap();
+            s.insert(vec![chunk(&data)]).unwrap();
+        }
+        let path = pack_path(dir.path(), 1);
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[PACK_HEADER_LEN + RECORD_HEADER_LEN + 3] ^= 0x40;
+        fs::write(&path, bytes).unwrap();
+        let (s, _) = ChunkStore::open(dir.path()).unwrap();
+        let err = s.read(&id).unwrap_err();
+        assert!(err.is_corruption(), "{err}");
+    }
+}
