@@ -64,7 +64,8 @@ pub fn capture(
     progress.start(len);
     let bs = settings.block_size as usize;
     let window_len = settings.window_len.max(bs) / bs * bs;
-    let mut blocks = Vec::with_capacity(crate::manifest::block_count(len, settings.block_size) as usize);
+    let mut blocks =
+        Vec::with_capacity(crate::manifest::block_count(len, settings.block_size) as usize);
     let mut stats = CaptureStats {
         image_len: len,
         ..CaptureStats::default()

@@ -211,7 +211,12 @@ impl Catalog {
         })
     }
 
-    fn decode<T: serde::de::DeserializeOwned>(&self, bytes: &[u8], what: &str, key: u64) -> Result<T> {
+    fn decode<T: serde::de::DeserializeOwned>(
+        &self,
+        bytes: &[u8],
+        what: &str,
+        key: u64,
+    ) -> Result<T> {
         serde_json::from_slice(bytes)
             .map_err(|e| Error::corrupt(&self.path, format!("{what} {key} does not decode: {e}")))
     }
@@ -343,7 +348,15 @@ mod tests {
         for ok in ["a", "pre-update_2", &"x".repeat(64)] {
             assert!(check_snapshot_name(ok).is_ok(), "{ok}");
         }
-        for bad in ["", &"x".repeat(65), "has space", "../x", "héllo", "a/b", "a.b"] {
+        for bad in [
+            "",
+            &"x".repeat(65),
+            "has space",
+            "../x",
+            "héllo",
+            "a/b",
+            "a.b",
+        ] {
             assert!(
                 matches!(check_snapshot_name(bad), Err(Error::InvalidName { .. })),
                 "{bad}"
@@ -355,7 +368,9 @@ mod tests {
 
     #[test]
     fn cap_counts_in_progress_and_completed_but_not_failed() {
-        let mut v: Vec<_> = (1..=4).map(|i| snap(i, SnapshotStatus::Completed)).collect();
+        let mut v: Vec<_> = (1..=4)
+            .map(|i| snap(i, SnapshotStatus::Completed))
+            .collect();
         v.push(snap(5, SnapshotStatus::Failed));
         assert!(check_cap(ServerId(1), &v).is_ok());
         v.push(snap(6, SnapshotStatus::InProgress));
@@ -389,6 +404,9 @@ mod tests {
         assert_eq!(loaded.block_size, 65536);
         assert_eq!(loaded.next_snapshot_id, 2);
         assert_eq!(loaded.servers[&ServerId(9)].name, "web");
-        assert_eq!(loaded.snapshots[&SnapshotId(1)].status, SnapshotStatus::Completed);
+        assert_eq!(
+            loaded.snapshots[&SnapshotId(1)].status,
+            SnapshotStatus::Completed
+        );
     }
 }

@@ -269,7 +269,9 @@ impl State {
     }
 
     fn snapshots_of(&self, server: ServerId) -> impl Iterator<Item = &SnapshotRecord> {
-        self.snapshots.values().filter(move |s| s.server_id == server)
+        self.snapshots
+            .values()
+            .filter(move |s| s.server_id == server)
     }
 
     fn capturing(&self, server: ServerId) -> Option<SnapshotId> {
@@ -367,13 +369,13 @@ impl Engine {
         let new_store = !catalog_path.exists();
         let create_with = options.block_size.unwrap_or(DEFAULT_BLOCK_SIZE);
         let (catalog, loaded) = Catalog::open(&catalog_path, Some(create_with))?;
-        if let Some(bs) = options.block_size {
-            if bs != loaded.block_size && !new_store {
-                return Err(Error::InvalidParameter(format!(
-                    "the store uses {}-byte blocks, fixed at creation; {bs} was asked for",
-                    loaded.block_size
-                )));
-            }
+        if let Some(bs) = options.block_size
+            && bs != loaded.block_size
+        {
+            return Err(Error::InvalidParameter(format!(
+                "the store uses {}-byte blocks, fixed at creation; {bs} was asked for",
+                loaded.block_size
+            )));
         }
         let manifests = root.join(MANIFEST_DIR);
         fs::create_dir_all(&manifests).at(&manifests)?;
@@ -458,7 +460,11 @@ impl Engine {
     /// All servers, by id.
     pub fn servers(&self) -> Vec<Server> {
         let state = self.inner.state.lock();
-        state.servers.values().map(|s| state.server_view(s)).collect()
+        state
+            .servers
+            .values()
+            .map(|s| state.server_view(s))
+            .collect()
     }
 
     /// One server.
@@ -683,7 +689,12 @@ impl Engine {
         })
     }
 
-    fn run_restore(&self, server: &Server, id: SnapshotId, progress: &Progress) -> Result<RestoreReport> {
+    fn run_restore(
+        &self,
+        server: &Server,
+        id: SnapshotId,
+        progress: &Progress,
+    ) -> Result<RestoreReport> {
         let inner = &self.inner;
         if let Some(hook) = &inner.options.stop_hook {
             hook(server).map_err(|reason| Error::StopHook {
@@ -794,7 +805,8 @@ fn recover(
     for rec in state.snapshots.values_mut() {
         if rec.status == SnapshotStatus::InProgress {
             rec.status = SnapshotStatus::Failed;
-            rec.error = Some("interrupted: the process stopped before the capture completed".into());
+            rec.error =
+                Some("interrupted: the process stopped before the capture completed".into());
             failed.push(rec.clone());
         }
     }

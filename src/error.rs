@@ -71,11 +71,7 @@ pub enum Error {
 
     /// The disk target cannot hold the snapshot.
     #[error("disk {} is {have} bytes, smaller than the snapshot's {need} bytes", .path.display())]
-    DiskTooSmall {
-        path: PathBuf,
-        have: u64,
-        need: u64,
-    },
+    DiskTooSmall { path: PathBuf, have: u64, need: u64 },
 
     /// The embedder's stop hook refused or failed.
     #[error("the stop hook failed for server {server}: {reason}")]
@@ -120,7 +116,8 @@ impl Error {
         matches!(self, Error::Corruption { .. } | Error::ChunkMissing { .. })
     }
 
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    /// An I/O error on `path` (for embedders' own [`crate::disk::Disk`]s too).
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
             source,

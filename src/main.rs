@@ -1,1 +1,7 @@
-fn main() {}
+//! The `blocksnap` command.
+
+mod cli;
+
+fn main() {
+    std::process::exit(cli::run());
+}

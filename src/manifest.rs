@@ -236,7 +236,10 @@ impl Manifest {
         let bytes = fs::read(&path).at(&path)?;
         let m = Manifest::decode(&bytes).map_err(|w| Error::corrupt(&path, w))?;
         if m.snapshot != snapshot {
-            return Err(Error::corrupt(&path, format!("holds snapshot {}", m.snapshot)));
+            return Err(Error::corrupt(
+                &path,
+                format!("holds snapshot {}", m.snapshot),
+            ));
         }
         Ok(m)
     }

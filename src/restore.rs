@@ -127,7 +127,10 @@ pub fn apply(
                 end += 1;
             }
             let offset = batch[k] * bs;
-            let run_len: u64 = batch[k..end].iter().map(|&i| manifest.block_len(i) as u64).sum();
+            let run_len: u64 = batch[k..end]
+                .iter()
+                .map(|&i| manifest.block_len(i) as u64)
+                .sum();
             if is_data {
                 let mut buf = Vec::with_capacity(run_len as usize);
                 for c in contents[k..end].iter().flatten() {

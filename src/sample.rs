@@ -55,10 +55,44 @@ pub enum RegionKind {
 }
 
 const WORDS: &[&str] = &[
-    "the", "server", "disk", "block", "snapshot", "kernel", "error", "request", "GET", "POST",
-    "/api/v1/", "200", "404", "user", "session", "config", "value", "true", "false", "null",
-    "INFO", "WARN", "2026-11-28T10:15:00Z", "connection", "timeout", "database", "index", "=",
-    "{", "}", ";", "return", "function", "import", "package", "version", "1.0.3", "ok",
+    "the",
+    "server",
+    "disk",
+    "block",
+    "snapshot",
+    "kernel",
+    "error",
+    "request",
+    "GET",
+    "POST",
+    "/api/v1/",
+    "200",
+    "404",
+    "user",
+    "session",
+    "config",
+    "value",
+    "true",
+    "false",
+    "null",
+    "INFO",
+    "WARN",
+    "2026-11-28T10:15:00Z",
+    "connection",
+    "timeout",
+    "database",
+    "index",
+    "=",
+    "{",
+    "}",
+    ";",
+    "return",
+    "function",
+    "import",
+    "package",
+    "version",
+    "1.0.3",
+    "ok",
 ];
 
 /// The kind of region `r` of an image made with `seed`.
@@ -132,7 +166,12 @@ mod tests {
     #[test]
     fn images_hold_every_kind() {
         let kinds: Vec<RegionKind> = (0..64).map(|r| region_kind(42, r)).collect();
-        for k in [RegionKind::Zero, RegionKind::Text, RegionKind::Random, RegionKind::Repeat] {
+        for k in [
+            RegionKind::Zero,
+            RegionKind::Text,
+            RegionKind::Random,
+            RegionKind::Repeat,
+        ] {
             assert!(kinds.contains(&k), "{k:?}");
         }
     }

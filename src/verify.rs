@@ -94,7 +94,8 @@ pub fn verify(store: &ChunkStore, manifests: Vec<(SnapshotId, Result<Manifest>)>
             }
             Err(e) => Some(BadChunk {
                 chunk: id.to_hex(),
-                location: loc.map(|l| format!("{} @ {}", store.pack_path_of(&l).display(), l.offset)),
+                location: loc
+                    .map(|l| format!("{} @ {}", store.pack_path_of(&l).display(), l.offset)),
                 error: e.to_string(),
                 snapshots: users[id].clone(),
             }),

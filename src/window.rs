@@ -42,7 +42,9 @@ pub fn for_each_window(
                 let n = (len - offset).min(window_len as u64) as usize;
                 buf.clear();
                 buf.resize(n, 0);
-                let item = disk.read_at(&mut buf, offset).map(|read| (offset, buf, read));
+                let item = disk
+                    .read_at(&mut buf, offset)
+                    .map(|read| (offset, buf, read));
                 let failed = item.is_err();
                 if full_tx.send(item).is_err() || failed {
                     return;

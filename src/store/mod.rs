@@ -244,13 +244,18 @@ impl ChunkStore {
         let mut rec = vec![0u8; RECORD_HEADER_LEN + loc.stored_len as usize];
         file.read_exact_at(&mut rec, u64::from(loc.offset))
             .map_err(|e| match e.kind() {
-                std::io::ErrorKind::UnexpectedEof => {
-                    Error::corrupt(&path, format!("chunk {id} at offset {}: pack is truncated", loc.offset))
-                }
+                std::io::ErrorKind::UnexpectedEof => Error::corrupt(
+                    &path,
+                    format!("chunk {id} at offset {}: pack is truncated", loc.offset),
+                ),
                 _ => Error::io(&path, e),
             })?;
-        pack::decode_record(&rec, id)
-            .map_err(|what| Error::corrupt(&path, format!("chunk {id} at offset {}: {what}", loc.offset)))
+        pack::decode_record(&rec, id).map_err(|what| {
+            Error::corrupt(
+                &path,
+                format!("chunk {id} at offset {}: {what}", loc.offset),
+            )
+        })
     }
 
     /// The pack file a chunk lives in, for reports.
@@ -278,7 +283,8 @@ impl ChunkStore {
                 .create_new(true)
                 .open(&path)
                 .at(&path)?;
-            file.write_all_at(&pack::encode_pack_header(), 0).at(&path)?;
+            file.write_all_at(&pack::encode_pack_header(), 0)
+                .at(&path)?;
             let file = Arc::new(file);
             self.readers.write().insert(seq, file.clone());
             w.next_seq += 1;
@@ -336,11 +342,16 @@ fn list_packs(dir: &Path) -> Result<Vec<(u32, PathBuf)>> {
 /// Reads a pack's index: from its trailer when sealed, else by a forward scan
 /// that cuts the torn tail and seals the pack.
 fn load_pack(path: &Path, recovery: &mut Recovery) -> Result<Vec<IndexEntry>> {
-    let file = OpenOptions::new().read(true).write(true).open(path).at(path)?;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .at(path)?;
     let len = file.metadata().at(path)?.len();
     if len >= (PACK_HEADER_LEN + TRAILER_LEN) as u64 {
         let mut t = [0u8; TRAILER_LEN];
-        file.read_exact_at(&mut t, len - TRAILER_LEN as u64).at(path)?;
+        file.read_exact_at(&mut t, len - TRAILER_LEN as u64)
+            .at(path)?;
         if let Some(tr) = pack::decode_trailer(&t, len) {
             let mut bytes = vec![0u8; tr.count as usize * pack::INDEX_ENTRY_LEN];
             file.read_exact_at(&mut bytes, tr.index_offset).at(path)?;
@@ -363,7 +374,8 @@ fn load_pack(path: &Path, recovery: &mut Recovery) -> Result<Vec<IndexEntry>> {
     let (entries, end) = scan_records(&file, path, len)?;
     recovery.bytes_cut += len.saturating_sub(end);
     file.set_len(end).at(path)?;
-    file.write_all_at(&pack::encode_index(&entries, end), end).at(path)?;
+    file.write_all_at(&pack::encode_index(&entries, end), end)
+        .at(path)?;
     file.sync_all().at(path)?;
     recovery.packs_sealed += 1;
     Ok(entries)
@@ -447,7 +459,8 @@ mod tests {
     fn torn_pack_tail_is_cut_on_open() {
         let dir = tempfile::tempdir().unwrap();
         let (s, _) = ChunkStore::open(dir.path()).unwrap();
-        s.insert(vec![chunk(&[1u8; 3000]), chunk(&[2u8; 3000])]).unwrap();
+        s.insert(vec![chunk(&[1u8; 3000]), chunk(&[2u8; 3000])])
+            .unwrap();
         s.sync().unwrap();
         // Simulate a crash: no seal, then a half-written third record.
         std::mem::forget(s);

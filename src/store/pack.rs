@@ -223,7 +223,9 @@ impl RecordHeader {
         let raw_len = le_u32(h, R_RAW_LEN);
         let stored_len = le_u32(h, R_STORED_LEN);
         if raw_len as usize > MAX_CHUNK_LEN || stored_len as usize > MAX_CHUNK_LEN + 1024 {
-            return Err(format!("record lengths out of range ({raw_len}/{stored_len})"));
+            return Err(format!(
+                "record lengths out of range ({raw_len}/{stored_len})"
+            ));
         }
         if kind == RecordKind::Raw && raw_len != stored_len {
             return Err("raw record with differing lengths".into());

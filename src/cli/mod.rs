@@ -1,0 +1,323 @@
+//! The command line: parsing, one function per command, and output (human
+//! text, or the Snapshots API's JSON shapes with `--json`).
+//!
+//! Exit codes: 0 success; 2 a user error (bad name, unknown id, limit
+//! reached, wrong state, bad arguments); 1 any other failure.
+
+mod demo;
+mod output;
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use blocksnap::{Engine, EngineOptions, Error, ServerId, SnapshotId};
+use clap::{Parser, Subcommand};
+
+use output::{human_bytes, print_json};
+
+#[derive(Parser)]
+#[command(
+    name = "blocksnap",
+    version,
+    about = "Point-in-time snapshots of server disks"
+)]
+struct Cli {
+    /// The store directory (or set BLOCKSNAP_STORE).
+    #[arg(long, global = true, env = "BLOCKSNAP_STORE", value_name = "DIR")]
+    store: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a new store.
+    Init {
+        /// Block size: a power of two from 4K to 4M (suffixes K and M).
+        #[arg(long, default_value = "64K", value_parser = parse_size)]
+        block_size: u64,
+    },
+    /// Register and list servers.
+    #[command(subcommand)]
+    Server(ServerCmd),
+    /// Create, list, restore and delete snapshots.
+    #[command(subcommand)]
+    Snapshot(SnapshotCmd),
+    /// Read every chunk of one snapshot (or all) and check its checksums.
+    Verify {
+        snapshot_id: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the whole cycle on a sample disk in a temporary store.
+    Demo {
+        /// Size of the sample disk image.
+        #[arg(long, default_value = "256M", value_parser = parse_size)]
+        size: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum ServerCmd {
+    /// Register a server and the path of its disk (image file or block device).
+    Add {
+        #[arg(long)]
+        id: u64,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        disk: PathBuf,
+    },
+    /// List registered servers.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum SnapshotCmd {
+    /// Capture a server's disk.
+    Create {
+        #[arg(long)]
+        server: u64,
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value = "")]
+        description: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List snapshots, newest first.
+    List {
+        #[arg(long)]
+        server: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rewrite a server's disk with a snapshot (only blocks that differ).
+    Restore {
+        snapshot_id: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a snapshot.
+    Delete { snapshot_id: u64 },
+}
+
+/// Parses `65536`, `64K`, `64KiB`, `4M`, `2G`.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(digits);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 65536, 64K or 4M"))?;
+    let mult: u64 = match unit.to_ascii_uppercase().as_str() {
+        "" | "B" => 1,
+        "K" | "KB" | "KIB" => 1 << 10,
+        "M" | "MB" | "MIB" => 1 << 20,
+        "G" | "GB" | "GIB" => 1 << 30,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use K, M or G)")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// Runs the command line; returns the process exit code.
+pub fn run() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { 2 } else { 0 };
+        }
+    };
+    match dispatch(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            if e.is_user_error() { 2 } else { 1 }
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> blocksnap::Result<i32> {
+    if let Command::Demo { size } = cli.command {
+        return demo::run(size);
+    }
+    let Some(store) = cli.store else {
+        return Err(Error::InvalidParameter(
+            "no store given: pass --store DIR or set BLOCKSNAP_STORE".into(),
+        ));
+    };
+    match cli.command {
+        Command::Init { block_size } => init(&store, block_size),
+        Command::Server(cmd) => server(&open(&store)?, cmd),
+        Command::Snapshot(cmd) => snapshot(&open(&store)?, cmd),
+        Command::Verify { snapshot_id, json } => {
+            output::verify(&open(&store)?, snapshot_id.map(SnapshotId), json)
+        }
+        Command::Demo { .. } => unreachable!("handled above"),
+    }
+}
+
+fn open(store: &Path) -> blocksnap::Result<Engine> {
+    let engine = EngineOptions::new().create(false).open(store)?;
+    let report = engine.open_report();
+    for id in &report.failed_captures {
+        eprintln!("note: snapshot {id} was interrupted by a crash and is now marked failed");
+    }
+    for (server, snap) in &report.interrupted_restores {
+        eprintln!(
+            "warning: server {server} was left half-restored from snapshot {snap}; \
+             run `blocksnap snapshot restore {snap}` to finish"
+        );
+    }
+    Ok(engine)
+}
+
+fn init(store: &Path, block_size: u64) -> blocksnap::Result<i32> {
+    if store.join("catalog").exists() {
+        return Err(Error::StoreExists {
+            path: store.to_path_buf(),
+        });
+    }
+    let bs = u32::try_from(block_size).map_err(|_| {
+        Error::InvalidParameter(format!("block size {block_size} is larger than 4 MiB"))
+    })?;
+    let engine = EngineOptions::new().block_size(bs).open(store)?;
+    println!(
+        "initialized store {} with {} blocks",
+        store.display(),
+        human_bytes(u64::from(engine.block_size()))
+    );
+    Ok(0)
+}
+
+fn server(engine: &Engine, cmd: ServerCmd) -> blocksnap::Result<i32> {
+    match cmd {
+        ServerCmd::Add { id, name, disk } => {
+            let s = engine.add_server(ServerId(id), &name, &disk)?;
+            println!(
+                "registered server {} ({}) with disk {}",
+                s.id,
+                s.name,
+                s.disk.display()
+            );
+        }
+        ServerCmd::List { json } => output::servers(&engine.servers(), json),
+    }
+    Ok(0)
+}
+
+fn snapshot(engine: &Engine, cmd: SnapshotCmd) -> blocksnap::Result<i32> {
+    match cmd {
+        SnapshotCmd::Create {
+            server,
+            name,
+            description,
+            json,
+        } => {
+            let job = engine.start_snapshot(ServerId(server), &name, &description)?;
+            let progress = job.progress_handle();
+            let bar = ProgressBar::start("capturing", move || progress.get());
+            let done = job.wait();
+            bar.finish();
+            let snap = done?;
+            let summary = output::capture_summary(&snap);
+            if json {
+                eprintln!("{summary}");
+                print_json(&snap);
+            } else {
+                println!("{summary}");
+            }
+        }
+        SnapshotCmd::List { server, json } => {
+            let list = engine.snapshots(server.map(ServerId))?;
+            output::snapshots(&list, json);
+        }
+        SnapshotCmd::Restore { snapshot_id, json } => {
+            let id = SnapshotId(snapshot_id);
+            let job = engine.start_restore(id)?;
+            let progress = job.progress_handle();
+            let bar = ProgressBar::start("restoring", move || progress.get());
+            let done = job.wait();
+            bar.finish();
+            let report = done?;
+            output::restore(engine, id, &report, json)?;
+        }
+        SnapshotCmd::Delete { snapshot_id } => {
+            engine.delete_snapshot(SnapshotId(snapshot_id))?;
+            println!("deleted snapshot {snapshot_id}");
+        }
+    }
+    Ok(0)
+}
+
+/// An indicatif bar on stderr, drawn only when stderr is a terminal, fed by
+/// polling a `(done, total)` source from a small thread.
+pub(crate) struct ProgressBar {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ProgressBar {
+    pub(crate) fn start(
+        label: &'static str,
+        source: impl Fn() -> (u64, u64) + Send + 'static,
+    ) -> ProgressBar {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        if !std::io::stderr().is_terminal() {
+            return ProgressBar { stop, thread: None };
+        }
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let bar = indicatif::ProgressBar::new(0);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{msg:>10} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            bar.set_message(label);
+            while !flag.load(Ordering::Relaxed) {
+                let (done, total) = source();
+                bar.set_length(total);
+                bar.set_position(done);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            bar.finish_and_clear();
+        });
+        ProgressBar {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub(crate) fn finish(mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_size("65536"), Ok(65536));
+        assert_eq!(parse_size("64K"), Ok(65536));
+        assert_eq!(parse_size("64KiB"), Ok(65536));
+        assert_eq!(parse_size("4M"), Ok(4 << 20));
+        assert!(parse_size("64Q").is_err());
+        assert!(parse_size("").is_err());
+        assert!(parse_size("99999999999999G").is_err());
+    }
+}

@@ -1,0 +1,195 @@
+//! What the command prints: tables for people, the API's JSON shapes for
+//! scripts.
+
+use blocksnap::{Engine, RestoreReport, Server, Snapshot, SnapshotId};
+use serde::Serialize;
+use serde_json::json;
+
+/// Prints a value as pretty JSON on stdout.
+pub fn print_json<T: Serialize>(v: &T) {
+    match serde_json::to_string_pretty(v) {
+        Ok(s) => println!("{s}"),
+        Err(e) => eprintln!("error: cannot encode JSON: {e}"),
+    }
+}
+
+/// `1.5 MiB`, `640 KiB`, `12 B`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn ratio(a: u64, b: u64) -> String {
+    if b == 0 {
+        "-".into()
+    } else {
+        format!("{:.2}x", a as f64 / b as f64)
+    }
+}
+
+/// One line saying what a capture read, stored and how fast.
+pub fn capture_summary(snap: &Snapshot) -> String {
+    let Some(s) = snap.stats else {
+        return format!("snapshot {} is {}", snap.id, snap.status.as_str());
+    };
+    let secs = s.micros as f64 / 1e6;
+    let speed = if secs > 0.0 {
+        format!("{}/s", human_bytes((s.image_len as f64 / secs) as u64))
+    } else {
+        "-".into()
+    };
+    format!(
+        "snapshot {} ({}) of server {} completed: read {} ({} data), stored {} new; \
+         dedup {}, compression {}; {:.2} s, {}",
+        snap.id,
+        snap.name,
+        snap.server.id,
+        human_bytes(s.image_len),
+        human_bytes(s.data_bytes),
+        human_bytes(s.new_stored_bytes),
+        ratio(s.data_bytes, s.new_raw_bytes),
+        ratio(s.new_raw_bytes, s.new_stored_bytes),
+        secs,
+        speed
+    )
+}
+
+pub fn servers(list: &[Server], json: bool) {
+    if json {
+        print_json(&json!({ "count": list.len(), "results": list }));
+        return;
+    }
+    if list.is_empty() {
+        println!("no servers registered");
+        return;
+    }
+    println!("{:>8}  {:<10}  {:<24}  DISK", "ID", "STATUS", "NAME");
+    for s in list {
+        let state = serde_json::to_value(s.state).unwrap_or_default();
+        println!(
+            "{:>8}  {:<10}  {:<24}  {}",
+            s.id,
+            state.as_str().unwrap_or("?"),
+            s.name,
+            s.disk.display()
+        );
+    }
+}
+
+pub fn snapshots(list: &[Snapshot], json: bool) {
+    if json {
+        print_json(&json!({ "count": list.len(), "results": list }));
+        return;
+    }
+    if list.is_empty() {
+        println!("no snapshots");
+        return;
+    }
+    println!(
+        "{:>6}  {:>8}  {:<24}  {:<11}  {:>8}  {:<20}  DESCRIPTION",
+        "ID", "SERVER", "NAME", "STATUS", "SIZE_MB", "CREATED_AT"
+    );
+    for s in list {
+        let size = s.size_mb.map_or("-".to_string(), |m| m.to_string());
+        println!(
+            "{:>6}  {:>8}  {:<24}  {:<11}  {:>8}  {:<20}  {}",
+            s.id,
+            s.server.id,
+            s.name,
+            s.status.as_str(),
+            size,
+            s.created_at,
+            s.description
+        );
+        if let Some(e) = &s.error {
+            println!("        failed: {e}");
+        }
+    }
+}
+
+pub fn restore(
+    engine: &Engine,
+    id: SnapshotId,
+    r: &RestoreReport,
+    json: bool,
+) -> blocksnap::Result<()> {
+    let snap = engine.snapshot(id)?;
+    let server = engine.server(snap.server.id)?;
+    let secs = r.micros as f64 / 1e6;
+    if json {
+        print_json(&json!({
+            "status": "success",
+            "snapshot": { "id": snap.id, "name": snap.name, "created_at": snap.created_at },
+            "server": { "id": server.id, "name": server.name, "status": server.state },
+            "blocks_total": r.blocks_total,
+            "blocks_rewritten": r.blocks_rewritten,
+            "bytes_written": r.bytes_written,
+            "seconds": secs,
+        }));
+    } else {
+        println!(
+            "restored snapshot {} ({}) onto server {} ({}): {} of {} blocks rewritten, \
+             {} written; {:.2} s",
+            snap.id,
+            snap.name,
+            server.id,
+            server.disk.display(),
+            r.blocks_rewritten,
+            r.blocks_total,
+            human_bytes(r.bytes_written),
+            secs
+        );
+    }
+    Ok(())
+}
+
+/// Prints a verify report; exits 1 (through the returned code) on damage.
+pub fn verify(engine: &Engine, id: Option<SnapshotId>, json: bool) -> blocksnap::Result<i32> {
+    let report = engine.verify(id)?;
+    if json {
+        print_json(&json!({
+            "ok": report.is_ok(),
+            "snapshots_checked": report.snapshots_checked,
+            "chunks_checked": report.chunks_checked,
+            "bytes_checked": report.bytes_checked,
+            "bad_chunks": report.bad_chunks,
+            "bad_manifests": report.bad_manifests,
+            "damaged_snapshots": report.damaged_snapshots(),
+        }));
+    } else {
+        for m in &report.bad_manifests {
+            println!("CORRUPT manifest of snapshot {}: {}", m.snapshot, m.error);
+        }
+        for c in &report.bad_chunks {
+            println!(
+                "CORRUPT chunk {} at {}: {} (used by snapshots {:?})",
+                c.chunk,
+                c.location.as_deref().unwrap_or("<not in any pack>"),
+                c.error,
+                c.snapshots
+            );
+        }
+        println!(
+            "verified {} snapshots, {} chunks, {}: {}",
+            report.snapshots_checked,
+            report.chunks_checked,
+            human_bytes(report.bytes_checked),
+            if report.is_ok() {
+                "all intact".to_string()
+            } else {
+                format!("DAMAGED snapshots {:?}", report.damaged_snapshots())
+            }
+        );
+    }
+    Ok(if report.is_ok() { 0 } else { 1 })
+}

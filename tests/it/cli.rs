@@ -1,0 +1,273 @@
+//! The `blocksnap` command, end to end, as users script it.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+use crate::common::disk_bytes;
+
+fn blocksnap(store: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_blocksnap"))
+        .arg("--store")
+        .arg(store)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(store: &Path, args: &[&str]) -> String {
+    let out = blocksnap(store, args);
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn fails_with(store: &Path, args: &[&str], code: i32, stderr_has: &str) {
+    let out = blocksnap(store, args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "{args:?}: {err}");
+    assert!(
+        err.contains(stderr_has),
+        "{args:?}: {err:?} lacks {stderr_has:?}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one clear line: {err}");
+}
+
+/// Checks one snapshot object against the shape of SEED_API.md.
+fn check_snapshot_shape(s: &Value) {
+    let obj = s.as_object().unwrap();
+    let mut keys: Vec<&str> = obj.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        [
+            "created_at",
+            "description",
+            "id",
+            "name",
+            "server",
+            "size_mb",
+            "status"
+        ]
+    );
+    assert!(s["id"].is_u64());
+    assert!(s["server"]["id"].is_u64());
+    assert!(s["server"]["name"].is_string());
+    assert_eq!(s["server"].as_object().unwrap().len(), 2);
+    assert!(s["name"].is_string());
+    assert!(s["description"].is_string());
+    let status = s["status"].as_str().unwrap();
+    assert!(["in_progress", "completed", "failed"].contains(&status));
+    assert_eq!(s["size_mb"].is_u64(), status == "completed");
+    let created = s["created_at"].as_str().unwrap();
+    assert!(humantime::parse_rfc3339(created).is_ok(), "{created}");
+    assert!(created.ends_with('Z') && created.len() == 20, "{created}");
+}
+
+#[test]
+fn the_command_drives_the_whole_cycle() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let disk = dir.path().join("web.img");
+    let bytes = disk_bytes(3 << 20, 9);
+    std::fs::write(&disk, &bytes).unwrap();
+
+    // Before init there is no store, and saying so is a user error.
+    fails_with(&store, &["server", "list"], 2, "init");
+    ok(&store, &["init", "--block-size", "16K"]);
+    fails_with(&store, &["init"], 2, "already exists");
+    ok(
+        &store,
+        &[
+            "server",
+            "add",
+            "--id",
+            "12345",
+            "--name",
+            "web-server-01",
+            "--disk",
+            disk.to_str().unwrap(),
+        ],
+    );
+    let servers: Value = serde_json::from_str(&ok(&store, &["server", "list", "--json"])).unwrap();
+    assert_eq!(servers["count"], 1);
+    assert_eq!(servers["results"][0]["status"], "idle");
+
+    let created: Value = serde_json::from_str(&ok(
+        &store,
+        &[
+            "snapshot",
+            "create",
+            "--server",
+            "12345",
+            "--name",
+            "pre-migration",
+            "--description",
+            "Before major migration",
+            "--json",
+        ],
+    ))
+    .unwrap();
+    check_snapshot_shape(&created);
+    assert_eq!(created["status"], "completed");
+    assert_eq!(created["server"]["name"], "web-server-01");
+    assert_eq!(created["description"], "Before major migration");
+    ok(
+        &store,
+        &[
+            "snapshot", "create", "--server", "12345", "--name", "second",
+        ],
+    );
+
+    let list: Value = serde_json::from_str(&ok(&store, &["snapshot", "list", "--json"])).unwrap();
+    assert_eq!(list.as_object().unwrap().len(), 2);
+    assert_eq!(list["count"], 2);
+    let results = list["results"].as_array().unwrap();
+    results.iter().for_each(check_snapshot_shape);
+    assert_eq!(results[0]["name"], "second", "newest first");
+    let by_server: Value = serde_json::from_str(&ok(
+        &store,
+        &["snapshot", "list", "--server", "12345", "--json"],
+    ))
+    .unwrap();
+    assert_eq!(by_server["count"], 2);
+
+    // Break the disk, restore, and get the bytes back.
+    std::fs::write(&disk, vec![0xEEu8; 1 << 20]).unwrap();
+    let id = created["id"].as_u64().unwrap().to_string();
+    let restored: Value =
+        serde_json::from_str(&ok(&store, &["snapshot", "restore", &id, "--json"])).unwrap();
+    assert_eq!(restored["status"], "success");
+    assert_eq!(restored["server"]["status"], "idle");
+    assert!(restored["blocks_rewritten"].as_u64().unwrap() > 0);
+    assert!(std::fs::read(&disk).unwrap() == bytes);
+
+    assert!(ok(&store, &["verify"]).contains("all intact"));
+    assert!(ok(&store, &["verify", &id]).contains("all intact"));
+    ok(&store, &["snapshot", "delete", &id]);
+    let list: Value = serde_json::from_str(&ok(&store, &["snapshot", "list", "--json"])).unwrap();
+    assert_eq!(list["count"], 1);
+    // Human output has a header and one row.
+    assert_eq!(ok(&store, &["snapshot", "list"]).lines().count(), 2);
+}
+
+#[test]
+fn user_errors_exit_2_with_one_clear_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let disk = dir.path().join("d.img");
+    std::fs::write(&disk, vec![1u8; 1 << 16]).unwrap();
+    ok(&store, &["init"]);
+    ok(
+        &store,
+        &[
+            "server",
+            "add",
+            "--id",
+            "1",
+            "--name",
+            "web",
+            "--disk",
+            disk.to_str().unwrap(),
+        ],
+    );
+    fails_with(
+        &store,
+        &["snapshot", "create", "--server", "1", "--name", "bad name"],
+        2,
+        "invalid name",
+    );
+    fails_with(
+        &store,
+        &["snapshot", "create", "--server", "1", "--name", "../x"],
+        2,
+        "invalid name",
+    );
+    fails_with(
+        &store,
+        &["snapshot", "create", "--server", "7", "--name", "a"],
+        2,
+        "server 7 does not exist",
+    );
+    fails_with(
+        &store,
+        &["snapshot", "restore", "99"],
+        2,
+        "snapshot 99 does not exist",
+    );
+    fails_with(
+        &store,
+        &["snapshot", "delete", "99"],
+        2,
+        "snapshot 99 does not exist",
+    );
+    fails_with(
+        &store,
+        &[
+            "server", "add", "--id", "1", "--name", "again", "--disk", "x",
+        ],
+        2,
+        "already exists",
+    );
+    fails_with(&store, &["init", "--block-size", "3K"], 2, "");
+    for i in 0..5 {
+        ok(
+            &store,
+            &[
+                "snapshot",
+                "create",
+                "--server",
+                "1",
+                "--name",
+                &format!("s{i}"),
+            ],
+        );
+    }
+    fails_with(
+        &store,
+        &["snapshot", "create", "--server", "1", "--name", "s5"],
+        2,
+        "already has 5 snapshots",
+    );
+    // A store held by another process.
+    let _held = blocksnap::Engine::open(&store).unwrap();
+    fails_with(&store, &["snapshot", "list"], 2, "locked");
+}
+
+#[test]
+fn store_comes_from_the_environment_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("envstore");
+    let out = Command::new(env!("CARGO_BIN_EXE_blocksnap"))
+        .env("BLOCKSNAP_STORE", &store)
+        .arg("init")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(store.join("catalog").exists());
+    let out = Command::new(env!("CARGO_BIN_EXE_blocksnap"))
+        .env_remove("BLOCKSNAP_STORE")
+        .args(["server", "list"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn the_demo_restores_byte_exact() {
+    let out = Command::new(env!("CARGO_BIN_EXE_blocksnap"))
+        .args(["demo", "--size", "24M"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("restore is byte-exact"), "{text}");
+}

@@ -1,0 +1,148 @@
+//! Helpers shared by the integration tests.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+
+use blocksnap::disk::{Disk, DiskOpener, FileDisk};
+use blocksnap::sample::Rng;
+use blocksnap::{Engine, EngineOptions, ServerId};
+use tempfile::TempDir;
+
+/// 4 KiB blocks keep test images small while exercising many blocks.
+pub const BS: usize = 4096;
+
+/// A store and a folder for disks, both temporary.
+pub struct Fixture {
+    pub dir: TempDir,
+    pub engine: Engine,
+}
+
+impl Fixture {
+    pub fn new() -> Self {
+        Self::with(EngineOptions::new().block_size(BS as u32))
+    }
+
+    pub fn with(options: EngineOptions) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = options.open(dir.path().join("store")).unwrap();
+        Fixture { dir, engine }
+    }
+
+    pub fn store(&self) -> PathBuf {
+        self.dir.path().join("store")
+    }
+
+    pub fn disk(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Writes `bytes` as disk `name` and registers it as server `id`.
+    pub fn server(&self, id: u64, name: &str, bytes: &[u8]) -> PathBuf {
+        let path = self.disk(&format!("{name}.img"));
+        std::fs::write(&path, bytes).unwrap();
+        self.engine.add_server(ServerId(id), name, &path).unwrap();
+        path
+    }
+
+    /// Reopens the store (the old engine must be dropped first by the caller
+    /// passing it in).
+    pub fn reopen(self, options: EngineOptions) -> Self {
+        let Fixture { dir, engine } = self;
+        drop(engine);
+        let engine = options.open(dir.path().join("store")).unwrap();
+        Fixture { dir, engine }
+    }
+}
+
+/// Seeded bytes with every kind of block: zero runs, text, random, repeats.
+pub fn disk_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    let region = 16 * BS;
+    for (r, chunk) in v.chunks_mut(region).enumerate() {
+        blocksnap::sample::fill_region(seed, r as u64, chunk);
+    }
+    v
+}
+
+/// Incompressible bytes.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    Rng::new(seed).fill(&mut v);
+    v
+}
+
+/// Total size of the files under `dir`.
+pub fn tree_size(dir: &Path) -> u64 {
+    let mut total = 0;
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let m = e.metadata().unwrap();
+        total += if m.is_dir() {
+            tree_size(&e.path())
+        } else {
+            m.len()
+        };
+    }
+    total
+}
+
+/// A gate that holds disk reads until opened, to keep a capture in progress.
+#[derive(Clone, Default)]
+pub struct Gate(Arc<(Mutex<bool>, Condvar)>);
+
+impl Gate {
+    pub fn open(&self) {
+        *self.0.0.lock().unwrap() = true;
+        self.0.1.notify_all();
+    }
+
+    fn wait(&self) {
+        let mut open = self.0.0.lock().unwrap();
+        while !*open {
+            open = self.0.1.wait(open).unwrap();
+        }
+    }
+
+    /// A disk opener whose reads wait for the gate.
+    pub fn opener(&self) -> DiskOpener {
+        let gate = self.clone();
+        Arc::new(move |path: &Path, writable: bool| {
+            Ok(Box::new(GatedDisk {
+                inner: FileDisk::open(path, writable)?,
+                gate: gate.clone(),
+            }) as Box<dyn Disk>)
+        })
+    }
+}
+
+struct GatedDisk {
+    inner: FileDisk,
+    gate: Gate,
+}
+
+impl Disk for GatedDisk {
+    fn len(&self) -> blocksnap::Result<u64> {
+        self.inner.len()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> blocksnap::Result<usize> {
+        self.gate.wait();
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> blocksnap::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> blocksnap::Result<()> {
+        self.inner.write_zeroes(offset, len)
+    }
+    fn set_len(&self, len: u64) -> blocksnap::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn is_block_device(&self) -> bool {
+        self.inner.is_block_device()
+    }
+    fn sync(&self) -> blocksnap::Result<()> {
+        self.inner.sync()
+    }
+    fn path(&self) -> &Path {
+        self.inner.path()
+    }
+}

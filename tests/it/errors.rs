@@ -1,0 +1,190 @@
+//! Every wrong call gets its own error and changes nothing.
+
+use blocksnap::{EngineOptions, Error, ServerId, SnapshotId, SnapshotStatus};
+
+use crate::common::{BS, Fixture, Gate, disk_bytes};
+
+#[test]
+fn invalid_names_are_refused_and_change_nothing() {
+    let fx = Fixture::new();
+    fx.server(1, "web", &disk_bytes(8 * BS, 1));
+    let long = "x".repeat(65);
+    for bad in [
+        "",
+        long.as_str(),
+        "has space",
+        "../x",
+        "naïve",
+        "tab\t",
+        "a/b",
+    ] {
+        let err = fx.engine.create_snapshot(ServerId(1), bad, "").unwrap_err();
+        assert!(matches!(err, Error::InvalidName { .. }), "{bad:?}: {err}");
+        assert!(err.is_user_error());
+    }
+    let err = fx
+        .engine
+        .create_snapshot(ServerId(1), "ok", &"d".repeat(1025))
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidParameter(_)), "{err}");
+    assert!(fx.engine.snapshots(None).unwrap().is_empty());
+    // No id was spent on the refused calls.
+    let s = fx.engine.create_snapshot(ServerId(1), "ok", "").unwrap();
+    assert_eq!(s.id, SnapshotId(1));
+}
+
+#[test]
+fn unknown_server_and_snapshot_are_not_found() {
+    let fx = Fixture::new();
+    assert!(matches!(
+        fx.engine.create_snapshot(ServerId(9), "s", ""),
+        Err(Error::ServerNotFound(ServerId(9)))
+    ));
+    assert!(matches!(
+        fx.engine.snapshots(Some(ServerId(9))),
+        Err(Error::ServerNotFound(_))
+    ));
+    for call in [
+        fx.engine.restore_snapshot(SnapshotId(4)).map(|_| ()),
+        fx.engine.delete_snapshot(SnapshotId(4)),
+        fx.engine.snapshot(SnapshotId(4)).map(|_| ()),
+        fx.engine.verify(Some(SnapshotId(4))).map(|_| ()),
+    ] {
+        assert!(matches!(call, Err(Error::SnapshotNotFound(SnapshotId(4)))));
+    }
+}
+
+#[test]
+fn a_server_id_is_registered_once() {
+    let fx = Fixture::new();
+    fx.server(1, "web", &[]);
+    let err = fx
+        .engine
+        .add_server(ServerId(1), "other", "/tmp/x")
+        .unwrap_err();
+    assert!(matches!(err, Error::ServerExists(ServerId(1))));
+    assert_eq!(fx.engine.server(ServerId(1)).unwrap().name, "web");
+    assert!(matches!(
+        fx.engine.add_server(ServerId(2), "", "/tmp/x"),
+        Err(Error::InvalidName { .. })
+    ));
+}
+
+#[test]
+fn in_progress_snapshots_cannot_be_restored_or_deleted() {
+    let gate = Gate::default();
+    let fx = Fixture::with(
+        EngineOptions::new()
+            .block_size(BS as u32)
+            .disk_opener(gate.opener()),
+    );
+    fx.server(1, "web", &disk_bytes(16 * BS, 2));
+    let job = fx.engine.start_snapshot(ServerId(1), "slow", "").unwrap();
+    let id = job.snapshot.id;
+    assert_eq!(job.snapshot.status, SnapshotStatus::InProgress);
+    assert_eq!(job.snapshot.size_mb, None);
+    assert_eq!(
+        fx.engine.snapshot(id).unwrap().status,
+        SnapshotStatus::InProgress
+    );
+    assert!(fx.engine.capture_progress(id).is_some());
+
+    for err in [
+        fx.engine.restore_snapshot(id).unwrap_err(),
+        fx.engine.delete_snapshot(id).unwrap_err(),
+        fx.engine.verify(Some(id)).unwrap_err(),
+    ] {
+        assert!(matches!(err, Error::WrongState(_)), "{err}");
+    }
+    gate.open();
+    let done = job.wait().unwrap();
+    assert_eq!(done.status, SnapshotStatus::Completed);
+    assert!(fx.engine.capture_progress(id).is_none());
+    fx.engine.delete_snapshot(id).unwrap();
+}
+
+#[test]
+fn a_capturing_server_cannot_be_restored() {
+    let gate = Gate::default();
+    let fx = Fixture::new();
+    fx.server(1, "web", &disk_bytes(16 * BS, 3));
+    let done = fx.engine.create_snapshot(ServerId(1), "done", "").unwrap();
+    let engine = {
+        let Fixture { dir, engine } = fx;
+        drop(engine);
+        let engine = EngineOptions::new()
+            .disk_opener(gate.opener())
+            .open(dir.path().join("store"))
+            .unwrap();
+        (dir, engine)
+    };
+    let (_dir, engine) = engine;
+    let job = engine.start_snapshot(ServerId(1), "slow", "").unwrap();
+    let err = engine.restore_snapshot(done.id).unwrap_err();
+    assert!(
+        matches!(err, Error::WrongState(ref m) if m.contains("capturing")),
+        "{err}"
+    );
+    gate.open();
+    job.wait().unwrap();
+    engine.restore_snapshot(done.id).unwrap();
+}
+
+#[test]
+fn a_second_open_of_a_store_is_refused_as_locked() {
+    let fx = Fixture::new();
+    let err = EngineOptions::new().open(fx.store()).err().unwrap();
+    assert!(matches!(err, Error::StoreLocked { .. }), "{err}");
+    assert!(err.to_string().contains("locked"));
+}
+
+#[test]
+fn bad_options_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    for bs in [0, 1000, 2048, 8 << 20] {
+        let err = EngineOptions::new()
+            .block_size(bs)
+            .open(dir.path())
+            .err()
+            .unwrap();
+        assert!(matches!(err, Error::InvalidParameter(_)), "{bs}: {err}");
+    }
+    let err = EngineOptions::new()
+        .create(false)
+        .open(dir.path().join("none"))
+        .err()
+        .unwrap();
+    assert!(matches!(err, Error::NoStore { .. }));
+    // The block size is fixed at creation.
+    drop(
+        EngineOptions::new()
+            .block_size(8192)
+            .open(dir.path())
+            .unwrap(),
+    );
+    let err = EngineOptions::new()
+        .block_size(4096)
+        .open(dir.path())
+        .err()
+        .unwrap();
+    assert!(matches!(err, Error::InvalidParameter(_)), "{err}");
+    assert_eq!(
+        blocksnap::Engine::open(dir.path()).unwrap().block_size(),
+        8192
+    );
+}
+
+#[test]
+fn a_missing_disk_fails_the_capture_with_its_path() {
+    let fx = Fixture::new();
+    fx.engine
+        .add_server(ServerId(1), "web", fx.disk("nope.img"))
+        .unwrap();
+    let err = fx.engine.create_snapshot(ServerId(1), "s", "").unwrap_err();
+    assert!(err.to_string().contains("nope.img"), "{err}");
+    let list = fx.engine.snapshots(Some(ServerId(1))).unwrap();
+    assert_eq!(list[0].status, SnapshotStatus::Failed);
+    assert!(list[0].error.as_deref().unwrap_or("").contains("nope.img"));
+    // A failed snapshot does not count toward the cap and can be deleted.
+    fx.engine.delete_snapshot(list[0].id).unwrap();
+}

@@ -1,0 +1,10 @@
+//! Integration tests, one binary (see STYLE.md): each module a topic.
+
+mod cli;
+mod common;
+mod concurrency;
+mod corruption;
+mod errors;
+mod persistence;
+mod restore;
+mod roundtrip;
