@@ -706,6 +706,12 @@ impl Engine {
         let mut written = 0;
         let outcome = (|| {
             let manifest = Manifest::read(&inner.manifests, id)?;
+            if manifest.block_size != inner.block_size || manifest.server != server.id {
+                return Err(Error::corrupt(
+                    manifest::manifest_path(&inner.manifests, id),
+                    "manifest does not match its catalog entry (block size or server)",
+                ));
+            }
             let disk = (inner.options.disk_opener)(&server.disk, true)?;
             restore::restore(
                 &inner.store,

@@ -1,5 +1,6 @@
 //! Integration tests, one binary (see STYLE.md): each module a topic.
 
+mod blockdev;
 mod cli;
 mod common;
 mod concurrency;
