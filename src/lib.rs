@@ -27,6 +27,11 @@
 //! # }
 //! ```
 
+// The README's example runs as a doctest, so it cannot go stale.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
+
 mod capture;
 mod catalog;
 pub mod disk;
