@@ -7,8 +7,6 @@
 //! writer lock. The caller makes them durable (`ChunkStore::sync`) before
 //! writing the manifest.
 
-use std::time::Instant;
-
 use rayon::prelude::*;
 
 use crate::catalog::CaptureStats;
@@ -59,7 +57,6 @@ pub fn capture(
     settings: &CaptureSettings,
     progress: &Progress,
 ) -> Result<Captured> {
-    let started = Instant::now();
     let len = disk.len()?;
     progress.start(len);
     let bs = settings.block_size as usize;
@@ -109,6 +106,5 @@ pub fn capture(
         progress.add(w.bytes.len() as u64);
         Ok(())
     })?;
-    stats.micros = started.elapsed().as_micros() as u64;
     Ok(Captured { blocks, stats })
 }

@@ -553,9 +553,16 @@ impl Engine {
         };
         let engine = self.clone();
         let job_progress = progress.clone();
-        let job = Job::spawn(format!("capture-{}", record.id), progress, move || {
-            let outcome = engine.run_capture(&record, &disk, &job_progress);
-            engine.finish_capture(record.id, outcome)
+        let id = record.id;
+        let finisher = self.clone();
+        let job = Job::spawn(
+            format!("capture-{id}"),
+            progress,
+            move || engine.run_capture(&record, &disk, &job_progress),
+            move |outcome| finisher.finish_capture(id, outcome),
+        )
+        .inspect_err(|e| {
+            let _ = self.finish_capture(id, Err(Error::WrongState(e.to_string())));
         })?;
         Ok(CaptureJob { snapshot, job })
     }
@@ -568,6 +575,7 @@ impl Engine {
         disk_path: &Path,
         progress: &Progress,
     ) -> Result<CaptureStats> {
+        let started = std::time::Instant::now();
         let inner = &self.inner;
         let disk = (inner.options.disk_opener)(disk_path, false)?;
         let settings = CaptureSettings {
@@ -585,7 +593,10 @@ impl Engine {
             captured.blocks,
         )?;
         manifest.write_durably(&inner.manifests)?;
-        Ok(captured.stats)
+        Ok(CaptureStats {
+            micros: started.elapsed().as_micros() as u64,
+            ..captured.stats
+        })
     }
 
     /// Step 3: the catalog commit that marks the snapshot completed (or
@@ -682,10 +693,19 @@ impl Engine {
         let engine = self.clone();
         let progress = Arc::new(Progress::default());
         let job_progress = progress.clone();
-        Job::spawn(format!("restore-{id}"), progress, move || {
-            let outcome = engine.run_restore(&server, id, &job_progress);
-            engine.inner.state.lock().live_restores.remove(&server.id);
-            outcome
+        let finisher = self.clone();
+        let server_id = server.id;
+        Job::spawn(
+            format!("restore-{id}"),
+            progress,
+            move || engine.run_restore(&server, id, &job_progress),
+            move |outcome| {
+                finisher.inner.state.lock().live_restores.remove(&server_id);
+                outcome
+            },
+        )
+        .inspect_err(|_| {
+            self.inner.state.lock().live_restores.remove(&server_id);
         })
     }
 

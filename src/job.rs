@@ -39,14 +39,31 @@ pub struct Job<T> {
 }
 
 impl<T: Send + 'static> Job<T> {
-    pub(crate) fn spawn(
+    /// Runs `work` on its own thread, then `then` with its outcome (also
+    /// when `work` panicked, as an error).
+    pub(crate) fn spawn<U: Send + 'static>(
         name: String,
         progress: Arc<Progress>,
-        work: impl FnOnce() -> Result<T> + Send + 'static,
+        work: impl FnOnce() -> Result<U> + Send + 'static,
+        then: impl FnOnce(Result<U>) -> Result<T> + Send + 'static,
     ) -> Result<Self> {
+        // A panic becomes an error, so the caller's bookkeeping after the
+        // work (marking a snapshot failed, releasing a server) still runs.
+        let guarded = move || {
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work))
+                .unwrap_or_else(|p| {
+                    let what = p
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| p.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    Err(Error::WrongState(format!("internal error: {what}")))
+                });
+            then(outcome)
+        };
         let thread = std::thread::Builder::new()
             .name(name)
-            .spawn(work)
+            .spawn(guarded)
             .map_err(|e| Error::io("<thread spawn>", e))?;
         Ok(Job { thread, progress })
     }
