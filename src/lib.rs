@@ -39,6 +39,7 @@ mod engine;
 mod error;
 mod ids;
 mod job;
+mod le;
 mod manifest;
 mod restore;
 pub mod sample;

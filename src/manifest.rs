@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, IoContext, Result};
 use crate::ids::{ChunkId, ServerId, SnapshotId};
+use crate::le;
 use crate::store::sync_dir;
 
 pub const MANIFEST_MAGIC: [u8; 8] = *b"BSNPMANF";
@@ -168,15 +169,15 @@ impl Manifest {
         if h[M_MAGIC..M_VERSION] != MANIFEST_MAGIC {
             return Err("bad manifest magic".into());
         }
-        if crc32fast::hash(&h[..M_HEADER_CRC]) != le_u32(h, M_HEADER_CRC) {
+        if crc32fast::hash(&h[..M_HEADER_CRC]) != le::u32_at(h, M_HEADER_CRC) {
             return Err("manifest header checksum mismatch".into());
         }
         ManifestVersion::try_from(h[M_VERSION])?;
-        let block_size = le_u32(h, M_BLOCK_SIZE);
+        let block_size = le::u32_at(h, M_BLOCK_SIZE);
         check_block_size(block_size).map_err(|e| e.to_string())?;
-        let image_len = le_u64(h, M_IMAGE_LEN);
-        let count = le_u64(h, M_BLOCK_COUNT);
-        let data_count = le_u64(h, M_DATA_COUNT);
+        let image_len = le::u64_at(h, M_IMAGE_LEN);
+        let count = le::u64_at(h, M_BLOCK_COUNT);
+        let data_count = le::u64_at(h, M_DATA_COUNT);
         if count != block_count(image_len, block_size) || data_count > count {
             return Err("manifest block counts do not match its image length".into());
         }
@@ -186,7 +187,7 @@ impl Manifest {
             return Err("manifest length does not match its header".into());
         }
         let body_end = bytes.len() - 4;
-        if crc32fast::hash(&bytes[MANIFEST_HEADER_LEN..body_end]) != le_u32(bytes, body_end) {
+        if crc32fast::hash(&bytes[MANIFEST_HEADER_LEN..body_end]) != le::u32_at(bytes, body_end) {
             return Err("manifest body checksum mismatch".into());
         }
         let bitmap = &bytes[MANIFEST_HEADER_LEN..MANIFEST_HEADER_LEN + bitmap_len as usize];
@@ -195,9 +196,7 @@ impl Manifest {
         for i in 0..count as usize {
             if bitmap[i / 8] & (1 << (i % 8)) != 0 {
                 let raw = ids.next().ok_or("bitmap marks more data blocks than ids")?;
-                let mut id = [0u8; 32];
-                id.copy_from_slice(raw);
-                blocks.push(Some(ChunkId(id)));
+                blocks.push(Some(le::chunk_id_at(raw, 0)));
             } else {
                 blocks.push(None);
             }
@@ -206,8 +205,8 @@ impl Manifest {
             return Err("more ids than data blocks in the bitmap".into());
         }
         Ok(Manifest {
-            snapshot: SnapshotId(le_u64(h, M_SNAPSHOT)),
-            server: ServerId(le_u64(h, M_SERVER)),
+            snapshot: SnapshotId(le::u64_at(h, M_SNAPSHOT)),
+            server: ServerId(le::u64_at(h, M_SERVER)),
             block_size,
             image_len,
             blocks,
@@ -276,18 +275,6 @@ pub fn clean_temporaries(dir: &Path) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn le_u32(b: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[at..at + 4]);
-    u32::from_le_bytes(a)
-}
-
-fn le_u64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
 }
 
 #[cfg(test)]

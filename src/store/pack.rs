@@ -19,6 +19,7 @@ use std::cell::RefCell;
 
 use crate::error::{Error, Result};
 use crate::ids::ChunkId;
+use crate::le;
 
 pub const PACK_MAGIC: [u8; 8] = *b"BSNPPACK";
 pub const TRAILER_MAGIC: [u8; 8] = *b"BSNPPEND";
@@ -99,24 +100,6 @@ impl TryFrom<u8> for RecordKind {
     }
 }
 
-fn le_u32(b: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[at..at + 4]);
-    u32::from_le_bytes(a)
-}
-
-fn le_u64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
-}
-
-fn chunk_id_at(b: &[u8], at: usize) -> ChunkId {
-    let mut id = [0u8; 32];
-    id.copy_from_slice(&b[at..at + 32]);
-    ChunkId(id)
-}
-
 /// The 16-byte header every pack starts with.
 pub fn encode_pack_header() -> [u8; PACK_HEADER_LEN] {
     let mut h = [0u8; PACK_HEADER_LEN];
@@ -135,7 +118,7 @@ pub fn check_pack_header(h: &[u8]) -> Result<PackVersion, String> {
     if h[H_MAGIC..H_VERSION] != PACK_MAGIC {
         return Err("bad pack magic".into());
     }
-    if crc32fast::hash(&h[..H_CRC]) != le_u32(h, H_CRC) {
+    if crc32fast::hash(&h[..H_CRC]) != le::u32_at(h, H_CRC) {
         return Err("pack header checksum mismatch".into());
     }
     PackVersion::try_from(h[H_VERSION])
@@ -216,12 +199,12 @@ impl RecordHeader {
         if h.len() < RECORD_HEADER_LEN {
             return Err("truncated record header".into());
         }
-        if crc32fast::hash(&h[..R_HEADER_CRC]) != le_u32(h, R_HEADER_CRC) {
+        if crc32fast::hash(&h[..R_HEADER_CRC]) != le::u32_at(h, R_HEADER_CRC) {
             return Err("record header checksum mismatch".into());
         }
         let kind = RecordKind::try_from(h[R_KIND])?;
-        let raw_len = le_u32(h, R_RAW_LEN);
-        let stored_len = le_u32(h, R_STORED_LEN);
+        let raw_len = le::u32_at(h, R_RAW_LEN);
+        let stored_len = le::u32_at(h, R_STORED_LEN);
         if raw_len as usize > MAX_CHUNK_LEN || stored_len as usize > MAX_CHUNK_LEN + 1024 {
             return Err(format!(
                 "record lengths out of range ({raw_len}/{stored_len})"
@@ -234,8 +217,8 @@ impl RecordHeader {
             kind,
             raw_len,
             stored_len,
-            id: chunk_id_at(h, R_ID),
-            payload_crc: le_u32(h, R_PAYLOAD_CRC),
+            id: le::chunk_id_at(h, R_ID),
+            payload_crc: le::u32_at(h, R_PAYLOAD_CRC),
         })
     }
 
@@ -334,13 +317,13 @@ pub fn decode_trailer(t: &[u8], file_len: u64) -> Option<Trailer> {
     if t.len() != TRAILER_LEN || t[T_MAGIC..T_INDEX_OFFSET] != TRAILER_MAGIC {
         return None;
     }
-    if crc32fast::hash(&t[..T_CRC]) != le_u32(t, T_CRC) {
+    if crc32fast::hash(&t[..T_CRC]) != le::u32_at(t, T_CRC) {
         return None;
     }
     let tr = Trailer {
-        index_offset: le_u64(t, T_INDEX_OFFSET),
-        count: le_u32(t, T_COUNT),
-        index_crc: le_u32(t, T_INDEX_CRC),
+        index_offset: le::u64_at(t, T_INDEX_OFFSET),
+        count: le::u32_at(t, T_COUNT),
+        index_crc: le::u32_at(t, T_INDEX_CRC),
     };
     let expect_len = tr
         .index_offset
@@ -360,10 +343,10 @@ pub fn decode_index(bytes: &[u8], tr: &Trailer) -> Result<Vec<IndexEntry>, Strin
     let mut out = Vec::with_capacity(tr.count as usize);
     for e in bytes.chunks_exact(INDEX_ENTRY_LEN) {
         let entry = IndexEntry {
-            id: chunk_id_at(e, E_ID),
-            offset: le_u64(e, E_OFFSET),
-            stored_len: le_u32(e, E_STORED_LEN),
-            raw_len: le_u32(e, E_RAW_LEN),
+            id: le::chunk_id_at(e, E_ID),
+            offset: le::u64_at(e, E_OFFSET),
+            stored_len: le::u32_at(e, E_STORED_LEN),
+            raw_len: le::u32_at(e, E_RAW_LEN),
         };
         let end = entry.offset + RECORD_HEADER_LEN as u64 + u64::from(entry.stored_len);
         if entry.offset < PACK_HEADER_LEN as u64 || end > tr.index_offset {
