@@ -37,6 +37,8 @@ mod catalog;
 pub mod disk;
 mod engine;
 mod error;
+#[cfg(feature = "server")]
+pub mod http;
 mod ids;
 mod job;
 mod le;

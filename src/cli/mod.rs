@@ -50,6 +50,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Serve the Snapshots REST API (holds the store's lock while it runs).
+    #[cfg(feature = "server")]
+    Serve {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+        /// File of API tokens, one a line (or set BLOCKSNAP_API_TOKEN).
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
+    },
     /// Run the whole cycle on a sample disk in a temporary store.
     Demo {
         /// Size of the sample disk image.
@@ -159,6 +169,8 @@ fn dispatch(cli: Cli) -> blocksnap::Result<i32> {
         Command::Verify { snapshot_id, json } => {
             output::verify(&open(&store)?, snapshot_id.map(SnapshotId), json)
         }
+        #[cfg(feature = "server")]
+        Command::Serve { listen, token_file } => serve(&store, listen, token_file.as_deref()),
         Command::Demo { .. } => unreachable!("handled above"),
     }
 }
@@ -176,6 +188,29 @@ fn open(store: &Path) -> blocksnap::Result<Engine> {
         );
     }
     Ok(engine)
+}
+
+#[cfg(feature = "server")]
+fn serve(
+    store: &Path,
+    listen: std::net::SocketAddr,
+    token_file: Option<&Path>,
+) -> blocksnap::Result<i32> {
+    use blocksnap::http::{Tokens, run_until_signal};
+    use std::io::Write;
+    let env_token = std::env::var("BLOCKSNAP_API_TOKEN").ok();
+    let tokens = Tokens::load(env_token.as_deref(), token_file)?;
+    let engine = open(store)?;
+    run_until_signal(engine, listen, tokens, |addr| {
+        println!("listening on http://{addr}");
+        eprintln!(
+            "serving store {} (locked while serving); stop with Ctrl-C or SIGTERM",
+            store.display()
+        );
+        let _ = std::io::stdout().flush();
+    })?;
+    eprintln!("stopped: running captures and restores finished");
+    Ok(0)
 }
 
 fn init(store: &Path, block_size: u64) -> blocksnap::Result<i32> {

@@ -1,5 +1,6 @@
 //! Integration tests, one binary (see STYLE.md): each module a topic.
 
+mod api;
 mod blockdev;
 mod cli;
 mod common;

@@ -1,0 +1,277 @@
+//! The four endpoints, and the one place engine errors become statuses.
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Map, Value, json};
+
+use super::{App, MAX_BODY_LEN};
+use crate::error::Error;
+use crate::ids::{ServerId, SnapshotId};
+
+/// The provider's words, verbatim: clients may show or match them.
+const CREATE_MESSAGE: &str =
+    "Snapshot is being created. This may take 3-10 minutes depending on server size.";
+const RESTORE_MESSAGE: &str = "Server is being restored from snapshot. This may take 5-15 minutes.";
+
+/// An error response: a status and `{"detail": "..."}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    detail: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, detail: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            detail: detail.into(),
+        }
+    }
+
+    pub fn unauthorized(detail: &str) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, detail)
+    }
+
+    fn bad_request(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, detail)
+    }
+
+    fn not_found(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, detail)
+    }
+}
+
+impl From<Error> for ApiError {
+    /// The one mapping from engine errors to HTTP statuses.
+    fn from(e: Error) -> Self {
+        let status = match &e {
+            Error::ServerNotFound(_) | Error::SnapshotNotFound(_) => StatusCode::NOT_FOUND,
+            Error::InvalidName { .. }
+            | Error::InvalidParameter(_)
+            | Error::SnapshotLimit { .. }
+            | Error::WrongState(_)
+            | Error::ServerExists(_)
+            | Error::DiskTooSmall { .. } => StatusCode::BAD_REQUEST,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(status, e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut resp = (self.status, Json(json!({ "detail": self.detail }))).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+        }
+        resp
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// Runs a blocking engine call on tokio's blocking pool.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> crate::Result<T> + Send + 'static,
+) -> ApiResult<T> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(ApiError::from),
+        Err(e) => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("internal error: {e}"),
+        )),
+    }
+}
+
+/// `GET /api/v1/snapshots/?server_id=N`
+pub async fn list(
+    State(app): State<App>,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> ApiResult<Json<Value>> {
+    let Ok(Query(pairs)) = query else {
+        return Err(ApiError::bad_request("malformed query string"));
+    };
+    let server = parse_server_filter(&pairs)?;
+    let engine = app.engine.clone();
+    let all = blocking(move || engine.snapshots(None)).await?;
+    let results: Vec<_> = all
+        .into_iter()
+        .filter(|s| server.is_none_or(|id| s.server.id == id))
+        .collect();
+    Ok(Json(json!({ "count": results.len(), "results": results })))
+}
+
+/// `server_id` from the query string: absent, or a non-negative integer.
+fn parse_server_filter(pairs: &[(String, String)]) -> ApiResult<Option<ServerId>> {
+    let mut found = None;
+    for (key, value) in pairs {
+        if key != "server_id" {
+            continue;
+        }
+        let id = value.parse::<u64>().map_err(|_| {
+            ApiError::bad_request(format!(
+                "server_id must be a non-negative integer, not {value:?}"
+            ))
+        })?;
+        found = Some(ServerId(id));
+    }
+    Ok(found)
+}
+
+/// `POST /api/v1/snapshots/`
+pub async fn create(State(app): State<App>, headers: HeaderMap, body: Body) -> ApiResult<Response> {
+    check_json_content_type(&headers)?;
+    let obj = json_object(body).await?;
+    let server_id = match obj.get("server_id") {
+        None | Some(Value::Null) => return Err(ApiError::bad_request("server_id is required")),
+        Some(v) => v
+            .as_u64()
+            .map(ServerId)
+            .ok_or_else(|| ApiError::bad_request("server_id must be a non-negative integer"))?,
+    };
+    let name = match obj.get("name") {
+        None | Some(Value::Null) => return Err(ApiError::bad_request("name is required")),
+        Some(Value::String(s)) => s.clone(),
+        Some(_) => return Err(ApiError::bad_request("name must be a string")),
+    };
+    let description = match obj.get("description") {
+        None | Some(Value::Null) => String::new(),
+        Some(Value::String(s)) => s.clone(),
+        Some(_) => return Err(ApiError::bad_request("description must be a string")),
+    };
+    let engine = app.engine.clone();
+    let job = blocking(move || engine.start_snapshot(server_id, &name, &description)).await?;
+    let mut body = serde_json::to_value(&job.snapshot).unwrap_or_default();
+    if let Value::Object(m) = &mut body {
+        m.insert("message".into(), Value::String(CREATE_MESSAGE.into()));
+    }
+    let mut jobs = app.jobs.lock();
+    jobs.prune();
+    jobs.captures.push(job);
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+/// Refuses a body declared as something other than JSON (415); a request
+/// without a Content-Type is read as JSON.
+fn check_json_content_type(headers: &HeaderMap) -> ApiResult<()> {
+    let Some(ct) = headers.get(header::CONTENT_TYPE) else {
+        return Ok(());
+    };
+    let mime = ct
+        .to_str()
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim();
+    if mime.eq_ignore_ascii_case("application/json") {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("unsupported media type {mime:?}: send application/json"),
+        ))
+    }
+}
+
+/// Reads a body of at most 64 KiB holding a JSON object.
+async fn json_object(body: Body) -> ApiResult<Map<String, Value>> {
+    let bytes = axum::body::to_bytes(body, MAX_BODY_LEN)
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body is larger than {MAX_BODY_LEN} bytes"),
+            )
+        })?;
+    match serde_json::from_slice::<Value>(&bytes) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(ApiError::bad_request(
+            "the request body must be a JSON object",
+        )),
+        Err(e) => Err(ApiError::bad_request(format!("malformed JSON: {e}"))),
+    }
+}
+
+/// A snapshot id from the path; anything but a non-negative integer names
+/// no snapshot.
+fn snapshot_id(raw: &str) -> ApiResult<SnapshotId> {
+    raw.parse::<u64>()
+        .map(SnapshotId)
+        .map_err(|_| ApiError::not_found(format!("snapshot {raw:?} does not exist")))
+}
+
+/// `POST /api/v1/snapshots/{id}/restore/`
+pub async fn restore(State(app): State<App>, Path(raw): Path<String>) -> ApiResult<Json<Value>> {
+    let id = snapshot_id(&raw)?;
+    let engine = app.engine.clone();
+    let (job, snap, server) = blocking(move || {
+        let job = engine.start_restore(id)?;
+        let snap = engine.snapshot(id)?;
+        let server = engine.server(snap.server.id)?;
+        Ok((job, snap, server))
+    })
+    .await?;
+    let mut jobs = app.jobs.lock();
+    jobs.prune();
+    jobs.restores.push(job);
+    Ok(Json(json!({
+        "status": "success",
+        "message": RESTORE_MESSAGE,
+        "snapshot": { "id": snap.id, "name": snap.name, "created_at": snap.created_at },
+        // The restore was accepted and is under way.
+        "server": { "id": server.id, "name": server.name, "status": "restoring" },
+    })))
+}
+
+/// `DELETE /api/v1/snapshots/{id}/`
+pub async fn delete(State(app): State<App>, Path(raw): Path<String>) -> ApiResult<StatusCode> {
+    let id = snapshot_id(&raw)?;
+    let engine = app.engine.clone();
+    blocking(move || engine.delete_snapshot(id)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn not_found() -> ApiError {
+    ApiError::not_found("Not found.")
+}
+
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "Method not allowed on this path.",
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pairs(kv: &[(&str, &str)]) -> Vec<(String, String)> {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn server_filter_parses_integers_only() {
+        assert_eq!(parse_server_filter(&[]).unwrap(), None);
+        let one = pairs(&[("server_id", "12345")]);
+        assert_eq!(parse_server_filter(&one).unwrap(), Some(ServerId(12345)));
+        let other = pairs(&[("x", "1"), ("server_id", "7")]);
+        assert_eq!(parse_server_filter(&other).unwrap(), Some(ServerId(7)));
+        for bad in ["abc", "-1", "", "1.5", "99999999999999999999999"] {
+            assert!(
+                parse_server_filter(&pairs(&[("server_id", bad)])).is_err(),
+                "{bad}"
+            );
+        }
+    }
+}

@@ -1,0 +1,229 @@
+//! `blocksnap serve`: the provider's Snapshots REST API (SEED_API.md) over
+//! the engine, exactly: same paths (with and without the trailing slash),
+//! JSON shapes, status codes and bearer-token auth. Described for clients in
+//! docs/openapi.yaml; [`ROUTES`] is the list the spec is tested against.
+//!
+//! Engine calls block (fsync, catalog commits), so handlers run them on
+//! tokio's blocking threads, never on the async workers. Captures and
+//! restores continue in the background after the response; on shutdown
+//! the server stops accepting requests and waits for them to finish.
+
+mod auth;
+mod handlers;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::routing::{delete, get, post};
+use parking_lot::Mutex;
+
+pub use auth::Tokens;
+
+use crate::engine::{CaptureJob, Engine, RestoreJob};
+use crate::error::{Error, IoContext, Result};
+
+/// Largest request body accepted; larger ones get 413.
+pub const MAX_BODY_LEN: usize = 64 << 10;
+
+/// Every route the API serves, as `(method, path)` in OpenAPI's spelling.
+/// Each is also served with its trailing slash removed.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("get", "/api/v1/snapshots/"),
+    ("post", "/api/v1/snapshots/"),
+    ("post", "/api/v1/snapshots/{snapshot_id}/restore/"),
+    ("delete", "/api/v1/snapshots/{snapshot_id}/"),
+];
+
+/// Shared by every handler.
+#[derive(Clone)]
+struct App {
+    engine: Engine,
+    jobs: Arc<Mutex<Jobs>>,
+}
+
+/// Background work started by requests, kept so shutdown can wait for it.
+#[derive(Default)]
+struct Jobs {
+    captures: Vec<CaptureJob>,
+    restores: Vec<RestoreJob>,
+}
+
+impl Jobs {
+    fn prune(&mut self) {
+        self.captures.retain(|j| !j.is_finished());
+        self.restores.retain(|j| !j.is_finished());
+    }
+
+    /// Waits for everything still running. Outcomes are in the catalog.
+    fn wait_all(&mut self) {
+        for j in self.captures.drain(..) {
+            let _ = j.wait();
+        }
+        for j in self.restores.drain(..) {
+            let _ = j.wait();
+        }
+    }
+}
+
+/// The API's router over `engine`, every route behind `tokens`.
+pub fn router(engine: Engine, tokens: Tokens) -> Router {
+    let app = App {
+        engine,
+        jobs: Arc::new(Mutex::new(Jobs::default())),
+    };
+    router_for(app, tokens)
+}
+
+fn router_for(app: App, tokens: Tokens) -> Router {
+    let list = get(handlers::list).post(handlers::create);
+    let restore = post(handlers::restore);
+    let remove = delete(handlers::delete);
+    Router::new()
+        .route("/api/v1/snapshots/", list.clone())
+        .route("/api/v1/snapshots", list)
+        .route("/api/v1/snapshots/{snapshot_id}/restore/", restore.clone())
+        .route("/api/v1/snapshots/{snapshot_id}/restore", restore)
+        .route("/api/v1/snapshots/{snapshot_id}/", remove.clone())
+        .route("/api/v1/snapshots/{snapshot_id}", remove)
+        .fallback(handlers::not_found)
+        .method_not_allowed_fallback(handlers::method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::new(tokens),
+            auth::require_token,
+        ))
+        .with_state(app)
+}
+
+/// A server running on its own thread (tests, embedders).
+pub struct RunningApi {
+    addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+}
+
+impl RunningApi {
+    /// The address it listens on (the real port when 0 was asked for).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting requests, waits for running captures and restores,
+    /// and returns.
+    pub fn shutdown(mut self) -> std::io::Result<()> {
+        self.stop_and_join()
+    }
+
+    fn stop_and_join(&mut self) -> std::io::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match self.thread.take() {
+            Some(t) => t
+                .join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("server panicked"))),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for RunningApi {
+    fn drop(&mut self) {
+        let _ = self.stop_and_join();
+    }
+}
+
+/// Binds `listen` and serves on a new thread until [`RunningApi::shutdown`].
+pub fn start(engine: Engine, listen: SocketAddr, tokens: Tokens) -> Result<RunningApi> {
+    let listener = bind(listen)?;
+    let addr = listener.local_addr().at(listen.to_string())?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name("blocksnap-http".into())
+        .spawn(move || {
+            runtime()?.block_on(serve_on(listener, engine, tokens, async {
+                let _ = stopped.await;
+            }))
+        })
+        .at("<http thread>")?;
+    Ok(RunningApi {
+        addr,
+        stop: Some(stop),
+        thread: Some(thread),
+    })
+}
+
+/// Binds `listen`, calls `ready` with the bound address, and serves until
+/// SIGINT or SIGTERM; then waits for running captures and restores.
+pub fn run_until_signal(
+    engine: Engine,
+    listen: SocketAddr,
+    tokens: Tokens,
+    ready: impl FnOnce(SocketAddr),
+) -> Result<()> {
+    let listener = bind(listen)?;
+    ready(listener.local_addr().at(listen.to_string())?);
+    runtime()
+        .at("<tokio runtime>")?
+        .block_on(serve_on(listener, engine, tokens, shutdown_signal()))
+        .at(listen.to_string())
+}
+
+fn bind(listen: SocketAddr) -> Result<std::net::TcpListener> {
+    let l = std::net::TcpListener::bind(listen).map_err(|e| match e.kind() {
+        std::io::ErrorKind::AddrInUse | std::io::ErrorKind::AddrNotAvailable => {
+            Error::InvalidParameter(format!("cannot listen on {listen}: {e}"))
+        }
+        _ => Error::io(listen.to_string(), e),
+    })?;
+    l.set_nonblocking(true).at(listen.to_string())?;
+    Ok(l)
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+}
+
+async fn serve_on(
+    listener: std::net::TcpListener,
+    engine: Engine,
+    tokens: Tokens,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let app = App {
+        engine,
+        jobs: Arc::new(Mutex::new(Jobs::default())),
+    };
+    let jobs = app.jobs.clone();
+    axum::serve(listener, router_for(app, tokens))
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    tokio::task::spawn_blocking(move || jobs.lock().wait_all())
+        .await
+        .map_err(std::io::Error::other)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
