@@ -1,11 +1,17 @@
 //! The capture pipeline, blocksnap's hot core.
 //!
-//! A reader thread reads the disk in large windows (see [`crate::window`]);
-//! for each window, rayon classifies every block in parallel: zero check,
-//! BLAKE3, dedup look-up, and zstd for chunks the store lacks. New chunks are
-//! then appended to the open pack in block order under the store's one
-//! writer lock. The caller makes them durable (`ChunkStore::sync`) before
-//! writing the manifest.
+//! Three stages overlap, so both cores stay busy:
+//! 1. a reader thread reads the disk in large windows (see [`crate::window`]);
+//! 2. for each window, rayon classifies every block in parallel: zero
+//!    check, BLAKE3, dedup look-up, and zstd for chunks the store lacks;
+//! 3. a writer thread appends the window's new chunks to the open pack in
+//!    block order (raw chunks straight from the window buffer), then gives
+//!    the buffer back to the reader.
+//!
+//! The caller makes the chunks durable (`ChunkStore::sync`) before writing
+//! the manifest.
+
+use std::sync::mpsc::sync_channel;
 
 use rayon::prelude::*;
 
@@ -14,9 +20,9 @@ use crate::disk::{Disk, is_zero};
 use crate::error::{Error, Result};
 use crate::ids::ChunkId;
 use crate::job::Progress;
-use crate::store::ChunkStore;
-use crate::store::pack::EncodedChunk;
-use crate::window::for_each_window;
+use crate::store::pack::{self, ChunkRecord};
+use crate::store::{Appended, ChunkStore};
+use crate::window::{Recycle, for_each_window};
 
 /// Settings of one capture.
 #[derive(Clone, Copy, Debug)]
@@ -32,10 +38,12 @@ pub struct Captured {
     pub stats: CaptureStats,
 }
 
+/// What the parallel stage found for one block.
 enum Block {
     Zero,
     Known(ChunkId),
-    New(EncodedChunk),
+    /// Not in the store: to append, compressed when that paid.
+    New(ChunkId, Option<Vec<u8>>),
 }
 
 /// Zero check, hash, dedup look-up and, for a new chunk, compression.
@@ -47,7 +55,80 @@ fn classify(store: &ChunkStore, bytes: &[u8], level: i32) -> Result<Block> {
     if store.contains(&id) {
         return Ok(Block::Known(id));
     }
-    EncodedChunk::compress(id, bytes, level).map(Block::New)
+    Ok(Block::New(id, pack::compress(bytes, level)?))
+}
+
+/// Stage 2 for one window: classifies its blocks and records them in
+/// `blocks` and `stats` (all but the append counts).
+fn classify_window(
+    store: &ChunkStore,
+    window: &[u8],
+    settings: &CaptureSettings,
+    blocks: &mut Vec<Option<ChunkId>>,
+    stats: &mut CaptureStats,
+) -> Result<Vec<Block>> {
+    let bs = settings.block_size as usize;
+    let classified: Vec<Block> = window
+        .par_chunks(bs)
+        .map(|b| classify(store, b, settings.compression_level))
+        .collect::<Result<_>>()?;
+    for (b, bytes) in classified.iter().zip(window.chunks(bs)) {
+        match b {
+            Block::Zero => {
+                stats.zero_blocks += 1;
+                blocks.push(None);
+            }
+            Block::Known(id) | Block::New(id, _) => {
+                stats.data_blocks += 1;
+                stats.data_bytes += bytes.len() as u64;
+                blocks.push(Some(*id));
+            }
+        }
+    }
+    Ok(classified)
+}
+
+/// Stage 3 for one window: appends its new chunks in block order.
+fn append_window(
+    store: &ChunkStore,
+    window: &[u8],
+    block_size: usize,
+    classified: &[Block],
+) -> Result<Appended> {
+    let records: Vec<ChunkRecord<'_>> = classified
+        .iter()
+        .zip(window.chunks(block_size))
+        .filter_map(|(b, raw)| match b {
+            Block::New(id, compressed) => Some(ChunkRecord {
+                id: *id,
+                raw,
+                compressed: compressed.as_deref(),
+            }),
+            _ => None,
+        })
+        .collect();
+    store.insert(&records)
+}
+
+fn add(stats: &mut CaptureStats, a: Appended) {
+    stats.new_chunks += a.chunks;
+    stats.new_raw_bytes += a.raw_bytes;
+    stats.new_stored_bytes += a.stored_bytes;
+}
+
+/// The hot core for one window held in memory, without the reader and
+/// writer threads (benches): classify, then append.
+pub fn ingest_window(
+    store: &ChunkStore,
+    window: &[u8],
+    settings: &CaptureSettings,
+    blocks: &mut Vec<Option<ChunkId>>,
+    stats: &mut CaptureStats,
+) -> Result<()> {
+    let classified = classify_window(store, window, settings, blocks, stats)?;
+    let appended = append_window(store, window, settings.block_size as usize, &classified)?;
+    add(stats, appended);
+    Ok(())
 }
 
 /// Reads all of `disk` and stores the chunks the store lacks.
@@ -67,44 +148,41 @@ pub fn capture(
         image_len: len,
         ..CaptureStats::default()
     };
-    for_each_window(disk, len, window_len, |w| {
-        if w.read < w.bytes.len() {
-            return Err(Error::WrongState(format!(
-                "the disk shrank during capture (expected {len} bytes, ended at {})",
-                w.offset + w.read as u64
-            )));
-        }
-        let classified: Vec<Block> = w
-            .bytes
-            .par_chunks(bs)
-            .map(|b| classify(store, b, settings.compression_level))
-            .collect::<Result<_>>()?;
-        let mut new = Vec::new();
-        for (b, bytes) in classified.into_iter().zip(w.bytes.chunks(bs)) {
-            match b {
-                Block::Zero => {
-                    stats.zero_blocks += 1;
-                    blocks.push(None);
-                }
-                Block::Known(id) => {
-                    stats.data_blocks += 1;
-                    stats.data_bytes += bytes.len() as u64;
-                    blocks.push(Some(id));
-                }
-                Block::New(chunk) => {
-                    stats.data_blocks += 1;
-                    stats.data_bytes += bytes.len() as u64;
-                    blocks.push(Some(chunk.id));
-                    new.push(chunk);
-                }
+    let (to_writer, for_writer) = sync_channel::<(Vec<u8>, Vec<Block>, Recycle)>(1);
+    let (read, written) = std::thread::scope(|scope| {
+        let writer = scope.spawn(move || -> Result<Appended> {
+            let mut total = Appended::default();
+            for (window, classified, recycle) in for_writer {
+                let a = append_window(store, &window, bs, &classified)?;
+                total.chunks += a.chunks;
+                total.raw_bytes += a.raw_bytes;
+                total.stored_bytes += a.stored_bytes;
+                progress.add(window.len() as u64);
+                recycle.give_back(window);
             }
-        }
-        let appended = store.insert(new)?;
-        stats.new_chunks += appended.chunks;
-        stats.new_raw_bytes += appended.raw_bytes;
-        stats.new_stored_bytes += appended.stored_bytes;
-        progress.add(w.bytes.len() as u64);
-        Ok(())
-    })?;
+            Ok(total)
+        });
+        let read = for_each_window(disk, len, window_len, |w, recycle| {
+            if w.read < w.bytes.len() {
+                return Err(Error::WrongState(format!(
+                    "the disk shrank during capture (expected {len} bytes, ended at {})",
+                    w.offset + w.read as u64
+                )));
+            }
+            let classified = classify_window(store, &w.bytes, settings, &mut blocks, &mut stats)?;
+            to_writer
+                .send((w.bytes, classified, recycle.clone()))
+                // The writer failed: its error is returned below.
+                .map_err(|_| Error::WrongState("the capture writer stopped".into()))
+        });
+        drop(to_writer);
+        let written = writer
+            .join()
+            .unwrap_or_else(|_| Err(Error::WrongState("capture writer panicked".into())));
+        (read, written)
+    });
+    // The writer's error first: it is the cause when both failed.
+    add(&mut stats, written?);
+    read?;
     Ok(Captured { blocks, stats })
 }

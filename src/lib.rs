@@ -37,6 +37,8 @@ mod catalog;
 pub mod disk;
 mod engine;
 mod error;
+#[doc(hidden)]
+pub mod hotcore;
 #[cfg(feature = "server")]
 pub mod http;
 mod ids;

@@ -2,12 +2,16 @@
 //!
 //! [`plan`] reads the target disk in windows and compares every block with
 //! the manifest (zero check, else BLAKE3), in parallel; it writes nothing.
-//! [`apply`] rewrites exactly the planned blocks, a batch at a time: every
-//! chunk of a batch is read and checked (CRC32, decompression, BLAKE3) before
-//! any byte of the batch is written, so a corrupt chunk is an error and never
-//! reaches the disk. Runs of data blocks become one large write; runs of zero
-//! blocks become holes in image files. The caller fsyncs.
+//! [`apply`] rewrites exactly the planned blocks, a batch at a time: rayon
+//! reads every chunk of a batch straight into the batch buffer and checks
+//! it (record header, decompression, BLAKE3) before any byte of the batch
+//! is written, so a corrupt chunk is an error and never reaches the disk.
+//! A writer thread writes the previous batch meanwhile: runs of data blocks
+//! as one large write, runs of zero blocks as holes in image files. The
+//! caller fsyncs once at the end.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::sync_channel;
 use std::time::Instant;
 
 use rayon::prelude::*;
@@ -60,7 +64,10 @@ pub fn plan(
     let mut rewrite = Vec::new();
     let mut bytes_to_write = 0;
     progress.start(manifest.image_len);
-    for_each_window(disk, manifest.image_len, window_len, |w| {
+    // A disk that is all holes past its end needs no reading.
+    let current = disk.len()?;
+    let compare_len = manifest.image_len.min(current.next_multiple_of(bs as u64));
+    for_each_window(disk, compare_len, window_len, |w, recycle| {
         let first = w.offset / bs as u64;
         let differs: Vec<bool> = w
             .bytes
@@ -79,8 +86,18 @@ pub fn plan(
             }
         }
         progress.add(w.bytes.len() as u64);
+        recycle.give_back(w.bytes);
         Ok(())
     })?;
+    // Past the current end every byte reads as zero: only data blocks differ.
+    let first_unread = compare_len.div_ceil(bs as u64);
+    for i in first_unread..manifest.block_count() {
+        if manifest.blocks()[i as usize].is_some() {
+            rewrite.push(i);
+            bytes_to_write += manifest.block_len(i) as u64;
+        }
+    }
+    progress.add(manifest.image_len - compare_len);
     Ok(RestorePlan {
         snapshot: manifest.snapshot,
         blocks_total: manifest.block_count(),
@@ -96,8 +113,15 @@ fn block_matches(bytes: &[u8], want: Option<&ChunkId>) -> bool {
     }
 }
 
-/// Rewrites the planned blocks. Returns bytes written so far even on error,
-/// through `written`, so the caller knows whether the disk was touched.
+/// A batch of planned blocks with their checked bytes, laid out in batch
+/// order (block k of the batch at `k * block_size`).
+struct Batch<'p> {
+    blocks: &'p [u64],
+    bytes: Vec<u8>,
+}
+
+/// Rewrites the planned blocks. `written` counts bytes written so far, even
+/// on error, so the caller knows whether the disk was touched.
 pub fn apply(
     store: &ChunkStore,
     manifest: &Manifest,
@@ -107,64 +131,82 @@ pub fn apply(
     progress: &Progress,
     written: &mut u64,
 ) -> Result<()> {
-    let bs = u64::from(manifest.block_size);
-    let per_batch = (batch_len as u64 / bs).max(1) as usize;
+    let bs = manifest.block_size as usize;
+    let per_batch = (batch_len / bs).max(1);
     progress.start(plan.bytes_to_write);
-    for batch in plan.rewrite.chunks(per_batch) {
-        let contents: Vec<Option<Vec<u8>>> = batch
-            .par_iter()
-            .map(|&i| fetch_block(store, manifest, i))
-            .collect::<Result<_>>()?;
-        let mut k = 0;
-        while k < batch.len() {
-            // A run: consecutive block indexes of the same kind (data or zero).
-            let is_data = contents[k].is_some();
-            let mut end = k + 1;
-            while end < batch.len()
-                && batch[end] == batch[end - 1] + 1
-                && contents[end].is_some() == is_data
-            {
-                end += 1;
+    let done = AtomicU64::new(0);
+    let (to_writer, for_writer) = sync_channel::<Batch<'_>>(1);
+    let (fetched, wrote) = std::thread::scope(|scope| {
+        let writer = scope.spawn(|| -> Result<()> {
+            for batch in for_writer {
+                write_batch(manifest, disk, &batch, &done, progress)?;
             }
-            let offset = batch[k] * bs;
-            let run_len: u64 = batch[k..end]
-                .iter()
-                .map(|&i| manifest.block_len(i) as u64)
-                .sum();
-            if is_data {
-                let mut buf = Vec::with_capacity(run_len as usize);
-                for c in contents[k..end].iter().flatten() {
-                    buf.extend_from_slice(c);
+            Ok(())
+        });
+        let fetched = (|| -> Result<()> {
+            for blocks in plan.rewrite.chunks(per_batch) {
+                let len: usize = blocks.iter().map(|&i| manifest.block_len(i)).sum();
+                let mut bytes = vec![0u8; len];
+                bytes
+                    .par_chunks_mut(bs)
+                    .zip(blocks.par_iter())
+                    .try_for_each(|(out, &i)| match manifest.blocks()[i as usize] {
+                        None => Ok(()),
+                        Some(id) => store.read_into(&id, out),
+                    })?;
+                if to_writer.send(Batch { blocks, bytes }).is_err() {
+                    // The writer failed; its error is returned below.
+                    break;
                 }
-                disk.write_at(&buf, offset)?;
-            } else {
-                disk.write_zeroes(offset, run_len)?;
             }
-            *written += run_len;
-            progress.add(run_len);
-            k = end;
-        }
-    }
-    Ok(())
+            Ok(())
+        })();
+        drop(to_writer);
+        let wrote = writer
+            .join()
+            .unwrap_or_else(|_| Err(Error::WrongState("restore writer panicked".into())));
+        (fetched, wrote)
+    });
+    *written += done.into_inner();
+    wrote?;
+    fetched
 }
 
-/// Block `i`'s bytes, checked, or `None` for a zero block.
-fn fetch_block(store: &ChunkStore, manifest: &Manifest, i: u64) -> Result<Option<Vec<u8>>> {
-    let Some(id) = manifest.blocks()[i as usize] else {
-        return Ok(None);
-    };
-    let data = store.read(&id)?;
-    if data.len() != manifest.block_len(i) {
-        return Err(Error::Corruption {
-            path: format!("manifest of snapshot {}", manifest.snapshot).into(),
-            what: format!(
-                "block {i} is {} bytes but its chunk {id} holds {}",
-                manifest.block_len(i),
-                data.len()
-            ),
-        });
+/// Writes one batch: each run of consecutive blocks of one kind (data or
+/// zero) as one write or one hole.
+fn write_batch(
+    manifest: &Manifest,
+    disk: &dyn Disk,
+    batch: &Batch<'_>,
+    done: &AtomicU64,
+    progress: &Progress,
+) -> Result<()> {
+    let bs = u64::from(manifest.block_size);
+    let blocks = batch.blocks;
+    let is_data = |k: usize| manifest.blocks()[blocks[k] as usize].is_some();
+    let mut k = 0;
+    while k < blocks.len() {
+        let data = is_data(k);
+        let mut end = k + 1;
+        while end < blocks.len() && blocks[end] == blocks[end - 1] + 1 && is_data(end) == data {
+            end += 1;
+        }
+        let offset = blocks[k] * bs;
+        let run_len: u64 = blocks[k..end]
+            .iter()
+            .map(|&i| manifest.block_len(i) as u64)
+            .sum();
+        if data {
+            let at = k * bs as usize;
+            disk.write_at(&batch.bytes[at..at + run_len as usize], offset)?;
+        } else {
+            disk.write_zeroes(offset, run_len)?;
+        }
+        done.fetch_add(run_len, Ordering::Relaxed);
+        progress.add(run_len);
+        k = end;
     }
-    Ok(Some(data))
+    Ok(())
 }
 
 /// Runs plan and apply, then sets an image file's length and fsyncs.

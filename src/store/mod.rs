@@ -29,7 +29,7 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::error::{Error, IoContext, Result};
 use crate::ids::ChunkId;
-use pack::{EncodedChunk, IndexEntry, PACK_HEADER_LEN, RECORD_HEADER_LEN, TRAILER_LEN};
+use pack::{ChunkRecord, IndexEntry, PACK_HEADER_LEN, RECORD_HEADER_LEN, RecordKind, TRAILER_LEN};
 
 /// A pack is sealed once it grows past this many bytes.
 pub const PACK_TARGET_LEN: u64 = 256 << 20;
@@ -166,40 +166,44 @@ impl ChunkStore {
 
     /// Appends the chunks the store does not hold yet (checked again under the
     /// writer lock, so racing captures store a chunk once).
-    pub fn insert(&self, chunks: Vec<EncodedChunk>) -> Result<Appended> {
+    pub fn insert(&self, records: &[ChunkRecord<'_>]) -> Result<Appended> {
         let mut done = Appended::default();
-        if chunks.is_empty() {
+        if records.is_empty() {
             return Ok(done);
         }
         let mut w = self.writer.lock();
-        for c in chunks {
-            if self.index.read().contains_key(&c.id) {
+        for rec in records {
+            if self.index.read().contains_key(&rec.id) {
                 continue;
             }
             let active = self.active_pack(&mut w)?;
-            let header = c.record_header();
             let path = pack_path(&self.dir, active.seq);
-            let mut rec = Vec::with_capacity(header.len() + c.payload.len());
-            rec.extend_from_slice(&header);
-            rec.extend_from_slice(&c.payload);
-            active.file.write_all_at(&rec, active.len).at(&path)?;
+            let header = rec.header();
+            let payload = rec.payload();
+            // Two positioned writes: no copy of the payload into a frame.
+            active.file.write_all_at(&header, active.len).at(&path)?;
+            active
+                .file
+                .write_all_at(payload, active.len + RECORD_HEADER_LEN as u64)
+                .at(&path)?;
             let entry = IndexEntry {
-                id: c.id,
+                id: rec.id,
                 offset: active.len,
-                stored_len: c.payload.len() as u32,
-                raw_len: c.raw_len,
+                stored_len: payload.len() as u32,
+                raw_len: rec.raw.len() as u32,
             };
             active.entries.push(entry);
-            active.len += rec.len() as u64;
+            let record_len = (RECORD_HEADER_LEN + payload.len()) as u64;
+            active.len += record_len;
             let loc = ChunkLoc {
                 pack: active.seq,
                 offset: entry.offset as u32,
                 stored_len: entry.stored_len,
             };
-            self.index.write().insert(c.id, loc);
+            self.index.write().insert(rec.id, loc);
             done.chunks += 1;
-            done.raw_bytes += u64::from(c.raw_len);
-            done.stored_bytes += rec.len() as u64;
+            done.raw_bytes += rec.raw.len() as u64;
+            done.stored_bytes += record_len;
             if active.len >= PACK_TARGET_LEN {
                 self.seal(&mut w)?;
             }
@@ -256,6 +260,59 @@ impl ChunkStore {
                 format!("chunk {id} at offset {}: {what}", loc.offset),
             )
         })
+    }
+
+    /// Reads a chunk straight into `out`, which must be its exact length:
+    /// the restore path. Checks the record header (its CRC, kind, lengths,
+    /// id), decompresses into `out`, and checks BLAKE3 of `out` against the
+    /// id. The payload CRC is not needed here: BLAKE3 of the result covers
+    /// every byte ([`ChunkStore::read`], used by verify, checks both).
+    pub fn read_into(&self, id: &ChunkId, out: &mut [u8]) -> Result<()> {
+        thread_local! {
+            static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        let loc = self.locate(id).ok_or(Error::ChunkMissing { chunk: *id })?;
+        let file = self.reader(loc.pack)?;
+        let path = pack_path(&self.dir, loc.pack);
+        let corrupt = |what: String| {
+            Error::corrupt(
+                &path,
+                format!("chunk {id} at offset {}: {what}", loc.offset),
+            )
+        };
+        let read = |buf: &mut [u8], at: u64| {
+            file.read_exact_at(buf, at).map_err(|e| match e.kind() {
+                std::io::ErrorKind::UnexpectedEof => corrupt("pack is truncated".into()),
+                _ => Error::io(&path, e),
+            })
+        };
+        let mut header = [0u8; RECORD_HEADER_LEN];
+        read(&mut header, u64::from(loc.offset))?;
+        let h = pack::RecordHeader::decode(&header).map_err(corrupt)?;
+        if h.id != *id || h.stored_len != loc.stored_len {
+            return Err(corrupt("record does not match the index".into()));
+        }
+        if h.raw_len as usize != out.len() {
+            return Err(corrupt(format!(
+                "chunk holds {} bytes where its block has {}",
+                h.raw_len,
+                out.len()
+            )));
+        }
+        let payload_at = u64::from(loc.offset) + RECORD_HEADER_LEN as u64;
+        match h.kind {
+            RecordKind::Raw => read(out, payload_at)?,
+            RecordKind::Zstd => SCRATCH.with(|scratch| {
+                let mut scratch = scratch.borrow_mut();
+                scratch.resize(h.stored_len as usize, 0);
+                read(&mut scratch, payload_at)?;
+                pack::decompress_into(&scratch, out).map_err(corrupt)
+            })?,
+        }
+        if ChunkId::of(out) != *id {
+            return Err(corrupt("content does not match its BLAKE3 id".into()));
+        }
+        Ok(())
     }
 
     /// The pack file a chunk lives in, for reports.
@@ -423,8 +480,22 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
 mod tests {
     use super::*;
 
-    fn chunk(data: &[u8]) -> EncodedChunk {
-        EncodedChunk::compress(ChunkId::of(data), data, 1).unwrap()
+    /// Inserts each of `datas` as a chunk.
+    fn put(s: &ChunkStore, datas: &[&[u8]]) -> Appended {
+        let compressed: Vec<Option<Vec<u8>>> = datas
+            .iter()
+            .map(|d| pack::compress(d, 1).unwrap())
+            .collect();
+        let records: Vec<ChunkRecord<'_>> = datas
+            .iter()
+            .zip(&compressed)
+            .map(|(d, c)| ChunkRecord {
+                id: ChunkId::of(d),
+                raw: d,
+                compressed: c.as_deref(),
+            })
+            .collect();
+        s.insert(&records).unwrap()
     }
 
     #[test]
@@ -433,7 +504,8 @@ mod tests {
         let ids: Vec<ChunkId> = {
             let (s, _) = ChunkStore::open(dir.path()).unwrap();
             let data: Vec<Vec<u8>> = (0..10u8).map(|i| vec![i; 5000]).collect();
-            let n = s.insert(data.iter().map(|d| chunk(d)).collect()).unwrap();
+            let refs: Vec<&[u8]> = data.iter().map(|d| d.as_slice()).collect();
+            let n = put(&s, &refs);
             assert_eq!(n.chunks, 10);
             s.sync().unwrap();
             data.iter().map(|d| ChunkId::of(d)).collect()
@@ -449,9 +521,9 @@ mod tests {
     fn a_chunk_is_stored_once() {
         let dir = tempfile::tempdir().unwrap();
         let (s, _) = ChunkStore::open(dir.path()).unwrap();
-        let n = s.insert(vec![chunk(b"same"), chunk(b"same")]).unwrap();
+        let n = put(&s, &[b"same", b"same"]);
         assert_eq!(n.chunks, 1);
-        assert_eq!(s.insert(vec![chunk(b"same")]).unwrap().chunks, 0);
+        assert_eq!(put(&s, &[b"same"]).chunks, 0);
         assert_eq!(s.chunk_count(), 1);
     }
 
@@ -459,16 +531,21 @@ mod tests {
     fn torn_pack_tail_is_cut_on_open() {
         let dir = tempfile::tempdir().unwrap();
         let (s, _) = ChunkStore::open(dir.path()).unwrap();
-        s.insert(vec![chunk(&[1u8; 3000]), chunk(&[2u8; 3000])])
-            .unwrap();
+        put(&s, &[&[1u8; 3000], &[2u8; 3000]]);
         s.sync().unwrap();
         // Simulate a crash: no seal, then a half-written third record.
         std::mem::forget(s);
         let path = pack_path(dir.path(), 1);
         let good_len = fs::metadata(&path).unwrap().len();
-        let third = chunk(&[3u8; 3000]);
-        let mut torn = third.record_header().to_vec();
-        torn.extend_from_slice(&third.payload[..third.payload.len() / 2]);
+        let third_raw = [3u8; 3000];
+        let third_z = pack::compress(&third_raw, 1).unwrap();
+        let third = ChunkRecord {
+            id: ChunkId::of(&third_raw),
+            raw: &third_raw,
+            compressed: third_z.as_deref(),
+        };
+        let mut torn = third.header().to_vec();
+        torn.extend_from_slice(&third.payload()[..third.payload().len() / 2]);
         let f = OpenOptions::new().write(true).open(&path).unwrap();
         f.write_all_at(&torn, good_len).unwrap();
         drop(f);
@@ -483,7 +560,7 @@ mod tests {
             Err(Error::ChunkMissing { .. })
         ));
         // New chunks go to a new pack; the recovered one is sealed.
-        s.insert(vec![chunk(&[4u8; 10])]).unwrap();
+        put(&s, &[&[4u8; 10]]);
         assert_eq!(s.locate(&ChunkId::of(&[4u8; 10])).unwrap().pack, 2);
     }
 
@@ -494,7 +571,7 @@ mod tests {
         let id = ChunkId::of(&data);
         {
             let (s, _) = ChunkStore::open(dir.path()).unwrap();
-            s.insert(vec![chunk(&data)]).unwrap();
+            put(&s, &[&data]);
         }
         let path = pack_path(dir.path(), 1);
         let mut bytes = fs::read(&path).unwrap();

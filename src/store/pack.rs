@@ -124,58 +124,58 @@ pub fn check_pack_header(h: &[u8]) -> Result<PackVersion, String> {
     PackVersion::try_from(h[H_VERSION])
 }
 
-/// A chunk ready to be appended: its id and its framed payload.
-pub struct EncodedChunk {
-    pub id: ChunkId,
-    pub kind: RecordKind,
-    pub raw_len: u32,
-    pub payload: Vec<u8>,
+/// Compresses `data` with zstd at `level`; `Some` only when that saves at
+/// least 1/32 of the bytes (otherwise the chunk is stored raw).
+pub fn compress(data: &[u8], level: i32) -> Result<Option<Vec<u8>>> {
+    thread_local! {
+        static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+            const { RefCell::new(None) };
+    }
+    let compressed = COMPRESSOR.with(|cell| -> std::io::Result<Vec<u8>> {
+        let mut slot = cell.borrow_mut();
+        if slot.as_ref().map(|(l, _)| *l) != Some(level) {
+            *slot = Some((level, zstd::bulk::Compressor::new(level)?));
+        }
+        let (_, c) = slot.as_mut().expect("compressor was just set");
+        c.compress(data)
+    });
+    let compressed = compressed.map_err(|e| Error::io("<zstd compressor>", e))?;
+    Ok((compressed.len() < data.len() - data.len() / 32).then_some(compressed))
 }
 
-impl EncodedChunk {
-    /// Compresses `data` with zstd at `level` and keeps the result only when
-    /// it saves at least 1/32 of the bytes; otherwise stores `data` raw.
-    pub fn compress(id: ChunkId, data: &[u8], level: i32) -> Result<Self> {
-        thread_local! {
-            static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
-                const { RefCell::new(None) };
-        }
-        let compressed = COMPRESSOR.with(|cell| -> std::io::Result<Vec<u8>> {
-            let mut slot = cell.borrow_mut();
-            if slot.as_ref().map(|(l, _)| *l) != Some(level) {
-                *slot = Some((level, zstd::bulk::Compressor::new(level)?));
-            }
-            let (_, c) = slot.as_mut().expect("compressor was just set");
-            c.compress(data)
-        });
-        let compressed = compressed.map_err(|e| Error::io("<zstd compressor>", e))?;
-        let raw_len = data.len() as u32;
-        let pays = compressed.len() < data.len() - data.len() / 32;
-        Ok(if pays {
-            EncodedChunk {
-                id,
-                kind: RecordKind::Zstd,
-                raw_len,
-                payload: compressed,
-            }
+/// A chunk about to be appended: its raw bytes and, when compression paid,
+/// the zstd frame that is stored instead. Borrows both, so a raw chunk is
+/// written straight from the window it was read into.
+#[derive(Clone, Copy)]
+pub struct ChunkRecord<'a> {
+    pub id: ChunkId,
+    pub raw: &'a [u8],
+    pub compressed: Option<&'a [u8]>,
+}
+
+impl ChunkRecord<'_> {
+    pub fn kind(&self) -> RecordKind {
+        if self.compressed.is_some() {
+            RecordKind::Zstd
         } else {
-            EncodedChunk {
-                id,
-                kind: RecordKind::Raw,
-                raw_len,
-                payload: data.to_vec(),
-            }
-        })
+            RecordKind::Raw
+        }
+    }
+
+    /// The bytes stored after the header.
+    pub fn payload(&self) -> &[u8] {
+        self.compressed.unwrap_or(self.raw)
     }
 
     /// The record header that frames this chunk.
-    pub fn record_header(&self) -> [u8; RECORD_HEADER_LEN] {
+    pub fn header(&self) -> [u8; RECORD_HEADER_LEN] {
+        let payload = self.payload();
         let mut h = [0u8; RECORD_HEADER_LEN];
-        h[R_KIND] = self.kind as u8;
-        h[R_RAW_LEN..R_STORED_LEN].copy_from_slice(&self.raw_len.to_le_bytes());
-        h[R_STORED_LEN..R_ID].copy_from_slice(&(self.payload.len() as u32).to_le_bytes());
+        h[R_KIND] = self.kind() as u8;
+        h[R_RAW_LEN..R_STORED_LEN].copy_from_slice(&(self.raw.len() as u32).to_le_bytes());
+        h[R_STORED_LEN..R_ID].copy_from_slice(&(payload.len() as u32).to_le_bytes());
         h[R_ID..R_PAYLOAD_CRC].copy_from_slice(&self.id.0);
-        let pcrc = crc32fast::hash(&self.payload);
+        let pcrc = crc32fast::hash(payload);
         h[R_PAYLOAD_CRC..R_HEADER_CRC].copy_from_slice(&pcrc.to_le_bytes());
         let hcrc = crc32fast::hash(&h[..R_HEADER_CRC]);
         h[R_HEADER_CRC..].copy_from_slice(&hcrc.to_le_bytes());
@@ -256,7 +256,23 @@ pub fn decode_record(record: &[u8], expect: &ChunkId) -> Result<Vec<u8>, String>
     Ok(data)
 }
 
-fn decompress(payload: &[u8], raw_len: usize) -> Result<Vec<u8>, String> {
+/// Decompresses one zstd frame into exactly `out.len()` bytes.
+pub fn decompress_into(payload: &[u8], out: &mut [u8]) -> Result<(), String> {
+    with_decompressor(|d| {
+        let n = d
+            .decompress_to_buffer(payload, out)
+            .map_err(|e| format!("zstd frame does not decode: {e}"))?;
+        if n == out.len() {
+            Ok(())
+        } else {
+            Err("decompressed length mismatch".into())
+        }
+    })
+}
+
+fn with_decompressor<T>(
+    f: impl FnOnce(&mut zstd::bulk::Decompressor<'static>) -> Result<T, String>,
+) -> Result<T, String> {
     thread_local! {
         static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> =
             const { RefCell::new(None) };
@@ -266,10 +282,14 @@ fn decompress(payload: &[u8], raw_len: usize) -> Result<Vec<u8>, String> {
         if slot.is_none() {
             *slot = Some(zstd::bulk::Decompressor::new().map_err(|e| e.to_string())?);
         }
-        let d = slot.as_mut().ok_or("no decompressor")?;
-        d.decompress(payload, raw_len)
-            .map_err(|e| format!("zstd frame does not decode: {e}"))
+        f(slot.as_mut().ok_or("no decompressor")?)
     })
+}
+
+fn decompress(payload: &[u8], raw_len: usize) -> Result<Vec<u8>, String> {
+    let mut out = vec![0u8; raw_len];
+    decompress_into(payload, &mut out)?;
+    Ok(out)
 }
 
 /// One entry of a sealed pack's index.
@@ -361,9 +381,15 @@ pub fn decode_index(bytes: &[u8], tr: &Trailer) -> Result<Vec<IndexEntry>, Strin
 mod tests {
     use super::*;
 
-    fn record_bytes(c: &EncodedChunk) -> Vec<u8> {
-        let mut r = c.record_header().to_vec();
-        r.extend_from_slice(&c.payload);
+    fn record_bytes(data: &[u8]) -> Vec<u8> {
+        let compressed = compress(data, 3).unwrap();
+        let rec = ChunkRecord {
+            id: ChunkId::of(data),
+            raw: data,
+            compressed: compressed.as_deref(),
+        };
+        let mut r = rec.header().to_vec();
+        r.extend_from_slice(rec.payload());
         r
     }
 
@@ -371,10 +397,10 @@ mod tests {
     fn compressible_chunk_round_trips_as_zstd() {
         let data = b"hello blocksnap ".repeat(4096);
         let id = ChunkId::of(&data);
-        let c = EncodedChunk::compress(id, &data, 3).unwrap();
-        assert_eq!(c.kind, RecordKind::Zstd);
-        assert!(c.payload.len() < data.len() / 10);
-        assert_eq!(decode_record(&record_bytes(&c), &id).unwrap(), data);
+        let rec = record_bytes(&data);
+        assert_eq!(rec[0], RecordKind::Zstd as u8);
+        assert!(rec.len() < data.len() / 10);
+        assert_eq!(decode_record(&rec, &id).unwrap(), data);
     }
 
     #[test]
@@ -389,16 +415,16 @@ mod tests {
             })
             .collect();
         let id = ChunkId::of(&data);
-        let c = EncodedChunk::compress(id, &data, 3).unwrap();
-        assert_eq!(c.kind, RecordKind::Raw);
-        assert_eq!(decode_record(&record_bytes(&c), &id).unwrap(), data);
+        let rec = record_bytes(&data);
+        assert_eq!(rec[0], RecordKind::Raw as u8);
+        assert_eq!(decode_record(&rec, &id).unwrap(), data);
     }
 
     #[test]
     fn every_flipped_bit_of_a_record_is_detected() {
         let data = b"abcdefgh".repeat(64);
         let id = ChunkId::of(&data);
-        let rec = record_bytes(&EncodedChunk::compress(id, &data, 3).unwrap());
+        let rec = record_bytes(&data);
         for i in 0..rec.len() * 8 {
             let mut bad = rec.clone();
             bad[i / 8] ^= 1 << (i % 8);

@@ -1,0 +1,81 @@
+//! The hot core, exposed for the criterion benches (`benches/hotcore.rs`)
+//! only: not a stable API. It runs exactly the code capture and restore
+//! run, on bytes in memory, without the catalog or a disk read.
+
+use std::path::Path;
+
+use crate::capture::{CaptureSettings, ingest_window};
+use crate::catalog::CaptureStats;
+use crate::disk::Disk;
+use crate::error::Result;
+use crate::ids::{ChunkId, ServerId, SnapshotId};
+use crate::job::Progress;
+use crate::manifest::Manifest;
+use crate::restore::{RestorePlan, apply};
+use crate::store::ChunkStore;
+
+/// A chunk store in `dir` and the capture settings to use with it.
+pub struct HotCore {
+    store: ChunkStore,
+    settings: CaptureSettings,
+}
+
+impl HotCore {
+    pub fn open(dir: &Path, block_size: u32, compression_level: i32) -> Result<Self> {
+        let (store, _) = ChunkStore::open(dir)?;
+        Ok(HotCore {
+            store,
+            settings: CaptureSettings {
+                block_size,
+                compression_level,
+                window_len: crate::engine::DEFAULT_WINDOW_LEN,
+            },
+        })
+    }
+
+    /// Capture's per-window work: zero check, BLAKE3, index look-up, and
+    /// for new chunks zstd, framing and the append. Returns the manifest
+    /// entries and the stats.
+    pub fn ingest(&self, bytes: &[u8]) -> Result<(Vec<Option<ChunkId>>, CaptureStats)> {
+        let mut blocks = Vec::new();
+        let mut stats = CaptureStats::default();
+        for window in bytes.chunks(self.settings.window_len) {
+            ingest_window(&self.store, window, &self.settings, &mut blocks, &mut stats)?;
+        }
+        Ok((blocks, stats))
+    }
+
+    /// Restore's apply step: writes every block of `blocks` to `disk`
+    /// (reading, checking and decompressing each chunk).
+    pub fn restore(
+        &self,
+        blocks: Vec<Option<ChunkId>>,
+        image_len: u64,
+        disk: &dyn Disk,
+    ) -> Result<u64> {
+        let manifest = Manifest::new(
+            SnapshotId(0),
+            ServerId(0),
+            self.settings.block_size,
+            image_len,
+            blocks,
+        )?;
+        let plan = RestorePlan {
+            snapshot: SnapshotId(0),
+            blocks_total: manifest.block_count(),
+            rewrite: (0..manifest.block_count()).collect(),
+            bytes_to_write: image_len,
+        };
+        let mut written = 0;
+        apply(
+            &self.store,
+            &manifest,
+            disk,
+            &plan,
+            self.settings.window_len,
+            &Progress::default(),
+            &mut written,
+        )?;
+        Ok(written)
+    }
+}
