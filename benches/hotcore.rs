@@ -21,7 +21,7 @@ use std::hint::black_box;
 use std::os::unix::fs::FileExt;
 
 use blocksnap::DEFAULT_COMPRESSION_LEVEL;
-use blocksnap::disk::FileDisk;
+use blocksnap::disk::{FileDisk, MemDisk};
 use blocksnap::hotcore::HotCore;
 use blocksnap::sample::{Rng, fill_region};
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
@@ -67,13 +67,17 @@ fn hotcore(c: &mut Criterion) {
             DEFAULT_COMPRESSION_LEVEL,
         )
         .unwrap();
-        let (blocks, _) = core.ingest(&bytes).unwrap();
+        let disk = MemDisk::new(bytes.clone());
+        let (blocks, _) = core.capture(&disk).unwrap();
 
         let mut g = c.benchmark_group(format!("known/{kind}"));
         g.throughput(Throughput::Bytes(LEN as u64));
         g.sample_size(20);
         g.bench_function("blocksnap", |b| {
             b.iter(|| black_box(core.ingest(&bytes).unwrap()))
+        });
+        g.bench_function("blocksnap_pipeline", |b| {
+            b.iter(|| black_box(core.capture(&disk).unwrap()))
         });
         g.bench_function("blake3", |b| b.iter(|| blake3_rayon(&bytes)));
         g.finish();
@@ -94,7 +98,7 @@ fn hotcore(c: &mut Criterion) {
                     (d, core)
                 },
                 |(d, core)| {
-                    black_box(core.ingest(&bytes).unwrap());
+                    black_box(core.capture(&disk).unwrap());
                     (d, core)
                 },
                 BatchSize::PerIteration,

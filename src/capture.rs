@@ -1,17 +1,21 @@
 //! The capture pipeline, blocksnap's hot core.
 //!
-//! Three stages overlap, so both cores stay busy:
-//! 1. a reader thread reads the disk in large windows (see [`crate::window`]);
-//! 2. for each window, rayon classifies every block in parallel: zero
-//!    check, BLAKE3, dedup look-up, and zstd for chunks the store lacks;
-//! 3. a writer thread appends the window's new chunks to the open pack in
-//!    block order (raw chunks straight from the window buffer), then gives
-//!    the buffer back to the reader.
+//! Two stages overlap, so both cores stay busy:
+//! 1. for each window of the disk, rayon tasks each read a slice of it
+//!    (see [`crate::window`]) and classify its blocks while they are in
+//!    cache: zero check, BLAKE3, dedup look-up, and zstd for chunks the
+//!    store lacks;
+//! 2. a writer thread appends the window's new chunks to the open pack in
+//!    block order (raw chunks straight from the window buffer), then hands
+//!    the buffer back for the next window.
+//!
+//! Memory is bounded by `WINDOWS_IN_FLIGHT` window buffers, reused, whatever
+//! the disk size.
 //!
 //! The caller makes the chunks durable (`ChunkStore::sync`) before writing
 //! the manifest.
 
-use std::sync::mpsc::sync_channel;
+use std::sync::mpsc::{channel, sync_channel};
 
 use rayon::prelude::*;
 
@@ -22,7 +26,11 @@ use crate::ids::ChunkId;
 use crate::job::Progress;
 use crate::store::pack::{self, ChunkRecord};
 use crate::store::{Appended, ChunkStore};
-use crate::window::{Recycle, for_each_window};
+use crate::window::{read_and_process, task_len};
+
+/// Window buffers in use at once: one being filled and classified, one
+/// queued for the writer, one being appended.
+pub const WINDOWS_IN_FLIGHT: usize = 3;
 
 /// Settings of one capture.
 #[derive(Clone, Copy, Debug)]
@@ -72,6 +80,18 @@ fn classify_window(
         .par_chunks(bs)
         .map(|b| classify(store, b, settings.compression_level))
         .collect::<Result<_>>()?;
+    record(&classified, window, bs, blocks, stats);
+    Ok(classified)
+}
+
+/// Adds classified blocks to the manifest entries and the stats.
+fn record(
+    classified: &[Block],
+    window: &[u8],
+    bs: usize,
+    blocks: &mut Vec<Option<ChunkId>>,
+    stats: &mut CaptureStats,
+) {
     for (b, bytes) in classified.iter().zip(window.chunks(bs)) {
         match b {
             Block::Zero => {
@@ -85,7 +105,6 @@ fn classify_window(
             }
         }
     }
-    Ok(classified)
 }
 
 /// Stage 3 for one window: appends its new chunks in block order.
@@ -148,33 +167,61 @@ pub fn capture(
         image_len: len,
         ..CaptureStats::default()
     };
-    let (to_writer, for_writer) = sync_channel::<(Vec<u8>, Vec<Block>, Recycle)>(1);
+    let task = task_len(settings.block_size);
+    let (to_writer, for_writer) = sync_channel::<(Vec<u8>, Vec<Block>)>(1);
+    let (recycle, recycled) = channel::<Vec<u8>>();
+    for _ in 0..WINDOWS_IN_FLIGHT {
+        let _ = recycle.send(Vec::new());
+    }
     let (read, written) = std::thread::scope(|scope| {
         let writer = scope.spawn(move || -> Result<Appended> {
             let mut total = Appended::default();
-            for (window, classified, recycle) in for_writer {
+            for (window, classified) in for_writer {
                 let a = append_window(store, &window, bs, &classified)?;
                 total.chunks += a.chunks;
                 total.raw_bytes += a.raw_bytes;
                 total.stored_bytes += a.stored_bytes;
                 progress.add(window.len() as u64);
-                recycle.give_back(window);
+                let _ = recycle.send(window);
             }
             Ok(total)
         });
-        let read = for_each_window(disk, len, window_len, |w, recycle| {
-            if w.read < w.bytes.len() {
-                return Err(Error::WrongState(format!(
-                    "the disk shrank during capture (expected {len} bytes, ended at {})",
-                    w.offset + w.read as u64
-                )));
+        let read = (|| -> Result<()> {
+            let mut offset = 0u64;
+            while offset < len {
+                // Fails only when the writer stopped; its error is returned below.
+                let Ok(mut window) = recycled.recv() else {
+                    break;
+                };
+                let n = (len - offset).min(window_len as u64) as usize;
+                window.resize(n, 0);
+                let per_task = read_and_process(
+                    disk,
+                    &mut window,
+                    offset,
+                    task,
+                    |at, bytes, read| {
+                        if read < bytes.len() {
+                            return Err(Error::WrongState(format!(
+                                "the disk shrank during capture (expected {len} bytes, ended at {})",
+                                at + read as u64
+                            )));
+                        }
+                        bytes
+                            .chunks(bs)
+                            .map(|b| classify(store, b, settings.compression_level))
+                            .collect::<Result<Vec<Block>>>()
+                    },
+                )?;
+                let classified: Vec<Block> = per_task.into_iter().flatten().collect();
+                record(&classified, &window, bs, &mut blocks, &mut stats);
+                if to_writer.send((window, classified)).is_err() {
+                    break;
+                }
+                offset += n as u64;
             }
-            let classified = classify_window(store, &w.bytes, settings, &mut blocks, &mut stats)?;
-            to_writer
-                .send((w.bytes, classified, recycle.clone()))
-                // The writer failed: its error is returned below.
-                .map_err(|_| Error::WrongState("the capture writer stopped".into()))
-        });
+            Ok(())
+        })();
         drop(to_writer);
         let written = writer
             .join()

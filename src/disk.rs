@@ -170,6 +170,77 @@ impl Disk for FileDisk {
     }
 }
 
+/// A disk in memory: for tests, benches and fault injection.
+pub struct MemDisk {
+    bytes: parking_lot::RwLock<Vec<u8>>,
+    path: PathBuf,
+}
+
+impl MemDisk {
+    pub fn new(bytes: Vec<u8>) -> Self {
+        MemDisk {
+            bytes: parking_lot::RwLock::new(bytes),
+            path: PathBuf::from("<memory>"),
+        }
+    }
+
+    /// A copy of the current contents.
+    pub fn contents(&self) -> Vec<u8> {
+        self.bytes.read().clone()
+    }
+}
+
+impl Disk for MemDisk {
+    fn len(&self) -> Result<u64> {
+        Ok(self.bytes.read().len() as u64)
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
+        let bytes = self.bytes.read();
+        let start = (offset as usize).min(bytes.len());
+        let n = buf.len().min(bytes.len() - start);
+        buf[..n].copy_from_slice(&bytes[start..start + n]);
+        Ok(n)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        let mut bytes = self.bytes.write();
+        let end = offset as usize + buf.len();
+        if bytes.len() < end {
+            bytes.resize(end, 0);
+        }
+        bytes[offset as usize..end].copy_from_slice(buf);
+        Ok(())
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        let mut bytes = self.bytes.write();
+        let end = (offset + len) as usize;
+        if bytes.len() < end {
+            bytes.resize(end, 0);
+        }
+        bytes[offset as usize..end].fill(0);
+        Ok(())
+    }
+
+    fn set_len(&self, len: u64) -> Result<()> {
+        self.bytes.write().resize(len as usize, 0);
+        Ok(())
+    }
+
+    fn is_block_device(&self) -> bool {
+        false
+    }
+
+    fn sync(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
 /// True when every byte of `b` is zero. Folds 256-byte runs with OR, which
 /// the compiler vectorises (a plain `iter().all` does not), and stops at the
 /// first run holding data.

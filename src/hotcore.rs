@@ -4,9 +4,9 @@
 
 use std::path::Path;
 
-use crate::capture::{CaptureSettings, ingest_window};
+use crate::capture::{self, CaptureSettings};
 use crate::catalog::CaptureStats;
-use crate::disk::Disk;
+use crate::disk::{Disk, MemDisk};
 use crate::error::Result;
 use crate::ids::{ChunkId, ServerId, SnapshotId};
 use crate::job::Progress;
@@ -33,14 +33,22 @@ impl HotCore {
         })
     }
 
-    /// Capture's per-window work: zero check, BLAKE3, index look-up, and
-    /// for new chunks zstd, framing and the append. Returns the manifest
-    /// entries and the stats.
+    /// The capture pipeline over a disk in memory: reader thread, zero
+    /// check, BLAKE3, index look-up, and for new chunks zstd, framing and
+    /// the append on the writer thread. Returns the manifest entries and
+    /// the stats.
+    pub fn capture(&self, disk: &MemDisk) -> Result<(Vec<Option<ChunkId>>, CaptureStats)> {
+        let c = capture::capture(&self.store, disk, &self.settings, &Progress::default())?;
+        Ok((c.blocks, c.stats))
+    }
+
+    /// Only the parallel stage and the append for bytes already in memory,
+    /// without the pipeline's threads.
     pub fn ingest(&self, bytes: &[u8]) -> Result<(Vec<Option<ChunkId>>, CaptureStats)> {
         let mut blocks = Vec::new();
         let mut stats = CaptureStats::default();
         for window in bytes.chunks(self.settings.window_len) {
-            ingest_window(&self.store, window, &self.settings, &mut blocks, &mut stats)?;
+            capture::ingest_window(&self.store, window, &self.settings, &mut blocks, &mut stats)?;
         }
         Ok((blocks, stats))
     }

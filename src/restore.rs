@@ -23,7 +23,7 @@ use crate::ids::{ChunkId, SnapshotId};
 use crate::job::Progress;
 use crate::manifest::Manifest;
 use crate::store::ChunkStore;
-use crate::window::for_each_window;
+use crate::window::{read_and_process, task_len};
 
 /// Which blocks of the target differ from the snapshot.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -67,28 +67,31 @@ pub fn plan(
     // A disk that is all holes past its end needs no reading.
     let current = disk.len()?;
     let compare_len = manifest.image_len.min(current.next_multiple_of(bs as u64));
-    for_each_window(disk, compare_len, window_len, |w, recycle| {
-        let first = w.offset / bs as u64;
-        let differs: Vec<bool> = w
-            .bytes
-            .par_chunks(bs)
-            .enumerate()
-            .map(|(k, bytes)| {
-                let want = manifest.blocks()[first as usize + k];
-                !block_matches(bytes, want.as_ref())
-            })
-            .collect();
-        for (k, d) in differs.into_iter().enumerate() {
-            if d {
+    let task = task_len(manifest.block_size);
+    let mut window = Vec::new();
+    let mut offset = 0u64;
+    while offset < compare_len {
+        let n = (compare_len - offset).min(window_len as u64) as usize;
+        window.resize(n, 0);
+        let per_task = read_and_process(disk, &mut window, offset, task, |at, bytes, _| {
+            let first = (at / bs as u64) as usize;
+            Ok(bytes
+                .chunks(bs)
+                .enumerate()
+                .map(|(k, b)| !block_matches(b, manifest.blocks()[first + k].as_ref()))
+                .collect::<Vec<bool>>())
+        })?;
+        let first = offset / bs as u64;
+        for (k, differs) in per_task.into_iter().flatten().enumerate() {
+            if differs {
                 let i = first + k as u64;
                 rewrite.push(i);
                 bytes_to_write += manifest.block_len(i) as u64;
             }
         }
-        progress.add(w.bytes.len() as u64);
-        recycle.give_back(w.bytes);
-        Ok(())
-    })?;
+        progress.add(n as u64);
+        offset += n as u64;
+    }
     // Past the current end every byte reads as zero: only data blocks differ.
     let first_unread = compare_len.div_ceil(bs as u64);
     for i in first_unread..manifest.block_count() {
