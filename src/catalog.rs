@@ -33,6 +33,7 @@ const SNAPSHOTS: TableDefinition<u64, &[u8]> = TableDefinition::new("snapshots")
 
 const META_FORMAT: &str = "format";
 const META_BLOCK_SIZE: &str = "block_size";
+const META_COMPRESSION: &str = "compression_level";
 const META_NEXT_SNAPSHOT: &str = "next_snapshot_id";
 
 /// A registered server, as persisted.
@@ -112,6 +113,8 @@ impl SnapshotRecord {
 /// Everything the catalog holds, loaded at open.
 pub struct Loaded {
     pub block_size: u32,
+    /// zstd level for new chunks, a store-level setting.
+    pub compression_level: i32,
     pub next_snapshot_id: u64,
     pub servers: BTreeMap<ServerId, ServerRecord>,
     pub snapshots: BTreeMap<SnapshotId, SnapshotRecord>,
@@ -132,9 +135,9 @@ pub enum Change<'a> {
 }
 
 impl Catalog {
-    /// Opens the catalog at `path`; when it does not exist yet and
-    /// `create_with_block_size` is given, creates it.
-    pub fn open(path: &Path, create_with_block_size: Option<u32>) -> Result<(Self, Loaded)> {
+    /// Opens the catalog at `path`; when it does not exist yet and `create`
+    /// (block size, compression level) is given, creates it.
+    pub fn open(path: &Path, create: Option<(u32, i32)>) -> Result<(Self, Loaded)> {
         let exists = path.exists();
         let db = if exists {
             Database::open(path)?
@@ -146,7 +149,7 @@ impl Catalog {
             path: path.to_path_buf(),
         };
         if !exists {
-            let block_size = create_with_block_size.ok_or_else(|| Error::NoStore {
+            let (block_size, level) = create.ok_or_else(|| Error::NoStore {
                 path: path.parent().unwrap_or(path).to_path_buf(),
             })?;
             let tx = catalog.db.begin_write()?;
@@ -154,6 +157,7 @@ impl Catalog {
                 let mut meta = tx.open_table(META)?;
                 meta.insert(META_FORMAT, CATALOG_FORMAT)?;
                 meta.insert(META_BLOCK_SIZE, u64::from(block_size))?;
+                meta.insert(META_COMPRESSION, level as u64)?;
                 meta.insert(META_NEXT_SNAPSHOT, 1)?;
                 tx.open_table(SERVERS)?;
                 tx.open_table(SNAPSHOTS)?;
@@ -184,6 +188,10 @@ impl Catalog {
         crate::manifest::check_block_size(block_size)
             .map_err(|e| Error::corrupt(&self.path, e.to_string()))?;
         let next_snapshot_id = get(META_NEXT_SNAPSHOT)?;
+        let compression_level = i32::try_from(get(META_COMPRESSION)?)
+            .ok()
+            .filter(|l| (1..=19).contains(l))
+            .ok_or_else(|| Error::corrupt(&self.path, "compression level out of range"))?;
 
         let mut servers = BTreeMap::new();
         for row in tx.open_table(SERVERS)?.iter()? {
@@ -205,6 +213,7 @@ impl Catalog {
         }
         Ok(Loaded {
             block_size,
+            compression_level,
             next_snapshot_id,
             servers,
             snapshots,
@@ -219,6 +228,15 @@ impl Catalog {
     ) -> Result<T> {
         serde_json::from_slice(bytes)
             .map_err(|e| Error::corrupt(&self.path, format!("{what} {key} does not decode: {e}")))
+    }
+
+    /// Changes the store's compression level for new chunks.
+    pub fn set_compression_level(&self, level: i32) -> Result<()> {
+        let tx = self.db.begin_write()?;
+        tx.open_table(META)?
+            .insert(META_COMPRESSION, level as u64)?;
+        tx.commit()?;
+        Ok(())
     }
 
     /// Applies `changes` in one durable transaction: all or nothing.
@@ -385,7 +403,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("catalog");
         {
-            let (c, loaded) = Catalog::open(&path, Some(65536)).unwrap();
+            let (c, loaded) = Catalog::open(&path, Some((65536, 3))).unwrap();
             assert_eq!(loaded.next_snapshot_id, 1);
             let server = ServerRecord {
                 id: ServerId(9),

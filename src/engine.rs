@@ -19,6 +19,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::SystemTime;
 
 use parking_lot::Mutex;
@@ -44,6 +45,10 @@ pub use crate::catalog::CaptureStats;
 pub const DEFAULT_BLOCK_SIZE: u32 = 64 << 10;
 /// zstd level for new chunks unless chosen otherwise.
 pub const DEFAULT_COMPRESSION_LEVEL: i32 = 3;
+/// The `fast` setting: zstd level 1.
+pub const COMPRESSION_FAST: i32 = 1;
+/// The `compact` setting: a higher zstd level, for less space.
+pub const COMPRESSION_COMPACT: i32 = 9;
 /// Bytes read from a disk per window unless chosen otherwise.
 pub const DEFAULT_WINDOW_LEN: usize = 16 << 20;
 
@@ -156,7 +161,7 @@ pub type RestoreJob = Job<RestoreReport>;
 pub struct EngineOptions {
     create: bool,
     block_size: Option<u32>,
-    compression_level: i32,
+    compression_level: Option<i32>,
     window_len: usize,
     stop_hook: Option<StopHook>,
     disk_opener: DiskOpener,
@@ -167,7 +172,7 @@ impl Default for EngineOptions {
         EngineOptions {
             create: true,
             block_size: None,
-            compression_level: DEFAULT_COMPRESSION_LEVEL,
+            compression_level: None,
             window_len: DEFAULT_WINDOW_LEN,
             stop_hook: None,
             disk_opener: default_opener(),
@@ -195,9 +200,12 @@ impl EngineOptions {
         self
     }
 
-    /// zstd level for new chunks, 1 to 19. Default: 3.
+    /// zstd level for new chunks of a new store, 1 to 19 (see
+    /// [`COMPRESSION_FAST`], [`DEFAULT_COMPRESSION_LEVEL`],
+    /// [`COMPRESSION_COMPACT`]). A store-level setting, fixed at creation;
+    /// [`Engine::set_compression_level`] changes it later.
     pub fn compression_level(mut self, level: i32) -> Self {
-        self.compression_level = level;
+        self.compression_level = Some(level);
         self
     }
 
@@ -241,6 +249,7 @@ struct Inner {
     root: PathBuf,
     manifests: PathBuf,
     block_size: u32,
+    compression_level: AtomicI32,
     options: EngineOptions,
     catalog: Catalog,
     store: ChunkStore,
@@ -352,11 +361,8 @@ impl Engine {
         if let Some(bs) = options.block_size {
             check_block_size(bs)?;
         }
-        if !(1..=19).contains(&options.compression_level) {
-            return Err(Error::InvalidParameter(format!(
-                "compression level {} is not from 1 to 19",
-                options.compression_level
-            )));
+        if let Some(level) = options.compression_level {
+            check_level(level)?;
         }
         let catalog_path = root.join(CATALOG_FILE);
         if !catalog_path.exists() && !options.create {
@@ -368,7 +374,10 @@ impl Engine {
         let lock = lock_store(root)?;
         let new_store = !catalog_path.exists();
         let create_with = options.block_size.unwrap_or(DEFAULT_BLOCK_SIZE);
-        let (catalog, loaded) = Catalog::open(&catalog_path, Some(create_with))?;
+        let level = options
+            .compression_level
+            .unwrap_or(DEFAULT_COMPRESSION_LEVEL);
+        let (catalog, loaded) = Catalog::open(&catalog_path, Some((create_with, level)))?;
         if let Some(bs) = options.block_size
             && bs != loaded.block_size
         {
@@ -402,6 +411,7 @@ impl Engine {
                 root: root.to_path_buf(),
                 manifests,
                 block_size: loaded.block_size,
+                compression_level: AtomicI32::new(loaded.compression_level),
                 options,
                 catalog,
                 store,
@@ -420,6 +430,21 @@ impl Engine {
     /// The store's block size in bytes.
     pub fn block_size(&self) -> u32 {
         self.inner.block_size
+    }
+
+    /// The zstd level new chunks are stored with.
+    pub fn compression_level(&self) -> i32 {
+        self.inner.compression_level.load(Ordering::Relaxed)
+    }
+
+    /// Changes the zstd level for chunks stored from now on (durably).
+    /// Stored chunks keep theirs: every record says how it is compressed.
+    pub fn set_compression_level(&self, level: i32) -> Result<()> {
+        check_level(level)?;
+        let _state = self.inner.state.lock();
+        self.inner.catalog.set_compression_level(level)?;
+        self.inner.compression_level.store(level, Ordering::Relaxed);
+        Ok(())
     }
 
     /// What opening the store found and repaired.
@@ -580,7 +605,7 @@ impl Engine {
         let disk = (inner.options.disk_opener)(disk_path, false)?;
         let settings = CaptureSettings {
             block_size: inner.block_size,
-            compression_level: inner.options.compression_level,
+            compression_level: inner.compression_level.load(Ordering::Relaxed),
             window_len: inner.options.window_len,
         };
         let captured = capture::capture(&inner.store, disk.as_ref(), &settings, progress)?;
@@ -798,6 +823,15 @@ impl Drop for Inner {
         // Seal the open pack so the next open need not scan it.
         let _ = self.store.close();
     }
+}
+
+fn check_level(level: i32) -> Result<()> {
+    if !(1..=19).contains(&level) {
+        return Err(Error::InvalidParameter(format!(
+            "compression level {level} is not from 1 to 19"
+        )));
+    }
+    Ok(())
 }
 
 fn lock_store(root: &Path) -> Result<File> {

@@ -55,8 +55,9 @@ pub use catalog::{
     CaptureStats, MAX_DESCRIPTION_LEN, MAX_NAME_LEN, MAX_SNAPSHOTS_PER_SERVER, SnapshotStatus,
 };
 pub use engine::{
-    CaptureJob, DEFAULT_BLOCK_SIZE, DEFAULT_COMPRESSION_LEVEL, DEFAULT_WINDOW_LEN, Engine,
-    EngineOptions, OpenReport, RestoreJob, Server, ServerRef, ServerState, Snapshot, StopHook,
+    COMPRESSION_COMPACT, COMPRESSION_FAST, CaptureJob, DEFAULT_BLOCK_SIZE,
+    DEFAULT_COMPRESSION_LEVEL, DEFAULT_WINDOW_LEN, Engine, EngineOptions, OpenReport, RestoreJob,
+    Server, ServerRef, ServerState, Snapshot, StopHook,
 };
 pub use error::{Error, Result};
 pub use ids::{ChunkId, ServerId, SnapshotId};

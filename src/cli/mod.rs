@@ -37,6 +37,9 @@ enum Command {
         /// Block size: a power of two from 4K to 4M (suffixes K and M).
         #[arg(long, default_value = "64K", value_parser = parse_size)]
         block_size: u64,
+        /// Compression of new chunks: fast, default, compact, or a zstd level 1-19.
+        #[arg(long, default_value = "default", value_parser = parse_compression)]
+        compression: i32,
     },
     /// Register and list servers.
     #[command(subcommand)]
@@ -116,6 +119,20 @@ enum SnapshotCmd {
     Delete { snapshot_id: u64 },
 }
 
+/// Parses `fast`, `default`, `compact` or a zstd level.
+fn parse_compression(s: &str) -> Result<i32, String> {
+    match s {
+        "fast" => Ok(blocksnap::COMPRESSION_FAST),
+        "default" => Ok(blocksnap::DEFAULT_COMPRESSION_LEVEL),
+        "compact" => Ok(blocksnap::COMPRESSION_COMPACT),
+        n => n
+            .parse::<i32>()
+            .ok()
+            .filter(|l| (1..=19).contains(l))
+            .ok_or_else(|| format!("{s:?} is not fast, default, compact or a level from 1 to 19")),
+    }
+}
+
 /// Parses `65536`, `64K`, `64KiB`, `4M`, `2G`.
 fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
@@ -163,7 +180,10 @@ fn dispatch(cli: Cli) -> blocksnap::Result<i32> {
         ));
     };
     match cli.command {
-        Command::Init { block_size } => init(&store, block_size),
+        Command::Init {
+            block_size,
+            compression,
+        } => init(&store, block_size, compression),
         Command::Server(cmd) => server(&open(&store)?, cmd),
         Command::Snapshot(cmd) => snapshot(&open(&store)?, cmd),
         Command::Verify { snapshot_id, json } => {
@@ -213,7 +233,7 @@ fn serve(
     Ok(0)
 }
 
-fn init(store: &Path, block_size: u64) -> blocksnap::Result<i32> {
+fn init(store: &Path, block_size: u64, compression: i32) -> blocksnap::Result<i32> {
     if store.join("catalog").exists() {
         return Err(Error::StoreExists {
             path: store.to_path_buf(),
@@ -222,11 +242,15 @@ fn init(store: &Path, block_size: u64) -> blocksnap::Result<i32> {
     let bs = u32::try_from(block_size).map_err(|_| {
         Error::InvalidParameter(format!("block size {block_size} is larger than 4 MiB"))
     })?;
-    let engine = EngineOptions::new().block_size(bs).open(store)?;
+    let engine = EngineOptions::new()
+        .block_size(bs)
+        .compression_level(compression)
+        .open(store)?;
     println!(
-        "initialized store {} with {} blocks",
+        "initialized store {} with {} blocks, zstd level {}",
         store.display(),
-        human_bytes(u64::from(engine.block_size()))
+        human_bytes(u64::from(engine.block_size())),
+        engine.compression_level()
     );
     Ok(0)
 }
