@@ -158,8 +158,7 @@ blocksnap_suite() { # NAME INIT_ARGS...
   check "$run_dir/disk.img"
 }
 blocksnap_suite blocksnap
-blocksnap_suite blocksnap-fast --compression fast
-blocksnap_suite blocksnap-level3 --compression 3
+blocksnap_suite blocksnap-balanced --compression balanced
 blocksnap_suite blocksnap-compact --compression compact
 
 # ---------------------------------------------------------------- restic

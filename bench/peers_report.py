@@ -13,7 +13,7 @@ for line in open(results):
     rows[(tool, step)] = dict(wall=float(wall), cpu=float(cpu), rss=int(rss), stored=int(stored))
 
 MiB = 1 << 20
-tools = [t for t in ["blocksnap", "blocksnap-fast", "blocksnap-level3", "blocksnap-compact",
+tools = [t for t in ["blocksnap", "blocksnap-balanced", "blocksnap-compact",
                      "restic", "borg", "borg-fixed-64k", "casync"]
          if (t, "first") in rows]
 peers = [t for t in tools if not t.startswith("blocksnap")]

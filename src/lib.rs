@@ -55,7 +55,7 @@ pub use catalog::{
     CaptureStats, MAX_DESCRIPTION_LEN, MAX_NAME_LEN, MAX_SNAPSHOTS_PER_SERVER, SnapshotStatus,
 };
 pub use engine::{
-    COMPRESSION_COMPACT, COMPRESSION_FAST, CaptureJob, DEFAULT_BLOCK_SIZE,
+    COMPRESSION_BALANCED, COMPRESSION_COMPACT, COMPRESSION_FAST, CaptureJob, DEFAULT_BLOCK_SIZE,
     DEFAULT_COMPRESSION_LEVEL, DEFAULT_WINDOW_LEN, Engine, EngineOptions, OpenReport, RestoreJob,
     Server, ServerRef, ServerState, Snapshot, StopHook,
 };

@@ -37,8 +37,9 @@ enum Command {
         /// Block size: a power of two from 4K to 4M (suffixes K and M).
         #[arg(long, default_value = "64K", value_parser = parse_size)]
         block_size: u64,
-        /// Compression of new chunks: fast, default, compact, or a zstd level 1-19.
-        #[arg(long, default_value = "default", value_parser = parse_compression)]
+        /// Compression of new chunks: fast (zstd 1, the default), balanced
+        /// (zstd 3), compact (zstd 9), or a zstd level 1-19.
+        #[arg(long, default_value = "fast", value_parser = parse_compression)]
         compression: i32,
     },
     /// Register and list servers.
@@ -123,13 +124,13 @@ enum SnapshotCmd {
 fn parse_compression(s: &str) -> Result<i32, String> {
     match s {
         "fast" => Ok(blocksnap::COMPRESSION_FAST),
-        "default" => Ok(blocksnap::DEFAULT_COMPRESSION_LEVEL),
+        "balanced" => Ok(blocksnap::COMPRESSION_BALANCED),
         "compact" => Ok(blocksnap::COMPRESSION_COMPACT),
         n => n
             .parse::<i32>()
             .ok()
             .filter(|l| (1..=19).contains(l))
-            .ok_or_else(|| format!("{s:?} is not fast, default, compact or a level from 1 to 19")),
+            .ok_or_else(|| format!("{s:?} is not fast, balanced, compact or a level from 1 to 19")),
     }
 }
 

@@ -16,16 +16,19 @@
 //! pack. A caller that saw a chunk in the index (dedup hit) and then calls
 //! `sync` has that chunk durable, whichever capture wrote it.
 
+mod index;
 pub mod pack;
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::Hasher;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
+
+use index::ChunkIndex;
 
 use crate::error::{Error, IoContext, Result};
 use crate::ids::ChunkId;
@@ -63,8 +66,6 @@ impl Hasher for PrefixHasher {
         self.0 = v;
     }
 }
-
-type ChunkIndex = HashMap<ChunkId, ChunkLoc, BuildHasherDefault<PrefixHasher>>;
 
 struct ActivePack {
     seq: u32,
@@ -126,7 +127,7 @@ impl ChunkStore {
                             offset: e.offset as u32,
                             stored_len: e.stored_len,
                         };
-                        index.entry(e.id).or_insert(loc);
+                        index.insert_if_absent(&e.id, loc);
                     }
                 }
                 Err(e) => recovery.unreadable.push(e.to_string()),
@@ -159,9 +160,14 @@ impl ChunkStore {
         self.index.read().len()
     }
 
+    /// Heap bytes the chunk index holds.
+    pub fn index_bytes(&self) -> usize {
+        self.index.read().heap_bytes()
+    }
+
     /// Where a chunk lives, if stored.
     pub fn locate(&self, id: &ChunkId) -> Option<ChunkLoc> {
-        self.index.read().get(id).copied()
+        self.index.read().get(id)
     }
 
     /// Appends the chunks the store does not hold yet (checked again under the
@@ -200,7 +206,7 @@ impl ChunkStore {
                 offset: entry.offset as u32,
                 stored_len: entry.stored_len,
             };
-            self.index.write().insert(rec.id, loc);
+            self.index.write().insert_if_absent(&rec.id, loc);
             done.chunks += 1;
             done.raw_bytes += rec.raw.len() as u64;
             done.stored_bytes += record_len;
