@@ -115,7 +115,7 @@ impl ChunkIndex {
                 stored_len: l.stored_len,
             })
             .collect();
-        fresh.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+        fresh.sort_unstable_by_key(|e| e.key);
         let old = std::mem::take(&mut self.sorted);
         let mut merged = Vec::with_capacity(old.len() + fresh.len());
         let (mut a, mut b) = (old.into_iter().peekable(), fresh.into_iter().peekable());
