@@ -11,7 +11,7 @@
 //! caller fsyncs once at the end.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::sync_channel;
+use std::sync::mpsc::{channel, sync_channel};
 use std::time::Instant;
 
 use rayon::prelude::*;
@@ -24,6 +24,10 @@ use crate::job::Progress;
 use crate::manifest::Manifest;
 use crate::store::ChunkStore;
 use crate::window::{read_and_process, task_len};
+
+/// Batch buffers in use at once: one being filled, one queued, one being
+/// written.
+const BATCHES_IN_FLIGHT: usize = 3;
 
 /// Which blocks of the target differ from the snapshot.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -139,17 +143,29 @@ pub fn apply(
     progress.start(plan.bytes_to_write);
     let done = AtomicU64::new(0);
     let (to_writer, for_writer) = sync_channel::<Batch<'_>>(1);
+    // Batch buffers are reused: no page faults or zeroing per batch.
+    let (recycle, recycled) = channel::<Vec<u8>>();
+    for _ in 0..BATCHES_IN_FLIGHT {
+        let _ = recycle.send(Vec::new());
+    }
     let (fetched, wrote) = std::thread::scope(|scope| {
         let writer = scope.spawn(|| -> Result<()> {
             for batch in for_writer {
                 write_batch(manifest, disk, &batch, &done, progress)?;
+                let _ = recycle.send(batch.bytes);
             }
             Ok(())
         });
         let fetched = (|| -> Result<()> {
             for blocks in plan.rewrite.chunks(per_batch) {
+                // Fails only when the writer stopped; its error is returned below.
+                let Ok(mut bytes) = recycled.recv() else {
+                    break;
+                };
                 let len: usize = blocks.iter().map(|&i| manifest.block_len(i)).sum();
-                let mut bytes = vec![0u8; len];
+                // Zero blocks' bytes are never written from the buffer (they
+                // become holes), so stale bytes there are harmless.
+                bytes.resize(len, 0);
                 bytes
                     .par_chunks_mut(bs)
                     .zip(blocks.par_iter())
@@ -158,7 +174,6 @@ pub fn apply(
                         Some(id) => store.read_into(&id, out),
                     })?;
                 if to_writer.send(Batch { blocks, bytes }).is_err() {
-                    // The writer failed; its error is returned below.
                     break;
                 }
             }
