@@ -13,28 +13,10 @@ connections=${2:-16}
 servers=200
 
 command -v wrk >/dev/null || { echo "wrk is not installed: apt-get install wrk"; exit 1; }
-cargo build --release --quiet
-bin=$PWD/target/release/blocksnap
-work=$(mktemp -d)
-pid=
-cleanup() {
-  [ -n "$pid" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
-store=$work/store
-"$bin" --store "$store" init --block-size 4K >/dev/null
-for id in $(seq $servers); do
-  head -c 16384 /dev/urandom >"$work/d$id.img"
-  "$bin" --store "$store" server add --id "$id" --name "server-$id" --disk "$work/d$id.img" >/dev/null
-done
-
 token=load-test-token
-BLOCKSNAP_API_TOKEN=$token "$bin" --store "$store" serve --listen 127.0.0.1:0 >"$work/out" 2>/dev/null &
-pid=$!
-for _ in $(seq 100); do grep -q listening "$work/out" 2>/dev/null && break; sleep 0.1; done
-url=$(sed -n 's/^listening on //p' "$work/out")
+# shellcheck source=../scripts/serve-lib.sh
+. scripts/serve-lib.sh
+serve_store "$servers" 16384 "$token"
 
 auth="Authorization: Bearer $token"
 for id in $(seq $servers); do

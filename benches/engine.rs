@@ -15,7 +15,7 @@
 
 use std::hint::black_box;
 
-use blocksnap::sample::{Rng, fill_region};
+use blocksnap::sample::synthetic;
 use blocksnap::{EngineOptions, ServerId};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use rayon::prelude::*;
@@ -23,24 +23,9 @@ use rayon::prelude::*;
 const DISK_LEN: usize = 32 << 20;
 const BLOCK: usize = 64 << 10;
 
-fn data(kind: &str) -> Vec<u8> {
-    let mut v = vec![0u8; DISK_LEN];
-    match kind {
-        "zero" => {}
-        "random" => Rng::new(1).fill(&mut v),
-        _ => {
-            for (r, c) in v.chunks_mut(1 << 20).enumerate() {
-                // Region 0 of every seed is text; vary the seed per region.
-                fill_region(r as u64 + 10, 0, c);
-            }
-        }
-    }
-    v
-}
-
 fn engine_benches(c: &mut Criterion) {
     for kind in ["zero", "text", "random"] {
-        let bytes = data(kind);
+        let bytes = synthetic(kind, DISK_LEN);
         let dir = tempfile::tempdir().unwrap();
         let disk = dir.path().join("disk.img");
         std::fs::write(&disk, &bytes).unwrap();

@@ -23,26 +23,12 @@ use std::os::unix::fs::FileExt;
 use blocksnap::DEFAULT_COMPRESSION_LEVEL;
 use blocksnap::disk::{FileDisk, MemDisk};
 use blocksnap::hotcore::HotCore;
-use blocksnap::sample::{Rng, fill_region};
+use blocksnap::sample::synthetic;
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use rayon::prelude::*;
 
 const LEN: usize = 64 << 20;
 const BLOCK: usize = 64 << 10;
-
-fn data(kind: &str) -> Vec<u8> {
-    let mut v = vec![0u8; LEN];
-    match kind {
-        "zero" => {}
-        "random" => Rng::new(1).fill(&mut v),
-        _ => {
-            for (r, c) in v.chunks_mut(1 << 20).enumerate() {
-                fill_region(r as u64 + 10, 0, c);
-            }
-        }
-    }
-    v
-}
 
 thread_local! {
     static ZC: RefCell<zstd::bulk::Compressor<'static>> =
@@ -59,7 +45,7 @@ fn blake3_rayon(bytes: &[u8]) {
 
 fn hotcore(c: &mut Criterion) {
     for kind in ["zero", "text", "random"] {
-        let bytes = data(kind);
+        let bytes = synthetic(kind, LEN);
         let dir = tempfile::tempdir().unwrap();
         let core = HotCore::open(
             &dir.path().join("packs"),

@@ -4,21 +4,13 @@ use std::time::Instant;
 
 use blocksnap::disk::MemDisk;
 use blocksnap::hotcore::HotCore;
-use blocksnap::sample::{Rng, fill_region};
+use blocksnap::sample::synthetic;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let mib: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(512);
     let kind = args.get(2).map(String::as_str).unwrap_or("text");
-    let mut v = vec![0u8; mib << 20];
-    match kind {
-        "zero" => {}
-        "random" => Rng::new(1).fill(&mut v),
-        _ => v
-            .chunks_mut(1 << 20)
-            .enumerate()
-            .for_each(|(r, c)| fill_region(r as u64 + 10, 0, c)),
-    }
+    let v = synthetic(kind, mib << 20);
     let dir = tempfile::tempdir().unwrap();
     let core = HotCore::open(
         &dir.path().join("packs"),

@@ -134,6 +134,21 @@ fn fill_text(rng: &mut Rng, buf: &mut [u8]) {
     }
 }
 
+/// Uniform synthetic data for benchmarks: `zero`, `text` (text regions of
+/// varying seeds, so no two MiB are alike) or `random` (anything else).
+pub fn synthetic(kind: &str, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    match kind {
+        "zero" => {}
+        "text" => v
+            .chunks_mut(REGION_LEN)
+            .enumerate()
+            .for_each(|(r, c)| fill_region(r as u64 + 10, 0, c)),
+        _ => Rng::new(1).fill(&mut v),
+    }
+    v
+}
+
 /// Writes a sample image of `len` bytes made with `seed` to `path`.
 pub fn write_image(path: &Path, len: u64, seed: u64) -> std::io::Result<()> {
     let mut out = BufWriter::with_capacity(REGION_LEN, File::create(path)?);
