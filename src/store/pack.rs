@@ -126,21 +126,39 @@ pub fn check_pack_header(h: &[u8]) -> Result<PackVersion, String> {
 
 /// Compresses `data` with zstd at `level`; `Some` only when that saves at
 /// least 1/32 of the bytes (otherwise the chunk is stored raw).
+///
+/// zstd writes into a per-thread scratch buffer capped at the size that
+/// pays, so incompressible data stops early and no chunk-sized output
+/// buffer is allocated (and page-faulted in) per call; only the compressed
+/// bytes are copied out.
 pub fn compress(data: &[u8], level: i32) -> Result<Option<Vec<u8>>> {
     thread_local! {
         static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
             const { RefCell::new(None) };
+        static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
     }
-    let compressed = COMPRESSOR.with(|cell| -> std::io::Result<Vec<u8>> {
+    let limit = data.len() - data.len() / 32;
+    COMPRESSOR.with(|cell| {
         let mut slot = cell.borrow_mut();
         if slot.as_ref().map(|(l, _)| *l) != Some(level) {
-            *slot = Some((level, zstd::bulk::Compressor::new(level)?));
+            let c = zstd::bulk::Compressor::new(level)
+                .map_err(|e| Error::io("<zstd compressor>", e))?;
+            *slot = Some((level, c));
         }
-        let (_, c) = slot.as_mut().expect("compressor was just set");
-        c.compress(data)
-    });
-    let compressed = compressed.map_err(|e| Error::io("<zstd compressor>", e))?;
-    Ok((compressed.len() < data.len() - data.len() / 32).then_some(compressed))
+        let Some((_, c)) = slot.as_mut() else {
+            return Ok(None);
+        };
+        SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            if scratch.len() < limit {
+                scratch.resize(limit, 0);
+            }
+            // An error here is zstd running out of room: it does not pay.
+            Ok(c.compress_to_buffer(data, &mut scratch[..limit])
+                .ok()
+                .map(|n| scratch[..n].to_vec()))
+        })
+    })
 }
 
 /// A chunk about to be appended: its raw bytes and, when compression paid,
