@@ -155,9 +155,14 @@ fn error_detail(r: &Reply) -> &str {
     obj["detail"].as_str().unwrap()
 }
 
+/// An object's keys, in order.
+fn keys_of(v: &Value) -> Vec<&str> {
+    v.as_object().unwrap().keys().map(String::as_str).collect()
+}
+
 /// The fields of a snapshot object, in SEED_API.md's order.
 fn check_snapshot(s: &Value, extra: &[&str]) {
-    let keys: Vec<&str> = s.as_object().unwrap().keys().map(String::as_str).collect();
+    let keys = keys_of(s);
     let mut want = vec![
         "id",
         "server",
@@ -228,14 +233,7 @@ fn create_list_restore_delete_as_the_api_describes() {
 
     let list = api.get("/api/v1/snapshots/?server_id=12345");
     assert_eq!(list.status, 200);
-    let keys: Vec<&str> = list
-        .body
-        .as_object()
-        .unwrap()
-        .keys()
-        .map(String::as_str)
-        .collect();
-    assert_eq!(keys, ["count", "results"]);
+    assert_eq!(keys_of(&list.body), ["count", "results"]);
     assert_eq!(list.body["count"], 2);
     let ids: Vec<u64> = list.body["results"]
         .as_array()
@@ -251,14 +249,10 @@ fn create_list_restore_delete_as_the_api_describes() {
     std::fs::write(api.disk(), vec![0xEE; 1 << 20]).unwrap();
     let restored = api.post(&format!("/api/v1/snapshots/{id}/restore/"), &json!({}));
     assert_eq!(restored.status, 200, "{}", restored.raw);
-    let keys: Vec<&str> = restored
-        .body
-        .as_object()
-        .unwrap()
-        .keys()
-        .map(String::as_str)
-        .collect();
-    assert_eq!(keys, ["status", "message", "snapshot", "server"]);
+    assert_eq!(
+        keys_of(&restored.body),
+        ["status", "message", "snapshot", "server"]
+    );
     assert_eq!(restored.body["status"], "success");
     assert_eq!(
         restored.body["message"],
