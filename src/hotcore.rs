@@ -28,7 +28,7 @@ impl HotCore {
             settings: CaptureSettings {
                 block_size,
                 compression_level,
-                window_len: crate::engine::DEFAULT_WINDOW_LEN,
+                window_len: crate::options::DEFAULT_WINDOW_LEN,
             },
         })
     }

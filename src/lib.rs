@@ -45,6 +45,7 @@ mod ids;
 mod job;
 mod le;
 mod manifest;
+mod options;
 mod restore;
 pub mod sample;
 mod store;
@@ -55,12 +56,14 @@ pub use catalog::{
     CaptureStats, MAX_DESCRIPTION_LEN, MAX_NAME_LEN, MAX_SNAPSHOTS_PER_SERVER, SnapshotStatus,
 };
 pub use engine::{
-    COMPRESSION_BALANCED, COMPRESSION_COMPACT, COMPRESSION_FAST, CaptureJob, DEFAULT_BLOCK_SIZE,
-    DEFAULT_COMPRESSION_LEVEL, DEFAULT_WINDOW_LEN, Engine, EngineOptions, OpenReport, RestoreJob,
-    Server, ServerRef, ServerState, Snapshot, StopHook,
+    CaptureJob, Engine, OpenReport, RestoreJob, Server, ServerRef, ServerState, Snapshot,
 };
 pub use error::{Error, Result};
 pub use ids::{ChunkId, ServerId, SnapshotId};
 pub use job::{Job, Progress};
+pub use options::{
+    COMPRESSION_BALANCED, COMPRESSION_COMPACT, COMPRESSION_FAST, DEFAULT_BLOCK_SIZE,
+    DEFAULT_COMPRESSION_LEVEL, DEFAULT_WINDOW_LEN, EngineOptions, StopHook,
+};
 pub use restore::RestoreReport;
 pub use verify::{BadChunk, BadManifest, VerifyReport};

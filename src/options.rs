@@ -1,0 +1,111 @@
+//! How to open a store: [`EngineOptions`], its defaults, and the stop hook.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::disk::{DiskOpener, default_opener};
+use crate::engine::{Engine, Server};
+use crate::error::Result;
+
+/// Block size of a new store unless chosen otherwise: 64 KiB, the
+/// granularity of QEMU dirty bitmaps.
+pub const DEFAULT_BLOCK_SIZE: u32 = 64 << 10;
+/// zstd level for new chunks unless chosen otherwise: level 1 (`fast`).
+/// On the benchmark disk it captures 14-17% faster than level 3 and
+/// stores 3% more (docs/BENCHMARKS.md).
+pub const DEFAULT_COMPRESSION_LEVEL: i32 = COMPRESSION_FAST;
+/// The `fast` setting: zstd level 1.
+pub const COMPRESSION_FAST: i32 = 1;
+/// The `balanced` setting: zstd level 3.
+pub const COMPRESSION_BALANCED: i32 = 3;
+/// The `compact` setting: zstd level 9, for less space at about 4 times
+/// the capture time.
+pub const COMPRESSION_COMPACT: i32 = 9;
+/// Bytes read from a disk per window unless chosen otherwise.
+pub const DEFAULT_WINDOW_LEN: usize = 16 << 20;
+
+/// Called before a restore rewrites a server's disk; must stop the server.
+/// An `Err` cancels the restore before anything is written.
+pub type StopHook = Arc<dyn Fn(&Server) -> std::result::Result<(), String> + Send + Sync>;
+
+/// Options for [`EngineOptions::open`]; each setter names its default.
+#[derive(Clone)]
+pub struct EngineOptions {
+    pub(crate) create: bool,
+    pub(crate) block_size: Option<u32>,
+    pub(crate) compression_level: Option<i32>,
+    pub(crate) window_len: usize,
+    pub(crate) stop_hook: Option<StopHook>,
+    pub(crate) disk_opener: DiskOpener,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            create: true,
+            block_size: None,
+            compression_level: None,
+            window_len: DEFAULT_WINDOW_LEN,
+            stop_hook: None,
+            disk_opener: default_opener(),
+        }
+    }
+}
+
+impl EngineOptions {
+    /// The defaults.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Create the store when the directory holds none. Default: true.
+    pub fn create(mut self, create: bool) -> Self {
+        self.create = create;
+        self
+    }
+
+    /// Block size of a new store: a power of two from 4 KiB to 4 MiB.
+    /// Default: 64 KiB. Fixed at creation; opening an existing store with
+    /// another size is an error.
+    pub fn block_size(mut self, bytes: u32) -> Self {
+        self.block_size = Some(bytes);
+        self
+    }
+
+    /// zstd level for new chunks of a new store, 1 to 19 (see
+    /// [`COMPRESSION_FAST`] (the default), [`COMPRESSION_BALANCED`],
+    /// [`COMPRESSION_COMPACT`]). A store-level setting, fixed at creation;
+    /// [`Engine::set_compression_level`] changes it later.
+    pub fn compression_level(mut self, level: i32) -> Self {
+        self.compression_level = Some(level);
+        self
+    }
+
+    /// Bytes read per window during capture and restore. Default: 16 MiB.
+    /// Memory use is a few windows, whatever the disk size.
+    pub fn window_len(mut self, bytes: usize) -> Self {
+        self.window_len = bytes;
+        self
+    }
+
+    /// Called to stop a server before a restore writes its disk.
+    /// Default: none (the embedder stops servers itself).
+    pub fn stop_hook(
+        mut self,
+        hook: impl Fn(&Server) -> std::result::Result<(), String> + Send + Sync + 'static,
+    ) -> Self {
+        self.stop_hook = Some(Arc::new(hook));
+        self
+    }
+
+    /// How disks are opened. Default: image files and block devices.
+    pub fn disk_opener(mut self, opener: DiskOpener) -> Self {
+        self.disk_opener = opener;
+        self
+    }
+
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(self, dir: impl AsRef<Path>) -> Result<Engine> {
+        Engine::open_with(dir.as_ref(), self)
+    }
+}
