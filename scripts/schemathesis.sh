@@ -12,7 +12,11 @@ token=$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')
 serve_store 3 262144 "$token"
 echo "schemathesis against $url, $max_examples examples per operation"
 
-schemathesis --config-file scripts/schemathesis.toml run docs/openapi.yaml \
+# The command pip installed, found without relying on PATH (pyenv shims
+# appear only after a rehash).
+st=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')/schemathesis
+[ -x "$st" ] || st=schemathesis
+"$st" --config-file scripts/schemathesis.toml run docs/openapi.yaml \
   --url "$url" \
   --header "Authorization: Bearer $token" \
   --checks all \
