@@ -579,7 +579,10 @@ impl Engine {
         self.inner.catalog.commit(&[Change::RemoveSnapshot(id)])?;
         state.snapshots.remove(&id);
         drop(state);
-        manifest::remove(&self.inner.manifests, id)
+        // The delete is done once the catalog says so. A manifest that cannot
+        // be removed now is an orphan, which the next open removes.
+        let _ = manifest::remove(&self.inner.manifests, id);
+        Ok(())
     }
 
     /// Restores a snapshot onto its server's disk and returns once the disk
