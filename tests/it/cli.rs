@@ -239,6 +239,26 @@ fn user_errors_exit_2_with_one_clear_line() {
 }
 
 #[test]
+fn init_sets_the_compression_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    for (arg, level) in [("fast", 1), ("balanced", 3), ("compact", 9), ("5", 5)] {
+        let store = dir.path().join(arg);
+        let out = ok(&store, &["init", "--compression", arg]);
+        assert!(out.contains(&format!("zstd level {level}")), "{out}");
+        assert_eq!(
+            blocksnap::Engine::open(&store).unwrap().compression_level(),
+            level
+        );
+    }
+    let store = dir.path().join("bad");
+    for bad in ["0", "20", "tiny"] {
+        let out = blocksnap(&store, &["init", "--compression", bad]);
+        assert_eq!(out.status.code(), Some(2), "{bad}");
+    }
+    assert!(!store.exists());
+}
+
+#[test]
 fn store_comes_from_the_environment_too() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("envstore");

@@ -188,3 +188,56 @@ fn a_missing_disk_fails_the_capture_with_its_path() {
     // A failed snapshot does not count toward the cap and can be deleted.
     fx.engine.delete_snapshot(list[0].id).unwrap();
 }
+
+#[test]
+fn the_compression_level_is_a_store_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let engine = EngineOptions::new()
+        .compression_level(9)
+        .open(&store)
+        .unwrap();
+    assert_eq!(engine.compression_level(), 9);
+    assert!(matches!(
+        engine.set_compression_level(0),
+        Err(Error::InvalidParameter(_))
+    ));
+    assert!(matches!(
+        engine.set_compression_level(20),
+        Err(Error::InvalidParameter(_))
+    ));
+    engine
+        .set_compression_level(blocksnap::COMPRESSION_BALANCED)
+        .unwrap();
+    drop(engine);
+    let engine = blocksnap::Engine::open(&store).unwrap();
+    assert_eq!(engine.compression_level(), 3);
+    // Chunks stored at different levels restore alike.
+    let disk = dir.path().join("d.img");
+    let bytes = disk_bytes(64 * BS, 5);
+    std::fs::write(&disk, &bytes).unwrap();
+    engine.add_server(ServerId(1), "web", &disk).unwrap();
+    let a = engine.create_snapshot(ServerId(1), "a", "").unwrap();
+    engine.set_compression_level(1).unwrap();
+    std::fs::write(&disk, disk_bytes(64 * BS, 6)).unwrap();
+    engine.create_snapshot(ServerId(1), "b", "").unwrap();
+    engine.restore_snapshot(a.id).unwrap();
+    assert!(std::fs::read(&disk).unwrap() == bytes);
+    assert!(engine.verify(None).unwrap().is_ok());
+    assert!(
+        EngineOptions::new()
+            .compression_level(0)
+            .open(dir.path().join("other"))
+            .is_err()
+    );
+}
+
+#[test]
+fn the_chunk_index_stays_under_32_bytes_per_chunk() {
+    let fx = Fixture::new();
+    fx.server(1, "web", &crate::common::random_bytes(20_000 * BS, 9));
+    fx.engine.create_snapshot(ServerId(1), "s", "").unwrap();
+    assert_eq!(fx.engine.chunk_count(), 20_000);
+    let per_chunk = fx.engine.index_bytes() as f64 / 20_000.0;
+    assert!(per_chunk <= 32.0, "{per_chunk:.1} bytes per chunk");
+}
