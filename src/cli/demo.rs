@@ -90,14 +90,17 @@ pub fn run(size: u64) -> blocksnap::Result<i32> {
         human_bytes(s2.new_stored_bytes),
         hash_secs
     );
+    let index = engine.index_bytes();
     println!(
-        "  verify: {} chunks, {}",
+        "  verify: {} chunks, {}; chunk index {} ({:.1} bytes per chunk)",
         verify.chunks_checked,
         if verify.is_ok() {
             "all intact"
         } else {
             "DAMAGED"
-        }
+        },
+        human_bytes(index as u64),
+        index as f64 / engine.chunk_count().max(1) as f64
     );
     let rewrote_exactly = report.blocks_rewritten == changed;
     if exact && verify.is_ok() && rewrote_exactly {
