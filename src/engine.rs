@@ -55,6 +55,17 @@ pub enum ServerState {
     Restoring,
 }
 
+impl ServerState {
+    /// The API's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServerState::Idle => "idle",
+            ServerState::Capturing => "capturing",
+            ServerState::Restoring => "restoring",
+        }
+    }
+}
+
 /// A registered server.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Server {

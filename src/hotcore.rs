@@ -73,6 +73,7 @@ impl HotCore {
             blocks_total: manifest.block_count(),
             rewrite: (0..manifest.block_count()).collect(),
             bytes_to_write: image_len,
+            bytes_compared: 0,
         };
         let mut written = 0;
         apply(

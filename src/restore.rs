@@ -39,6 +39,8 @@ pub struct RestorePlan {
     pub rewrite: Vec<u64>,
     /// Bytes those blocks cover.
     pub bytes_to_write: u64,
+    /// Bytes of the target read and compared (none past its end).
+    pub bytes_compared: u64,
 }
 
 /// What a restore did.
@@ -110,6 +112,7 @@ pub fn plan(
         blocks_total: manifest.block_count(),
         rewrite,
         bytes_to_write,
+        bytes_compared: compare_len,
     })
 }
 
@@ -263,7 +266,7 @@ pub fn restore(
         blocks_total: plan.blocks_total,
         blocks_rewritten: plan.rewrite.len() as u64,
         bytes_written: plan.bytes_to_write,
-        bytes_compared: manifest.image_len,
+        bytes_compared: plan.bytes_compared,
         micros: started.elapsed().as_micros() as u64,
     })
 }

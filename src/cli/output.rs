@@ -64,10 +64,14 @@ pub fn capture_summary(snap: &Snapshot) -> String {
     )
 }
 
+/// A list as the API prints it: `{"count": N, "results": [...]}`.
+fn print_list_json<T: Serialize>(list: &[T]) {
+    print_json(&json!({ "count": list.len(), "results": list }));
+}
+
 pub fn servers(list: &[Server], json: bool) {
     if json {
-        print_json(&json!({ "count": list.len(), "results": list }));
-        return;
+        return print_list_json(list);
     }
     if list.is_empty() {
         println!("no servers registered");
@@ -75,11 +79,10 @@ pub fn servers(list: &[Server], json: bool) {
     }
     println!("{:>8}  {:<10}  {:<24}  DISK", "ID", "STATUS", "NAME");
     for s in list {
-        let state = serde_json::to_value(s.state).unwrap_or_default();
         println!(
             "{:>8}  {:<10}  {:<24}  {}",
             s.id,
-            state.as_str().unwrap_or("?"),
+            s.state.as_str(),
             s.name,
             s.disk.display()
         );
@@ -88,8 +91,7 @@ pub fn servers(list: &[Server], json: bool) {
 
 pub fn snapshots(list: &[Snapshot], json: bool) {
     if json {
-        print_json(&json!({ "count": list.len(), "results": list }));
-        return;
+        return print_list_json(list);
     }
     if list.is_empty() {
         println!("no snapshots");

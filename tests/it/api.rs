@@ -576,32 +576,21 @@ fn serve_needs_a_token_and_stops_cleanly_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("store");
     drop(blocksnap::Engine::open(&store).unwrap());
-    let bin = env!("CARGO_BIN_EXE_blocksnap");
-    let out = Command::new(bin)
-        .args([
-            "--store",
-            store.to_str().unwrap(),
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .env_remove("BLOCKSNAP_API_TOKEN")
-        .output()
-        .unwrap();
+    let serve = || {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_blocksnap"));
+        c.arg("--store")
+            .arg(&store)
+            .args(["serve", "--listen", "127.0.0.1:0"]);
+        c
+    };
+    let out = serve().env_remove("BLOCKSNAP_API_TOKEN").output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no API token"));
 
     let token_file = dir.path().join("tokens");
     std::fs::write(&token_file, "# ops\nfile-token\n\n").unwrap();
-    let mut child = Command::new(bin)
-        .args([
-            "--store",
-            store.to_str().unwrap(),
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--token-file",
-        ])
+    let mut child = serve()
+        .arg("--token-file")
         .arg(&token_file)
         .env("BLOCKSNAP_API_TOKEN", "env-token")
         .stdout(Stdio::piped())
