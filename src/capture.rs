@@ -15,6 +15,7 @@
 //! The caller makes the chunks durable (`ChunkStore::sync`) before writing
 //! the manifest.
 
+use std::ops::Range;
 use std::sync::mpsc::{channel, sync_channel};
 
 use rayon::prelude::*;
@@ -24,9 +25,10 @@ use crate::disk::{Disk, is_zero};
 use crate::error::{Error, Result};
 use crate::ids::ChunkId;
 use crate::job::Progress;
+use crate::manifest::block_count;
 use crate::store::pack::{self, ChunkRecord};
 use crate::store::{Appended, ChunkStore};
-use crate::window::{read_and_process, task_len};
+use crate::window::task_len;
 
 /// Window buffers in use at once: one being filled and classified, one
 /// queued for the writer, one being appended.
@@ -150,24 +152,170 @@ pub fn ingest_window(
     Ok(())
 }
 
-/// Reads all of `disk` and stores the chunks the store lacks.
+/// What a capture reads, and what it takes for every block it does not.
+#[derive(Clone, Debug)]
+pub struct CapturePlan {
+    /// One entry per block of the disk: the entry of a block not read
+    /// (a parent's chunk, or zero for a hole).
+    pub base: Vec<Option<ChunkId>>,
+    /// Runs of block indexes to read, ascending and disjoint.
+    pub read: Vec<Range<u64>>,
+}
+
+impl CapturePlan {
+    /// Every block of a `len`-byte disk, but the holes `data` leaves out
+    /// (ranges from [`Disk::data_ranges`]), which are zero without reading.
+    pub fn full(len: u64, block_size: u32, data: Option<&[Range<u64>]>) -> Self {
+        let blocks = block_count(len, block_size);
+        let read = match data {
+            Some(data) => data_block_runs(data, block_size),
+            None => std::iter::once(0..blocks).collect(),
+        };
+        CapturePlan {
+            base: vec![None; blocks as usize],
+            read,
+        }
+    }
+
+    /// The `dirty` blocks of a disk that otherwise equals `parent`, but the
+    /// dirty blocks in holes, which are zero without reading.
+    pub fn incremental(
+        parent: &[Option<ChunkId>],
+        dirty: &[Range<u64>],
+        block_size: u32,
+        data: Option<&[Range<u64>]>,
+    ) -> Self {
+        let mut base = parent.to_vec();
+        let read = match data {
+            None => dirty.to_vec(),
+            Some(data) => {
+                let read = intersect(dirty, &data_block_runs(data, block_size));
+                // Dirty blocks outside the data are holes now.
+                for hole in subtract(dirty, &read) {
+                    base[hole.start as usize..hole.end as usize].fill(None);
+                }
+                read
+            }
+        };
+        CapturePlan { base, read }
+    }
+}
+
+/// The blocks that byte ranges touch, as merged runs.
+fn data_block_runs(data: &[Range<u64>], block_size: u32) -> Vec<Range<u64>> {
+    let bs = u64::from(block_size);
+    let mut runs: Vec<Range<u64>> = Vec::new();
+    for r in data.iter().filter(|r| r.start < r.end) {
+        let (first, end) = (r.start / bs, r.end.div_ceil(bs));
+        match runs.last_mut() {
+            Some(last) if last.end >= first => last.end = last.end.max(end),
+            _ => runs.push(first..end),
+        }
+    }
+    runs
+}
+
+/// The blocks in both run lists (each ascending and disjoint).
+fn intersect(a: &[Range<u64>], b: &[Range<u64>]) -> Vec<Range<u64>> {
+    let (mut i, mut j, mut out) = (0, 0, Vec::new());
+    while i < a.len() && j < b.len() {
+        let (start, end) = (a[i].start.max(b[j].start), a[i].end.min(b[j].end));
+        if start < end {
+            out.push(start..end);
+        }
+        if a[i].end < b[j].end {
+            i += 1;
+        } else {
+            j += 1;
+        }
+    }
+    out
+}
+
+/// The blocks of `a` not in `b`, where `b` is a subset of `a`'s runs' span.
+fn subtract(a: &[Range<u64>], b: &[Range<u64>]) -> Vec<Range<u64>> {
+    let mut out = Vec::new();
+    let mut j = 0;
+    for r in a {
+        let mut at = r.start;
+        while j < b.len() && b[j].end <= at {
+            j += 1;
+        }
+        let mut k = j;
+        while k < b.len() && b[k].start < r.end {
+            if b[k].start > at {
+                out.push(at..b[k].start);
+            }
+            at = at.max(b[k].end);
+            k += 1;
+        }
+        if at < r.end {
+            out.push(at..r.end);
+        }
+    }
+    out
+}
+
+/// Splits the runs into windows of at most `per_window` blocks each.
+fn windows(runs: &[Range<u64>], per_window: u64) -> Vec<Vec<Range<u64>>> {
+    let mut out = Vec::new();
+    let mut current: Vec<Range<u64>> = Vec::new();
+    let mut room = per_window;
+    for r in runs {
+        let mut at = r.start;
+        while at < r.end {
+            let n = (r.end - at).min(room);
+            current.push(at..at + n);
+            at += n;
+            room -= n;
+            if room == 0 {
+                out.push(std::mem::take(&mut current));
+                room = per_window;
+            }
+        }
+    }
+    if !current.is_empty() {
+        out.push(current);
+    }
+    out
+}
+
+/// Reads the planned blocks of `disk` and stores the chunks the store
+/// lacks. Blocks are read window by window, each window a list of runs
+/// laid end to end in one buffer; the disk's last block, the only short
+/// one, can only end a window.
 pub fn capture(
     store: &ChunkStore,
     disk: &dyn Disk,
     settings: &CaptureSettings,
+    plan: CapturePlan,
     progress: &Progress,
 ) -> Result<Captured> {
     let len = disk.len()?;
-    progress.start(len);
     let bs = settings.block_size as usize;
-    let window_len = settings.window_len.max(bs) / bs * bs;
-    let mut blocks =
-        Vec::with_capacity(crate::manifest::block_count(len, settings.block_size) as usize);
+    let bs64 = bs as u64;
+    if plan.base.len() as u64 != block_count(len, settings.block_size) {
+        return Err(Error::WrongState(format!(
+            "the disk is {len} bytes now, not the length this capture was planned for"
+        )));
+    }
+    let block_len = |i: u64| (len - i * bs64).min(bs64) as usize;
+    let to_read: u64 = plan
+        .read
+        .iter()
+        .flat_map(|r| r.clone())
+        .map(|i| block_len(i) as u64)
+        .sum();
+    progress.start(to_read);
+    let per_window = (settings.window_len.max(bs) / bs) as u64;
+    let task_blocks = (task_len(settings.block_size) / bs) as u64;
+    let mut blocks = plan.base;
     let mut stats = CaptureStats {
         image_len: len,
+        blocks_read: plan.read.iter().map(|r| r.end - r.start).sum(),
+        bytes_read: to_read,
         ..CaptureStats::default()
     };
-    let task = task_len(settings.block_size);
     let (to_writer, for_writer) = sync_channel::<(Vec<u8>, Vec<Block>)>(1);
     let (recycle, recycled) = channel::<Vec<u8>>();
     for _ in 0..WINDOWS_IN_FLIGHT {
@@ -187,38 +335,35 @@ pub fn capture(
             Ok(total)
         });
         let read = (|| -> Result<()> {
-            let mut offset = 0u64;
-            while offset < len {
+            for segments in windows(&plan.read, per_window) {
                 // Fails only when the writer stopped; its error is returned below.
                 let Ok(mut window) = recycled.recv() else {
                     break;
                 };
-                let n = (len - offset).min(window_len as u64) as usize;
+                let n: usize = segments.iter().flat_map(|r| r.clone()).map(block_len).sum();
                 window.resize(n, 0);
-                let per_task = read_and_process(
+                let classified = read_and_classify(
+                    store,
                     disk,
+                    settings,
+                    &segments,
+                    task_blocks,
                     &mut window,
-                    offset,
-                    task,
-                    |at, bytes, read| {
-                        if read < bytes.len() {
-                            return Err(Error::WrongState(format!(
-                                "the disk shrank during capture (expected {len} bytes, ended at {})",
-                                at + read as u64
-                            )));
-                        }
-                        bytes
-                            .chunks(bs)
-                            .map(|b| classify(store, b, settings.compression_level))
-                            .collect::<Result<Vec<Block>>>()
-                    },
+                    len,
                 )?;
-                let classified: Vec<Block> = per_task.into_iter().flatten().collect();
-                record(&classified, &window, bs, &mut blocks, &mut stats);
+                let mut k = 0;
+                for r in &segments {
+                    for i in r.clone() {
+                        blocks[i as usize] = match &classified[k] {
+                            Block::Zero => None,
+                            Block::Known(id) | Block::New(id, _) => Some(*id),
+                        };
+                        k += 1;
+                    }
+                }
                 if to_writer.send((window, classified)).is_err() {
                     break;
                 }
-                offset += n as u64;
             }
             Ok(())
         })();
@@ -231,5 +376,126 @@ pub fn capture(
     // The writer's error first: it is the cause when both failed.
     add(&mut stats, written?);
     read?;
+    for (i, b) in blocks.iter().enumerate() {
+        match b {
+            None => stats.zero_blocks += 1,
+            Some(_) => {
+                stats.data_blocks += 1;
+                stats.data_bytes += block_len(i as u64) as u64;
+            }
+        }
+    }
     Ok(Captured { blocks, stats })
+}
+
+/// Reads one window's runs into `window` (laid end to end), one rayon task
+/// per `task_blocks` blocks, and classifies each block right after its
+/// task read it. Returns the blocks in window order.
+fn read_and_classify(
+    store: &ChunkStore,
+    disk: &dyn Disk,
+    settings: &CaptureSettings,
+    segments: &[Range<u64>],
+    task_blocks: u64,
+    window: &mut [u8],
+    len: u64,
+) -> Result<Vec<Block>> {
+    let bs = u64::from(settings.block_size);
+    let mut pieces: Vec<(u64, &mut [u8])> = Vec::new();
+    let mut rest = window;
+    for r in segments {
+        let mut at = r.start;
+        while at < r.end {
+            let end = (at + task_blocks).min(r.end);
+            let bytes = (end * bs).min(len) - at * bs;
+            let (piece, tail) = rest.split_at_mut(bytes as usize);
+            pieces.push((at * bs, piece));
+            rest = tail;
+            at = end;
+        }
+    }
+    let per_piece = pieces
+        .into_par_iter()
+        .map(|(offset, piece)| {
+            let read = disk.read_at(piece, offset)?;
+            if read < piece.len() {
+                return Err(Error::WrongState(format!(
+                    "the disk shrank during capture (expected {len} bytes, ended at {})",
+                    offset + read as u64
+                )));
+            }
+            piece
+                .chunks(bs as usize)
+                .map(|b| classify(store, b, settings.compression_level))
+                .collect::<Result<Vec<Block>>>()
+        })
+        .collect::<Result<Vec<Vec<Block>>>>()?;
+    Ok(per_piece.into_iter().flatten().collect())
+}
+
+/// What rehashing a sample of the blocks a dirty bitmap calls clean found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SampleOutcome {
+    pub checked: u64,
+    pub mismatches: u64,
+}
+
+/// Rehashes about `rate` of the blocks outside `dirty` (at least one when
+/// any is clean and `rate` > 0), chosen at random from `seed`, and counts
+/// those that no longer hold what `parent` says: the check that catches a
+/// change tracker that missed writes.
+pub fn sample_check(
+    disk: &dyn Disk,
+    parent: &[Option<ChunkId>],
+    dirty: &[Range<u64>],
+    block_size: u32,
+    rate: f64,
+    seed: u64,
+) -> Result<SampleOutcome> {
+    let blocks = parent.len() as u64;
+    let dirty_count: u64 = dirty.iter().map(|r| r.end - r.start).sum();
+    let clean = blocks - dirty_count.min(blocks);
+    if clean == 0 || rate <= 0.0 {
+        return Ok(SampleOutcome::default());
+    }
+    let want = ((clean as f64 * rate).ceil() as u64).clamp(1, clean);
+    let is_dirty = |i: u64| {
+        let k = dirty.partition_point(|r| r.end <= i);
+        k < dirty.len() && dirty[k].start <= i
+    };
+    let mut rng = crate::sample::Rng::new(seed);
+    let mut picked = std::collections::BTreeSet::new();
+    // Random probes; a mostly dirty disk may need a few per clean block.
+    for _ in 0..want.saturating_mul(8) {
+        if picked.len() as u64 == want {
+            break;
+        }
+        let i = rng.below(blocks);
+        if !is_dirty(i) {
+            picked.insert(i);
+        }
+    }
+    let len = disk.len()?;
+    let bs = u64::from(block_size);
+    let picked: Vec<u64> = picked.into_iter().collect();
+    let mismatches = picked
+        .par_iter()
+        .map_init(
+            || vec![0u8; bs as usize],
+            |buf, &i| -> Result<u64> {
+                let n = (len.saturating_sub(i * bs)).min(bs) as usize;
+                let read = disk.read_at(&mut buf[..n], i * bs)?;
+                let bytes = &buf[..read];
+                let same = match &parent[i as usize] {
+                    None => is_zero(bytes),
+                    Some(id) => read == n && !is_zero(bytes) && ChunkId::of(bytes) == *id,
+                };
+                Ok(u64::from(!same))
+            },
+        )
+        .sum::<Result<u64>>()?;
+    Ok(SampleOutcome {
+        checked: picked.len() as u64,
+        mismatches,
+    })
 }

@@ -30,6 +30,9 @@ pub const CATALOG_FORMAT: u64 = 1;
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const SERVERS: TableDefinition<u64, &[u8]> = TableDefinition::new("servers");
 const SNAPSHOTS: TableDefinition<u64, &[u8]> = TableDefinition::new("snapshots");
+/// Change tracking per server, binary (see `tracking.rs`); created on first
+/// use, so older catalogs open unchanged.
+const TRACKING: TableDefinition<u64, &[u8]> = TableDefinition::new("tracking");
 
 const META_FORMAT: &str = "format";
 const META_BLOCK_SIZE: &str = "block_size";
@@ -67,9 +70,70 @@ impl SnapshotStatus {
     }
 }
 
+/// How a capture found the disk's blocks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CaptureKind {
+    /// Every block read and hashed (holes of a sparse image excepted).
+    #[default]
+    Full,
+    /// Only the blocks a dirty bitmap marks read; the rest taken from the
+    /// parent snapshot.
+    Incremental,
+}
+
+/// Why a capture read the whole disk although it could have been
+/// incremental.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FullReason {
+    /// No change tracking for the server yet (no snapshot or restore since
+    /// the store was opened, or the first snapshot).
+    NoTracking,
+    /// The tracked bitmap was not handed over cleanly (the engine was not
+    /// closed cleanly), so it may miss writes.
+    Untrusted,
+    /// The snapshot the tracking started from was deleted or failed.
+    BaseGone,
+    /// The disk's length changed since that snapshot.
+    DiskResized,
+    /// Rehashing a sample of the blocks the bitmap called clean found some
+    /// changed: the bitmap missed writes.
+    SampleMismatch,
+}
+
+impl FullReason {
+    /// Words for users.
+    pub fn describe(self) -> &'static str {
+        match self {
+            FullReason::NoTracking => "no change tracking yet",
+            FullReason::Untrusted => "change tracking was not handed over cleanly",
+            FullReason::BaseGone => "the tracked snapshot is gone",
+            FullReason::DiskResized => "the disk changed length",
+            FullReason::SampleMismatch => "a sample of blocks the bitmap called clean had changed",
+        }
+    }
+}
+
 /// What a completed capture found and stored.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct CaptureStats {
+    pub kind: CaptureKind,
+    /// The snapshot an incremental capture took its clean blocks from.
+    pub parent: Option<SnapshotId>,
+    /// Why a capture that could have been incremental read everything.
+    pub full_reason: Option<FullReason>,
+    /// Blocks and bytes read from the disk (holes and clean blocks are not).
+    pub blocks_read: u64,
+    pub bytes_read: u64,
+    /// Blocks a dirty bitmap called clean that were rehashed as a check,
+    /// and how many of them had changed.
+    pub sample_checked: u64,
+    pub sample_mismatches: u64,
+    /// The change-tracking generation whose bitmap an incremental capture
+    /// used (tracked captures only).
+    pub tracking_generation: Option<u64>,
     /// Length of the disk in bytes.
     pub image_len: u64,
     /// Bytes in data (non-zero) blocks.
@@ -132,6 +196,8 @@ pub enum Change<'a> {
     PutSnapshot(&'a SnapshotRecord),
     RemoveSnapshot(SnapshotId),
     NextSnapshotId(u64),
+    PutTracking(ServerId, Vec<u8>),
+    RemoveTracking(ServerId),
 }
 
 impl Catalog {
@@ -230,6 +296,22 @@ impl Catalog {
             .map_err(|e| Error::corrupt(&self.path, format!("{what} {key} does not decode: {e}")))
     }
 
+    /// The persisted change-tracking records, by server.
+    pub fn load_tracking(&self) -> Result<Vec<(ServerId, Vec<u8>)>> {
+        let tx = self.db.begin_read()?;
+        let table = match tx.open_table(TRACKING) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        let mut out = Vec::new();
+        for row in table.iter()? {
+            let (k, v) = row?;
+            out.push((ServerId(k.value()), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
     /// Changes the store's compression level for new chunks.
     pub fn set_compression_level(&self, level: i32) -> Result<()> {
         let tx = self.db.begin_write()?;
@@ -246,6 +328,7 @@ impl Catalog {
             let mut servers = tx.open_table(SERVERS)?;
             let mut snapshots = tx.open_table(SNAPSHOTS)?;
             let mut meta = tx.open_table(META)?;
+            let mut tracking = tx.open_table(TRACKING)?;
             for change in changes {
                 match change {
                     Change::PutServer(s) => {
@@ -259,6 +342,12 @@ impl Catalog {
                     }
                     Change::NextSnapshotId(n) => {
                         meta.insert(META_NEXT_SNAPSHOT, *n)?;
+                    }
+                    Change::PutTracking(server, bytes) => {
+                        tracking.insert(server.0, bytes.as_slice())?;
+                    }
+                    Change::RemoveTracking(server) => {
+                        tracking.remove(server.0)?;
                     }
                 }
             }

@@ -3,6 +3,7 @@
 //! and fault injection plug in their own through [`DiskOpener`].
 
 use std::fs::{File, OpenOptions};
+use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
@@ -39,6 +40,13 @@ pub trait Disk: Send + Sync {
     /// device now, so the final [`Disk::sync`] has less left to wait for.
     /// Durability still comes only from `sync`. Default: nothing.
     fn start_writeback(&self, _offset: u64, _len: u64) {}
+    /// The byte ranges that may hold data, ascending and disjoint; every
+    /// byte outside them reads as zero (the holes of a sparse image file).
+    /// `None` when the disk cannot tell, so every byte must be read.
+    /// Default: `None`.
+    fn data_ranges(&self) -> Result<Option<Vec<Range<u64>>>> {
+        Ok(None)
+    }
     /// Where the disk is, for messages.
     fn path(&self) -> &Path;
 }
@@ -180,6 +188,54 @@ impl Disk for FileDisk {
         unsafe {
             libc::sync_file_range(self.file.as_raw_fd(), off, n, libc::SYNC_FILE_RANGE_WRITE);
         }
+    }
+
+    fn data_ranges(&self) -> Result<Option<Vec<Range<u64>>>> {
+        if self.block_device {
+            return Ok(None);
+        }
+        let len = self.len()?;
+        let fd = self.file.as_raw_fd();
+        let seek = |from: u64, whence: libc::c_int| -> std::io::Result<Option<u64>> {
+            let Ok(from) = i64::try_from(from) else {
+                return Ok(None);
+            };
+            // SAFETY: lseek takes a file descriptor we own for the duration
+            // of the call and plain integers. It moves the shared file
+            // offset, which this crate never uses (all I/O is positioned).
+            let at = unsafe { libc::lseek(fd, from, whence) };
+            if at >= 0 {
+                return Ok(Some(at as u64));
+            }
+            let e = std::io::Error::last_os_error();
+            // ENXIO: no data (or hole) at or after `from`.
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                Ok(None)
+            } else {
+                Err(e)
+            }
+        };
+        let mut ranges = Vec::new();
+        let mut at = 0;
+        while at < len {
+            let data = match seek(at, libc::SEEK_DATA) {
+                Ok(Some(d)) => d,
+                Ok(None) => break,
+                // The filesystem cannot tell: read everything.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(None),
+                Err(e) => return Err(Error::io(&self.path, e)),
+            };
+            let hole = seek(data, libc::SEEK_HOLE)
+                .at(&self.path)?
+                .unwrap_or(len)
+                .min(len);
+            if hole <= data {
+                break;
+            }
+            ranges.push(data..hole);
+            at = hole;
+        }
+        Ok(Some(ranges))
     }
 
     fn path(&self) -> &Path {

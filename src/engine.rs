@@ -25,10 +25,13 @@ use std::time::SystemTime;
 use parking_lot::Mutex;
 use serde::Serialize;
 
-use crate::capture::{self, CaptureSettings};
+use crate::capture::{self, CapturePlan, CaptureSettings};
 use crate::catalog::{
-    self, Catalog, Change, ServerRecord, SnapshotRecord, SnapshotStatus, check_cap,
+    self, CaptureKind, Catalog, Change, FullReason, ServerRecord, SnapshotRecord, SnapshotStatus,
+    check_cap,
 };
+use crate::dirty::DirtyBitmap;
+use crate::disk::Disk;
 use crate::error::{Error, IoContext, Result};
 use crate::ids::{ServerId, SnapshotId};
 use crate::job::{Job, Progress};
@@ -36,6 +39,7 @@ use crate::manifest::{self, Manifest, check_block_size};
 use crate::options::{DEFAULT_BLOCK_SIZE, DEFAULT_COMPRESSION_LEVEL, EngineOptions};
 use crate::restore::{self, RestoreReport};
 use crate::store::{ChunkStore, sync_dir};
+use crate::tracking::{Tracker, TrackingStatus};
 use crate::verify::{self, VerifyReport};
 
 pub use crate::catalog::CaptureStats;
@@ -179,6 +183,21 @@ struct State {
     /// Restores running in this process: server -> snapshot.
     live_restores: HashMap<ServerId, SnapshotId>,
     progress: HashMap<SnapshotId, Arc<Progress>>,
+    /// Change tracking per server (only with `EngineOptions::change_tracking`).
+    tracking: HashMap<ServerId, Tracker>,
+}
+
+/// How a capture finds the disk's blocks.
+enum CaptureMode {
+    Full(Option<FullReason>),
+    Incremental {
+        parent: SnapshotId,
+        dirty: DirtyBitmap,
+        /// The tracking generation the bitmap came from; `None` when the
+        /// caller passed it (then a missing parent is an error, not a
+        /// reason to read everything).
+        generation: Option<u64>,
+    },
 }
 
 impl State {
@@ -263,6 +282,129 @@ fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
 }
 
+fn now_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// Checks that `parent` can be the parent of an incremental snapshot of
+/// `server` whose disk is `disk_len` bytes, with `dirty` as its bitmap.
+fn check_parent(
+    state: &State,
+    server: ServerId,
+    parent: SnapshotId,
+    dirty: &DirtyBitmap,
+    disk_len: u64,
+    block_size: u32,
+) -> Result<()> {
+    let rec = state.snapshot(parent)?;
+    if rec.server_id != server {
+        return Err(Error::InvalidParameter(format!(
+            "parent snapshot {parent} belongs to server {}, not {server}",
+            rec.server_id
+        )));
+    }
+    let Some(stats) = rec
+        .stats
+        .filter(|_| rec.status == SnapshotStatus::Completed)
+    else {
+        return Err(Error::WrongState(format!(
+            "parent snapshot {parent} is {}; only a completed snapshot can be a parent",
+            rec.status.as_str()
+        )));
+    };
+    if !dirty.granularity().is_multiple_of(u64::from(block_size)) {
+        return Err(Error::InvalidParameter(format!(
+            "the dirty bitmap has {} bytes per bit, not a multiple of the store's {block_size}-byte blocks",
+            dirty.granularity()
+        )));
+    }
+    if dirty.disk_len() != stats.image_len {
+        return Err(Error::InvalidParameter(format!(
+            "the dirty bitmap describes a {}-byte disk; parent snapshot {parent} is of a {}-byte disk",
+            dirty.disk_len(),
+            stats.image_len
+        )));
+    }
+    if disk_len != stats.image_len {
+        return Err(Error::InvalidParameter(format!(
+            "the disk is {disk_len} bytes now and parent snapshot {parent} was {} bytes: after a resize take a full snapshot",
+            stats.image_len
+        )));
+    }
+    Ok(())
+}
+
+/// How a snapshot without an explicit parent captures, from the server's
+/// tracker as it was when the capture was reserved.
+fn tracked_mode(state: &State, tracker: Option<&Tracker>, disk_len: u64) -> CaptureMode {
+    let Some(t) = tracker else {
+        return CaptureMode::Full(Some(FullReason::NoTracking));
+    };
+    let base_completed = state
+        .snapshots
+        .get(&t.base)
+        .is_some_and(|s| s.status == SnapshotStatus::Completed);
+    if t.pending || !base_completed {
+        CaptureMode::Full(Some(FullReason::BaseGone))
+    } else if !t.trusted {
+        CaptureMode::Full(Some(FullReason::Untrusted))
+    } else if t.dirty.disk_len() != disk_len {
+        CaptureMode::Full(Some(FullReason::DiskResized))
+    } else {
+        CaptureMode::Incremental {
+            parent: t.base,
+            dirty: t.dirty.clone(),
+            generation: Some(t.generation),
+        }
+    }
+}
+
+/// A tracker for a capture or restore of `base` just starting: no writes
+/// yet, the next generation.
+fn new_tracker(
+    base: SnapshotId,
+    disk_len: u64,
+    block_size: u32,
+    previous: Option<&Tracker>,
+) -> Result<Tracker> {
+    Ok(Tracker {
+        base,
+        pending: true,
+        dirty: DirtyBitmap::new(disk_len, u64::from(block_size))?,
+        trusted: true,
+        generation: previous.map_or(1, |p| p.generation + 1),
+    })
+}
+
+/// Loads the persisted trackers and marks them unclean on disk before any
+/// write can be reported (with tracking on), or forgets them (off).
+fn load_tracking(catalog: &Catalog, state: &mut State, on: bool) -> Result<()> {
+    let rows = catalog.load_tracking()?;
+    if rows.is_empty() {
+        return Ok(());
+    }
+    if !on {
+        let changes: Vec<Change<'_>> = rows
+            .iter()
+            .map(|(server, _)| Change::RemoveTracking(*server))
+            .collect();
+        return catalog.commit(&changes);
+    }
+    let mut changes = Vec::new();
+    for (server, bytes) in rows {
+        match Tracker::decode(&bytes).filter(|_| state.servers.contains_key(&server)) {
+            Some(t) => {
+                changes.push(Change::PutTracking(server, t.encode(false)));
+                state.tracking.insert(server, t);
+            }
+            None => changes.push(Change::RemoveTracking(server)),
+        }
+    }
+    catalog.commit(&changes)
+}
+
 impl Engine {
     /// Opens the store in `dir`, creating it with the default options when
     /// it does not exist.
@@ -317,8 +459,10 @@ impl Engine {
             next_snapshot_id: loaded.next_snapshot_id,
             live_restores: HashMap::new(),
             progress: HashMap::new(),
+            tracking: HashMap::new(),
         };
         recover(&catalog, &manifests, &mut state, &mut report)?;
+        load_tracking(&catalog, &mut state, options.change_tracking)?;
         Ok(Engine {
             inner: Arc::new(Inner {
                 root: root.to_path_buf(),
@@ -442,6 +586,87 @@ impl Engine {
         self.inner.state.lock().progress.get(&id).map(|p| p.get())
     }
 
+    /// Reports a guest write of `len` bytes at `offset` to `server`'s disk
+    /// (with [`EngineOptions::change_tracking`] on). Call it once the write
+    /// has reached the disk (calling it earlier as well is harmless); the
+    /// next snapshot of the server then reads only the blocks written since
+    /// the last snapshot or restore, and the next restore rewrites only
+    /// those plus the blocks that differ between the two snapshots.
+    ///
+    /// Writes before the server's first snapshot or restore in this store
+    /// need no tracking (that capture reads everything) and are ignored. A
+    /// write past the disk's length at the last snapshot makes the next
+    /// capture a full one.
+    pub fn record_write(&self, server: ServerId, offset: u64, len: u64) -> Result<()> {
+        if !self.inner.options.change_tracking {
+            return Err(Error::WrongState(
+                "change tracking is off; open the store with EngineOptions::change_tracking(true)"
+                    .into(),
+            ));
+        }
+        let mut state = self.inner.state.lock();
+        state.server(server)?;
+        if let Some(t) = state.tracking.get_mut(&server) {
+            t.record(offset, len);
+        }
+        Ok(())
+    }
+
+    /// Hands over a change tracker's bitmap the embedder vouches for (for
+    /// example a hypervisor's persistent dirty bitmap after a clean
+    /// shutdown, or after this store was not closed cleanly): `dirty`
+    /// marks every block written since the disk equalled `base`, a
+    /// completed snapshot of `server`. Tracking continues from it, trusted,
+    /// in a new generation (with [`EngineOptions::change_tracking`] on).
+    pub fn adopt_dirty_bitmap(
+        &self,
+        server: ServerId,
+        base: SnapshotId,
+        dirty: &DirtyBitmap,
+    ) -> Result<TrackingStatus> {
+        if !self.inner.options.change_tracking {
+            return Err(Error::WrongState(
+                "change tracking is off; open the store with EngineOptions::change_tracking(true)"
+                    .into(),
+            ));
+        }
+        let inner = &self.inner;
+        let bs = inner.block_size;
+        let mut state = inner.state.lock();
+        let srv = state.server(server)?;
+        state.check_not_restoring(srv)?;
+        if let Some(capturing) = state.capturing(server) {
+            return Err(Error::WrongState(format!(
+                "server {server} is capturing snapshot {capturing}; wait for it to finish"
+            )));
+        }
+        check_parent(&state, server, base, dirty, dirty.disk_len(), bs)?;
+        let mut blocks = DirtyBitmap::new(dirty.disk_len(), u64::from(bs))?;
+        for run in dirty.block_runs(bs)? {
+            for b in run {
+                blocks.set(b);
+            }
+        }
+        let tracker = Tracker {
+            base,
+            pending: false,
+            dirty: blocks,
+            trusted: true,
+            generation: state.tracking.get(&server).map_or(1, |t| t.generation + 1),
+        };
+        let status = tracker.status();
+        state.tracking.insert(server, tracker);
+        Ok(status)
+    }
+
+    /// The change tracking of `server`: `None` when off or not started (no
+    /// snapshot or restore since it was turned on).
+    pub fn tracking_status(&self, server: ServerId) -> Result<Option<TrackingStatus>> {
+        let state = self.inner.state.lock();
+        state.server(server)?;
+        Ok(state.tracking.get(&server).map(Tracker::status))
+    }
+
     /// Captures a snapshot of `server` and returns it once completed.
     pub fn create_snapshot(
         &self,
@@ -458,21 +683,75 @@ impl Engine {
     /// The checks (name, server, restoring, the five-snapshot cap) and the
     /// reservation are one step under the state lock, committed to the
     /// catalog before this returns: racing callers never make a sixth.
+    ///
+    /// With change tracking on and a trusted tracker for the server, the
+    /// capture is incremental from the tracked snapshot; otherwise every
+    /// block is read (the snapshot's stats say why).
     pub fn start_snapshot(
         &self,
         server: ServerId,
         name: &str,
         description: &str,
     ) -> Result<CaptureJob> {
+        self.start_capture(server, name, description, None)
+    }
+
+    /// Captures a snapshot that reads only the blocks `dirty` marks and
+    /// takes every other block from `parent`, a completed snapshot of the
+    /// same server and disk length; returns it once completed. A sample of
+    /// the clean blocks is rehashed first (see
+    /// [`EngineOptions::clean_sample_rate`]); if any changed, the capture
+    /// reads everything and its stats say so.
+    ///
+    /// A bitmap that misses a written block is the caller's bug: the
+    /// snapshot keeps the parent's bytes for that block, unless the sample
+    /// happens to catch it.
+    pub fn create_incremental(
+        &self,
+        server: ServerId,
+        name: &str,
+        description: &str,
+        parent: SnapshotId,
+        dirty: DirtyBitmap,
+    ) -> Result<Snapshot> {
+        self.start_incremental(server, name, description, parent, dirty)?
+            .wait()
+    }
+
+    /// [`Engine::create_incremental`] in the background.
+    pub fn start_incremental(
+        &self,
+        server: ServerId,
+        name: &str,
+        description: &str,
+        parent: SnapshotId,
+        dirty: DirtyBitmap,
+    ) -> Result<CaptureJob> {
+        self.start_capture(server, name, description, Some((parent, dirty)))
+    }
+
+    fn start_capture(
+        &self,
+        server: ServerId,
+        name: &str,
+        description: &str,
+        explicit: Option<(SnapshotId, DirtyBitmap)>,
+    ) -> Result<CaptureJob> {
         catalog::check_snapshot_name(name)?;
         catalog::check_description(description)?;
+        let inner = &self.inner;
+        let disk_path = inner.state.lock().server(server)?.disk.clone();
+        let disk = (inner.options.disk_opener)(&disk_path, false)?;
+        let disk_len = disk.len()?;
         let progress = Arc::new(Progress::default());
-        let (record, disk, snapshot) = {
-            let mut state = self.inner.state.lock();
+        let (record, mode, previous, snapshot) = {
+            let mut state = inner.state.lock();
             let srv = state.server(server)?;
             state.check_not_restoring(srv)?;
+            if let Some((parent, dirty)) = &explicit {
+                check_parent(&state, server, *parent, dirty, disk_len, inner.block_size)?;
+            }
             check_cap(server, state.snapshots_of(server))?;
-            let disk = srv.disk.clone();
             let id = SnapshotId(state.next_snapshot_id);
             let record = SnapshotRecord {
                 id,
@@ -484,15 +763,33 @@ impl Engine {
                 stats: None,
                 error: None,
             };
-            self.inner.catalog.commit(&[
+            inner.catalog.commit(&[
                 Change::PutSnapshot(&record),
                 Change::NextSnapshotId(id.0 + 1),
             ])?;
             state.next_snapshot_id = id.0 + 1;
             state.snapshots.insert(id, record.clone());
             state.progress.insert(id, progress.clone());
+            let previous = if inner.options.change_tracking {
+                state.tracking.remove(&server)
+            } else {
+                None
+            };
+            let mode = match explicit {
+                Some((parent, dirty)) => CaptureMode::Incremental {
+                    parent,
+                    dirty,
+                    generation: None,
+                },
+                None => tracked_mode(&state, previous.as_ref(), disk_len),
+            };
+            if inner.options.change_tracking {
+                // Writes from now on are relative to this capture.
+                let tracker = new_tracker(id, disk_len, inner.block_size, previous.as_ref())?;
+                state.tracking.insert(server, tracker);
+            }
             let view = state.snapshot_view(&record);
-            (record, disk, view)
+            (record, mode, previous, view)
         };
         let engine = self.clone();
         let job_progress = progress.clone();
@@ -501,11 +798,11 @@ impl Engine {
         let job = Job::spawn(
             format!("capture-{id}"),
             progress,
-            move || engine.run_capture(&record, &disk, &job_progress),
-            move |outcome| finisher.finish_capture(id, outcome),
+            move || engine.run_capture(&record, disk.as_ref(), mode, &job_progress),
+            move |outcome| finisher.finish_capture(id, outcome, previous),
         )
         .inspect_err(|e| {
-            let _ = self.finish_capture(id, Err(Error::WrongState(e.to_string())));
+            let _ = self.finish_capture(id, Err(Error::WrongState(e.to_string())), None);
         })?;
         Ok(CaptureJob { snapshot, job })
     }
@@ -515,39 +812,104 @@ impl Engine {
     fn run_capture(
         &self,
         rec: &SnapshotRecord,
-        disk_path: &Path,
+        disk: &dyn Disk,
+        mode: CaptureMode,
         progress: &Progress,
     ) -> Result<CaptureStats> {
         let started = std::time::Instant::now();
         let inner = &self.inner;
-        let disk = (inner.options.disk_opener)(disk_path, false)?;
+        let bs = inner.block_size;
         let settings = CaptureSettings {
-            block_size: inner.block_size,
+            block_size: bs,
             compression_level: inner.compression_level.load(Ordering::Relaxed),
             window_len: inner.options.window_len,
         };
-        let captured = capture::capture(&inner.store, disk.as_ref(), &settings, progress)?;
+        let len = disk.len()?;
+        // Holes of a sparse image are zero without reading.
+        let data = disk.data_ranges()?;
+        let mut how = CaptureStats::default();
+        let full = |how: &mut CaptureStats, reason| {
+            how.full_reason = reason;
+            CapturePlan::full(len, bs, data.as_deref())
+        };
+        let plan = match mode {
+            CaptureMode::Full(reason) => full(&mut how, reason),
+            CaptureMode::Incremental {
+                parent,
+                dirty,
+                generation,
+            } => match Manifest::read(&inner.manifests, parent) {
+                Err(e) if generation.is_none() => return Err(e),
+                Err(_) => full(&mut how, Some(FullReason::BaseGone)),
+                Ok(p) if p.image_len != len || p.block_size != bs => {
+                    full(&mut how, Some(FullReason::DiskResized))
+                }
+                Ok(p) => {
+                    let runs = dirty.block_runs(bs)?;
+                    let seed = rec.id.0 ^ started.elapsed().as_nanos() as u64 ^ now_nanos();
+                    let rate = inner.options.clean_sample_rate;
+                    let sample = capture::sample_check(disk, p.blocks(), &runs, bs, rate, seed)?;
+                    how.sample_checked = sample.checked;
+                    how.sample_mismatches = sample.mismatches;
+                    if sample.mismatches > 0 {
+                        full(&mut how, Some(FullReason::SampleMismatch))
+                    } else {
+                        how.kind = CaptureKind::Incremental;
+                        how.parent = Some(parent);
+                        how.tracking_generation = generation;
+                        CapturePlan::incremental(p.blocks(), &runs, bs, data.as_deref())
+                    }
+                }
+            },
+        };
+        let captured = capture::capture(&inner.store, disk, &settings, plan, progress)?;
         inner.store.sync()?;
         let manifest = Manifest::new(
             rec.id,
             rec.server_id,
-            inner.block_size,
+            bs,
             captured.stats.image_len,
             captured.blocks,
         )?;
         manifest.write_durably(&inner.manifests)?;
         Ok(CaptureStats {
             micros: started.elapsed().as_micros() as u64,
+            kind: how.kind,
+            parent: how.parent,
+            full_reason: how.full_reason,
+            sample_checked: how.sample_checked,
+            sample_mismatches: how.sample_mismatches,
+            tracking_generation: how.tracking_generation,
             ..captured.stats
         })
     }
 
     /// Step 3: the catalog commit that marks the snapshot completed (or
     /// failed, with the reason).
-    fn finish_capture(&self, id: SnapshotId, outcome: Result<CaptureStats>) -> Result<Snapshot> {
+    fn finish_capture(
+        &self,
+        id: SnapshotId,
+        outcome: Result<CaptureStats>,
+        previous: Option<Tracker>,
+    ) -> Result<Snapshot> {
         let mut state = self.inner.state.lock();
         state.progress.remove(&id);
         let mut rec = state.snapshot(id)?.clone();
+        let server = rec.server_id;
+        let ours = state.tracking.get(&server).is_some_and(|t| t.base == id);
+        if ours && outcome.is_ok() {
+            if let Some(t) = state.tracking.get_mut(&server) {
+                t.pending = false;
+            }
+        } else if let (true, Some(current)) = (ours, state.tracking.remove(&server)) {
+            // Not captured: the writes since count from the previous base.
+            if let Some(mut p) = previous.filter(|p| !p.pending)
+                && p.dirty.union_with(&current.dirty).is_ok()
+            {
+                p.trusted &= current.trusted;
+                state.tracking.insert(server, p);
+            }
+        }
         match &outcome {
             Ok(stats) => {
                 rec.status = SnapshotStatus::Completed;
@@ -611,7 +973,7 @@ impl Engine {
     /// length, fsyncs, and clears the mark. If it fails after writing, the
     /// server stays marked restoring until a restore succeeds.
     pub fn start_restore(&self, id: SnapshotId) -> Result<RestoreJob> {
-        let server = {
+        let (server, previous) = {
             let mut state = self.inner.state.lock();
             let rec = state.snapshot(id)?;
             if rec.status != SnapshotStatus::Completed {
@@ -633,8 +995,17 @@ impl Engine {
                 )));
             }
             let view = state.server_view(srv);
+            let image_len = rec.stats.map_or(0, |s| s.image_len);
+            let previous = if self.inner.options.change_tracking {
+                let previous = state.tracking.remove(&server_id);
+                let tracker = new_tracker(id, image_len, self.inner.block_size, previous.as_ref())?;
+                state.tracking.insert(server_id, tracker);
+                previous
+            } else {
+                None
+            };
             state.live_restores.insert(server_id, id);
-            view
+            (view, previous)
         };
         let engine = self.clone();
         let progress = Arc::new(Progress::default());
@@ -644,21 +1015,36 @@ impl Engine {
         Job::spawn(
             format!("restore-{id}"),
             progress,
-            move || engine.run_restore(&server, id, &job_progress),
+            move || engine.run_restore(&server, id, previous, &job_progress),
             move |outcome| {
-                finisher.inner.state.lock().live_restores.remove(&server_id);
+                finisher.end_restore(server_id, id, outcome.is_ok());
                 outcome
             },
         )
-        .inspect_err(|_| {
-            self.inner.state.lock().live_restores.remove(&server_id);
-        })
+        .inspect_err(|_| self.end_restore(server_id, id, false))
+    }
+
+    /// After a restore: tracking goes on from the restored snapshot, or,
+    /// when the restore failed, stops (the disk's state is unknown).
+    fn end_restore(&self, server: ServerId, id: SnapshotId, ok: bool) {
+        let mut state = self.inner.state.lock();
+        state.live_restores.remove(&server);
+        if state.tracking.get(&server).is_some_and(|t| t.base == id) {
+            if ok {
+                if let Some(t) = state.tracking.get_mut(&server) {
+                    t.pending = false;
+                }
+            } else {
+                state.tracking.remove(&server);
+            }
+        }
     }
 
     fn run_restore(
         &self,
         server: &Server,
         id: SnapshotId,
+        previous: Option<Tracker>,
         progress: &Progress,
     ) -> Result<RestoreReport> {
         let inner = &self.inner;
@@ -679,10 +1065,12 @@ impl Engine {
                 ));
             }
             let disk = (inner.options.disk_opener)(&server.disk, true)?;
+            let known = self.known_state(previous, &manifest, disk.as_ref())?;
             restore::restore(
                 &inner.store,
                 &manifest,
                 disk.as_ref(),
+                known.as_ref().map(|(base, dirty)| (base, dirty.as_slice())),
                 inner.options.window_len,
                 progress,
                 &mut written,
@@ -692,6 +1080,39 @@ impl Engine {
             self.set_restoring_from(server.id, None)?;
         }
         outcome
+    }
+
+    /// What the engine knows of the disk's current state, for a delta
+    /// restore of `target`: the tracked base snapshot's manifest and the
+    /// dirty block runs. `None` (compare every block) unless the tracker is
+    /// trusted and the base, the target and the disk have one length.
+    fn known_state(
+        &self,
+        tracker: Option<Tracker>,
+        target: &Manifest,
+        disk: &dyn Disk,
+    ) -> Result<Option<(Manifest, Vec<std::ops::Range<u64>>)>> {
+        let Some(t) = tracker.filter(|t| t.trusted && !t.pending) else {
+            return Ok(None);
+        };
+        let completed = self
+            .inner
+            .state
+            .lock()
+            .snapshots
+            .get(&t.base)
+            .is_some_and(|s| s.status == SnapshotStatus::Completed);
+        let Some(base) = completed
+            .then(|| Manifest::read(&self.inner.manifests, t.base).ok())
+            .flatten()
+        else {
+            return Ok(None);
+        };
+        let len = target.image_len;
+        if base.image_len != len || t.dirty.disk_len() != len || disk.len()? != len {
+            return Ok(None);
+        }
+        Ok(Some((base, t.dirty.block_runs(self.inner.block_size)?)))
     }
 
     fn set_restoring_from(&self, server: ServerId, snapshot: Option<SnapshotId>) -> Result<()> {
@@ -743,6 +1164,24 @@ impl Drop for Inner {
     fn drop(&mut self) {
         // Seal the open pack so the next open need not scan it.
         let _ = self.store.close();
+        // The clean hand-over: no write can be missed until the next open.
+        // If this commit fails, the trackers stay unclean and the next
+        // captures read everything.
+        let state = self.state.get_mut();
+        if self.options.change_tracking && !state.tracking.is_empty() {
+            let changes: Vec<Change<'_>> = state
+                .tracking
+                .iter()
+                .map(|(server, t)| {
+                    if t.pending {
+                        Change::RemoveTracking(*server)
+                    } else {
+                        Change::PutTracking(*server, t.encode(true))
+                    }
+                })
+                .collect();
+            let _ = self.catalog.commit(&changes);
+        }
     }
 }
 

@@ -2,9 +2,10 @@
 //! only: not a stable API. It runs exactly the code capture and restore
 //! run, on bytes in memory, without the catalog or a disk read.
 
+use std::ops::Range;
 use std::path::Path;
 
-use crate::capture::{self, CaptureSettings};
+use crate::capture::{self, CapturePlan, CaptureSettings};
 use crate::catalog::CaptureStats;
 use crate::disk::{Disk, MemDisk};
 use crate::error::Result;
@@ -38,7 +39,34 @@ impl HotCore {
     /// the append on the writer thread. Returns the manifest entries and
     /// the stats.
     pub fn capture(&self, disk: &MemDisk) -> Result<(Vec<Option<ChunkId>>, CaptureStats)> {
-        let c = capture::capture(&self.store, disk, &self.settings, &Progress::default())?;
+        let plan = CapturePlan::full(disk.len()?, self.settings.block_size, None);
+        self.run(disk, plan)
+    }
+
+    /// The incremental capture: reads only the `dirty` block runs and takes
+    /// every other block from `parent`.
+    pub fn capture_incremental(
+        &self,
+        disk: &MemDisk,
+        parent: &[Option<ChunkId>],
+        dirty: &[Range<u64>],
+    ) -> Result<(Vec<Option<ChunkId>>, CaptureStats)> {
+        let plan = CapturePlan::incremental(parent, dirty, self.settings.block_size, None);
+        self.run(disk, plan)
+    }
+
+    fn run(
+        &self,
+        disk: &MemDisk,
+        plan: CapturePlan,
+    ) -> Result<(Vec<Option<ChunkId>>, CaptureStats)> {
+        let c = capture::capture(
+            &self.store,
+            disk,
+            &self.settings,
+            plan,
+            &Progress::default(),
+        )?;
         Ok((c.blocks, c.stats))
     }
 

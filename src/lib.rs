@@ -7,6 +7,11 @@
 //! packs, and listed in an immutable manifest. Restore rewrites only the
 //! blocks that differ. A server keeps at most five snapshots.
 //!
+//! Snapshots and restores cost what changed, not the disk's size, when the
+//! engine knows what the guest wrote: from a hypervisor's dirty bitmap
+//! ([`DirtyBitmap`], [`Engine::create_incremental`]) or from writes the
+//! embedder reports ([`Engine::record_write`]).
+//!
 //! ```
 //! use blocksnap::{Engine, ServerId};
 //!
@@ -34,6 +39,7 @@ struct ReadmeDoctests;
 
 mod capture;
 mod catalog;
+mod dirty;
 pub mod disk;
 mod engine;
 mod error;
@@ -49,12 +55,15 @@ mod options;
 mod restore;
 pub mod sample;
 mod store;
+mod tracking;
 mod verify;
 mod window;
 
 pub use catalog::{
-    CaptureStats, MAX_DESCRIPTION_LEN, MAX_NAME_LEN, MAX_SNAPSHOTS_PER_SERVER, SnapshotStatus,
+    CaptureKind, CaptureStats, FullReason, MAX_DESCRIPTION_LEN, MAX_NAME_LEN,
+    MAX_SNAPSHOTS_PER_SERVER, SnapshotStatus,
 };
+pub use dirty::DirtyBitmap;
 pub use engine::{
     CaptureJob, Engine, OpenReport, RestoreJob, Server, ServerRef, ServerState, Snapshot,
 };
@@ -63,7 +72,9 @@ pub use ids::{ChunkId, ServerId, SnapshotId};
 pub use job::{Job, Progress};
 pub use options::{
     COMPRESSION_BALANCED, COMPRESSION_COMPACT, COMPRESSION_FAST, DEFAULT_BLOCK_SIZE,
-    DEFAULT_COMPRESSION_LEVEL, DEFAULT_WINDOW_LEN, EngineOptions, StopHook,
+    DEFAULT_CLEAN_SAMPLE_RATE, DEFAULT_COMPRESSION_LEVEL, DEFAULT_WINDOW_LEN, EngineOptions,
+    StopHook,
 };
-pub use restore::RestoreReport;
+pub use restore::{RestoreMethod, RestoreReport};
+pub use tracking::TrackingStatus;
 pub use verify::{BadChunk, BadManifest, VerifyReport};

@@ -21,6 +21,9 @@ pub const COMPRESSION_BALANCED: i32 = 3;
 /// The `compact` setting: zstd level 9, for less space at about 4 times
 /// the capture time.
 pub const COMPRESSION_COMPACT: i32 = 9;
+/// Share of the blocks a dirty bitmap calls clean that an incremental
+/// capture rehashes as a check of the bitmap, unless chosen otherwise.
+pub const DEFAULT_CLEAN_SAMPLE_RATE: f64 = 0.01;
 /// Bytes read from a disk per window unless chosen otherwise.
 pub const DEFAULT_WINDOW_LEN: usize = 16 << 20;
 
@@ -37,6 +40,8 @@ pub struct EngineOptions {
     pub(crate) window_len: usize,
     pub(crate) stop_hook: Option<StopHook>,
     pub(crate) disk_opener: DiskOpener,
+    pub(crate) change_tracking: bool,
+    pub(crate) clean_sample_rate: f64,
 }
 
 impl Default for EngineOptions {
@@ -48,6 +53,8 @@ impl Default for EngineOptions {
             window_len: DEFAULT_WINDOW_LEN,
             stop_hook: None,
             disk_opener: default_opener(),
+            change_tracking: false,
+            clean_sample_rate: DEFAULT_CLEAN_SAMPLE_RATE,
         }
     }
 }
@@ -101,6 +108,29 @@ impl EngineOptions {
     /// How disks are opened. Default: image files and block devices.
     pub fn disk_opener(mut self, opener: DiskOpener) -> Self {
         self.disk_opener = opener;
+        self
+    }
+
+    /// Track guest writes: the embedder promises to report every write to
+    /// every server's disk with [`Engine::record_write`] while the store is
+    /// open, and snapshots and restores then read and write only what
+    /// changed (see [`Engine::record_write`]). Default: off, and a store
+    /// opened without it forgets any tracking, since nobody reports the
+    /// writes made meanwhile.
+    pub fn change_tracking(mut self, on: bool) -> Self {
+        self.change_tracking = on;
+        self
+    }
+
+    /// Share (0 to 1) of the blocks a dirty bitmap calls clean that an
+    /// incremental capture rehashes to check the bitmap; any changed block
+    /// among them switches the capture to a full rehash. Default: 0.01.
+    pub fn clean_sample_rate(mut self, rate: f64) -> Self {
+        self.clean_sample_rate = if rate.is_finite() {
+            rate.clamp(0.0, 1.0)
+        } else {
+            DEFAULT_CLEAN_SAMPLE_RATE
+        };
         self
     }
 

@@ -10,6 +10,7 @@
 //! as one large write, runs of zero blocks as holes in image files. The
 //! caller fsyncs once at the end.
 
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, sync_channel};
 use std::time::Instant;
@@ -43,11 +44,24 @@ pub struct RestorePlan {
     pub bytes_compared: u64,
 }
 
+/// How a restore found the blocks to rewrite.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RestoreMethod {
+    /// Read every block of the disk and compared it with the snapshot.
+    #[default]
+    Compare,
+    /// Knew the disk's state from change tracking (a snapshot plus the
+    /// blocks written since) and compared manifests, reading nothing.
+    Delta,
+}
+
 /// What a restore did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct RestoreReport {
     pub snapshot_id: u64,
     pub server_id: u64,
+    pub method: RestoreMethod,
     pub blocks_total: u64,
     pub blocks_rewritten: u64,
     pub bytes_written: u64,
@@ -114,6 +128,32 @@ pub fn plan(
         bytes_to_write,
         bytes_compared: compare_len,
     })
+}
+
+/// The blocks to rewrite when the disk is known to hold `base` but for the
+/// `dirty` block runs (ascending): those that differ between the two
+/// manifests, and the dirty ones. Reads nothing. Both manifests must be of
+/// one disk length.
+pub fn plan_delta(base: &Manifest, dirty: &[Range<u64>], target: &Manifest) -> RestorePlan {
+    let mut rewrite = Vec::new();
+    let mut bytes_to_write = 0;
+    let mut runs = dirty.iter().peekable();
+    for (i, (have, want)) in base.blocks().iter().zip(target.blocks()).enumerate() {
+        let i = i as u64;
+        while runs.next_if(|r| r.end <= i).is_some() {}
+        let is_dirty = runs.peek().is_some_and(|r| r.start <= i);
+        if is_dirty || have != want {
+            rewrite.push(i);
+            bytes_to_write += target.block_len(i) as u64;
+        }
+    }
+    RestorePlan {
+        snapshot: target.snapshot,
+        blocks_total: target.block_count(),
+        rewrite,
+        bytes_to_write,
+        bytes_compared: 0,
+    }
 }
 
 fn block_matches(bytes: &[u8], want: Option<&ChunkId>) -> bool {
@@ -233,11 +273,14 @@ fn write_batch(
 }
 
 /// Runs plan and apply, then sets an image file's length and fsyncs.
+/// With `known` (the disk holds this base manifest but for these dirty
+/// block runs) the plan compares manifests instead of reading the disk.
 /// `written` tells the caller, even on error, whether the disk was touched.
 pub fn restore(
     store: &ChunkStore,
     manifest: &Manifest,
     disk: &dyn Disk,
+    known: Option<(&Manifest, &[Range<u64>])>,
     window_len: usize,
     progress: &Progress,
     written: &mut u64,
@@ -253,7 +296,15 @@ pub fn restore(
             });
         }
     }
-    let plan = plan(manifest, disk, window_len, progress)?;
+    let (plan, method) = match known {
+        Some((base, dirty)) if base.image_len == manifest.image_len => {
+            (plan_delta(base, dirty, manifest), RestoreMethod::Delta)
+        }
+        _ => (
+            plan(manifest, disk, window_len, progress)?,
+            RestoreMethod::Compare,
+        ),
+    };
     apply(store, manifest, disk, &plan, window_len, progress, written)?;
     if !disk.is_block_device() && disk.len()? != manifest.image_len {
         disk.set_len(manifest.image_len)?;
@@ -263,6 +314,7 @@ pub fn restore(
     Ok(RestoreReport {
         snapshot_id: manifest.snapshot.0,
         server_id: manifest.server.0,
+        method,
         blocks_total: plan.blocks_total,
         blocks_rewritten: plan.rewrite.len() as u64,
         bytes_written: plan.bytes_to_write,
@@ -276,7 +328,8 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::capture::{CaptureSettings, capture};
+    use crate::capture::{CapturePlan, CaptureSettings, capture};
+    use crate::dirty::DirtyBitmap;
     use crate::disk::MemDisk;
     use crate::ids::ServerId;
 
@@ -332,18 +385,142 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let (store, _) = ChunkStore::open(dir.path()).unwrap();
             let settings = CaptureSettings { block_size: BS as u32, compression_level: 1, window_len: 5 * BS };
-            let captured = capture(&store, &MemDisk::new(snapshot.clone()), &settings, &Progress::default()).unwrap();
+            let plan_all = CapturePlan::full(snapshot.len() as u64, BS as u32, None);
+            let captured = capture(&store, &MemDisk::new(snapshot.clone()), &settings, plan_all, &Progress::default()).unwrap();
             let manifest = Manifest::new(SnapshotId(1), ServerId(1), BS as u32, snapshot.len() as u64, captured.blocks).unwrap();
 
             let disk = MemDisk::new(target.clone());
             let p = plan(&manifest, &disk, 3 * BS, &Progress::default()).unwrap();
             prop_assert_eq!(&p.rewrite, &naive_plan(&snapshot, &target));
             let mut written = 0;
-            restore(&store, &manifest, &disk, 3 * BS, &Progress::default(), &mut written).unwrap();
+            restore(&store, &manifest, &disk, None, 3 * BS, &Progress::default(), &mut written).unwrap();
             prop_assert!(disk.contents() == snapshot);
             // Restoring again finds nothing to do.
             let again = plan(&manifest, &disk, 3 * BS, &Progress::default()).unwrap();
             prop_assert!(again.rewrite.is_empty());
         }
+    }
+
+    fn settings() -> CaptureSettings {
+        CaptureSettings {
+            block_size: BS as u32,
+            compression_level: 1,
+            window_len: 5 * BS,
+        }
+    }
+
+    fn manifest_of(id: u64, len: usize, blocks: Vec<Option<ChunkId>>) -> Manifest {
+        Manifest::new(SnapshotId(id), ServerId(1), BS as u32, len as u64, blocks).unwrap()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// For random disks, random writes and random bitmaps that cover at
+        /// least the written blocks: the incremental capture's manifest is
+        /// the full capture's, and restoring either version from known
+        /// state (delta) or by comparing gives the exact bytes.
+        #[test]
+        fn incremental_capture_equals_full_and_delta_restores_exactly(
+            kinds in proptest::collection::vec(0u8..4, 1..40),
+            tail in 0usize..BS,
+            writes in proptest::collection::vec((0usize..40 * BS, 1usize..3 * BS, 0u8..3), 0..8),
+            extra in proptest::collection::vec(0usize..40, 0..6),
+            sparse_v2 in any::<bool>(),
+        ) {
+            let v1 = image(&kinds, tail);
+            let len = v1.len();
+            let mut v2 = v1.clone();
+            let mut ranges = Vec::new();
+            for (at, n, byte) in writes {
+                let at = at % len;
+                let n = n.min(len - at);
+                v2[at..at + n].fill(byte);
+                ranges.push((at as u64, n as u64));
+            }
+            let mut dirty = DirtyBitmap::from_ranges(len as u64, BS as u64, ranges).unwrap();
+            for b in extra {
+                if (b as u64) < dirty.len() {
+                    dirty.set(b as u64);
+                }
+            }
+            let runs = dirty.block_runs(BS as u32).unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let (store, _) = ChunkStore::open(dir.path()).unwrap();
+            let full = |bytes: &[u8]| {
+                let plan = CapturePlan::full(len as u64, BS as u32, None);
+                capture(&store, &MemDisk::new(bytes.to_vec()), &settings(), plan, &Progress::default()).unwrap()
+            };
+            let m1 = manifest_of(1, len, full(&v1).blocks);
+            let m2_full = full(&v2);
+            // A sparse image's data ranges: every non-zero block (a file
+            // system would report at least those).
+            let data: Vec<std::ops::Range<u64>> = (0..len.div_ceil(BS))
+                .filter(|&i| v2[i * BS..((i + 1) * BS).min(len)].iter().any(|&b| b != 0))
+                .map(|i| (i * BS) as u64..(((i + 1) * BS).min(len)) as u64)
+                .collect();
+            let plan = CapturePlan::incremental(m1.blocks(), &runs, BS as u32, sparse_v2.then_some(data.as_slice()));
+            let inc = capture(&store, &MemDisk::new(v2.clone()), &settings(), plan, &Progress::default()).unwrap();
+            prop_assert_eq!(&inc.blocks, &m2_full.blocks);
+            prop_assert_eq!(inc.stats.data_bytes, m2_full.stats.data_bytes);
+            prop_assert!(inc.stats.blocks_read <= dirty.count());
+            let m2 = manifest_of(2, len, inc.blocks);
+
+            // The disk holds v2, known as m1 plus the dirty blocks: back to v1.
+            let disk = MemDisk::new(v2.clone());
+            let mut w = 0;
+            let r = restore(&store, &m1, &disk, Some((&m1, &runs)), BS, &Progress::default(), &mut w).unwrap();
+            prop_assert_eq!(r.method, RestoreMethod::Delta);
+            prop_assert!(disk.contents() == v1);
+            // The delta plan never rewrites less than a full compare would.
+            let compared = naive_plan(&v1, &v2);
+            let delta = plan_delta(&m1, &runs, &m1).rewrite;
+            prop_assert!(compared.iter().all(|i| delta.binary_search(i).is_ok()));
+            // Now it holds v1, known as m1 with nothing dirty: on to v2.
+            let r = restore(&store, &m2, &disk, Some((&m1, &[])), BS, &Progress::default(), &mut w).unwrap();
+            prop_assert!(disk.contents() == v2);
+            prop_assert_eq!(r.bytes_compared, 0);
+            // Without knowledge, comparing gets the same bytes.
+            let r = restore(&store, &m1, &disk, None, BS, &Progress::default(), &mut w).unwrap();
+            prop_assert_eq!(r.method, RestoreMethod::Compare);
+            prop_assert!(disk.contents() == v1);
+        }
+    }
+
+    /// A bitmap that misses a written block is the embedder's bug; what
+    /// happens is documented here: the snapshot keeps the parent's block.
+    #[test]
+    fn a_block_the_bitmap_misses_keeps_the_parents_bytes() {
+        let v1 = image(&[1, 2, 3, 1], 0);
+        let mut v2 = v1.clone();
+        v2[BS..2 * BS].fill(9); // block 1 written
+        v2[2 * BS..3 * BS].fill(8); // block 2 written, but not in the bitmap
+        let dirty = DirtyBitmap::from_ranges(v1.len() as u64, BS as u64, [(BS as u64, 1)]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = ChunkStore::open(dir.path()).unwrap();
+        let plan = CapturePlan::full(v1.len() as u64, BS as u32, None);
+        let c1 = capture(
+            &store,
+            &MemDisk::new(v1.clone()),
+            &settings(),
+            plan,
+            &Progress::default(),
+        )
+        .unwrap();
+        let runs = dirty.block_runs(BS as u32).unwrap();
+        let plan = CapturePlan::incremental(&c1.blocks, &runs, BS as u32, None);
+        let c2 = capture(
+            &store,
+            &MemDisk::new(v2.clone()),
+            &settings(),
+            plan,
+            &Progress::default(),
+        )
+        .unwrap();
+        assert_eq!(c2.stats.blocks_read, 1);
+        assert_eq!(c2.blocks[1], Some(ChunkId::of(&v2[BS..2 * BS])));
+        assert_eq!(
+            c2.blocks[2], c1.blocks[2],
+            "the missed block keeps the parent's chunk"
+        );
     }
 }

@@ -11,7 +11,7 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use blocksnap::{Engine, EngineOptions, Error, ServerId, SnapshotId};
+use blocksnap::{DirtyBitmap, Engine, EngineOptions, Error, ServerId, SnapshotId, SnapshotStatus};
 use clap::{Parser, Subcommand};
 
 use output::{human_bytes, print_json};
@@ -100,6 +100,15 @@ enum SnapshotCmd {
         name: String,
         #[arg(long, default_value = "")]
         description: String,
+        /// Incremental: the completed snapshot of this server that the
+        /// disk equalled but for the blocks the dirty bitmap marks.
+        #[arg(long, requires = "dirty_bitmap")]
+        parent: Option<u64>,
+        /// A raw bitset, one bit per block of the store's block size: bit k
+        /// (least significant first) of byte b marks block 8b+k as written
+        /// since the parent.
+        #[arg(long, requires = "parent")]
+        dirty_bitmap: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -118,6 +127,27 @@ enum SnapshotCmd {
     },
     /// Delete a snapshot.
     Delete { snapshot_id: u64 },
+}
+
+/// Reads a `--dirty-bitmap` file for an incremental snapshot of `parent`:
+/// one bit per block of the store's block size over the parent's disk.
+fn read_dirty_bitmap(
+    engine: &Engine,
+    parent: SnapshotId,
+    file: &Path,
+) -> blocksnap::Result<DirtyBitmap> {
+    let snap = engine.snapshot(parent)?;
+    let Some(stats) = snap
+        .stats
+        .filter(|_| snap.status == SnapshotStatus::Completed)
+    else {
+        return Err(blocksnap::Error::WrongState(format!(
+            "parent snapshot {parent} is {}; only a completed snapshot can be a parent",
+            snap.status.as_str()
+        )));
+    };
+    let bytes = std::fs::read(file).map_err(|e| blocksnap::Error::io(file, e))?;
+    DirtyBitmap::from_bytes(stats.image_len, u64::from(engine.block_size()), &bytes)
 }
 
 /// Parses `fast`, `default`, `compact` or a zstd level.
@@ -278,9 +308,19 @@ fn snapshot(engine: &Engine, cmd: SnapshotCmd) -> blocksnap::Result<i32> {
             server,
             name,
             description,
+            parent,
+            dirty_bitmap,
             json,
         } => {
-            let job = engine.start_snapshot(ServerId(server), &name, &description)?;
+            let server = ServerId(server);
+            let job = match (parent, dirty_bitmap) {
+                (Some(parent), Some(file)) => {
+                    let parent = SnapshotId(parent);
+                    let dirty = read_dirty_bitmap(engine, parent, &file)?;
+                    engine.start_incremental(server, &name, &description, parent, dirty)?
+                }
+                _ => engine.start_snapshot(server, &name, &description)?,
+            };
             let progress = job.progress_handle();
             let bar = ProgressBar::start("capturing", move || progress.get());
             let done = job.wait();

@@ -1,7 +1,7 @@
 //! What the command prints: tables for people, the API's JSON shapes for
 //! scripts.
 
-use blocksnap::{Engine, RestoreReport, Server, Snapshot, SnapshotId};
+use blocksnap::{CaptureKind, Engine, FullReason, RestoreReport, Server, Snapshot, SnapshotId};
 use serde::Serialize;
 use serde_json::json;
 
@@ -44,16 +44,29 @@ pub fn capture_summary(snap: &Snapshot) -> String {
     };
     let secs = s.micros as f64 / 1e6;
     let speed = if secs > 0.0 {
-        format!("{}/s", human_bytes((s.image_len as f64 / secs) as u64))
+        format!("{}/s", human_bytes((s.bytes_read as f64 / secs) as u64))
     } else {
         "-".into()
     };
+    let how = match (s.kind, s.parent, s.full_reason) {
+        (CaptureKind::Incremental, Some(p), _) => format!(
+            "; incremental from snapshot {p}, {} clean blocks sampled",
+            s.sample_checked
+        ),
+        (_, _, Some(FullReason::SampleMismatch)) => format!(
+            "; FULL rehash: {} of {} sampled clean blocks had changed, the dirty bitmap missed writes",
+            s.sample_mismatches, s.sample_checked
+        ),
+        (_, _, Some(reason)) => format!("; full capture: {}", reason.describe()),
+        _ => String::new(),
+    };
     format!(
-        "snapshot {} ({}) of server {} completed: read {} ({} data), stored {} new; \
-         dedup {}, compression {}; {:.2} s, {}",
+        "snapshot {} ({}) of server {} completed: read {} of {} ({} data), stored {} new; \
+         dedup {}, compression {}; {:.2} s, {}{how}",
         snap.id,
         snap.name,
         snap.server.id,
+        human_bytes(s.bytes_read),
         human_bytes(s.image_len),
         human_bytes(s.data_bytes),
         human_bytes(s.new_stored_bytes),
@@ -134,6 +147,7 @@ pub fn restore(
             "snapshot": { "id": snap.id, "name": snap.name, "created_at": snap.created_at },
             "server": { "id": server.id, "name": server.name, "status": server.state },
             "blocks_total": r.blocks_total,
+            "method": r.method,
             "blocks_rewritten": r.blocks_rewritten,
             "bytes_written": r.bytes_written,
             "seconds": secs,

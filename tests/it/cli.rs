@@ -291,3 +291,82 @@ fn the_demo_restores_byte_exact() {
     );
     assert!(text.contains("restore is byte-exact"), "{text}");
 }
+
+#[test]
+fn an_incremental_snapshot_from_a_dirty_bitmap_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let disk = dir.path().join("web.img");
+    let len = 40 * 65536;
+    std::fs::write(&disk, disk_bytes(len, 21)).unwrap();
+    ok(&store, &["init"]);
+    let d = disk.to_str().unwrap();
+    ok(
+        &store,
+        &["server", "add", "--id", "1", "--name", "web", "--disk", d],
+    );
+    ok(
+        &store,
+        &["snapshot", "create", "--server", "1", "--name", "a"],
+    );
+
+    // The guest writes blocks 3 and 17; the hypervisor's bitmap says so.
+    let mut bytes = std::fs::read(&disk).unwrap();
+    bytes[3 * 65536..3 * 65536 + 4].copy_from_slice(b"new!");
+    bytes[17 * 65536] ^= 0xFF;
+    std::fs::write(&disk, &bytes).unwrap();
+    let bitmap = dir.path().join("dirty.bin");
+    std::fs::write(&bitmap, [0b0000_1000, 0, 0b0000_0010, 0, 0]).unwrap();
+    let b = bitmap.to_str().unwrap();
+    let out = blocksnap(
+        &store,
+        &[
+            "snapshot",
+            "create",
+            "--server",
+            "1",
+            "--name",
+            "b",
+            "--parent",
+            "1",
+            "--dirty-bitmap",
+            b,
+        ],
+    );
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(summary.contains("incremental from snapshot 1"), "{summary}");
+    assert!(summary.contains("read 128.0 KiB of 2.5 MiB"), "{summary}");
+
+    std::fs::write(&disk, vec![0u8; len]).unwrap();
+    ok(&store, &["snapshot", "restore", "2"]);
+    assert!(std::fs::read(&disk).unwrap() == bytes);
+
+    // A bitmap file of the wrong length, a parent given without a bitmap.
+    std::fs::write(&bitmap, [0u8; 4]).unwrap();
+    let args = [
+        "snapshot",
+        "create",
+        "--server",
+        "1",
+        "--name",
+        "c",
+        "--parent",
+        "1",
+        "--dirty-bitmap",
+        b,
+    ];
+    fails_with(&store, &args, 2, "needs 5");
+    let out = blocksnap(
+        &store,
+        &[
+            "snapshot", "create", "--server", "1", "--name", "c", "--parent", "1",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--dirty-bitmap"));
+}

@@ -7,6 +7,7 @@ mod common;
 mod concurrency;
 mod corruption;
 mod errors;
+mod incremental;
 mod persistence;
 mod restore;
 mod roundtrip;
