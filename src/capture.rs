@@ -256,6 +256,23 @@ fn subtract(a: &[Range<u64>], b: &[Range<u64>]) -> Vec<Range<u64>> {
     out
 }
 
+/// Blocks per window (or restore batch) for `blocks` blocks in all: a
+/// window's worth, but at least `WINDOWS_MIN` windows when there is little
+/// to do, so that appending (or writing) one overlaps working on the next
+/// instead of waiting for one large last window.
+pub fn blocks_per_window(blocks: u64, window_len: usize, block_size: usize) -> u64 {
+    let full = (window_len.max(block_size) / block_size) as u64;
+    let task = (task_len(block_size as u32) / block_size) as u64;
+    full.min(blocks.div_ceil(WINDOWS_MIN).max(task))
+}
+
+/// See [`blocks_per_window`].
+const WINDOWS_MIN: u64 = 8;
+
+fn stats_blocks(runs: &[Range<u64>]) -> u64 {
+    runs.iter().map(|r| r.end - r.start).sum()
+}
+
 /// Splits the runs into windows of at most `per_window` blocks each.
 fn windows(runs: &[Range<u64>], per_window: u64) -> Vec<Vec<Range<u64>>> {
     let mut out = Vec::new();
@@ -307,12 +324,12 @@ pub fn capture(
         .map(|i| block_len(i) as u64)
         .sum();
     progress.start(to_read);
-    let per_window = (settings.window_len.max(bs) / bs) as u64;
+    let per_window = blocks_per_window(stats_blocks(&plan.read), settings.window_len, bs);
     let task_blocks = (task_len(settings.block_size) / bs) as u64;
     let mut blocks = plan.base;
     let mut stats = CaptureStats {
         image_len: len,
-        blocks_read: plan.read.iter().map(|r| r.end - r.start).sum(),
+        blocks_read: stats_blocks(&plan.read),
         bytes_read: to_read,
         ..CaptureStats::default()
     };

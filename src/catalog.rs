@@ -147,6 +147,9 @@ pub struct CaptureStats {
     pub new_stored_bytes: u64,
     /// Wall time of the capture, in microseconds.
     pub micros: u64,
+    /// Of which making it durable: the pack fsync and the manifest's
+    /// write, fsync, rename and directory fsync.
+    pub sync_micros: u64,
 }
 
 /// A snapshot, as persisted.

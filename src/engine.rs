@@ -863,6 +863,7 @@ impl Engine {
             },
         };
         let captured = capture::capture(&inner.store, disk, &settings, plan, progress)?;
+        let synced = std::time::Instant::now();
         inner.store.sync()?;
         let manifest = Manifest::new(
             rec.id,
@@ -874,6 +875,7 @@ impl Engine {
         manifest.write_durably(&inner.manifests)?;
         Ok(CaptureStats {
             micros: started.elapsed().as_micros() as u64,
+            sync_micros: synced.elapsed().as_micros() as u64,
             kind: how.kind,
             parent: how.parent,
             full_reason: how.full_reason,

@@ -12,7 +12,7 @@ use crate::error::Result;
 use crate::ids::{ChunkId, ServerId, SnapshotId};
 use crate::job::Progress;
 use crate::manifest::Manifest;
-use crate::restore::{RestorePlan, apply};
+use crate::restore::{RestorePlan, apply, plan_delta};
 use crate::store::ChunkStore;
 
 /// A chunk store in `dir` and the capture settings to use with it.
@@ -114,5 +114,33 @@ impl HotCore {
             &mut written,
         )?;
         Ok(written)
+    }
+
+    /// A delta restore, without the final fsync: `disk` holds `base` but
+    /// for the `dirty` block runs; writes the blocks where `target`
+    /// differs from it. Returns the blocks rewritten.
+    pub fn restore_delta(
+        &self,
+        base: Vec<Option<ChunkId>>,
+        dirty: &[Range<u64>],
+        target: Vec<Option<ChunkId>>,
+        image_len: u64,
+        disk: &dyn Disk,
+    ) -> Result<u64> {
+        let bs = self.settings.block_size;
+        let base = Manifest::new(SnapshotId(0), ServerId(0), bs, image_len, base)?;
+        let target = Manifest::new(SnapshotId(1), ServerId(0), bs, image_len, target)?;
+        let plan = plan_delta(&base, dirty, &target);
+        let mut written = 0;
+        apply(
+            &self.store,
+            &target,
+            disk,
+            &plan,
+            self.settings.window_len,
+            &Progress::default(),
+            &mut written,
+        )?;
+        Ok(plan.rewrite.len() as u64)
     }
 }

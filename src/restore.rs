@@ -182,7 +182,8 @@ pub fn apply(
     written: &mut u64,
 ) -> Result<()> {
     let bs = manifest.block_size as usize;
-    let per_batch = (batch_len / bs).max(1);
+    let per_batch =
+        crate::capture::blocks_per_window(plan.rewrite.len() as u64, batch_len, bs) as usize;
     progress.start(plan.bytes_to_write);
     let done = AtomicU64::new(0);
     let (to_writer, for_writer) = sync_channel::<Batch<'_>>(1);
@@ -260,14 +261,18 @@ fn write_batch(
         if data {
             let at = k * bs as usize;
             disk.write_at(&batch.bytes[at..at + run_len as usize], offset)?;
-            // Overlap the device writes with decompressing the next batch.
-            disk.start_writeback(offset, run_len);
         } else {
             disk.write_zeroes(offset, run_len)?;
         }
         done.fetch_add(run_len, Ordering::Relaxed);
         progress.add(run_len);
         k = end;
+    }
+    // Overlap the device writes with decompressing the next batch: one
+    // hint over the batch's span (pages not written are not dirty).
+    if let (Some(&first), Some(&last)) = (blocks.first(), blocks.last()) {
+        let end = last * bs + manifest.block_len(last) as u64;
+        disk.start_writeback(first * bs, end - first * bs);
     }
     Ok(())
 }

@@ -122,6 +122,15 @@ enum SnapshotCmd {
     /// Rewrite a server's disk with a snapshot (only blocks that differ).
     Restore {
         snapshot_id: u64,
+        /// The disk holds this snapshot (of the same server) but for the
+        /// blocks in --dirty-bitmap: rewrite the blocks that differ between
+        /// the two snapshots plus those, without reading the disk.
+        #[arg(long)]
+        current: Option<u64>,
+        /// With --current: the blocks written since that snapshot, as for
+        /// `snapshot create --dirty-bitmap`. Default: none.
+        #[arg(long, requires = "current")]
+        dirty_bitmap: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -136,18 +145,21 @@ fn read_dirty_bitmap(
     parent: SnapshotId,
     file: &Path,
 ) -> blocksnap::Result<DirtyBitmap> {
-    let snap = engine.snapshot(parent)?;
-    let Some(stats) = snap
-        .stats
-        .filter(|_| snap.status == SnapshotStatus::Completed)
-    else {
-        return Err(blocksnap::Error::WrongState(format!(
-            "parent snapshot {parent} is {}; only a completed snapshot can be a parent",
-            snap.status.as_str()
-        )));
-    };
+    let len = completed_len(engine, parent)?;
     let bytes = std::fs::read(file).map_err(|e| blocksnap::Error::io(file, e))?;
-    DirtyBitmap::from_bytes(stats.image_len, u64::from(engine.block_size()), &bytes)
+    DirtyBitmap::from_bytes(len, u64::from(engine.block_size()), &bytes)
+}
+
+/// The disk length of a completed snapshot, which a bitmap must cover.
+fn completed_len(engine: &Engine, id: SnapshotId) -> blocksnap::Result<u64> {
+    let snap = engine.snapshot(id)?;
+    match snap.stats {
+        Some(stats) if snap.status == SnapshotStatus::Completed => Ok(stats.image_len),
+        _ => Err(blocksnap::Error::WrongState(format!(
+            "snapshot {id} is {}; only a completed snapshot can describe the disk",
+            snap.status.as_str()
+        ))),
+    }
 }
 
 /// Parses `fast`, `default`, `compact` or a zstd level.
@@ -216,7 +228,17 @@ fn dispatch(cli: Cli) -> blocksnap::Result<i32> {
             compression,
         } => init(&store, block_size, compression),
         Command::Server(cmd) => server(&open(&store)?, cmd),
-        Command::Snapshot(cmd) => snapshot(&open(&store)?, cmd),
+        Command::Snapshot(cmd) => {
+            // Only a restore from known state hands change tracking over.
+            let tracking = matches!(
+                cmd,
+                SnapshotCmd::Restore {
+                    current: Some(_),
+                    ..
+                }
+            );
+            snapshot(&open_with(&store, tracking)?, cmd)
+        }
         Command::Verify { snapshot_id, json } => {
             output::verify(&open(&store)?, snapshot_id.map(SnapshotId), json)
         }
@@ -227,7 +249,14 @@ fn dispatch(cli: Cli) -> blocksnap::Result<i32> {
 }
 
 fn open(store: &Path) -> blocksnap::Result<Engine> {
-    let engine = EngineOptions::new().create(false).open(store)?;
+    open_with(store, false)
+}
+
+fn open_with(store: &Path, change_tracking: bool) -> blocksnap::Result<Engine> {
+    let engine = EngineOptions::new()
+        .create(false)
+        .change_tracking(change_tracking)
+        .open(store)?;
     let report = engine.open_report();
     for id in &report.failed_captures {
         eprintln!("note: snapshot {id} was interrupted by a crash and is now marked failed");
@@ -338,8 +367,24 @@ fn snapshot(engine: &Engine, cmd: SnapshotCmd) -> blocksnap::Result<i32> {
             let list = engine.snapshots(server.map(ServerId))?;
             output::snapshots(&list, json);
         }
-        SnapshotCmd::Restore { snapshot_id, json } => {
+        SnapshotCmd::Restore {
+            snapshot_id,
+            current,
+            dirty_bitmap,
+            json,
+        } => {
             let id = SnapshotId(snapshot_id);
+            if let Some(current) = current.map(SnapshotId) {
+                let server = engine.snapshot(id)?.server.id;
+                let dirty = match dirty_bitmap {
+                    Some(file) => read_dirty_bitmap(engine, current, &file)?,
+                    None => {
+                        let len = completed_len(engine, current)?;
+                        DirtyBitmap::new(len, u64::from(engine.block_size()))?
+                    }
+                };
+                engine.adopt_dirty_bitmap(server, current, &dirty)?;
+            }
             let job = engine.start_restore(id)?;
             let progress = job.progress_handle();
             let bar = ProgressBar::start("restoring", move || progress.get());

@@ -62,7 +62,7 @@ pub fn capture_summary(snap: &Snapshot) -> String {
     };
     format!(
         "snapshot {} ({}) of server {} completed: read {} of {} ({} data), stored {} new; \
-         dedup {}, compression {}; {:.2} s, {}{how}",
+         dedup {}, compression {}; {:.3} s ({:.3} s of it to make it durable), {}{how}",
         snap.id,
         snap.name,
         snap.server.id,
@@ -73,6 +73,7 @@ pub fn capture_summary(snap: &Snapshot) -> String {
         ratio(s.data_bytes, s.new_raw_bytes),
         ratio(s.new_raw_bytes, s.new_stored_bytes),
         secs,
+        s.sync_micros as f64 / 1e6,
         speed
     )
 }
@@ -155,7 +156,7 @@ pub fn restore(
     } else {
         println!(
             "restored snapshot {} ({}) onto server {} ({}): {} of {} blocks rewritten, \
-             {} written; {:.2} s",
+             {} written; {:.3} s",
             snap.id,
             snap.name,
             server.id,

@@ -83,6 +83,28 @@ impl ChunkIndex {
         self.get(id).is_some()
     }
 
+    /// An index of `entries`, in pack order: where an id occurs twice, the
+    /// first copy wins, as with [`ChunkIndex::insert_if_absent`].
+    pub fn from_entries(entries: Vec<(ChunkId, ChunkLoc)>) -> Self {
+        let mut sorted: Vec<Entry> = entries
+            .into_iter()
+            .map(|(id, l)| Entry {
+                key: key(&id),
+                pack: l.pack,
+                offset: l.offset,
+                stored_len: l.stored_len,
+            })
+            .collect();
+        // Stable: equal keys keep their order, and dedup keeps the first.
+        sorted.sort_by_key(|e| e.key);
+        sorted.dedup_by_key(|e| e.key);
+        sorted.shrink_to_fit();
+        ChunkIndex {
+            sorted,
+            recent: HashMap::default(),
+        }
+    }
+
     /// Adds a chunk unless its id is already indexed (the first copy wins).
     pub fn insert_if_absent(&mut self, id: &ChunkId, loc: ChunkLoc) {
         if self.contains_key(id) {
@@ -164,6 +186,26 @@ mod tests {
         // The first copy wins.
         idx.insert_if_absent(&ids[5], loc(999));
         assert_eq!(idx.get(&ids[5]), Some(loc(5)));
+    }
+
+    #[test]
+    fn bulk_loading_keeps_the_first_copy_and_finds_everything() {
+        let ids: Vec<ChunkId> = (0..5_000u32)
+            .map(|i| ChunkId::of(&i.to_le_bytes()))
+            .collect();
+        let mut entries: Vec<(ChunkId, ChunkLoc)> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| (*id, loc(i as u32)))
+            .collect();
+        entries.push((ids[7], loc(77_777)));
+        let mut idx = ChunkIndex::from_entries(entries);
+        assert_eq!(idx.len(), ids.len());
+        for (i, id) in ids.iter().enumerate() {
+            assert_eq!(idx.get(id), Some(loc(i as u32)));
+        }
+        idx.insert_if_absent(&ChunkId::of(b"new"), loc(1));
+        assert_eq!(idx.get(&ChunkId::of(b"new")), Some(loc(1)));
     }
 
     #[test]

@@ -115,24 +115,24 @@ impl ChunkStore {
     pub fn open(dir: &Path) -> Result<(Self, Recovery)> {
         fs::create_dir_all(dir).at(dir)?;
         let mut recovery = Recovery::default();
-        let mut index = ChunkIndex::default();
+        let mut all = Vec::new();
         let mut max_seq = 0;
         for (seq, path) in list_packs(dir)? {
             max_seq = max_seq.max(seq);
             match load_pack(&path, &mut recovery) {
-                Ok(entries) => {
-                    for e in entries {
-                        let loc = ChunkLoc {
-                            pack: seq,
-                            offset: e.offset as u32,
-                            stored_len: e.stored_len,
-                        };
-                        index.insert_if_absent(&e.id, loc);
-                    }
-                }
+                Ok(entries) => all.extend(entries.into_iter().map(|e| {
+                    let loc = ChunkLoc {
+                        pack: seq,
+                        offset: e.offset as u32,
+                        stored_len: e.stored_len,
+                    };
+                    (e.id, loc)
+                })),
                 Err(e) => recovery.unreadable.push(e.to_string()),
             }
         }
+        // One sort instead of a merge every few hundred inserts.
+        let index = ChunkIndex::from_entries(all);
         if recovery.packs_sealed > 0 {
             sync_dir(dir)?;
         }

@@ -346,6 +346,16 @@ fn an_incremental_snapshot_from_a_dirty_bitmap_file() {
     ok(&store, &["snapshot", "restore", "2"]);
     assert!(std::fs::read(&disk).unwrap() == bytes);
 
+    // The disk is known to hold snapshot 2: back to 1 by difference alone.
+    let out = ok(
+        &store,
+        &["snapshot", "restore", "1", "--current", "2", "--json"],
+    );
+    let report: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["method"], "delta");
+    assert_eq!(report["blocks_rewritten"], 2);
+    assert!(std::fs::read(&disk).unwrap() == disk_bytes(len, 21));
+
     // A bitmap file of the wrong length, a parent given without a bitmap.
     std::fs::write(&bitmap, [0u8; 4]).unwrap();
     let args = [
