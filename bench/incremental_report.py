@@ -50,7 +50,7 @@ lines = [
     "",
     "Incremental capture with a dirty bitmap (`snapshot create --parent 1 --dirty-bitmap`):",
     "",
-    "| change | dirty blocks | blocksnap: wall (in engine; of it fsyncs) | floor: hash+zstd of dirty blocks (with reads) | in engine / floor (≤ 1.3); without the fsyncs | fastest peer's second capture | peer / blocksnap wall (≥ 50 on b) |",
+    "| change | dirty blocks | blocksnap: wall (in engine; of it fsyncs) | floor: hash+zstd of dirty blocks (with reads) | in engine / floor (≤ 1.3), without the fsyncs, against the floor with reads | fastest peer's second capture | peer / blocksnap wall (≥ 50 on b) |",
     "|---|---|---|---|---|---|---|",
 ]
 peers = {p: rows[f"{p}-second-b"][0] for p in ("restic", "borg", "borg-fixed-64k", "casync")}
@@ -63,7 +63,7 @@ for kind in ("a", "b"):
     ratio = f"{peers[fastest] / wall:.0f}" if kind == "b" else "-"
     lines.append(
         f"| ({kind}) | {blocks} | {wall:.3f} s ({eng:.3f} s; {sync:.3f} s) | {hz:.3f} s ({rhz:.3f} s) | "
-        f"{eng / rhz:.2f}; {(eng - sync) / rhz:.2f} | {peer} | {ratio} |"
+        f"{eng / hz:.2f}, {(eng - sync) / hz:.2f}, {eng / rhz:.2f} | {peer} | {ratio} |"
     )
 lines += [
     "",
@@ -88,6 +88,22 @@ for kind in ("a", "b"):
     lines.append(
         f"| ({kind}) | {rep['blocks_rewritten']} | {wall:.3f} s ({rep['seconds']:.3f} s) | {cmp_wall:.3f} s | "
         f"{w:.3f} s ({ws:.3f} s) | {rep['seconds'] / ws:.2f} | {cas_s} | {ratio} |"
+    )
+
+lines += [
+    "",
+    "Sparse images holding the same 64 MiB of data (32 MiB at each end):",
+    "",
+    "| image | capture: wall | bytes read | restore to a new file: wall | restored file allocates |",
+    "|---|---|---|---|---|",
+]
+for length in ("1G", "16G"):
+    summary = out(f"blocksnap-sparse-{length}")
+    read = re.search(r"read ([0-9.]+ [KMG]?i?B) of", summary).group(1)
+    lines.append(
+        f"| {length} | {rows[f'blocksnap-sparse-{length}'][0]:.2f} s | {read} | "
+        f"{rows[f'blocksnap-sparse-restore-{length}'][0]:.2f} s | "
+        f"{int(rows[f'sparse-{length}-allocated'][0]) / 2**20:.0f} MiB |"
     )
 
 text = open(doc).read()
