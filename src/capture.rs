@@ -27,7 +27,7 @@ use crate::ids::ChunkId;
 use crate::job::Progress;
 use crate::manifest::block_count;
 use crate::store::pack::{self, ChunkRecord};
-use crate::store::{Appended, ChunkStore};
+use crate::store::{Appended, ChunkStore, Pins};
 use crate::window::task_len;
 
 /// Window buffers in use at once: one being filled and classified, one
@@ -301,11 +301,16 @@ fn windows(runs: &[Range<u64>], per_window: u64) -> Vec<Vec<Range<u64>>> {
 /// lacks. Blocks are read window by window, each window a list of runs
 /// laid end to end in one buffer; the disk's last block, the only short
 /// one, can only end a window.
+///
+/// Every chunk the capture references is added to `pins` under the
+/// store's look-up guard, in the same step as its look-up, so garbage
+/// collection never removes it while the capture runs.
 pub fn capture(
     store: &ChunkStore,
     disk: &dyn Disk,
     settings: &CaptureSettings,
     plan: CapturePlan,
+    pins: &Pins,
     progress: &Progress,
 ) -> Result<Captured> {
     let len = disk.len()?;
@@ -359,15 +364,23 @@ pub fn capture(
                 };
                 let n: usize = segments.iter().flat_map(|r| r.clone()).map(block_len).sum();
                 window.resize(n, 0);
-                let classified = read_and_classify(
-                    store,
-                    disk,
-                    settings,
-                    &segments,
-                    task_blocks,
-                    &mut window,
-                    len,
-                )?;
+                let classified = {
+                    let _guard = store.lookup_guard();
+                    let classified = read_and_classify(
+                        store,
+                        disk,
+                        settings,
+                        &segments,
+                        task_blocks,
+                        &mut window,
+                        len,
+                    )?;
+                    pins.add(classified.iter().filter_map(|b| match b {
+                        Block::Zero => None,
+                        Block::Known(id) | Block::New(id, _) => Some(id),
+                    }));
+                    classified
+                };
                 let mut k = 0;
                 for r in &segments {
                     for i in r.clone() {

@@ -33,12 +33,14 @@ use crate::catalog::{
 use crate::dirty::DirtyBitmap;
 use crate::disk::Disk;
 use crate::error::{Error, IoContext, Result};
-use crate::ids::{ServerId, SnapshotId};
+use crate::ids::{ChunkId, ServerId, SnapshotId};
 use crate::job::{Job, Progress};
 use crate::manifest::{self, Manifest, check_block_size};
 use crate::options::{DEFAULT_BLOCK_SIZE, DEFAULT_COMPRESSION_LEVEL, EngineOptions};
+use crate::refs::{self, Refs};
 use crate::restore::{self, RestoreReport};
-use crate::store::{ChunkStore, sync_dir};
+use crate::store::gc::GcReport;
+use crate::store::{ChunkStore, Pins, sync_dir};
 use crate::tracking::{Tracker, TrackingStatus};
 use crate::verify::{self, VerifyReport};
 
@@ -106,6 +108,11 @@ pub struct Snapshot {
     /// Why the capture failed (failed snapshots).
     #[serde(skip)]
     pub error: Option<String>,
+    /// Stored bytes only this snapshot references: what deleting it alone
+    /// would give back after garbage collection. Known once space is
+    /// accounted ([`Engine::account_space`]); completed snapshots only.
+    #[serde(skip)]
+    pub exclusive_bytes: Option<u64>,
 }
 
 /// What `open` found and repaired.
@@ -172,8 +179,38 @@ struct Inner {
     store: ChunkStore,
     state: Mutex<State>,
     report: OpenReport,
+    last_auto_gc: Mutex<Option<std::result::Result<GcReport, String>>>,
     /// Held for the life of the store; the OS releases it if we die.
     _lock: File,
+}
+
+/// Sizes and ratios of a whole store ([`Engine::stats`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct StoreStats {
+    /// Completed snapshots.
+    pub snapshots: u64,
+    /// Sum of their disks' lengths, and of their non-zero data.
+    pub logical_bytes: u64,
+    pub data_bytes: u64,
+    /// Pack bytes on disk.
+    pub stored_bytes: u64,
+    /// Bytes of the chunks the snapshots need, and how many.
+    pub live_bytes: u64,
+    pub live_chunks: u64,
+    /// Bytes of chunks no snapshot needs: what `gc` can give back.
+    pub reclaimable_bytes: u64,
+    /// Snapshots' data over the distinct data stored.
+    pub dedup_ratio: f64,
+    /// Distinct data over the bytes it takes in packs.
+    pub compression_ratio: f64,
+}
+
+/// Stored bytes of a chunk's record (header and payload); 0 if missing.
+fn stored_size(store: &ChunkStore, id: &ChunkId) -> u32 {
+    store.locate(id).map_or(0, |l| {
+        l.stored_len
+            .saturating_add(crate::store::pack::RECORD_HEADER_LEN as u32)
+    })
 }
 
 struct State {
@@ -185,6 +222,11 @@ struct State {
     progress: HashMap<SnapshotId, Arc<Progress>>,
     /// Change tracking per server (only with `EngineOptions::change_tracking`).
     tracking: HashMap<ServerId, Tracker>,
+    /// Reference counts and exclusive bytes, built on first need.
+    refs: Option<Refs>,
+    /// Running incremental captures and their parents, which cannot be
+    /// deleted until they end.
+    capture_parents: HashMap<SnapshotId, SnapshotId>,
 }
 
 /// How a capture finds the disk's blocks.
@@ -257,6 +299,7 @@ impl State {
             description: rec.description.clone(),
             stats: rec.stats,
             error: rec.error.clone(),
+            exclusive_bytes: self.refs.as_ref().and_then(|r| r.exclusive(rec.id)),
         }
     }
 
@@ -460,6 +503,8 @@ impl Engine {
             live_restores: HashMap::new(),
             progress: HashMap::new(),
             tracking: HashMap::new(),
+            refs: None,
+            capture_parents: HashMap::new(),
         };
         recover(&catalog, &manifests, &mut state, &mut report)?;
         load_tracking(&catalog, &mut state, options.change_tracking)?;
@@ -474,6 +519,7 @@ impl Engine {
                 store,
                 state: Mutex::new(state),
                 report,
+                last_auto_gc: Mutex::new(None),
                 _lock: lock,
             }),
         })
@@ -783,6 +829,9 @@ impl Engine {
                 },
                 None => tracked_mode(&state, previous.as_ref(), disk_len),
             };
+            if let CaptureMode::Incremental { parent, .. } = &mode {
+                state.capture_parents.insert(id, *parent);
+            }
             if inner.options.change_tracking {
                 // Writes from now on are relative to this capture.
                 let tracker = new_tracker(id, disk_len, inner.block_size, previous.as_ref())?;
@@ -795,11 +844,18 @@ impl Engine {
         let job_progress = progress.clone();
         let id = record.id;
         let finisher = self.clone();
+        // Pinned until the snapshot is completed and counted (or failed).
+        let pins = inner.store.pin_scope();
+        let job_pins = pins.clone();
         let job = Job::spawn(
             format!("capture-{id}"),
             progress,
-            move || engine.run_capture(&record, disk.as_ref(), mode, &job_progress),
-            move |outcome| finisher.finish_capture(id, outcome, previous),
+            move || engine.run_capture(&record, disk.as_ref(), mode, &job_pins, &job_progress),
+            move |outcome| {
+                let done = finisher.finish_capture(id, outcome, previous);
+                drop(pins);
+                done
+            },
         )
         .inspect_err(|e| {
             let _ = self.finish_capture(id, Err(Error::WrongState(e.to_string())), None);
@@ -814,8 +870,9 @@ impl Engine {
         rec: &SnapshotRecord,
         disk: &dyn Disk,
         mode: CaptureMode,
+        pins: &Pins,
         progress: &Progress,
-    ) -> Result<CaptureStats> {
+    ) -> Result<(CaptureStats, Vec<ChunkId>)> {
         let started = std::time::Instant::now();
         let inner = &self.inner;
         let bs = inner.block_size;
@@ -862,7 +919,7 @@ impl Engine {
                 }
             },
         };
-        let captured = capture::capture(&inner.store, disk, &settings, plan, progress)?;
+        let captured = capture::capture(&inner.store, disk, &settings, plan, pins, progress)?;
         let synced = std::time::Instant::now();
         inner.store.sync()?;
         let manifest = Manifest::new(
@@ -873,7 +930,8 @@ impl Engine {
             captured.blocks,
         )?;
         manifest.write_durably(&inner.manifests)?;
-        Ok(CaptureStats {
+        let chunks = refs::distinct(manifest.blocks());
+        let stats = CaptureStats {
             micros: started.elapsed().as_micros() as u64,
             sync_micros: synced.elapsed().as_micros() as u64,
             kind: how.kind,
@@ -883,7 +941,8 @@ impl Engine {
             sample_mismatches: how.sample_mismatches,
             tracking_generation: how.tracking_generation,
             ..captured.stats
-        })
+        };
+        Ok((stats, chunks))
     }
 
     /// Step 3: the catalog commit that marks the snapshot completed (or
@@ -891,11 +950,16 @@ impl Engine {
     fn finish_capture(
         &self,
         id: SnapshotId,
-        outcome: Result<CaptureStats>,
+        outcome: Result<(CaptureStats, Vec<ChunkId>)>,
         previous: Option<Tracker>,
     ) -> Result<Snapshot> {
         let mut state = self.inner.state.lock();
         state.progress.remove(&id);
+        state.capture_parents.remove(&id);
+        let (outcome, chunks) = match outcome {
+            Ok((stats, chunks)) => (Ok(stats), chunks),
+            Err(e) => (Err(e), Vec::new()),
+        };
         let mut rec = state.snapshot(id)?.clone();
         let server = rec.server_id;
         let ours = state.tracking.get(&server).is_some_and(|t| t.base == id);
@@ -931,6 +995,10 @@ impl Engine {
         state.snapshots.insert(id, rec.clone());
         committed?;
         outcome?;
+        let store = &self.inner.store;
+        if let Some(refs) = state.refs.as_mut() {
+            refs.add(id, &chunks, |c| stored_size(store, c));
+        }
         Ok(state.snapshot_view(&rec))
     }
 
@@ -951,13 +1019,160 @@ impl Engine {
                 "snapshot {id} is being restored from; wait for the restore to finish"
             )));
         }
+        if let Some((child, _)) = state.capture_parents.iter().find(|(_, p)| **p == id) {
+            return Err(Error::WrongState(format!(
+                "snapshot {id} is the parent of snapshot {child}, still being created; wait for it to finish"
+            )));
+        }
+        let completed = rec.status == SnapshotStatus::Completed;
+        // The counts need the chunk list, which goes with the manifest.
+        let chunks = match (&state.refs, completed) {
+            (Some(_), true) => Manifest::read(&self.inner.manifests, id)
+                .map(|m| refs::distinct(m.blocks()))
+                .ok(),
+            _ => None,
+        };
         self.inner.catalog.commit(&[Change::RemoveSnapshot(id)])?;
         state.snapshots.remove(&id);
+        match (chunks, completed) {
+            (Some(chunks), _) => {
+                if let Some(refs) = state.refs.as_mut() {
+                    refs.remove(id, &chunks);
+                }
+            }
+            // A damaged manifest: count again from the others when needed.
+            (None, true) => state.refs = None,
+            (None, false) => {}
+        }
         drop(state);
         // The delete is done once the catalog says so. A manifest that cannot
         // be removed now is an orphan, which the next open removes.
         let _ = manifest::remove(&self.inner.manifests, id);
+        if self.inner.options.auto_gc {
+            self.start_auto_gc();
+        }
         Ok(())
+    }
+
+    /// Counts which snapshots reference each chunk (reading every completed
+    /// manifest once), so that snapshots carry their exclusive bytes and
+    /// garbage collection knows what is needed. Later captures and deletes
+    /// keep the counts exact without reading manifests again.
+    pub fn account_space(&self) -> Result<()> {
+        let mut state = self.inner.state.lock();
+        self.ensure_refs(&mut state)
+    }
+
+    fn ensure_refs(&self, state: &mut State) -> Result<()> {
+        if state.refs.is_some() {
+            return Ok(());
+        }
+        let store = &self.inner.store;
+        let mut refs = Refs::default();
+        for rec in state.snapshots.values() {
+            if rec.status == SnapshotStatus::Completed {
+                let m = Manifest::read(&self.inner.manifests, rec.id)?;
+                refs.add(rec.id, &refs::distinct(m.blocks()), |c| {
+                    stored_size(store, c)
+                });
+            }
+        }
+        state.refs = Some(refs);
+        Ok(())
+    }
+
+    /// Stored bytes only this completed snapshot references: what deleting
+    /// it alone would give back after garbage collection.
+    pub fn exclusive_bytes(&self, id: SnapshotId) -> Result<u64> {
+        let mut state = self.inner.state.lock();
+        self.ensure_refs(&mut state)?;
+        let rec = state.snapshot(id)?;
+        if rec.status != SnapshotStatus::Completed {
+            return Err(Error::WrongState(format!(
+                "snapshot {id} is {}; only a completed snapshot holds data",
+                rec.status.as_str()
+            )));
+        }
+        Ok(state
+            .refs
+            .as_ref()
+            .and_then(|r| r.exclusive(id))
+            .unwrap_or(0))
+    }
+
+    /// True when a completed snapshot references the chunk.
+    fn needed(&self, id: &ChunkId) -> bool {
+        self.inner
+            .state
+            .lock()
+            .refs
+            .as_ref()
+            .is_none_or(|r| r.is_needed(id))
+    }
+
+    /// Gives back the space of chunks no snapshot needs (see
+    /// `store::gc`): deletes packs that hold none, and rewrites the packs
+    /// with the most garbage until what is left is within
+    /// [`EngineOptions::gc_max_unused`]. Safe while captures, restores and
+    /// deletes run. With `dry_run`, changes nothing and reports what it
+    /// would do.
+    pub fn gc(&self, dry_run: bool) -> Result<GcReport> {
+        self.account_space()?;
+        let needed = |id: &ChunkId| self.needed(id);
+        self.inner
+            .store
+            .gc(&needed, self.inner.options.gc_max_unused, dry_run)
+    }
+
+    /// Runs a collection in the background after a delete (with
+    /// [`EngineOptions::auto_gc`]); its outcome is kept for
+    /// [`Engine::last_auto_gc`].
+    fn start_auto_gc(&self) {
+        let engine = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("auto-gc".into())
+            .spawn(move || {
+                let outcome = engine.gc(false).map_err(|e| e.to_string());
+                *engine.inner.last_auto_gc.lock() = Some(outcome);
+            });
+        if let Err(e) = spawned {
+            *self.inner.last_auto_gc.lock() = Some(Err(e.to_string()));
+        }
+    }
+
+    /// The outcome of the last automatic collection, if one ran.
+    pub fn last_auto_gc(&self) -> Option<std::result::Result<GcReport, String>> {
+        self.inner.last_auto_gc.lock().clone()
+    }
+
+    /// Sizes and ratios of the whole store.
+    pub fn stats(&self) -> Result<StoreStats> {
+        self.account_space()?;
+        let (snapshots, logical_bytes, data_bytes) = {
+            let state = self.inner.state.lock();
+            state
+                .snapshots
+                .values()
+                .filter(|s| s.status == SnapshotStatus::Completed)
+                .filter_map(|s| s.stats)
+                .fold((0, 0, 0), |(n, l, d), s| {
+                    (n + 1, l + s.image_len, d + s.data_bytes)
+                })
+        };
+        let needed = |id: &ChunkId| self.needed(id);
+        let space = self.inner.store.space(&needed)?;
+        let ratio = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+        Ok(StoreStats {
+            snapshots,
+            logical_bytes,
+            data_bytes,
+            stored_bytes: space.stored_bytes,
+            live_bytes: space.live_bytes,
+            live_chunks: space.live_chunks,
+            reclaimable_bytes: space.dead_bytes,
+            dedup_ratio: ratio(data_bytes, space.live_raw_bytes),
+            compression_ratio: ratio(space.live_raw_bytes, space.live_bytes),
+        })
     }
 
     /// Restores a snapshot onto its server's disk and returns once the disk

@@ -60,11 +60,13 @@ impl HotCore {
         disk: &MemDisk,
         plan: CapturePlan,
     ) -> Result<(Vec<Option<ChunkId>>, CaptureStats)> {
+        let pins = self.store.pin_scope();
         let c = capture::capture(
             &self.store,
             disk,
             &self.settings,
             plan,
+            &pins,
             &Progress::default(),
         )?;
         Ok((c.blocks, c.stats))

@@ -52,6 +52,7 @@ mod job;
 mod le;
 mod manifest;
 mod options;
+mod refs;
 mod restore;
 pub mod sample;
 mod store;
@@ -66,15 +67,17 @@ pub use catalog::{
 pub use dirty::DirtyBitmap;
 pub use engine::{
     CaptureJob, Engine, OpenReport, RestoreJob, Server, ServerRef, ServerState, Snapshot,
+    StoreStats,
 };
 pub use error::{Error, Result};
 pub use ids::{ChunkId, ServerId, SnapshotId};
 pub use job::{Job, Progress};
 pub use options::{
     COMPRESSION_BALANCED, COMPRESSION_COMPACT, COMPRESSION_FAST, DEFAULT_BLOCK_SIZE,
-    DEFAULT_CLEAN_SAMPLE_RATE, DEFAULT_COMPRESSION_LEVEL, DEFAULT_WINDOW_LEN, EngineOptions,
-    StopHook,
+    DEFAULT_CLEAN_SAMPLE_RATE, DEFAULT_COMPRESSION_LEVEL, DEFAULT_GC_MAX_UNUSED,
+    DEFAULT_WINDOW_LEN, EngineOptions, StopHook,
 };
 pub use restore::{RestoreMethod, RestoreReport};
+pub use store::gc::GcReport;
 pub use tracking::TrackingStatus;
 pub use verify::{BadChunk, BadManifest, VerifyReport};

@@ -24,6 +24,9 @@ pub const COMPRESSION_COMPACT: i32 = 9;
 /// Share of the blocks a dirty bitmap calls clean that an incremental
 /// capture rehashes as a check of the bitmap, unless chosen otherwise.
 pub const DEFAULT_CLEAN_SAMPLE_RATE: f64 = 0.01;
+/// Garbage bytes, as a share of the needed bytes, that garbage collection
+/// leaves in packs rather than rewrite them, unless chosen otherwise.
+pub const DEFAULT_GC_MAX_UNUSED: f64 = 0.05;
 /// Bytes read from a disk per window unless chosen otherwise.
 pub const DEFAULT_WINDOW_LEN: usize = 16 << 20;
 
@@ -42,6 +45,8 @@ pub struct EngineOptions {
     pub(crate) disk_opener: DiskOpener,
     pub(crate) change_tracking: bool,
     pub(crate) clean_sample_rate: f64,
+    pub(crate) gc_max_unused: f64,
+    pub(crate) auto_gc: bool,
 }
 
 impl Default for EngineOptions {
@@ -55,6 +60,8 @@ impl Default for EngineOptions {
             disk_opener: default_opener(),
             change_tracking: false,
             clean_sample_rate: DEFAULT_CLEAN_SAMPLE_RATE,
+            gc_max_unused: DEFAULT_GC_MAX_UNUSED,
+            auto_gc: false,
         }
     }
 }
@@ -131,6 +138,28 @@ impl EngineOptions {
         } else {
             DEFAULT_CLEAN_SAMPLE_RATE
         };
+        self
+    }
+
+    /// Garbage collection rewrites the packs with the most garbage until
+    /// the garbage left is at most this share of the needed bytes (0 to
+    /// 1; 0 rewrites every pack holding any). Packs with nothing needed
+    /// are always deleted. Default: 0.05, so a collection after a few
+    /// deletes rewrites little, and the store stays within 5% of what its
+    /// snapshots need.
+    pub fn gc_max_unused(mut self, share: f64) -> Self {
+        self.gc_max_unused = if share.is_finite() {
+            share.clamp(0.0, 1.0)
+        } else {
+            DEFAULT_GC_MAX_UNUSED
+        };
+        self
+    }
+
+    /// Collect garbage in the background after every delete. Default: off
+    /// (run [`Engine::gc`] when it suits you).
+    pub fn auto_gc(mut self, on: bool) -> Self {
+        self.auto_gc = on;
         self
     }
 

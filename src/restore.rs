@@ -391,7 +391,7 @@ mod tests {
             let (store, _) = ChunkStore::open(dir.path()).unwrap();
             let settings = CaptureSettings { block_size: BS as u32, compression_level: 1, window_len: 5 * BS };
             let plan_all = CapturePlan::full(snapshot.len() as u64, BS as u32, None);
-            let captured = capture(&store, &MemDisk::new(snapshot.clone()), &settings, plan_all, &Progress::default()).unwrap();
+            let captured = capture(&store, &MemDisk::new(snapshot.clone()), &settings, plan_all, &store.pin_scope(), &Progress::default()).unwrap();
             let manifest = Manifest::new(SnapshotId(1), ServerId(1), BS as u32, snapshot.len() as u64, captured.blocks).unwrap();
 
             let disk = MemDisk::new(target.clone());
@@ -453,7 +453,7 @@ mod tests {
             let (store, _) = ChunkStore::open(dir.path()).unwrap();
             let full = |bytes: &[u8]| {
                 let plan = CapturePlan::full(len as u64, BS as u32, None);
-                capture(&store, &MemDisk::new(bytes.to_vec()), &settings(), plan, &Progress::default()).unwrap()
+                capture(&store, &MemDisk::new(bytes.to_vec()), &settings(), plan, &store.pin_scope(), &Progress::default()).unwrap()
             };
             let m1 = manifest_of(1, len, full(&v1).blocks);
             let m2_full = full(&v2);
@@ -464,7 +464,7 @@ mod tests {
                 .map(|i| (i * BS) as u64..(((i + 1) * BS).min(len)) as u64)
                 .collect();
             let plan = CapturePlan::incremental(m1.blocks(), &runs, BS as u32, sparse_v2.then_some(data.as_slice()));
-            let inc = capture(&store, &MemDisk::new(v2.clone()), &settings(), plan, &Progress::default()).unwrap();
+            let inc = capture(&store, &MemDisk::new(v2.clone()), &settings(), plan, &store.pin_scope(), &Progress::default()).unwrap();
             prop_assert_eq!(&inc.blocks, &m2_full.blocks);
             prop_assert_eq!(inc.stats.data_bytes, m2_full.stats.data_bytes);
             prop_assert!(inc.stats.blocks_read <= dirty.count());
@@ -508,6 +508,7 @@ mod tests {
             &MemDisk::new(v1.clone()),
             &settings(),
             plan,
+            &store.pin_scope(),
             &Progress::default(),
         )
         .unwrap();
@@ -518,6 +519,7 @@ mod tests {
             &MemDisk::new(v2.clone()),
             &settings(),
             plan,
+            &store.pin_scope(),
             &Progress::default(),
         )
         .unwrap();

@@ -48,6 +48,19 @@ enum Command {
     /// Create, list, restore and delete snapshots.
     #[command(subcommand)]
     Snapshot(SnapshotCmd),
+    /// Give back the space of chunks no snapshot needs.
+    Gc {
+        /// Report what would be given back; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Sizes and ratios of the store: logical, stored, reclaimable.
+    Stats {
+        #[arg(long)]
+        json: bool,
+    },
     /// Read every chunk of one snapshot (or all) and check its checksums.
     Verify {
         snapshot_id: Option<u64>,
@@ -239,6 +252,16 @@ fn dispatch(cli: Cli) -> blocksnap::Result<i32> {
             );
             snapshot(&open_with(&store, tracking)?, cmd)
         }
+        Command::Gc { dry_run, json } => {
+            let engine = open(&store)?;
+            let report = engine.gc(dry_run)?;
+            output::gc(&report, json);
+            Ok(0)
+        }
+        Command::Stats { json } => {
+            output::stats(&open(&store)?.stats()?, json);
+            Ok(0)
+        }
         Command::Verify { snapshot_id, json } => {
             output::verify(&open(&store)?, snapshot_id.map(SnapshotId), json)
         }
@@ -364,6 +387,7 @@ fn snapshot(engine: &Engine, cmd: SnapshotCmd) -> blocksnap::Result<i32> {
             }
         }
         SnapshotCmd::List { server, json } => {
+            engine.account_space()?;
             let list = engine.snapshots(server.map(ServerId))?;
             output::snapshots(&list, json);
         }

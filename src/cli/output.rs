@@ -1,7 +1,10 @@
 //! What the command prints: tables for people, the API's JSON shapes for
 //! scripts.
 
-use blocksnap::{CaptureKind, Engine, FullReason, RestoreReport, Server, Snapshot, SnapshotId};
+use blocksnap::{
+    CaptureKind, Engine, FullReason, GcReport, RestoreReport, Server, Snapshot, SnapshotId,
+    StoreStats,
+};
 use serde::Serialize;
 use serde_json::json;
 
@@ -103,27 +106,41 @@ pub fn servers(list: &[Server], json: bool) {
     }
 }
 
+/// Snapshots as the API lists them, plus `exclusive_bytes`: the stored
+/// bytes deleting that snapshot alone would give back.
 pub fn snapshots(list: &[Snapshot], json: bool) {
     if json {
-        return print_list_json(list);
+        let results: Vec<serde_json::Value> = list
+            .iter()
+            .map(|s| {
+                let mut v = json!(s);
+                if let Some(obj) = v.as_object_mut() {
+                    obj.insert("exclusive_bytes".into(), json!(s.exclusive_bytes));
+                }
+                v
+            })
+            .collect();
+        return print_list_json(&results);
     }
     if list.is_empty() {
         println!("no snapshots");
         return;
     }
     println!(
-        "{:>6}  {:>8}  {:<24}  {:<11}  {:>8}  {:<20}  DESCRIPTION",
-        "ID", "SERVER", "NAME", "STATUS", "SIZE_MB", "CREATED_AT"
+        "{:>6}  {:>8}  {:<24}  {:<11}  {:>8}  {:>10}  {:<20}  DESCRIPTION",
+        "ID", "SERVER", "NAME", "STATUS", "SIZE_MB", "EXCLUSIVE", "CREATED_AT"
     );
     for s in list {
         let size = s.size_mb.map_or("-".to_string(), |m| m.to_string());
+        let exclusive = s.exclusive_bytes.map_or("-".to_string(), human_bytes);
         println!(
-            "{:>6}  {:>8}  {:<24}  {:<11}  {:>8}  {:<20}  {}",
+            "{:>6}  {:>8}  {:<24}  {:<11}  {:>8}  {:>10}  {:<20}  {}",
             s.id,
             s.server.id,
             s.name,
             s.status.as_str(),
             size,
+            exclusive,
             s.created_at,
             s.description
         );
@@ -209,4 +226,53 @@ pub fn verify(engine: &Engine, id: Option<SnapshotId>, json: bool) -> blocksnap:
         );
     }
     Ok(if report.is_ok() { 0 } else { 1 })
+}
+
+/// Prints a garbage collection report.
+pub fn gc(r: &GcReport, json: bool) {
+    if json {
+        return print_json(r);
+    }
+    let verb = if r.dry_run {
+        "would give back"
+    } else {
+        "gave back"
+    };
+    println!(
+        "gc {verb} {} ({} chunks): {} of {} packs dropped, {} rewritten; {} stored{}, {} unused left; {:.2} s",
+        human_bytes(r.bytes_reclaimed),
+        r.chunks_reclaimed,
+        r.packs_dropped,
+        r.packs_examined,
+        r.packs_rewritten,
+        human_bytes(r.bytes_stored),
+        if r.dry_run { " after" } else { "" },
+        human_bytes(r.bytes_unused),
+        r.micros as f64 / 1e6
+    );
+}
+
+/// Prints the store's sizes and ratios.
+pub fn stats(s: &StoreStats, json: bool) {
+    if json {
+        return print_json(s);
+    }
+    println!("snapshots         {}", s.snapshots);
+    println!(
+        "logical size      {} ({} of data)",
+        human_bytes(s.logical_bytes),
+        human_bytes(s.data_bytes)
+    );
+    println!("stored            {}", human_bytes(s.stored_bytes));
+    println!(
+        "needed            {} in {} chunks",
+        human_bytes(s.live_bytes),
+        s.live_chunks
+    );
+    println!(
+        "reclaimable       {} (run `blocksnap gc`)",
+        human_bytes(s.reclaimable_bytes)
+    );
+    println!("dedup ratio       {:.2}x", s.dedup_ratio);
+    println!("compression ratio {:.2}x", s.compression_ratio);
 }

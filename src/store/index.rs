@@ -116,6 +116,36 @@ impl ChunkIndex {
         }
     }
 
+    /// Moves or drops every entry that points into pack `from`: `moves`
+    /// maps a record offset there to its new offset in pack `to`, or to
+    /// `None` to drop the entry. Returns how many entries still point into
+    /// `from` (offsets `moves` does not name); garbage collection deletes
+    /// a pack only when that is 0.
+    pub fn relocate(&mut self, from: u32, to: u32, moves: &HashMap<u32, Option<u32>>) -> usize {
+        let mut left = 0;
+        let mut apply = |pack: &mut u32, offset: &mut u32| -> bool {
+            if *pack != from {
+                return true;
+            }
+            match moves.get(offset) {
+                Some(Some(new)) => {
+                    *pack = to;
+                    *offset = *new;
+                    true
+                }
+                Some(None) => false,
+                None => {
+                    left += 1;
+                    true
+                }
+            }
+        };
+        self.sorted
+            .retain_mut(|e| apply(&mut e.pack, &mut e.offset));
+        self.recent.retain(|_, l| apply(&mut l.pack, &mut l.offset));
+        left
+    }
+
     pub fn len(&self) -> usize {
         self.sorted.len() + self.recent.len()
     }
@@ -186,6 +216,48 @@ mod tests {
         // The first copy wins.
         idx.insert_if_absent(&ids[5], loc(999));
         assert_eq!(idx.get(&ids[5]), Some(loc(5)));
+    }
+
+    #[test]
+    fn relocation_moves_and_drops_one_packs_entries() {
+        let ids: Vec<ChunkId> = (0..600u32).map(|i| ChunkId::of(&i.to_le_bytes())).collect();
+        let mut idx = ChunkIndex::default();
+        for (i, id) in ids.iter().enumerate() {
+            let pack = (i % 3) as u32;
+            idx.insert_if_absent(
+                id,
+                ChunkLoc {
+                    pack,
+                    offset: i as u32,
+                    stored_len: 9,
+                },
+            );
+        }
+        // Pack 1: even offsets move to pack 7, odd ones are dropped.
+        let moves: HashMap<u32, Option<u32>> = (0..600u32)
+            .filter(|i| i % 3 == 1)
+            .map(|i| (i, (i % 2 == 0).then_some(i + 1000)))
+            .collect();
+        assert_eq!(idx.relocate(1, 7, &moves), 0);
+        for (i, id) in ids.iter().enumerate() {
+            let i = i as u32;
+            let want = match (i % 3, i % 2) {
+                (1, 0) => Some(ChunkLoc {
+                    pack: 7,
+                    offset: i + 1000,
+                    stored_len: 9,
+                }),
+                (1, _) => None,
+                (p, _) => Some(ChunkLoc {
+                    pack: p,
+                    offset: i,
+                    stored_len: 9,
+                }),
+            };
+            assert_eq!(idx.get(id), want, "{i}");
+        }
+        // An offset the moves do not name keeps its entry, and is counted.
+        assert_eq!(idx.relocate(2, 8, &HashMap::new()), 200);
     }
 
     #[test]

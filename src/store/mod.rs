@@ -16,17 +16,18 @@
 //! pack. A caller that saw a chunk in the index (dedup hit) and then calls
 //! `sync` has that chunk durable, whichever capture wrote it.
 
+pub mod gc;
 mod index;
 pub mod pack;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::hash::Hasher;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 
 use index::ChunkIndex;
 
@@ -108,12 +109,44 @@ pub struct ChunkStore {
     writer: Mutex<Writer>,
     index: RwLock<ChunkIndex>,
     readers: RwLock<HashMap<u32, Arc<File>>>,
+    /// Held shared by a capture while it looks chunks up and pins them,
+    /// exclusive by garbage collection while it removes chunks (see `gc`).
+    gc_guard: RwLock<()>,
+    /// The chunks each running capture has referenced so far.
+    pins: Mutex<Vec<Weak<Pins>>>,
+    /// One garbage collection at a time.
+    gc_lock: Mutex<()>,
+}
+
+/// The chunks one running capture has referenced: never collected while
+/// the capture runs. Unregistered when dropped.
+#[derive(Default)]
+pub struct Pins(Mutex<HashSet<[u8; 16]>>);
+
+impl Pins {
+    /// Pins chunks. Call with the capture's guard held
+    /// ([`ChunkStore::lookup_guard`]) from the look-up that found them.
+    pub fn add<'a>(&self, ids: impl IntoIterator<Item = &'a ChunkId>) {
+        let mut set = self.0.lock();
+        set.extend(ids.into_iter().map(pin_key));
+    }
+
+    fn contains(&self, id: &ChunkId) -> bool {
+        self.0.lock().contains(&pin_key(id))
+    }
+}
+
+fn pin_key(id: &ChunkId) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    k.copy_from_slice(&id.0[..16]);
+    k
 }
 
 impl ChunkStore {
     /// Opens (creating if needed) the pack directory and rebuilds the index.
     pub fn open(dir: &Path) -> Result<(Self, Recovery)> {
         fs::create_dir_all(dir).at(dir)?;
+        gc::remove_leftovers(dir)?;
         let mut recovery = Recovery::default();
         let mut all = Vec::new();
         let mut max_seq = 0;
@@ -146,8 +179,34 @@ impl ChunkStore {
             }),
             index: RwLock::new(index),
             readers: RwLock::new(HashMap::new()),
+            gc_guard: RwLock::new(()),
+            pins: Mutex::new(Vec::new()),
+            gc_lock: Mutex::new(()),
         };
         Ok((store, recovery))
+    }
+
+    /// Registers the pins of a capture about to run.
+    pub fn pin_scope(&self) -> Arc<Pins> {
+        let pins = Arc::new(Pins::default());
+        let mut all = self.pins.lock();
+        all.retain(|w| w.strong_count() > 0);
+        all.push(Arc::downgrade(&pins));
+        pins
+    }
+
+    /// Held by a capture from looking chunks up until they are pinned, so
+    /// that garbage collection cannot remove a chunk in between.
+    pub fn lookup_guard(&self) -> RwLockReadGuard<'_, ()> {
+        self.gc_guard.read()
+    }
+
+    fn is_pinned(&self, id: &ChunkId) -> bool {
+        self.pins
+            .lock()
+            .iter()
+            .filter_map(Weak::upgrade)
+            .any(|p| p.contains(id))
     }
 
     /// True when the store holds this chunk (written, perhaps not yet synced).
@@ -248,8 +307,7 @@ impl ChunkStore {
     /// Reads one chunk and checks it end to end (record CRCs, decompression,
     /// BLAKE3 against its id). A failed check is [`Error::Corruption`].
     pub fn read(&self, id: &ChunkId) -> Result<Vec<u8>> {
-        let loc = self.locate(id).ok_or(Error::ChunkMissing { chunk: *id })?;
-        let file = self.reader(loc.pack)?;
+        let (loc, file) = self.open_record(id)?;
         let path = pack_path(&self.dir, loc.pack);
         let mut rec = vec![0u8; RECORD_HEADER_LEN + loc.stored_len as usize];
         file.read_exact_at(&mut rec, u64::from(loc.offset))
@@ -277,8 +335,7 @@ impl ChunkStore {
         thread_local! {
             static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
-        let loc = self.locate(id).ok_or(Error::ChunkMissing { chunk: *id })?;
-        let file = self.reader(loc.pack)?;
+        let (loc, file) = self.open_record(id)?;
         let path = pack_path(&self.dir, loc.pack);
         let corrupt = |what: String| {
             Error::corrupt(
@@ -324,6 +381,30 @@ impl ChunkStore {
     /// The pack file a chunk lives in, for reports.
     pub fn pack_path_of(&self, loc: &ChunkLoc) -> PathBuf {
         pack_path(&self.dir, loc.pack)
+    }
+
+    /// Where a chunk is and its pack file, open. Garbage collection may
+    /// have moved the chunk and deleted the pack between the look-up and
+    /// the open: the index then already says where it went, so one more
+    /// look-up finds it.
+    fn open_record(&self, id: &ChunkId) -> Result<(ChunkLoc, Arc<File>)> {
+        let mut loc = self.locate(id).ok_or(Error::ChunkMissing { chunk: *id })?;
+        loop {
+            match self.reader(loc.pack) {
+                Ok(file) => return Ok((loc, file)),
+                Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                    let again = self.locate(id).ok_or(Error::ChunkMissing { chunk: *id })?;
+                    if again == loc {
+                        return Err(Error::corrupt(
+                            pack_path(&self.dir, loc.pack),
+                            format!("chunk {id}: its pack file is missing"),
+                        ));
+                    }
+                    loc = again;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     fn reader(&self, seq: u32) -> Result<Arc<File>> {

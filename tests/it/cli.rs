@@ -127,7 +127,13 @@ fn the_command_drives_the_whole_cycle() {
     assert_eq!(list.as_object().unwrap().len(), 2);
     assert_eq!(list["count"], 2);
     let results = list["results"].as_array().unwrap();
-    results.iter().for_each(check_snapshot_shape);
+    // The API's fields, plus exactly one: the exclusive bytes.
+    for r in results {
+        let mut api = r.clone();
+        let exclusive = api.as_object_mut().unwrap().remove("exclusive_bytes");
+        assert!(exclusive.unwrap().is_u64(), "{r}");
+        check_snapshot_shape(&api);
+    }
     assert_eq!(results[0]["name"], "second", "newest first");
     let by_server: Value = serde_json::from_str(&ok(
         &store,
@@ -379,4 +385,49 @@ fn an_incremental_snapshot_from_a_dirty_bitmap_file() {
     );
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--dirty-bitmap"));
+}
+
+#[test]
+fn gc_and_stats_from_the_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let disk = dir.path().join("web.img");
+    std::fs::write(&disk, disk_bytes(2 << 20, 31)).unwrap();
+    ok(&store, &["init", "--block-size", "16K"]);
+    let d = disk.to_str().unwrap();
+    ok(
+        &store,
+        &["server", "add", "--id", "1", "--name", "web", "--disk", d],
+    );
+    ok(
+        &store,
+        &["snapshot", "create", "--server", "1", "--name", "a"],
+    );
+    std::fs::write(&disk, disk_bytes(2 << 20, 32)).unwrap();
+    ok(
+        &store,
+        &["snapshot", "create", "--server", "1", "--name", "b"],
+    );
+    let list = ok(&store, &["snapshot", "list"]);
+    assert!(list.contains("EXCLUSIVE"), "{list}");
+    ok(&store, &["snapshot", "delete", "1"]);
+
+    let stats: Value = serde_json::from_str(&ok(&store, &["stats", "--json"])).unwrap();
+    assert_eq!(stats["snapshots"], 1);
+    let reclaimable = stats["reclaimable_bytes"].as_u64().unwrap();
+    assert!(reclaimable > 0, "{stats}");
+    assert!(stats["dedup_ratio"].as_f64().unwrap() > 0.0);
+
+    let dry: Value = serde_json::from_str(&ok(&store, &["gc", "--dry-run", "--json"])).unwrap();
+    assert_eq!(dry["dry_run"], true);
+    let again: Value = serde_json::from_str(&ok(&store, &["stats", "--json"])).unwrap();
+    assert_eq!(
+        again["reclaimable_bytes"], reclaimable,
+        "a dry run changes nothing"
+    );
+    let human = ok(&store, &["gc"]);
+    assert!(human.starts_with("gc gave back"), "{human}");
+    let after: Value = serde_json::from_str(&ok(&store, &["stats", "--json"])).unwrap();
+    assert!(after["stored_bytes"].as_u64().unwrap() < stats["stored_bytes"].as_u64().unwrap());
+    ok(&store, &["verify"]);
 }

@@ -7,6 +7,7 @@ mod common;
 mod concurrency;
 mod corruption;
 mod errors;
+mod gc;
 mod incremental;
 mod persistence;
 mod restore;

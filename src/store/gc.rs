@@ -1,0 +1,422 @@
+//! Garbage collection: gives back the space of chunks no snapshot needs.
+//!
+//! A record is *live* when the index points to it (not to another copy of
+//! its chunk) and its chunk is needed: referenced by a completed snapshot
+//! (the caller's `needed`) or pinned by a running capture. Sealed packs
+//! holding no live record are deleted; packs holding garbage are rewritten,
+//! most garbage first, until the garbage left is at most `max_unused` of
+//! the live bytes (restic's prune policy). The open pack is never touched.
+//!
+//! Safety while captures, restores and deletes go on:
+//! - a capture looks chunks up and pins them under
+//!   [`ChunkStore::lookup_guard`] (shared); GC takes the same lock
+//!   exclusively to re-check liveness and change the index, so a chunk a
+//!   capture has just deduplicated against is pinned before GC decides,
+//!   and a chunk GC removed is no longer found (the capture stores it
+//!   again). Chunks written after GC started go to the open pack;
+//! - a rewritten pack is written under a temporary name, fsynced, renamed
+//!   and its directory fsynced before the index points into it; the old
+//!   pack is deleted only after no index entry points into it. A reader
+//!   that looked a chunk up in the old pack and finds the file gone looks
+//!   it up again ([`ChunkStore::open_record`]);
+//! - a crash at any point leaves each needed chunk in the old pack, the new
+//!   one, or both (the next open takes the first copy; the next GC removes
+//!   the other). Temporary files are removed on open.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::Serialize;
+
+use super::pack::{self, IndexEntry, PACK_HEADER_LEN, RECORD_HEADER_LEN, TRAILER_LEN};
+use super::{ChunkLoc, ChunkStore, list_packs, pack_path, sync_dir};
+use crate::error::{Error, IoContext, Result};
+use crate::ids::ChunkId;
+
+const TMP_PREFIX: &str = "gc-";
+const TMP_SUFFIX: &str = ".tmp";
+
+/// What a garbage collection did (or, dry, would do).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct GcReport {
+    pub dry_run: bool,
+    /// Sealed packs looked at.
+    pub packs_examined: u64,
+    /// Packs deleted: nothing in them was needed.
+    pub packs_dropped: u64,
+    /// Packs whose needed records were copied to a new pack.
+    pub packs_rewritten: u64,
+    /// Records given back, and the pack bytes freed.
+    pub chunks_reclaimed: u64,
+    pub bytes_reclaimed: u64,
+    /// Pack bytes on disk afterwards.
+    pub bytes_stored: u64,
+    /// Garbage bytes left in packs not worth rewriting.
+    pub bytes_unused: u64,
+    pub micros: u64,
+}
+
+/// How the store's bytes divide into what is needed and what is not.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Space {
+    /// Pack files' bytes on disk.
+    pub stored_bytes: u64,
+    /// Records of needed chunks: their bytes in the packs, before
+    /// compression, and how many.
+    pub live_bytes: u64,
+    pub live_raw_bytes: u64,
+    pub live_chunks: u64,
+    /// Records nothing needs: what a full collection would give back.
+    pub dead_bytes: u64,
+    pub dead_chunks: u64,
+}
+
+/// One pack as GC sees it.
+struct PackInfo {
+    seq: u32,
+    path: PathBuf,
+    file_len: u64,
+    entries: Vec<IndexEntry>,
+    live: Vec<bool>,
+}
+
+impl PackInfo {
+    fn live_bytes(&self) -> u64 {
+        self.records(true).map(record_len).sum()
+    }
+
+    fn dead_bytes(&self) -> u64 {
+        self.records(false).map(record_len).sum()
+    }
+
+    fn records(&self, live: bool) -> impl Iterator<Item = &IndexEntry> {
+        self.entries
+            .iter()
+            .zip(&self.live)
+            .filter(move |(_, l)| **l == live)
+            .map(|(e, _)| e)
+    }
+}
+
+fn record_len(e: &IndexEntry) -> u64 {
+    RECORD_HEADER_LEN as u64 + u64::from(e.stored_len)
+}
+
+/// Removes what an interrupted collection left: temporary pack files.
+pub(super) fn remove_leftovers(dir: &Path) -> Result<()> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Ok(());
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(TMP_PREFIX) && name.ends_with(TMP_SUFFIX) {
+            fs::remove_file(entry.path()).at(entry.path())?;
+        }
+    }
+    Ok(())
+}
+
+/// A sealed pack's index and length; `None` for an unsealed pack.
+fn read_sealed(path: &Path) -> Result<Option<(u64, Vec<IndexEntry>)>> {
+    let file = File::open(path).at(path)?;
+    let len = file.metadata().at(path)?.len();
+    if len < (PACK_HEADER_LEN + TRAILER_LEN) as u64 {
+        return Ok(None);
+    }
+    let mut t = [0u8; TRAILER_LEN];
+    file.read_exact_at(&mut t, len - TRAILER_LEN as u64)
+        .at(path)?;
+    let Some(tr) = pack::decode_trailer(&t, len) else {
+        return Ok(None);
+    };
+    let mut bytes = vec![0u8; tr.count as usize * pack::INDEX_ENTRY_LEN];
+    file.read_exact_at(&mut bytes, tr.index_offset).at(path)?;
+    let entries = pack::decode_index(&bytes, &tr).map_err(|w| Error::corrupt(path, w))?;
+    Ok(Some((len, entries)))
+}
+
+impl ChunkStore {
+    /// True when this record is the indexed copy of a needed chunk.
+    fn record_live(&self, seq: u32, e: &IndexEntry, needed: &dyn Fn(&ChunkId) -> bool) -> bool {
+        let here = self.index.read().get(&e.id)
+            == Some(ChunkLoc {
+                pack: seq,
+                offset: e.offset as u32,
+                stored_len: e.stored_len,
+            });
+        here && (needed(&e.id) || self.is_pinned(&e.id))
+    }
+
+    /// The sealed packs other than the open one, with each record's
+    /// liveness now, and with `include_open` the open one as if sealed.
+    /// Packs that cannot be read are left out (verify reports them).
+    fn survey(
+        &self,
+        needed: &dyn Fn(&ChunkId) -> bool,
+        include_open: bool,
+    ) -> Result<Vec<PackInfo>> {
+        let open = self
+            .writer
+            .lock()
+            .active
+            .as_ref()
+            .map(|a| (a.seq, a.len, a.entries.clone()));
+        let active = open.as_ref().map(|(seq, _, _)| *seq);
+        let mut packs = Vec::new();
+        let info = |seq, path, file_len, entries: Vec<IndexEntry>| PackInfo {
+            live: entries
+                .iter()
+                .map(|e| self.record_live(seq, e, needed))
+                .collect(),
+            seq,
+            path,
+            file_len,
+            entries,
+        };
+        if let (true, Some((seq, len, entries))) = (include_open, open) {
+            let sealed_len = len + (entries.len() * pack::INDEX_ENTRY_LEN + TRAILER_LEN) as u64;
+            packs.push(info(seq, pack_path(&self.dir, seq), sealed_len, entries));
+        }
+        for (seq, path) in list_packs(&self.dir)? {
+            if Some(seq) == active {
+                continue;
+            }
+            let Ok(Some((file_len, entries))) = read_sealed(&path) else {
+                continue;
+            };
+            packs.push(info(seq, path, file_len, entries));
+        }
+        Ok(packs)
+    }
+
+    /// How the store's bytes divide between needed and unneeded records.
+    pub fn space(&self, needed: &dyn Fn(&ChunkId) -> bool) -> Result<Space> {
+        let mut space = Space::default();
+        for p in self.survey(needed, true)? {
+            space.stored_bytes += p.file_len;
+            for (e, live) in p.entries.iter().zip(&p.live) {
+                if *live {
+                    space.live_bytes += record_len(e);
+                    space.live_raw_bytes += u64::from(e.raw_len);
+                    space.live_chunks += 1;
+                } else {
+                    space.dead_bytes += record_len(e);
+                    space.dead_chunks += 1;
+                }
+            }
+        }
+        Ok(space)
+    }
+
+    /// Collects garbage (see the module doc). `needed` says whether a
+    /// completed snapshot references a chunk; `max_unused` is the share of
+    /// the live bytes that may stay as garbage in packs not worth
+    /// rewriting. With `dry_run` nothing changes and the report says what
+    /// would be done.
+    pub fn gc(
+        &self,
+        needed: &dyn Fn(&ChunkId) -> bool,
+        max_unused: f64,
+        dry_run: bool,
+    ) -> Result<GcReport> {
+        let started = Instant::now();
+        let _one_at_a_time = self.gc_lock.lock();
+        if !dry_run {
+            // Seal the open pack so that its garbage can be collected too;
+            // new chunks go to a new one.
+            let mut w = self.writer.lock();
+            self.seal(&mut w)?;
+        }
+        let packs = self.survey(needed, dry_run)?;
+        let mut report = GcReport {
+            dry_run,
+            packs_examined: packs.len() as u64,
+            ..GcReport::default()
+        };
+        let live_total: u64 = packs.iter().map(PackInfo::live_bytes).sum();
+        let (empty, mut partial): (Vec<&PackInfo>, Vec<&PackInfo>) =
+            packs.iter().partition(|p| p.live.iter().all(|l| !l));
+        partial.retain(|p| p.dead_bytes() > 0);
+        // Most garbage first, until what is left is within the allowance.
+        partial.sort_by_key(|p| std::cmp::Reverse(p.dead_bytes()));
+        let allowance = (live_total as f64 * max_unused.max(0.0)) as u64;
+        let mut unused: u64 = partial.iter().map(|p| p.dead_bytes()).sum();
+        let rewrite: Vec<&PackInfo> = partial
+            .into_iter()
+            .take_while(|p| {
+                let go = unused > allowance;
+                if go {
+                    unused -= p.dead_bytes();
+                }
+                go
+            })
+            .collect();
+        report.bytes_unused = unused;
+        let mut touched = false;
+        for p in &empty {
+            if dry_run || self.drop_pack(p, needed)? {
+                report.packs_dropped += 1;
+                report.chunks_reclaimed += p.entries.len() as u64;
+                report.bytes_reclaimed += p.file_len;
+                touched |= !dry_run;
+            }
+        }
+        for p in &rewrite {
+            let new_len = if dry_run {
+                Some(estimate_rewritten_len(p))
+            } else {
+                self.rewrite_pack(p, needed)?
+            };
+            if let Some(new_len) = new_len {
+                report.packs_rewritten += 1;
+                report.chunks_reclaimed += p.live.iter().filter(|l| !**l).count() as u64;
+                report.bytes_reclaimed += p.file_len.saturating_sub(new_len);
+                touched |= !dry_run;
+            }
+        }
+        if touched {
+            sync_dir(&self.dir)?;
+        }
+        let open_len = if dry_run {
+            0 // surveyed as a pack
+        } else {
+            self.writer.lock().active.as_ref().map_or(0, |a| a.len)
+        };
+        let before: u64 = packs.iter().map(|p| p.file_len).sum::<u64>() + open_len;
+        report.bytes_stored = before.saturating_sub(report.bytes_reclaimed);
+        report.micros = started.elapsed().as_micros() as u64;
+        Ok(report)
+    }
+
+    /// Deletes a pack with no live record, unless one became live since
+    /// the survey (a capture deduplicated against it). Returns whether it
+    /// was deleted.
+    fn drop_pack(&self, p: &PackInfo, needed: &dyn Fn(&ChunkId) -> bool) -> Result<bool> {
+        let moves: HashMap<u32, Option<u32>> =
+            p.entries.iter().map(|e| (e.offset as u32, None)).collect();
+        self.commit(p, p.seq, &moves, &HashSet::new(), needed)
+    }
+
+    /// Copies a pack's live records into a new, durable pack, points the
+    /// index there and deletes the old pack. Returns the new pack's length,
+    /// or `None` when a record became live since the survey and was not
+    /// copied (the old pack then stays; the next GC looks again).
+    fn rewrite_pack(&self, p: &PackInfo, needed: &dyn Fn(&ChunkId) -> bool) -> Result<Option<u64>> {
+        let seq = {
+            let mut w = self.writer.lock();
+            let seq = w.next_seq;
+            w.next_seq += 1;
+            seq
+        };
+        let tmp = self.dir.join(format!("{TMP_PREFIX}{seq:08}{TMP_SUFFIX}"));
+        let (new_entries, new_len) = copy_records(&p.path, &tmp, p.records(true))?;
+        let final_path = pack_path(&self.dir, seq);
+        fs::rename(&tmp, &final_path).at(&final_path)?;
+        sync_dir(&self.dir)?;
+        let old: Vec<&IndexEntry> = p.records(true).collect();
+        let moves: HashMap<u32, Option<u32>> = p
+            .entries
+            .iter()
+            .map(|e| (e.offset as u32, None))
+            .chain(
+                old.iter()
+                    .zip(&new_entries)
+                    .map(|(o, n)| (o.offset as u32, Some(n.offset as u32))),
+            )
+            .collect();
+        let copied: HashSet<u32> = old.iter().map(|e| e.offset as u32).collect();
+        if self.commit(p, seq, &moves, &copied, needed)? {
+            Ok(Some(new_len))
+        } else {
+            // Nothing points into the new pack: a duplicate, removed now.
+            fs::remove_file(&final_path).at(&final_path)?;
+            Ok(None)
+        }
+    }
+
+    /// Under the guard: re-checks that every record of `p` live now is in
+    /// `copied`, then applies `moves` to the index (into pack `to`), and
+    /// deletes `p` once nothing points into it.
+    fn commit(
+        &self,
+        p: &PackInfo,
+        to: u32,
+        moves: &HashMap<u32, Option<u32>>,
+        copied: &HashSet<u32>,
+        needed: &dyn Fn(&ChunkId) -> bool,
+    ) -> Result<bool> {
+        let left = {
+            let _guard = self.gc_guard.write();
+            let newly_live = p.entries.iter().any(|e| {
+                !copied.contains(&(e.offset as u32)) && self.record_live(p.seq, e, needed)
+            });
+            if newly_live {
+                return Ok(false);
+            }
+            self.index.write().relocate(p.seq, to, moves)
+        };
+        if left > 0 {
+            // Cannot happen (every record of the pack is in `moves`); keep
+            // the pack rather than lose what still points into it.
+            return Ok(true);
+        }
+        self.readers.write().remove(&p.seq);
+        fs::remove_file(&p.path).at(&p.path)?;
+        Ok(true)
+    }
+}
+
+/// What a rewritten pack would measure: header, live records, index, trailer.
+fn estimate_rewritten_len(p: &PackInfo) -> u64 {
+    let live = p.records(true).count() as u64;
+    PACK_HEADER_LEN as u64
+        + p.live_bytes()
+        + live * pack::INDEX_ENTRY_LEN as u64
+        + TRAILER_LEN as u64
+}
+
+/// Writes `records` of the pack at `from` into a new sealed pack at `to`,
+/// checking each (header CRC, id, payload CRC) on the way, and fsyncs it.
+/// Returns the new entries, in order, and the new pack's length.
+fn copy_records<'a>(
+    from: &Path,
+    to: &Path,
+    records: impl Iterator<Item = &'a IndexEntry>,
+) -> Result<(Vec<IndexEntry>, u64)> {
+    let src = File::open(from).at(from)?;
+    let dst = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(to)
+        .at(to)?;
+    dst.write_all_at(&pack::encode_pack_header(), 0).at(to)?;
+    let mut at = PACK_HEADER_LEN as u64;
+    let mut entries = Vec::new();
+    let mut buf = Vec::new();
+    for e in records {
+        buf.resize(record_len(e) as usize, 0);
+        src.read_exact_at(&mut buf, e.offset).at(from)?;
+        let h = pack::RecordHeader::decode(&buf[..RECORD_HEADER_LEN])
+            .map_err(|w| Error::corrupt(from, format!("record at {}: {w}", e.offset)))?;
+        if h.id != e.id || crc32fast::hash(&buf[RECORD_HEADER_LEN..]) != h.payload_crc {
+            return Err(Error::corrupt(
+                from,
+                format!(
+                    "chunk {} at offset {} is damaged; run verify",
+                    e.id, e.offset
+                ),
+            ));
+        }
+        dst.write_all_at(&buf, at).at(to)?;
+        entries.push(IndexEntry { offset: at, ..*e });
+        at += buf.len() as u64;
+    }
+    let tail = pack::encode_index(&entries, at);
+    dst.write_all_at(&tail, at).at(to)?;
+    dst.sync_all().at(to)?;
+    Ok((entries, at + tail.len() as u64))
+}

@@ -1,0 +1,369 @@
+//! Garbage collection: space given back, never a needed chunk lost, while
+//! captures, restores and deletes go on, and across crashes.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use blocksnap::sample::Rng;
+use blocksnap::{Engine, EngineOptions, ServerId, SnapshotId, SnapshotStatus};
+
+use crate::common::{BS, Fixture, disk_bytes, tree_size};
+
+fn options() -> EngineOptions {
+    EngineOptions::new().block_size(BS as u32)
+}
+
+fn packs_size(store: &Path) -> u64 {
+    tree_size(&store.join("packs"))
+}
+
+/// A disk image with data of its own (seed) and a share of common data.
+fn server_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut v = disk_bytes(len, seed);
+    let common = disk_bytes(len / 4, 999);
+    v[..len / 4].copy_from_slice(&common);
+    v
+}
+
+/// Every completed snapshot verifies and restores to `expected` bytes.
+fn check_all(engine: &Engine, expected: &HashMap<SnapshotId, Vec<u8>>) {
+    let report = engine.verify(None).unwrap();
+    assert!(report.is_ok(), "{report:?}");
+    for (id, bytes) in expected {
+        let snap = engine.snapshot(*id).unwrap();
+        assert_eq!(snap.status, SnapshotStatus::Completed, "{id}");
+        let disk = engine.server(snap.server.id).unwrap().disk;
+        std::fs::write(&disk, b"scribbled").unwrap();
+        engine.restore_snapshot(*id).unwrap();
+        assert!(std::fs::read(&disk).unwrap() == *bytes, "snapshot {id}");
+    }
+}
+
+#[test]
+fn deleting_a_servers_snapshots_and_collecting_leaves_what_the_rest_need() {
+    let fx = Fixture::with(options());
+    let len = 96 * BS;
+    let mut keep = HashMap::new();
+    let mut drop_ids = Vec::new();
+    for round in 0..3u64 {
+        for server in [1u64, 2] {
+            let bytes = server_bytes(server * 10 + round, len);
+            let path = fx.disk(&format!("s{server}.img"));
+            std::fs::write(&path, &bytes).unwrap();
+            if round == 0 {
+                fx.engine
+                    .add_server(ServerId(server), &format!("s{server}"), &path)
+                    .unwrap();
+            }
+            let snap = fx
+                .engine
+                .create_snapshot(ServerId(server), &format!("r{round}"), "")
+                .unwrap();
+            if server == 1 {
+                drop_ids.push(snap.id);
+            } else {
+                keep.insert(snap.id, bytes);
+            }
+        }
+    }
+    let before = fx.engine.stats().unwrap();
+    assert_eq!(before.reclaimable_bytes, 0);
+    for id in &drop_ids {
+        fx.engine.delete_snapshot(*id).unwrap();
+    }
+    let stats = fx.engine.stats().unwrap();
+    assert!(stats.reclaimable_bytes > 0);
+    assert_eq!(stats.snapshots, 3);
+
+    // A dry run changes nothing and says what the real run then does.
+    let stored = packs_size(&fx.store());
+    let dry = fx.engine.gc(true).unwrap();
+    assert!(dry.dry_run && dry.bytes_reclaimed > 0);
+    assert_eq!(packs_size(&fx.store()), stored);
+    let report = fx.engine.gc(false).unwrap();
+    assert_eq!(report.chunks_reclaimed, dry.chunks_reclaimed);
+    assert!(report.bytes_reclaimed > 0);
+    assert_eq!(packs_size(&fx.store()), report.bytes_stored);
+
+    // Within 5% of a fresh store holding only the remaining snapshots.
+    let fresh = Fixture::with(options());
+    let path = fresh.disk("s2.img");
+    fresh.engine.add_server(ServerId(2), "s2", &path).unwrap();
+    let mut ids: Vec<&SnapshotId> = keep.keys().collect();
+    ids.sort();
+    for id in ids {
+        std::fs::write(&path, &keep[id]).unwrap();
+        fresh.engine.create_snapshot(ServerId(2), "x", "").unwrap();
+    }
+    drop(fresh.engine);
+    let need = packs_size(&fresh.dir.path().join("store"));
+    let have = packs_size(&fx.store());
+    assert!(
+        have as f64 <= need as f64 * 1.05,
+        "{have} bytes stored where a fresh store needs {need}"
+    );
+    assert_eq!(fx.engine.stats().unwrap().reclaimable_bytes, 0);
+    check_all(&fx.engine, &keep);
+    // Nothing left to do.
+    let again = fx.engine.gc(false).unwrap();
+    assert_eq!((again.packs_dropped, again.packs_rewritten), (0, 0));
+}
+
+#[test]
+fn exclusive_bytes_are_what_deleting_alone_gives_back() {
+    let fx = Fixture::with(options().gc_max_unused(0.0));
+    let len = 64 * BS;
+    let base = disk_bytes(len, 5);
+    let path = fx.server(1, "web", &base);
+    let a = fx.engine.create_snapshot(ServerId(1), "a", "").unwrap();
+    let mut changed = base.clone();
+    changed[..16 * BS].copy_from_slice(&disk_bytes(16 * BS, 6));
+    std::fs::write(&path, &changed).unwrap();
+    let b = fx.engine.create_snapshot(ServerId(1), "b", "").unwrap();
+    fx.engine.account_space().unwrap();
+    let list = fx.engine.snapshots(None).unwrap();
+    let excl = |id| {
+        list.iter()
+            .find(|s| s.id == id)
+            .and_then(|s| s.exclusive_bytes)
+            .unwrap()
+    };
+    assert!(excl(a.id) > 0 && excl(b.id) > 0);
+    assert_eq!(fx.engine.exclusive_bytes(a.id).unwrap(), excl(a.id));
+    // A third snapshot of the same disk as b takes b's exclusive bytes away.
+    let c = fx.engine.create_snapshot(ServerId(1), "c", "").unwrap();
+    assert_eq!(fx.engine.exclusive_bytes(b.id).unwrap(), 0);
+    assert_eq!(fx.engine.exclusive_bytes(c.id).unwrap(), 0);
+
+    let stored = fx.engine.stats().unwrap().live_bytes;
+    let expect = fx.engine.exclusive_bytes(a.id).unwrap();
+    fx.engine.delete_snapshot(a.id).unwrap();
+    fx.engine.gc(false).unwrap();
+    let after = fx.engine.stats().unwrap();
+    assert_eq!(stored - after.live_bytes, expect);
+    assert_eq!(after.reclaimable_bytes, 0);
+    // Deleting c gives b its blocks back.
+    let excl_b = fx.engine.exclusive_bytes(b.id).unwrap();
+    fx.engine.delete_snapshot(c.id).unwrap();
+    assert!(fx.engine.exclusive_bytes(b.id).unwrap() > excl_b);
+}
+
+#[test]
+fn automatic_gc_after_deletes_gives_space_back() {
+    let fx = Fixture::with(options().auto_gc(true));
+    let path = fx.server(1, "web", &disk_bytes(64 * BS, 7));
+    let a = fx.engine.create_snapshot(ServerId(1), "a", "").unwrap();
+    std::fs::write(&path, disk_bytes(64 * BS, 8)).unwrap();
+    let b = fx.engine.create_snapshot(ServerId(1), "b", "").unwrap();
+    fx.engine.delete_snapshot(a.id).unwrap();
+    let started = std::time::Instant::now();
+    while fx.engine.last_auto_gc().is_none() {
+        assert!(started.elapsed().as_secs() < 30, "no automatic gc");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let report = fx.engine.last_auto_gc().unwrap().unwrap();
+    assert!(report.bytes_reclaimed > 0, "{report:?}");
+    check_all(&fx.engine, &HashMap::from([(b.id, disk_bytes(64 * BS, 8))]));
+}
+
+/// Rounds of the stress test: `BLOCKSNAP_STRESS_ROUNDS` (default 6).
+fn stress_rounds() -> u64 {
+    std::env::var("BLOCKSNAP_STRESS_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(6)
+}
+
+#[test]
+fn gc_in_a_loop_while_servers_capture_delete_and_restore() {
+    let fx = Fixture::with(options().gc_max_unused(0.0));
+    let engine = fx.engine.clone();
+    let len = 48 * BS;
+    let servers = 3u64;
+    for s in 1..=servers {
+        fx.server(s, &format!("s{s}"), &server_bytes(s, len));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let gc = {
+        let engine = engine.clone();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut runs = 0;
+            while !stop.load(Ordering::Relaxed) {
+                engine.gc(false).unwrap();
+                runs += 1;
+            }
+            runs
+        })
+    };
+    let workers: Vec<_> = (1..=servers)
+        .map(|s| {
+            let engine = engine.clone();
+            let disk = fx.disk(&format!("s{s}.img"));
+            std::thread::spawn(move || {
+                let mut rng = Rng::new(s);
+                let mut mine: Vec<(SnapshotId, Vec<u8>)> = Vec::new();
+                for round in 0..stress_rounds() {
+                    // The guest rewrites part of its disk (some blocks
+                    // shared with other servers and earlier rounds).
+                    let mut bytes = std::fs::read(&disk).unwrap();
+                    let at = rng.below(32) as usize * BS;
+                    let seed = rng.below(6);
+                    bytes[at..at + 16 * BS].copy_from_slice(&disk_bytes(16 * BS, seed));
+                    std::fs::write(&disk, &bytes).unwrap();
+                    let snap = engine
+                        .create_snapshot(ServerId(s), &format!("r{round}"), "")
+                        .unwrap();
+                    mine.push((snap.id, bytes));
+                    if mine.len() > 3 {
+                        let k = rng.below(mine.len() as u64) as usize;
+                        let (id, _) = mine.remove(k);
+                        engine.delete_snapshot(id).unwrap();
+                    }
+                    let k = rng.below(mine.len() as u64) as usize;
+                    let (id, want) = &mine[k];
+                    engine.restore_snapshot(*id).unwrap();
+                    assert!(std::fs::read(&disk).unwrap() == *want, "snapshot {id}");
+                }
+                mine
+            })
+        })
+        .collect();
+    let mut expected = HashMap::new();
+    for w in workers {
+        expected.extend(w.join().unwrap());
+    }
+    stop.store(true, Ordering::Relaxed);
+    assert!(gc.join().unwrap() > 0);
+    engine.gc(false).unwrap();
+    check_all(&engine, &expected);
+    let stats = engine.stats().unwrap();
+    assert_eq!(stats.reclaimable_bytes, 0);
+}
+
+/// Not a test on its own: the child process of the GC crash test. Runs a
+/// seeded loop of captures, deletes and collections on a store, printing
+/// what completed, until the parent kills it.
+#[test]
+fn child_collects_garbage_until_killed() {
+    let Ok(store) = std::env::var("BLOCKSNAP_TEST_GC_CHILD_STORE") else {
+        return;
+    };
+    let seed: u64 = std::env::var("BLOCKSNAP_TEST_GC_CHILD_SEED")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let engine = options().gc_max_unused(0.0).open(store).unwrap();
+    let disk = engine.server(ServerId(1)).unwrap().disk;
+    let mut rng = Rng::new(seed);
+    loop {
+        let mut live: Vec<SnapshotId> = engine
+            .snapshots(Some(ServerId(1)))
+            .unwrap()
+            .iter()
+            .filter(|s| s.status == SnapshotStatus::Completed)
+            .map(|s| s.id)
+            .collect();
+        if live.len() >= 4 {
+            let id = live.remove(rng.below(live.len() as u64) as usize);
+            println!("deleting {id}");
+            engine.delete_snapshot(id).unwrap();
+        }
+        let content = rng.below(1 << 20);
+        std::fs::write(&disk, disk_bytes(64 * BS, content)).unwrap();
+        let snap = engine.create_snapshot(ServerId(1), "c", "").unwrap();
+        println!("completed {} {content}", snap.id);
+        engine.gc(false).unwrap();
+    }
+}
+
+/// Kills of the GC crash test: `BLOCKSNAP_GC_CRASH_KILLS` (default 6).
+fn crash_kills() -> u64 {
+    std::env::var("BLOCKSNAP_GC_CRASH_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(6)
+}
+
+#[test]
+fn a_crash_anywhere_in_gc_loses_no_completed_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let disk = dir.path().join("disk.img");
+    std::fs::write(&disk, disk_bytes(64 * BS, 0)).unwrap();
+    {
+        let engine = options().open(&store).unwrap();
+        engine.add_server(ServerId(1), "web", &disk).unwrap();
+    }
+    let seed = std::env::var("BLOCKSNAP_GC_CRASH_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs()
+        });
+    println!("gc crash test seed {seed} (BLOCKSNAP_GC_CRASH_SEED replays it)");
+    let mut rng = Rng::new(seed);
+    // id -> content seed of every snapshot reported completed and not
+    // (being) deleted.
+    let mut completed: HashMap<u64, u64> = HashMap::new();
+    for kill in 0..crash_kills() {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "gc::child_collects_garbage_until_killed",
+                "--nocapture",
+            ])
+            .env("BLOCKSNAP_TEST_GC_CHILD_STORE", &store)
+            .env("BLOCKSNAP_TEST_GC_CHILD_SEED", (seed + kill).to_string())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            BufReader::new(out)
+                .lines()
+                .map_while(Result::ok)
+                .collect::<Vec<String>>()
+        });
+        std::thread::sleep(std::time::Duration::from_millis(150 + rng.below(600)));
+        child.kill().unwrap(); // SIGKILL: nothing is flushed or closed
+        child.wait().unwrap();
+        for line in reader.join().unwrap() {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            match words.as_slice() {
+                ["completed", id, content] => {
+                    completed.insert(id.parse().unwrap(), content.parse().unwrap());
+                }
+                ["deleting", id] => {
+                    completed.remove(&id.parse().unwrap());
+                }
+                _ => {}
+            }
+        }
+        let engine = options().open(&store).unwrap();
+        let expected: HashMap<SnapshotId, Vec<u8>> = completed
+            .iter()
+            .map(|(id, content)| (SnapshotId(*id), disk_bytes(64 * BS, *content)))
+            .collect();
+        check_all(&engine, &expected);
+        assert!(
+            engine
+                .snapshots(Some(ServerId(1)))
+                .unwrap()
+                .iter()
+                .all(|s| s.status != SnapshotStatus::InProgress),
+            "kill {kill}"
+        );
+    }
+    assert!(
+        !completed.is_empty(),
+        "the child never completed a snapshot"
+    );
+}
