@@ -76,6 +76,10 @@ enum Command {
         /// File of API tokens, one a line (or set BLOCKSNAP_API_TOKEN).
         #[arg(long, value_name = "FILE")]
         token_file: Option<PathBuf>,
+        /// Collect garbage in the background after every delete (the store
+        /// is locked while serving, so `blocksnap gc` cannot run then).
+        #[arg(long)]
+        auto_gc: bool,
     },
     /// Run the whole cycle on a sample disk in a temporary store.
     Demo {
@@ -266,7 +270,11 @@ fn dispatch(cli: Cli) -> blocksnap::Result<i32> {
             output::verify(&open(&store)?, snapshot_id.map(SnapshotId), json)
         }
         #[cfg(feature = "server")]
-        Command::Serve { listen, token_file } => serve(&store, listen, token_file.as_deref()),
+        Command::Serve {
+            listen,
+            token_file,
+            auto_gc,
+        } => serve(&store, listen, token_file.as_deref(), auto_gc),
         Command::Demo { .. } => unreachable!("handled above"),
     }
 }
@@ -276,10 +284,11 @@ fn open(store: &Path) -> blocksnap::Result<Engine> {
 }
 
 fn open_with(store: &Path, change_tracking: bool) -> blocksnap::Result<Engine> {
-    let engine = EngineOptions::new()
-        .create(false)
-        .change_tracking(change_tracking)
-        .open(store)?;
+    open_options(store, EngineOptions::new().change_tracking(change_tracking))
+}
+
+fn open_options(store: &Path, options: EngineOptions) -> blocksnap::Result<Engine> {
+    let engine = options.create(false).open(store)?;
     let report = engine.open_report();
     for id in &report.failed_captures {
         eprintln!("note: snapshot {id} was interrupted by a crash and is now marked failed");
@@ -298,12 +307,13 @@ fn serve(
     store: &Path,
     listen: std::net::SocketAddr,
     token_file: Option<&Path>,
+    auto_gc: bool,
 ) -> blocksnap::Result<i32> {
     use blocksnap::http::{Tokens, run_until_signal};
     use std::io::Write;
     let env_token = std::env::var("BLOCKSNAP_API_TOKEN").ok();
     let tokens = Tokens::load(env_token.as_deref(), token_file)?;
-    let engine = open(store)?;
+    let engine = open_options(store, EngineOptions::new().auto_gc(auto_gc))?;
     run_until_signal(engine, listen, tokens, |addr| {
         println!("listening on http://{addr}");
         eprintln!(

@@ -56,6 +56,9 @@ pub struct GcReport {
     pub bytes_stored: u64,
     /// Garbage bytes left in packs not worth rewriting.
     pub bytes_unused: u64,
+    /// Packs left as they are because a needed record in them failed its
+    /// checks while being copied (`verify` names it).
+    pub packs_damaged: u64,
     pub micros: u64,
 }
 
@@ -269,7 +272,16 @@ impl ChunkStore {
             let new_len = if dry_run {
                 Some(estimate_rewritten_len(p))
             } else {
-                self.rewrite_pack(p, needed)?
+                match self.rewrite_pack(p, needed) {
+                    Ok(n) => n,
+                    // Keep a damaged pack as it is: its other records are
+                    // still readable, and verify reports the damage.
+                    Err(e) if e.is_corruption() => {
+                        report.packs_damaged += 1;
+                        None
+                    }
+                    Err(e) => return Err(e),
+                }
             };
             if let Some(new_len) = new_len {
                 report.packs_rewritten += 1;
@@ -313,7 +325,13 @@ impl ChunkStore {
             seq
         };
         let tmp = self.dir.join(format!("{TMP_PREFIX}{seq:08}{TMP_SUFFIX}"));
-        let (new_entries, new_len) = copy_records(&p.path, &tmp, p.records(true))?;
+        let (new_entries, new_len) = match copy_records(&p.path, &tmp, p.records(true)) {
+            Ok(done) => done,
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
         let final_path = pack_path(&self.dir, seq);
         fs::rename(&tmp, &final_path).at(&final_path)?;
         sync_dir(&self.dir)?;

@@ -367,3 +367,32 @@ fn a_crash_anywhere_in_gc_loses_no_completed_snapshot() {
         "the child never completed a snapshot"
     );
 }
+
+#[test]
+fn a_damaged_needed_record_keeps_its_pack_and_gc_goes_on() {
+    let fx = Fixture::with(options().gc_max_unused(0.0));
+    let keep = disk_bytes(32 * BS, 41);
+    let path = fx.server(1, "web", &keep);
+    let b = fx.engine.create_snapshot(ServerId(1), "b", "").unwrap();
+    std::fs::write(&path, disk_bytes(32 * BS, 42)).unwrap();
+    let a = fx.engine.create_snapshot(ServerId(1), "a", "").unwrap();
+    fx.engine.delete_snapshot(a.id).unwrap();
+    // Flip a byte inside b's first record (right after the pack header
+    // and the record header).
+    let pack = fx.store().join("packs").join("00000001.pack");
+    let mut bytes = std::fs::read(&pack).unwrap();
+    bytes[16 + 52 + 100] ^= 0x20;
+    std::fs::write(&pack, &bytes).unwrap();
+
+    let report = fx.engine.gc(false).unwrap();
+    assert_eq!(report.packs_damaged, 1, "{report:?}");
+    assert!(pack.exists(), "the damaged pack is kept");
+    let verify = fx.engine.verify(None).unwrap();
+    assert_eq!(verify.damaged_snapshots(), vec![b.id.0]);
+    let leftovers: Vec<_> = std::fs::read_dir(fx.store().join("packs"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty());
+}
