@@ -152,6 +152,28 @@ pub struct CaptureStats {
     pub sync_micros: u64,
 }
 
+/// What a snapshot is for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotKind {
+    /// Taken by a user.
+    #[default]
+    Regular,
+    /// The disk as it was just before a restore, taken by the engine so
+    /// that the restore can be undone. Does not count toward the cap; the
+    /// next successful restore of the server replaces it.
+    Safety,
+}
+
+impl SnapshotKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SnapshotKind::Regular => "regular",
+            SnapshotKind::Safety => "safety",
+        }
+    }
+}
+
 /// A snapshot, as persisted.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotRecord {
@@ -165,6 +187,8 @@ pub struct SnapshotRecord {
     pub stats: Option<CaptureStats>,
     /// Why a failed snapshot failed.
     pub error: Option<String>,
+    #[serde(default)]
+    pub kind: SnapshotKind,
 }
 
 impl SnapshotRecord {
@@ -315,6 +339,20 @@ impl Catalog {
         Ok(out)
     }
 
+    /// A number kept in the catalog's `meta` table (measured rates).
+    pub fn meta(&self, key: &str) -> Result<Option<u64>> {
+        let tx = self.db.begin_read()?;
+        Ok(tx.open_table(META)?.get(key)?.map(|v| v.value()))
+    }
+
+    /// Sets a number in the `meta` table.
+    pub fn set_meta(&self, key: &str, value: u64) -> Result<()> {
+        let tx = self.db.begin_write()?;
+        tx.open_table(META)?.insert(key, value)?;
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Changes the store's compression level for new chunks.
     pub fn set_compression_level(&self, level: i32) -> Result<()> {
         let tx = self.db.begin_write()?;
@@ -412,13 +450,15 @@ pub fn check_server_name(name: &str) -> Result<()> {
     Ok(())
 }
 
-/// Snapshots that count toward the cap: in progress or completed. Failed
-/// ones hold no data a user can restore, so they do not block new captures.
+/// Snapshots that count toward the cap: in progress or completed, and
+/// taken by a user. Failed ones hold no data a user can restore, and safety
+/// snapshots are the engine's, so neither blocks new captures.
 pub fn counted(s: &SnapshotRecord) -> bool {
-    matches!(
-        s.status,
-        SnapshotStatus::InProgress | SnapshotStatus::Completed
-    )
+    s.kind == SnapshotKind::Regular
+        && matches!(
+            s.status,
+            SnapshotStatus::InProgress | SnapshotStatus::Completed
+        )
 }
 
 /// The cap rule: may `server` take one more snapshot, given its snapshots?
@@ -450,6 +490,7 @@ mod tests {
             created_at: "2026-01-01T00:00:00Z".into(),
             stats: None,
             error: None,
+            kind: SnapshotKind::Regular,
         }
     }
 

@@ -73,6 +73,27 @@ pub enum Error {
     #[error("disk {} is {have} bytes, smaller than the snapshot's {need} bytes", .path.display())]
     DiskTooSmall { path: PathBuf, have: u64, need: u64 },
 
+    /// The safety snapshot a restore takes first failed, so the restore did
+    /// not start and the disk is untouched.
+    #[error(
+        "the safety snapshot of server {server} failed, so nothing was restored: {source}; fix that, or restore without a safety snapshot"
+    )]
+    SafetySnapshot {
+        server: ServerId,
+        #[source]
+        source: Box<Error>,
+    },
+
+    /// After a restore wrote its blocks, reading them back did not give the
+    /// snapshot's bytes: the disk (or its driver) lost or changed writes.
+    #[error("restore of snapshot {snapshot} wrote {} but block {block} (byte {offset}) reads back different; the server stays marked restoring: check the disk and restore again", .path.display())]
+    VerifyFailed {
+        snapshot: SnapshotId,
+        path: PathBuf,
+        block: u64,
+        offset: u64,
+    },
+
     /// The embedder's stop hook refused or failed.
     #[error("the stop hook failed for server {server}: {reason}")]
     StopHook { server: ServerId, reason: String },
@@ -108,7 +129,7 @@ impl Error {
                 | Error::NoStore { .. }
                 | Error::StoreExists { .. }
                 | Error::DiskTooSmall { .. }
-        )
+        ) || matches!(self, Error::SafetySnapshot { source, .. } if source.is_user_error())
     }
 
     /// True when stored data failed a check.

@@ -62,12 +62,12 @@ mod window;
 
 pub use catalog::{
     CaptureKind, CaptureStats, FullReason, MAX_DESCRIPTION_LEN, MAX_NAME_LEN,
-    MAX_SNAPSHOTS_PER_SERVER, SnapshotStatus,
+    MAX_SNAPSHOTS_PER_SERVER, SnapshotKind, SnapshotStatus,
 };
 pub use dirty::DirtyBitmap;
 pub use engine::{
-    CaptureJob, Engine, OpenReport, RestoreJob, Server, ServerRef, ServerState, Snapshot,
-    StoreStats,
+    CaptureJob, Engine, OpenReport, RestoreJob, RestoreOptions, RestorePlanReport, Server,
+    ServerRef, ServerState, Snapshot, StoreStats,
 };
 pub use error::{Error, Result};
 pub use ids::{ChunkId, ServerId, SnapshotId};

@@ -67,7 +67,18 @@ pub struct RestoreReport {
     pub bytes_written: u64,
     /// Bytes of the target read and compared while planning.
     pub bytes_compared: u64,
+    /// Blocks read back and checked after writing (all rewritten blocks,
+    /// unless verification was turned off).
+    pub blocks_verified: u64,
+    /// The safety snapshot taken before writing, which
+    /// [`crate::Engine::undo_restore`] restores.
+    pub safety_snapshot: Option<u64>,
+    /// Wall time in all, and of planning, writing (with the fsync) and
+    /// verifying; a safety snapshot's time is in `micros` only.
     pub micros: u64,
+    pub plan_micros: u64,
+    pub write_micros: u64,
+    pub verify_micros: u64,
 }
 
 /// Compares the target with the manifest and lists the blocks that differ.
@@ -281,12 +292,14 @@ fn write_batch(
 /// With `known` (the disk holds this base manifest but for these dirty
 /// block runs) the plan compares manifests instead of reading the disk.
 /// `written` tells the caller, even on error, whether the disk was touched.
+#[allow(clippy::too_many_arguments)]
 pub fn restore(
     store: &ChunkStore,
     manifest: &Manifest,
     disk: &dyn Disk,
     known: Option<(&Manifest, &[Range<u64>])>,
     window_len: usize,
+    verify: bool,
     progress: &Progress,
     written: &mut u64,
 ) -> Result<RestoreReport> {
@@ -310,12 +323,18 @@ pub fn restore(
             RestoreMethod::Compare,
         ),
     };
+    let planned = started.elapsed();
     apply(store, manifest, disk, &plan, window_len, progress, written)?;
     if !disk.is_block_device() && disk.len()? != manifest.image_len {
         disk.set_len(manifest.image_len)?;
         *written += 1;
     }
     disk.sync()?;
+    let wrote = started.elapsed();
+    if verify {
+        verify_written(manifest, disk, &plan.rewrite)?;
+    }
+    let micros = |d: std::time::Duration| d.as_micros() as u64;
     Ok(RestoreReport {
         snapshot_id: manifest.snapshot.0,
         server_id: manifest.server.0,
@@ -324,8 +343,53 @@ pub fn restore(
         blocks_rewritten: plan.rewrite.len() as u64,
         bytes_written: plan.bytes_to_write,
         bytes_compared: plan.bytes_compared,
-        micros: started.elapsed().as_micros() as u64,
+        blocks_verified: if verify { plan.rewrite.len() as u64 } else { 0 },
+        safety_snapshot: None,
+        micros: micros(started.elapsed()),
+        plan_micros: micros(planned),
+        write_micros: micros(wrote - planned),
+        verify_micros: micros(started.elapsed() - wrote),
     })
+}
+
+/// Bytes read back per rayon task when verifying.
+const VERIFY_PIECE: u64 = 1 << 20;
+
+/// Reads back every block in `blocks` (ascending) and checks it against the
+/// manifest: zero, or the chunk's BLAKE3. Runs of consecutive blocks are
+/// read in pieces of up to 1 MiB, in parallel.
+pub fn verify_written(manifest: &Manifest, disk: &dyn Disk, blocks: &[u64]) -> Result<()> {
+    let bs = u64::from(manifest.block_size);
+    let per_piece = (VERIFY_PIECE / bs).max(1);
+    let mut pieces: Vec<(u64, u64)> = Vec::new();
+    for &i in blocks {
+        match pieces.last_mut() {
+            Some((first, n)) if *first + *n == i && *n < per_piece => *n += 1,
+            _ => pieces.push((i, 1)),
+        }
+    }
+    pieces
+        .par_iter()
+        .try_for_each_init(Vec::new, |buf, &(first, n)| {
+            let len: usize = (first..first + n).map(|i| manifest.block_len(i)).sum();
+            buf.resize(len, 0);
+            let read = disk.read_at(buf, first * bs)?;
+            buf[read..].fill(0);
+            let mut at = 0;
+            for i in first..first + n {
+                let end = at + manifest.block_len(i);
+                if !block_matches(&buf[at..end], manifest.blocks()[i as usize].as_ref()) {
+                    return Err(Error::VerifyFailed {
+                        snapshot: manifest.snapshot,
+                        path: disk.path().to_path_buf(),
+                        block: i,
+                        offset: i * bs,
+                    });
+                }
+                at = end;
+            }
+            Ok(())
+        })
 }
 
 #[cfg(test)]
@@ -398,7 +462,7 @@ mod tests {
             let p = plan(&manifest, &disk, 3 * BS, &Progress::default()).unwrap();
             prop_assert_eq!(&p.rewrite, &naive_plan(&snapshot, &target));
             let mut written = 0;
-            restore(&store, &manifest, &disk, None, 3 * BS, &Progress::default(), &mut written).unwrap();
+            restore(&store, &manifest, &disk, None, 3 * BS, true, &Progress::default(), &mut written).unwrap();
             prop_assert!(disk.contents() == snapshot);
             // Restoring again finds nothing to do.
             let again = plan(&manifest, &disk, 3 * BS, &Progress::default()).unwrap();
@@ -473,7 +537,7 @@ mod tests {
             // The disk holds v2, known as m1 plus the dirty blocks: back to v1.
             let disk = MemDisk::new(v2.clone());
             let mut w = 0;
-            let r = restore(&store, &m1, &disk, Some((&m1, &runs)), BS, &Progress::default(), &mut w).unwrap();
+            let r = restore(&store, &m1, &disk, Some((&m1, &runs)), BS, true, &Progress::default(), &mut w).unwrap();
             prop_assert_eq!(r.method, RestoreMethod::Delta);
             prop_assert!(disk.contents() == v1);
             // The delta plan never rewrites less than a full compare would.
@@ -481,11 +545,11 @@ mod tests {
             let delta = plan_delta(&m1, &runs, &m1).rewrite;
             prop_assert!(compared.iter().all(|i| delta.binary_search(i).is_ok()));
             // Now it holds v1, known as m1 with nothing dirty: on to v2.
-            let r = restore(&store, &m2, &disk, Some((&m1, &[])), BS, &Progress::default(), &mut w).unwrap();
+            let r = restore(&store, &m2, &disk, Some((&m1, &[])), BS, true, &Progress::default(), &mut w).unwrap();
             prop_assert!(disk.contents() == v2);
             prop_assert_eq!(r.bytes_compared, 0);
             // Without knowledge, comparing gets the same bytes.
-            let r = restore(&store, &m1, &disk, None, BS, &Progress::default(), &mut w).unwrap();
+            let r = restore(&store, &m1, &disk, None, BS, true, &Progress::default(), &mut w).unwrap();
             prop_assert_eq!(r.method, RestoreMethod::Compare);
             prop_assert!(disk.contents() == v1);
         }

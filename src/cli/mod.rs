@@ -11,7 +11,9 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use blocksnap::{DirtyBitmap, Engine, EngineOptions, Error, ServerId, SnapshotId, SnapshotStatus};
+use blocksnap::{
+    DirtyBitmap, Engine, EngineOptions, Error, RestoreOptions, ServerId, SnapshotId, SnapshotStatus,
+};
 use clap::{Parser, Subcommand};
 
 use output::{human_bytes, print_json};
@@ -148,6 +150,22 @@ enum SnapshotCmd {
         /// `snapshot create --dirty-bitmap`. Default: none.
         #[arg(long, requires = "current")]
         dirty_bitmap: Option<PathBuf>,
+        /// Print what the restore would rewrite, and an estimate of the
+        /// time; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Do not capture the disk first (the restore cannot be undone).
+        #[arg(long)]
+        no_safety_snapshot: bool,
+        /// Do not read the written blocks back to check them.
+        #[arg(long)]
+        no_verify: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Undo the last restore of a server: restore its safety snapshot.
+    UndoRestore {
+        server_id: u64,
         #[arg(long)]
         json: bool,
     },
@@ -405,6 +423,9 @@ fn snapshot(engine: &Engine, cmd: SnapshotCmd) -> blocksnap::Result<i32> {
             snapshot_id,
             current,
             dirty_bitmap,
+            dry_run,
+            no_safety_snapshot,
+            no_verify,
             json,
         } => {
             let id = SnapshotId(snapshot_id);
@@ -419,13 +440,25 @@ fn snapshot(engine: &Engine, cmd: SnapshotCmd) -> blocksnap::Result<i32> {
                 };
                 engine.adopt_dirty_bitmap(server, current, &dirty)?;
             }
-            let job = engine.start_restore(id)?;
+            let options = RestoreOptions {
+                safety_snapshot: !no_safety_snapshot,
+                verify: !no_verify,
+            };
+            if dry_run {
+                output::restore_plan(&engine.plan_restore(id, options)?, json);
+                return Ok(0);
+            }
+            let job = engine.start_restore_with(id, options)?;
             let progress = job.progress_handle();
             let bar = ProgressBar::start("restoring", move || progress.get());
             let done = job.wait();
             bar.finish();
             let report = done?;
             output::restore(engine, id, &report, json)?;
+        }
+        SnapshotCmd::UndoRestore { server_id, json } => {
+            let report = engine.undo_restore(ServerId(server_id))?;
+            output::restore(engine, SnapshotId(report.snapshot_id), &report, json)?;
         }
         SnapshotCmd::Delete { snapshot_id } => {
             engine.delete_snapshot(SnapshotId(snapshot_id))?;

@@ -2,8 +2,8 @@
 //! scripts.
 
 use blocksnap::{
-    CaptureKind, Engine, FullReason, GcReport, RestoreReport, Server, Snapshot, SnapshotId,
-    StoreStats,
+    CaptureKind, Engine, FullReason, GcReport, RestorePlanReport, RestoreReport, Server, ServerId,
+    Snapshot, SnapshotId, StoreStats,
 };
 use serde::Serialize;
 use serde_json::json;
@@ -116,6 +116,7 @@ pub fn snapshots(list: &[Snapshot], json: bool) {
                 let mut v = json!(s);
                 if let Some(obj) = v.as_object_mut() {
                     obj.insert("exclusive_bytes".into(), json!(s.exclusive_bytes));
+                    obj.insert("kind".into(), json!(s.kind));
                 }
                 v
             })
@@ -127,17 +128,18 @@ pub fn snapshots(list: &[Snapshot], json: bool) {
         return;
     }
     println!(
-        "{:>6}  {:>8}  {:<24}  {:<11}  {:>8}  {:>10}  {:<20}  DESCRIPTION",
-        "ID", "SERVER", "NAME", "STATUS", "SIZE_MB", "EXCLUSIVE", "CREATED_AT"
+        "{:>6}  {:>8}  {:<24}  {:<7}  {:<11}  {:>8}  {:>10}  {:<20}  DESCRIPTION",
+        "ID", "SERVER", "NAME", "KIND", "STATUS", "SIZE_MB", "EXCLUSIVE", "CREATED_AT"
     );
     for s in list {
         let size = s.size_mb.map_or("-".to_string(), |m| m.to_string());
         let exclusive = s.exclusive_bytes.map_or("-".to_string(), human_bytes);
         println!(
-            "{:>6}  {:>8}  {:<24}  {:<11}  {:>8}  {:>10}  {:<20}  {}",
+            "{:>6}  {:>8}  {:<24}  {:<7}  {:<11}  {:>8}  {:>10}  {:<20}  {}",
             s.id,
             s.server.id,
             s.name,
+            s.kind.as_str(),
             s.status.as_str(),
             size,
             exclusive,
@@ -156,16 +158,22 @@ pub fn restore(
     r: &RestoreReport,
     json: bool,
 ) -> blocksnap::Result<()> {
-    let snap = engine.snapshot(id)?;
-    let server = engine.server(snap.server.id)?;
+    // An undone restore's safety snapshot is replaced by the new one.
+    let (name, created_at) = match engine.snapshot(id) {
+        Ok(s) => (s.name, s.created_at),
+        Err(_) => ("(safety snapshot, now replaced)".to_string(), String::new()),
+    };
+    let server = engine.server(ServerId(r.server_id))?;
     let secs = r.micros as f64 / 1e6;
     if json {
         print_json(&json!({
             "status": "success",
-            "snapshot": { "id": snap.id, "name": snap.name, "created_at": snap.created_at },
+            "snapshot": { "id": id, "name": name, "created_at": created_at },
             "server": { "id": server.id, "name": server.name, "status": server.state },
             "blocks_total": r.blocks_total,
             "method": r.method,
+            "safety_snapshot": r.safety_snapshot,
+            "blocks_verified": r.blocks_verified,
             "blocks_rewritten": r.blocks_rewritten,
             "bytes_written": r.bytes_written,
             "seconds": secs,
@@ -173,18 +181,59 @@ pub fn restore(
     } else {
         println!(
             "restored snapshot {} ({}) onto server {} ({}): {} of {} blocks rewritten, \
-             {} written; {:.3} s",
-            snap.id,
-            snap.name,
+             {} written, {} read back and checked; {:.3} s",
+            id,
+            name,
             server.id,
             server.disk.display(),
             r.blocks_rewritten,
             r.blocks_total,
             human_bytes(r.bytes_written),
+            r.blocks_verified,
             secs
         );
+        match r.safety_snapshot {
+            Some(s) => println!(
+                "the disk as it was is safety snapshot {s}: `blocksnap snapshot undo-restore {}` brings it back",
+                server.id
+            ),
+            None => println!("no safety snapshot was taken: this restore cannot be undone"),
+        }
     }
     Ok(())
+}
+
+/// Prints what a restore would do.
+pub fn restore_plan(p: &RestorePlanReport, json: bool) {
+    if json {
+        return print_json(p);
+    }
+    println!(
+        "restoring snapshot {} onto server {} would rewrite {} of {} blocks ({}) in {} runs, \
+         found by {}; about {:.1} s{}{}",
+        p.snapshot_id,
+        p.server_id,
+        p.blocks_to_rewrite,
+        p.blocks_total,
+        human_bytes(p.bytes_to_write),
+        p.runs.len(),
+        match p.method {
+            blocksnap::RestoreMethod::Delta => "comparing snapshots (the disk's state is known)",
+            blocksnap::RestoreMethod::Compare => "reading and comparing the disk",
+        },
+        p.estimated_seconds,
+        if p.rates_measured {
+            ""
+        } else {
+            " (default rates: no restore measured yet)"
+        },
+        if p.safety_snapshot {
+            ", after a safety snapshot of the disk"
+        } else {
+            ""
+        },
+    );
+    println!("nothing was written (dry run)");
 }
 
 /// Prints a verify report; exits 1 (through the returned code) on damage.

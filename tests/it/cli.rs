@@ -132,6 +132,8 @@ fn the_command_drives_the_whole_cycle() {
         let mut api = r.clone();
         let exclusive = api.as_object_mut().unwrap().remove("exclusive_bytes");
         assert!(exclusive.unwrap().is_u64(), "{r}");
+        let kind = api.as_object_mut().unwrap().remove("kind");
+        assert_eq!(kind.unwrap(), "regular");
         check_snapshot_shape(&api);
     }
     assert_eq!(results[0]["name"], "second", "newest first");
@@ -156,9 +158,11 @@ fn the_command_drives_the_whole_cycle() {
     assert!(ok(&store, &["verify", &id]).contains("all intact"));
     ok(&store, &["snapshot", "delete", &id]);
     let list: Value = serde_json::from_str(&ok(&store, &["snapshot", "list", "--json"])).unwrap();
-    assert_eq!(list["count"], 1);
-    // Human output has a header and one row.
-    assert_eq!(ok(&store, &["snapshot", "list"]).lines().count(), 2);
+    // The other snapshot, and the safety snapshot the restore took.
+    assert_eq!(list["count"], 2);
+    assert_eq!(list["results"][0]["kind"], "safety");
+    // Human output has a header and a row each.
+    assert_eq!(ok(&store, &["snapshot", "list"]).lines().count(), 3);
 }
 
 #[test]

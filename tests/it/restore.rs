@@ -4,7 +4,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use blocksnap::{EngineOptions, Error, ServerId, ServerState};
+use blocksnap::{EngineOptions, Error, ServerId, ServerState, SnapshotId, SnapshotKind};
 
 use crate::common::{BS, Fixture, disk_bytes, random_bytes};
 
@@ -109,11 +109,24 @@ fn restoring_an_older_snapshot_leaves_newer_ones_intact() {
     let v2 = disk_bytes(64 * BS, 14);
     std::fs::write(&path, &v2).unwrap();
     let s2 = fx.engine.create_snapshot(ServerId(1), "v2", "").unwrap();
+    let s1_before = fx.engine.snapshot(s1.id).unwrap();
+    let s2_before = fx.engine.snapshot(s2.id).unwrap();
 
     fx.engine.restore_snapshot(s1.id).unwrap();
     assert!(std::fs::read(&path).unwrap() == v1);
     assert!(fx.engine.verify(Some(s2.id)).unwrap().is_ok());
     fx.engine.restore_snapshot(s2.id).unwrap();
     assert!(std::fs::read(&path).unwrap() == v2);
-    assert_eq!(fx.engine.snapshots(Some(ServerId(1))).unwrap().len(), 2);
+    // Both snapshots are there, untouched, plus the one safety snapshot of
+    // the last restore (the first restore's was replaced).
+    let list = fx.engine.snapshots(Some(ServerId(1))).unwrap();
+    let regular: Vec<SnapshotId> = list
+        .iter()
+        .filter(|s| s.kind == SnapshotKind::Regular)
+        .map(|s| s.id)
+        .collect();
+    assert_eq!(regular, vec![s2.id, s1.id]);
+    assert_eq!(list.len(), 3);
+    assert_eq!(fx.engine.snapshot(s1.id).unwrap(), s1_before);
+    assert_eq!(fx.engine.snapshot(s2.id).unwrap(), s2_before);
 }

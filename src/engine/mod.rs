@@ -27,8 +27,8 @@ use serde::Serialize;
 
 use crate::capture::{self, CapturePlan, CaptureSettings};
 use crate::catalog::{
-    self, CaptureKind, Catalog, Change, FullReason, ServerRecord, SnapshotRecord, SnapshotStatus,
-    check_cap,
+    self, CaptureKind, Catalog, Change, FullReason, ServerRecord, SnapshotKind, SnapshotRecord,
+    SnapshotStatus, check_cap,
 };
 use crate::dirty::DirtyBitmap;
 use crate::disk::Disk;
@@ -38,11 +38,15 @@ use crate::job::{Job, Progress};
 use crate::manifest::{self, Manifest, check_block_size};
 use crate::options::{DEFAULT_BLOCK_SIZE, DEFAULT_COMPRESSION_LEVEL, EngineOptions};
 use crate::refs::{self, Refs};
-use crate::restore::{self, RestoreReport};
+use crate::restore::RestoreReport;
 use crate::store::gc::GcReport;
 use crate::store::{ChunkStore, Pins, sync_dir};
 use crate::tracking::{Tracker, TrackingStatus};
 use crate::verify::{self, VerifyReport};
+
+mod restores;
+
+pub use restores::{RestoreOptions, RestorePlanReport};
 
 pub use crate::catalog::CaptureStats;
 
@@ -113,6 +117,10 @@ pub struct Snapshot {
     /// accounted ([`Engine::account_space`]); completed snapshots only.
     #[serde(skip)]
     pub exclusive_bytes: Option<u64>,
+    /// `Safety` for the snapshot a restore took of the disk before writing
+    /// it (see [`Engine::undo_restore`]); it does not count toward the cap.
+    #[serde(skip)]
+    pub kind: SnapshotKind,
 }
 
 /// What `open` found and repaired.
@@ -300,6 +308,7 @@ impl State {
             stats: rec.stats,
             error: rec.error.clone(),
             exclusive_bytes: self.refs.as_ref().and_then(|r| r.exclusive(rec.id)),
+            kind: rec.kind,
         }
     }
 
@@ -739,7 +748,7 @@ impl Engine {
         name: &str,
         description: &str,
     ) -> Result<CaptureJob> {
-        self.start_capture(server, name, description, None)
+        self.start_capture(server, name, description, None, SnapshotKind::Regular)
     }
 
     /// Captures a snapshot that reads only the blocks `dirty` marks and
@@ -773,7 +782,13 @@ impl Engine {
         parent: SnapshotId,
         dirty: DirtyBitmap,
     ) -> Result<CaptureJob> {
-        self.start_capture(server, name, description, Some((parent, dirty)))
+        self.start_capture(
+            server,
+            name,
+            description,
+            Some((parent, dirty)),
+            SnapshotKind::Regular,
+        )
     }
 
     fn start_capture(
@@ -782,6 +797,7 @@ impl Engine {
         name: &str,
         description: &str,
         explicit: Option<(SnapshotId, DirtyBitmap)>,
+        kind: SnapshotKind,
     ) -> Result<CaptureJob> {
         catalog::check_snapshot_name(name)?;
         catalog::check_description(description)?;
@@ -793,11 +809,15 @@ impl Engine {
         let (record, mode, previous, snapshot) = {
             let mut state = inner.state.lock();
             let srv = state.server(server)?;
-            state.check_not_restoring(srv)?;
+            // A safety snapshot is the first step of a restore, and the
+            // engine's own: neither the restore nor the cap stops it.
+            if kind == SnapshotKind::Regular {
+                state.check_not_restoring(srv)?;
+                check_cap(server, state.snapshots_of(server))?;
+            }
             if let Some((parent, dirty)) = &explicit {
                 check_parent(&state, server, *parent, dirty, disk_len, inner.block_size)?;
             }
-            check_cap(server, state.snapshots_of(server))?;
             let id = SnapshotId(state.next_snapshot_id);
             let record = SnapshotRecord {
                 id,
@@ -808,6 +828,7 @@ impl Engine {
                 created_at: now_rfc3339(),
                 stats: None,
                 error: None,
+                kind,
             };
             inner.catalog.commit(&[
                 Change::PutSnapshot(&record),
@@ -1173,163 +1194,6 @@ impl Engine {
             dedup_ratio: ratio(data_bytes, space.live_raw_bytes),
             compression_ratio: ratio(space.live_raw_bytes, space.live_bytes),
         })
-    }
-
-    /// Restores a snapshot onto its server's disk and returns once the disk
-    /// is durable. See [`Engine::start_restore`].
-    pub fn restore_snapshot(&self, id: SnapshotId) -> Result<RestoreReport> {
-        self.start_restore(id)?.wait()
-    }
-
-    /// Starts restoring a completed snapshot onto its server's disk.
-    ///
-    /// Refused while the server captures or restores, or while the snapshot
-    /// is not completed. The job calls the stop hook, marks the server
-    /// restoring in the catalog, rewrites only the blocks that differ
-    /// (each chunk checked before it is written), sets an image file's
-    /// length, fsyncs, and clears the mark. If it fails after writing, the
-    /// server stays marked restoring until a restore succeeds.
-    pub fn start_restore(&self, id: SnapshotId) -> Result<RestoreJob> {
-        let (server, previous) = {
-            let mut state = self.inner.state.lock();
-            let rec = state.snapshot(id)?;
-            if rec.status != SnapshotStatus::Completed {
-                return Err(Error::WrongState(format!(
-                    "snapshot {id} is {}; only a completed snapshot can be restored",
-                    rec.status.as_str()
-                )));
-            }
-            let server_id = rec.server_id;
-            let srv = state.server(server_id)?;
-            if let Some(capturing) = state.capturing(server_id) {
-                return Err(Error::WrongState(format!(
-                    "server {server_id} is capturing snapshot {capturing}; wait for it to finish"
-                )));
-            }
-            if let Some(other) = state.live_restores.get(&server_id) {
-                return Err(Error::WrongState(format!(
-                    "server {server_id} is already being restored from snapshot {other}"
-                )));
-            }
-            let view = state.server_view(srv);
-            let image_len = rec.stats.map_or(0, |s| s.image_len);
-            let previous = if self.inner.options.change_tracking {
-                let previous = state.tracking.remove(&server_id);
-                let tracker = new_tracker(id, image_len, self.inner.block_size, previous.as_ref())?;
-                state.tracking.insert(server_id, tracker);
-                previous
-            } else {
-                None
-            };
-            state.live_restores.insert(server_id, id);
-            (view, previous)
-        };
-        let engine = self.clone();
-        let progress = Arc::new(Progress::default());
-        let job_progress = progress.clone();
-        let finisher = self.clone();
-        let server_id = server.id;
-        Job::spawn(
-            format!("restore-{id}"),
-            progress,
-            move || engine.run_restore(&server, id, previous, &job_progress),
-            move |outcome| {
-                finisher.end_restore(server_id, id, outcome.is_ok());
-                outcome
-            },
-        )
-        .inspect_err(|_| self.end_restore(server_id, id, false))
-    }
-
-    /// After a restore: tracking goes on from the restored snapshot, or,
-    /// when the restore failed, stops (the disk's state is unknown).
-    fn end_restore(&self, server: ServerId, id: SnapshotId, ok: bool) {
-        let mut state = self.inner.state.lock();
-        state.live_restores.remove(&server);
-        if state.tracking.get(&server).is_some_and(|t| t.base == id) {
-            if ok {
-                if let Some(t) = state.tracking.get_mut(&server) {
-                    t.pending = false;
-                }
-            } else {
-                state.tracking.remove(&server);
-            }
-        }
-    }
-
-    fn run_restore(
-        &self,
-        server: &Server,
-        id: SnapshotId,
-        previous: Option<Tracker>,
-        progress: &Progress,
-    ) -> Result<RestoreReport> {
-        let inner = &self.inner;
-        if let Some(hook) = &inner.options.stop_hook {
-            hook(server).map_err(|reason| Error::StopHook {
-                server: server.id,
-                reason,
-            })?;
-        }
-        self.set_restoring_from(server.id, Some(id))?;
-        let mut written = 0;
-        let outcome = (|| {
-            let manifest = Manifest::read(&inner.manifests, id)?;
-            if manifest.block_size != inner.block_size || manifest.server != server.id {
-                return Err(Error::corrupt(
-                    manifest::manifest_path(&inner.manifests, id),
-                    "manifest does not match its catalog entry (block size or server)",
-                ));
-            }
-            let disk = (inner.options.disk_opener)(&server.disk, true)?;
-            let known = self.known_state(previous, &manifest, disk.as_ref())?;
-            restore::restore(
-                &inner.store,
-                &manifest,
-                disk.as_ref(),
-                known.as_ref().map(|(base, dirty)| (base, dirty.as_slice())),
-                inner.options.window_len,
-                progress,
-                &mut written,
-            )
-        })();
-        if outcome.is_ok() || written == 0 {
-            self.set_restoring_from(server.id, None)?;
-        }
-        outcome
-    }
-
-    /// What the engine knows of the disk's current state, for a delta
-    /// restore of `target`: the tracked base snapshot's manifest and the
-    /// dirty block runs. `None` (compare every block) unless the tracker is
-    /// trusted and the base, the target and the disk have one length.
-    fn known_state(
-        &self,
-        tracker: Option<Tracker>,
-        target: &Manifest,
-        disk: &dyn Disk,
-    ) -> Result<Option<(Manifest, Vec<std::ops::Range<u64>>)>> {
-        let Some(t) = tracker.filter(|t| t.trusted && !t.pending) else {
-            return Ok(None);
-        };
-        let completed = self
-            .inner
-            .state
-            .lock()
-            .snapshots
-            .get(&t.base)
-            .is_some_and(|s| s.status == SnapshotStatus::Completed);
-        let Some(base) = completed
-            .then(|| Manifest::read(&self.inner.manifests, t.base).ok())
-            .flatten()
-        else {
-            return Ok(None);
-        };
-        let len = target.image_len;
-        if base.image_len != len || t.dirty.disk_len() != len || disk.len()? != len {
-            return Ok(None);
-        }
-        Ok(Some((base, t.dirty.block_runs(self.inner.block_size)?)))
     }
 
     fn set_restoring_from(&self, server: ServerId, snapshot: Option<SnapshotId>) -> Result<()> {
