@@ -126,8 +126,13 @@ impl Engine {
             format!("restore-{id}"),
             progress,
             move || engine.run_restore(&server, id, options, &job_progress),
-            move |outcome| {
+            move |outcome: Result<RestoreReport>| {
                 finisher.end_restore(server_id, id, outcome.is_ok());
+                // Once the restore is over (its own source may be the old
+                // safety snapshot, as in an undo), the new one replaces it.
+                if let Some(new) = outcome.as_ref().ok().and_then(|r| r.safety_snapshot) {
+                    finisher.replace_safety_snapshots(server_id, SnapshotId(new));
+                }
                 outcome
             },
         )
@@ -335,9 +340,6 @@ impl Engine {
         report.safety_snapshot = safety.map(|s| s.0);
         report.micros = started.elapsed().as_micros() as u64;
         self.record_rates(&report);
-        if let Some(new) = safety {
-            self.replace_safety_snapshots(server.id, new);
-        }
         Ok(report)
     }
 

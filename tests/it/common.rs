@@ -146,3 +146,69 @@ impl Disk for GatedDisk {
         self.inner.path()
     }
 }
+
+/// How a [`FaultyDisk`] misbehaves.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Faults {
+    /// Sleep this long before each write (to keep a restore running).
+    pub write_delay: std::time::Duration,
+    /// Every read fails with an I/O error.
+    pub fail_reads: bool,
+    /// Writes at this byte offset are silently dropped (a lying disk).
+    pub drop_write_at: Option<u64>,
+}
+
+/// A disk opener over image files that misbehaves as `faults` says.
+pub fn faulty_opener(faults: Faults) -> DiskOpener {
+    Arc::new(move |path: &Path, writable: bool| {
+        Ok(Box::new(FaultyDisk {
+            inner: FileDisk::open(path, writable)?,
+            faults,
+        }) as Box<dyn Disk>)
+    })
+}
+
+struct FaultyDisk {
+    inner: FileDisk,
+    faults: Faults,
+}
+
+impl Disk for FaultyDisk {
+    fn len(&self) -> blocksnap::Result<u64> {
+        self.inner.len()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> blocksnap::Result<usize> {
+        if self.faults.fail_reads {
+            return Err(blocksnap::Error::io(
+                self.inner.path(),
+                std::io::Error::other("injected read error"),
+            ));
+        }
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> blocksnap::Result<()> {
+        std::thread::sleep(self.faults.write_delay);
+        if let Some(at) = self.faults.drop_write_at
+            && (offset..offset + buf.len() as u64).contains(&at)
+        {
+            return Ok(());
+        }
+        self.inner.write_at(buf, offset)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> blocksnap::Result<()> {
+        std::thread::sleep(self.faults.write_delay);
+        self.inner.write_zeroes(offset, len)
+    }
+    fn set_len(&self, len: u64) -> blocksnap::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn is_block_device(&self) -> bool {
+        self.inner.is_block_device()
+    }
+    fn sync(&self) -> blocksnap::Result<()> {
+        self.inner.sync()
+    }
+    fn path(&self) -> &Path {
+        self.inner.path()
+    }
+}

@@ -12,3 +12,4 @@ mod incremental;
 mod persistence;
 mod restore;
 mod roundtrip;
+mod undo;
