@@ -435,3 +435,63 @@ fn gc_and_stats_from_the_command() {
     assert!(after["stored_bytes"].as_u64().unwrap() < stats["stored_bytes"].as_u64().unwrap());
     ok(&store, &["verify"]);
 }
+
+#[test]
+fn dry_run_restore_and_undo_from_the_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let disk = dir.path().join("web.img");
+    let v1 = disk_bytes(1 << 20, 51);
+    std::fs::write(&disk, &v1).unwrap();
+    ok(&store, &["init", "--block-size", "16K"]);
+    let d = disk.to_str().unwrap();
+    ok(
+        &store,
+        &["server", "add", "--id", "1", "--name", "web", "--disk", d],
+    );
+    ok(
+        &store,
+        &["snapshot", "create", "--server", "1", "--name", "a"],
+    );
+    let mut work = v1.clone();
+    work[5 * 16384] ^= 1;
+    work[40 * 16384] ^= 1;
+    std::fs::write(&disk, &work).unwrap();
+
+    let plan: Value = serde_json::from_str(&ok(
+        &store,
+        &["snapshot", "restore", "1", "--dry-run", "--json"],
+    ))
+    .unwrap();
+    assert_eq!(plan["blocks_to_rewrite"], 2);
+    assert_eq!(plan["safety_snapshot"], true);
+    let human = ok(&store, &["snapshot", "restore", "1", "--dry-run"]);
+    assert!(human.contains("would rewrite 2 of 64 blocks"), "{human}");
+    assert!(
+        std::fs::read(&disk).unwrap() == work,
+        "a dry run writes nothing"
+    );
+
+    let done: Value =
+        serde_json::from_str(&ok(&store, &["snapshot", "restore", "1", "--json"])).unwrap();
+    assert_eq!(done["blocks_rewritten"], 2);
+    assert_eq!(done["blocks_verified"], 2);
+    let safety = done["safety_snapshot"].as_u64().unwrap();
+    assert!(std::fs::read(&disk).unwrap() == v1);
+
+    let undone = ok(&store, &["snapshot", "undo-restore", "1"]);
+    assert!(
+        undone.contains(&format!("restored snapshot {safety}")),
+        "{undone}"
+    );
+    assert!(
+        std::fs::read(&disk).unwrap() == work,
+        "undo brings the work back"
+    );
+    fails_with(
+        &store,
+        &["snapshot", "undo-restore", "9"],
+        2,
+        "server 9 does not exist",
+    );
+}
