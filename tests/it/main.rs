@@ -5,6 +5,7 @@ mod blockdev;
 mod cli;
 mod common;
 mod concurrency;
+mod crash;
 mod corruption;
 mod errors;
 mod gc;
