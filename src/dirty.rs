@@ -12,6 +12,10 @@ use std::ops::Range;
 
 use crate::error::{Error, Result};
 
+/// The most regions a bitmap tracks: 2^32 bits (512 MiB of bitmap), a
+/// 256 TiB disk at 64 KiB per bit.
+const MAX_REGIONS: u64 = 1 << 32;
+
 /// A set of dirty regions of a disk of a known length.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DirtyBitmap {
@@ -26,15 +30,8 @@ impl DirtyBitmap {
     /// An all-clean bitmap for a disk of `disk_len` bytes, one bit per
     /// `granularity` bytes (a power of two, at least 512).
     pub fn new(disk_len: u64, granularity: u64) -> Result<Self> {
-        if !granularity.is_power_of_two() || granularity < 512 {
-            return Err(Error::InvalidParameter(format!(
-                "dirty-bitmap granularity {granularity} is not a power of two of at least 512 bytes"
-            )));
-        }
-        let bits = disk_len.div_ceil(granularity);
-        let words = usize::try_from(bits.div_ceil(64)).map_err(|_| {
-            Error::InvalidParameter(format!("a disk of {disk_len} bytes is too large to track"))
-        })?;
+        let bits = Self::regions(disk_len, granularity)?;
+        let words = bits.div_ceil(64) as usize;
         Ok(DirtyBitmap {
             disk_len,
             granularity,
@@ -43,17 +40,35 @@ impl DirtyBitmap {
         })
     }
 
+    /// Regions of `granularity` bytes in a disk of `disk_len` bytes, at
+    /// most `MAX_REGIONS`.
+    fn regions(disk_len: u64, granularity: u64) -> Result<u64> {
+        if !granularity.is_power_of_two() || granularity < 512 {
+            return Err(Error::InvalidParameter(format!(
+                "dirty-bitmap granularity {granularity} is not a power of two of at least 512 bytes"
+            )));
+        }
+        let bits = disk_len.div_ceil(granularity);
+        if bits > MAX_REGIONS {
+            return Err(Error::InvalidParameter(format!(
+                "a disk of {disk_len} bytes at {granularity} bytes per bit is too large to track"
+            )));
+        }
+        Ok(bits)
+    }
+
     /// A bitmap from its raw bytes: exactly ceil(regions / 8) of them, bit
     /// k of byte b (least significant first) marking region 8b + k.
     pub fn from_bytes(disk_len: u64, granularity: u64, bytes: &[u8]) -> Result<Self> {
-        let mut map = DirtyBitmap::new(disk_len, granularity)?;
-        let want = map.bits.div_ceil(8);
+        // The length is checked before anything is allocated for it.
+        let want = Self::regions(disk_len, granularity)?.div_ceil(8);
         if bytes.len() as u64 != want {
             return Err(Error::InvalidParameter(format!(
                 "the dirty bitmap has {} bytes; a disk of {disk_len} bytes at {granularity} bytes per bit needs {want}",
                 bytes.len()
             )));
         }
+        let mut map = DirtyBitmap::new(disk_len, granularity)?;
         for (w, chunk) in map.words.iter_mut().zip(bytes.chunks(8)) {
             let mut le = [0u8; 8];
             le[..chunk.len()].copy_from_slice(chunk);
@@ -223,6 +238,9 @@ mod tests {
         assert!(DirtyBitmap::from_bytes(len, 4096, &[0, 0, 0, 0]).is_err());
         assert!(DirtyBitmap::from_bytes(len, 4096, &[0, 0, 0x10]).is_err());
         assert!(DirtyBitmap::new(len, 1000).is_err());
+        // A huge length in a damaged record is refused before allocating.
+        assert!(DirtyBitmap::from_bytes(u64::MAX, 512, &[0; 8]).is_err());
+        assert!(DirtyBitmap::new(1 << 60, 512).is_err());
     }
 
     #[test]

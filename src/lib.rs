@@ -44,6 +44,8 @@ pub mod disk;
 mod engine;
 mod error;
 #[doc(hidden)]
+pub mod fuzzing;
+#[doc(hidden)]
 pub mod hotcore;
 #[cfg(feature = "server")]
 pub mod http;

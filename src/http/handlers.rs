@@ -75,7 +75,7 @@ impl IntoResponse for ApiError {
     }
 }
 
-type ApiResult<T> = Result<T, ApiError>;
+pub type ApiResult<T> = Result<T, ApiError>;
 
 /// Runs a blocking engine call on tokio's blocking pool.
 async fn blocking<T: Send + 'static>(
@@ -128,7 +128,24 @@ fn parse_server_filter(pairs: &[(String, String)]) -> ApiResult<Option<ServerId>
 /// `POST /api/v1/snapshots/`
 pub async fn create(State(app): State<App>, headers: HeaderMap, body: Body) -> ApiResult<Response> {
     check_json_content_type(&headers)?;
-    let obj = json_object(body).await?;
+    let bytes = read_body(body).await?;
+    let (server_id, name, description) = create_request(&bytes)?;
+    let engine = app.engine.clone();
+    let job = blocking(move || engine.start_snapshot(server_id, &name, &description)).await?;
+    let mut body = serde_json::to_value(&job.snapshot).unwrap_or_default();
+    if let Value::Object(m) = &mut body {
+        m.insert("message".into(), Value::String(CREATE_MESSAGE.into()));
+    }
+    let mut jobs = app.jobs.lock();
+    jobs.prune();
+    jobs.captures.push(job);
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+/// The server, name and description of a create request's body: a JSON
+/// object with `server_id` (required), `name` (required), `description`.
+pub fn create_request(bytes: &[u8]) -> ApiResult<(ServerId, String, String)> {
+    let obj = json_object(bytes)?;
     let server_id = match obj.get("server_id") {
         None | Some(Value::Null) => return Err(ApiError::bad_request("server_id is required")),
         Some(v) => v
@@ -146,16 +163,7 @@ pub async fn create(State(app): State<App>, headers: HeaderMap, body: Body) -> A
         Some(Value::String(s)) => s.clone(),
         Some(_) => return Err(ApiError::bad_request("description must be a string")),
     };
-    let engine = app.engine.clone();
-    let job = blocking(move || engine.start_snapshot(server_id, &name, &description)).await?;
-    let mut body = serde_json::to_value(&job.snapshot).unwrap_or_default();
-    if let Value::Object(m) = &mut body {
-        m.insert("message".into(), Value::String(CREATE_MESSAGE.into()));
-    }
-    let mut jobs = app.jobs.lock();
-    jobs.prune();
-    jobs.captures.push(job);
-    Ok((StatusCode::CREATED, Json(body)).into_response())
+    Ok((server_id, name, description))
 }
 
 /// Refuses a body declared as something other than JSON (415); a request
@@ -181,17 +189,19 @@ fn check_json_content_type(headers: &HeaderMap) -> ApiResult<()> {
     }
 }
 
-/// Reads a body of at most 64 KiB holding a JSON object.
-async fn json_object(body: Body) -> ApiResult<Map<String, Value>> {
-    let bytes = axum::body::to_bytes(body, MAX_BODY_LEN)
-        .await
-        .map_err(|_| {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("request body is larger than {MAX_BODY_LEN} bytes"),
-            )
-        })?;
-    match serde_json::from_slice::<Value>(&bytes) {
+/// Reads a body of at most 64 KiB.
+async fn read_body(body: Body) -> ApiResult<axum::body::Bytes> {
+    axum::body::to_bytes(body, MAX_BODY_LEN).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body is larger than {MAX_BODY_LEN} bytes"),
+        )
+    })
+}
+
+/// A body holding a JSON object.
+fn json_object(bytes: &[u8]) -> ApiResult<Map<String, Value>> {
+    match serde_json::from_slice::<Value>(bytes) {
         Ok(Value::Object(m)) => Ok(m),
         Ok(_) => Err(ApiError::bad_request(
             "the request body must be a JSON object",

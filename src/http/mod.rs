@@ -11,6 +11,8 @@
 mod auth;
 mod handlers;
 
+pub use handlers::create_request;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 

@@ -386,8 +386,10 @@ pub fn decode_index(bytes: &[u8], tr: &Trailer) -> Result<Vec<IndexEntry>, Strin
             stored_len: le::u32_at(e, E_STORED_LEN),
             raw_len: le::u32_at(e, E_RAW_LEN),
         };
-        let end = entry.offset + RECORD_HEADER_LEN as u64 + u64::from(entry.stored_len);
-        if entry.offset < PACK_HEADER_LEN as u64 || end > tr.index_offset {
+        let end = entry
+            .offset
+            .checked_add(RECORD_HEADER_LEN as u64 + u64::from(entry.stored_len));
+        if entry.offset < PACK_HEADER_LEN as u64 || end.is_none_or(|e| e > tr.index_offset) {
             return Err("index entry points outside the pack's records".into());
         }
         out.push(entry);

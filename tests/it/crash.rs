@@ -106,7 +106,9 @@ fn child_runs_random_operations() {
                 let at = rng.below((DISK_LEN - buf.len()) as u64);
                 let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
                 std::os::unix::fs::FileExt::write_all_at(&f, &buf, at).unwrap();
-                engine.record_write(ServerId(server), at, buf.len() as u64).unwrap();
+                engine
+                    .record_write(ServerId(server), at, buf.len() as u64)
+                    .unwrap();
             }
             // A snapshot (incremental when tracking is trusted).
             3..=5 => {
@@ -197,12 +199,13 @@ impl Ledger {
 
 /// Starts the child on `layout` with `seed`; returns it once it opened the
 /// store, with a thread collecting its output.
-pub fn spawn_child(
-    layout: &Layout,
-    seed: u64,
-) -> (Child, std::thread::JoinHandle<Vec<String>>) {
+pub fn spawn_child(layout: &Layout, seed: u64) -> (Child, std::thread::JoinHandle<Vec<String>>) {
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "crash::child_runs_random_operations", "--nocapture"])
+        .args([
+            "--exact",
+            "crash::child_runs_random_operations",
+            "--nocapture",
+        ])
         .env("BLOCKSNAP_TEST_CRASH_ROOT", &layout.root)
         .env("BLOCKSNAP_TEST_CRASH_EXPECTED", &layout.expected)
         .env("BLOCKSNAP_TEST_CRASH_SEED", seed.to_string())
@@ -263,7 +266,11 @@ pub fn check_invariants(layout: &Layout, ledger: &Ledger, what: &str) -> Engine 
         let snap = engine
             .snapshot(SnapshotId(*id))
             .unwrap_or_else(|e| panic!("{what}: completed snapshot {id} is gone: {e}"));
-        assert_eq!(snap.status, SnapshotStatus::Completed, "{what}: snapshot {id}");
+        assert_eq!(
+            snap.status,
+            SnapshotStatus::Completed,
+            "{what}: snapshot {id}"
+        );
         engine.restore_snapshot_with(SnapshotId(*id), bare).unwrap();
         let disk = engine.server(snap.server.id).unwrap().disk;
         let want = std::fs::read(layout.copy(h)).unwrap();
@@ -316,14 +323,21 @@ fn a_process_killed_anywhere_loses_no_completed_snapshot() {
         child.wait().unwrap();
         ledger.read(reader.join().unwrap());
         ledger.kills += 1;
-        drop(check_invariants(&layout, &ledger, &format!("kill {kill} (seed {seed})")));
+        drop(check_invariants(
+            &layout,
+            &ledger,
+            &format!("kill {kill} (seed {seed})"),
+        ));
     }
     println!(
         "{} kills survived, {} snapshots checked at the end",
         ledger.kills,
         ledger.completed.len()
     );
-    assert!(!ledger.seen.is_empty(), "the child never completed a snapshot");
+    assert!(
+        !ledger.seen.is_empty(),
+        "the child never completed a snapshot"
+    );
 }
 
 /// The path of a file a power cut may not touch.
