@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -338,9 +338,4 @@ fn a_process_killed_anywhere_loses_no_completed_snapshot() {
         !ledger.seen.is_empty(),
         "the child never completed a snapshot"
     );
-}
-
-/// The path of a file a power cut may not touch.
-pub fn outside(dir: &Path, name: &str) -> PathBuf {
-    dir.join(name)
 }

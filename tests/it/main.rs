@@ -12,6 +12,7 @@ mod fuzz_corpus;
 mod gc;
 mod incremental;
 mod persistence;
+mod powercut;
 mod restore;
 mod roundtrip;
 mod undo;
