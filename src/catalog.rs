@@ -230,7 +230,14 @@ pub enum Change<'a> {
 impl Catalog {
     /// Opens the catalog at `path`; when it does not exist yet and `create`
     /// (block size, compression level) is given, creates it.
+    ///
+    /// redb panics on some kinds of damage to its file instead of returning
+    /// an error; that panic is caught here and reported as corruption.
     pub fn open(path: &Path, create: Option<(u32, i32)>) -> Result<(Self, Loaded)> {
+        no_panic(path, || Self::open_inner(path, create))
+    }
+
+    fn open_inner(path: &Path, create: Option<(u32, i32)>) -> Result<(Self, Loaded)> {
         let exists = path.exists();
         let db = if exists {
             Database::open(path)?
@@ -325,6 +332,10 @@ impl Catalog {
 
     /// The persisted change-tracking records, by server.
     pub fn load_tracking(&self) -> Result<Vec<(ServerId, Vec<u8>)>> {
+        no_panic(&self.path, || self.load_tracking_inner())
+    }
+
+    fn load_tracking_inner(&self) -> Result<Vec<(ServerId, Vec<u8>)>> {
         let tx = self.db.begin_read()?;
         let table = match tx.open_table(TRACKING) {
             Ok(t) => t,
@@ -341,12 +352,20 @@ impl Catalog {
 
     /// A number kept in the catalog's `meta` table (measured rates).
     pub fn meta(&self, key: &str) -> Result<Option<u64>> {
+        no_panic(&self.path, || self.meta_inner(key))
+    }
+
+    fn meta_inner(&self, key: &str) -> Result<Option<u64>> {
         let tx = self.db.begin_read()?;
         Ok(tx.open_table(META)?.get(key)?.map(|v| v.value()))
     }
 
     /// Sets a number in the `meta` table.
     pub fn set_meta(&self, key: &str, value: u64) -> Result<()> {
+        no_panic(&self.path, || self.set_meta_inner(key, value))
+    }
+
+    fn set_meta_inner(&self, key: &str, value: u64) -> Result<()> {
         let tx = self.db.begin_write()?;
         tx.open_table(META)?.insert(key, value)?;
         tx.commit()?;
@@ -355,6 +374,10 @@ impl Catalog {
 
     /// Changes the store's compression level for new chunks.
     pub fn set_compression_level(&self, level: i32) -> Result<()> {
+        no_panic(&self.path, || self.set_compression_level_inner(level))
+    }
+
+    fn set_compression_level_inner(&self, level: i32) -> Result<()> {
         let tx = self.db.begin_write()?;
         tx.open_table(META)?
             .insert(META_COMPRESSION, level as u64)?;
@@ -364,6 +387,10 @@ impl Catalog {
 
     /// Applies `changes` in one durable transaction: all or nothing.
     pub fn commit(&self, changes: &[Change<'_>]) -> Result<()> {
+        no_panic(&self.path, || self.commit_inner(changes))
+    }
+
+    fn commit_inner(&self, changes: &[Change<'_>]) -> Result<()> {
         let tx = self.db.begin_write()?;
         {
             let mut servers = tx.open_table(SERVERS)?;
@@ -459,6 +486,22 @@ pub fn counted(s: &SnapshotRecord) -> bool {
             s.status,
             SnapshotStatus::InProgress | SnapshotStatus::Completed
         )
+}
+
+/// Runs a catalog operation, turning a panic inside redb (its answer to
+/// some damaged files) into a corruption error naming the catalog.
+fn no_panic<T>(path: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
+        let what = p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        Err(Error::corrupt(
+            path,
+            format!("the catalog database is damaged ({what})"),
+        ))
+    })
 }
 
 /// The cap rule: may `server` take one more snapshot, given its snapshots?

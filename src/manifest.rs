@@ -229,10 +229,20 @@ impl Manifest {
         Ok(path)
     }
 
-    /// Reads and checks the manifest of `snapshot` from `dir`.
+    /// Reads and checks the manifest of `snapshot` from `dir`. Only
+    /// snapshots that have one are read, so a missing file is damage.
     pub fn read(dir: &Path, snapshot: SnapshotId) -> Result<Self> {
         let path = manifest_path(dir, snapshot);
-        let bytes = fs::read(&path).at(&path)?;
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::corrupt(
+                    &path,
+                    format!("the manifest of snapshot {snapshot} is missing"),
+                ));
+            }
+            Err(e) => return Err(Error::io(&path, e)),
+        };
         let m = Manifest::decode(&bytes).map_err(|w| Error::corrupt(&path, w))?;
         if m.snapshot != snapshot {
             return Err(Error::corrupt(

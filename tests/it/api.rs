@@ -472,6 +472,7 @@ fn the_sixth_snapshot_is_400_and_16_racing_posts_make_five() {
 fn wrong_states_are_400() {
     let gate = Gate::default();
     let api = Api::with(EngineOptions::new().disk_opener(gate.opener()));
+    let _opens = gate.open_on_drop();
     let r = api.post(
         "/api/v1/snapshots/",
         &json!({"server_id": 2, "name": "slow"}),

@@ -89,7 +89,23 @@ pub fn tree_size(dir: &Path) -> u64 {
 #[derive(Clone, Default)]
 pub struct Gate(Arc<(Mutex<bool>, Condvar)>);
 
+/// Opens its gate when dropped: declared after what waits on the gate's
+/// reads, it is dropped first, so a failing test reports its failure
+/// instead of hanging on a capture that can never finish.
+pub struct OpenOnDrop(Gate);
+
+impl Drop for OpenOnDrop {
+    fn drop(&mut self) {
+        self.0.open();
+    }
+}
+
 impl Gate {
+    /// A guard that opens the gate when dropped (see [`OpenOnDrop`]).
+    pub fn open_on_drop(&self) -> OpenOnDrop {
+        OpenOnDrop(self.clone())
+    }
+
     pub fn open(&self) {
         *self.0.0.lock().unwrap() = true;
         self.0.1.notify_all();

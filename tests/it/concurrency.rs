@@ -76,6 +76,7 @@ fn in_progress_captures_count_toward_the_cap() {
             .block_size(BS as u32)
             .disk_opener(gate.opener()),
     );
+    let _opens = gate.open_on_drop();
     let bytes = disk_bytes(64 * BS, 4);
     let path = fx.server(1, "web", &bytes);
     // Back to back: each gets its own slot and id at once.

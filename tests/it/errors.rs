@@ -78,6 +78,7 @@ fn in_progress_snapshots_cannot_be_restored_or_deleted() {
             .block_size(BS as u32)
             .disk_opener(gate.opener()),
     );
+    let _opens = gate.open_on_drop();
     fx.server(1, "web", &disk_bytes(16 * BS, 2));
     let job = fx.engine.start_snapshot(ServerId(1), "slow", "").unwrap();
     let id = job.snapshot.id;
@@ -119,6 +120,7 @@ fn a_capturing_server_cannot_be_restored() {
         (dir, engine)
     };
     let (_dir, engine) = engine;
+    let _opens = gate.open_on_drop();
     let job = engine.start_snapshot(ServerId(1), "slow", "").unwrap();
     let err = engine.restore_snapshot(done.id).unwrap_err();
     assert!(

@@ -38,7 +38,11 @@ fn check_all(engine: &Engine, expected: &HashMap<SnapshotId, Vec<u8>>) {
         assert_eq!(snap.status, SnapshotStatus::Completed, "{id}");
         let disk = engine.server(snap.server.id).unwrap().disk;
         std::fs::write(&disk, b"scribbled").unwrap();
-        engine.restore_snapshot(*id).unwrap();
+        let bare = blocksnap::RestoreOptions {
+            safety_snapshot: false,
+            verify: true,
+        };
+        engine.restore_snapshot_with(*id, bare).unwrap();
         assert!(std::fs::read(&disk).unwrap() == *bytes, "snapshot {id}");
     }
 }
@@ -266,6 +270,7 @@ fn child_collects_garbage_until_killed() {
             .unwrap()
             .iter()
             .filter(|s| s.status == SnapshotStatus::Completed)
+            .filter(|s| s.kind == blocksnap::SnapshotKind::Regular)
             .map(|s| s.id)
             .collect();
         if live.len() >= 4 {

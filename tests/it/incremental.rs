@@ -148,6 +148,7 @@ fn a_parent_that_is_not_completed_is_refused() {
             .block_size(BS as u32)
             .disk_opener(gate.opener()),
     );
+    let _opens = gate.open_on_drop();
     fx.server(1, "web", &disk_bytes(LEN, 5));
     let running = fx.engine.start_snapshot(ServerId(1), "v1", "").unwrap();
     let e = fx
