@@ -23,7 +23,7 @@ pub struct HotCore {
 
 impl HotCore {
     pub fn open(dir: &Path, block_size: u32, compression_level: i32) -> Result<Self> {
-        let (store, _) = ChunkStore::open(dir)?;
+        let (store, _) = ChunkStore::open(dir, std::sync::Arc::new(crate::fsio::StdFs))?;
         Ok(HotCore {
             store,
             settings: CaptureSettings {

@@ -41,6 +41,7 @@ mod capture;
 mod catalog;
 mod dirty;
 pub mod disk;
+pub mod fsio;
 mod engine;
 mod error;
 #[doc(hidden)]

@@ -11,11 +11,11 @@
 //! footer  body crc32 u32
 //! ```
 
-use std::fs;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+use std::sync::Arc;
 
 use crate::error::{Error, IoContext, Result};
+use crate::fsio::{OpenMode, StoreFs};
 use crate::ids::{ChunkId, ServerId, SnapshotId};
 use crate::le;
 use crate::store::sync_dir;
@@ -212,28 +212,63 @@ impl Manifest {
             blocks,
         })
     }
+}
 
-    /// Writes the manifest durably into `dir`: temporary file, fsync,
-    /// rename, directory fsync. Returns the final path.
-    pub fn write_durably(&self, dir: &Path) -> Result<PathBuf> {
-        let path = manifest_path(dir, self.snapshot);
-        let mut tmp = tempfile::Builder::new()
-            .prefix(".manifest-")
-            .suffix(".tmp")
-            .tempfile_in(dir)
-            .at(dir)?;
-        tmp.write_all(&self.encode()).at(tmp.path())?;
-        tmp.as_file().sync_all().at(tmp.path())?;
-        tmp.persist(&path).map_err(|e| Error::io(&path, e.error))?;
-        sync_dir(dir)?;
+/// Number of blocks of `block_size` needed to cover `image_len` bytes.
+pub fn block_count(image_len: u64, block_size: u32) -> u64 {
+    image_len.div_ceil(u64::from(block_size))
+}
+
+/// The manifest directory, through the store's file system seam.
+#[derive(Clone)]
+pub struct Manifests {
+    dir: PathBuf,
+    fs: Arc<dyn StoreFs>,
+}
+
+/// Temporary files of manifests being written start and end so.
+const TMP_PREFIX: &str = ".manifest-";
+const TMP_SUFFIX: &str = ".tmp";
+
+impl Manifests {
+    /// The manifests in `dir` (created if missing).
+    pub fn open(dir: PathBuf, fs: Arc<dyn StoreFs>) -> Result<Self> {
+        fs.create_dir_all(&dir).at(&dir)?;
+        Ok(Manifests { dir, fs })
+    }
+
+    /// Where the manifest of `snapshot` lives.
+    pub fn path(&self, snapshot: SnapshotId) -> PathBuf {
+        self.dir.join(format!("{:020}.manifest", snapshot.0))
+    }
+
+    /// Writes a manifest durably: temporary file, fsync, rename, directory
+    /// fsync. A failure leaves at most a temporary file, which
+    /// [`Manifests::clean_temporaries`] removes.
+    pub fn write(&self, m: &Manifest) -> Result<PathBuf> {
+        let path = self.path(m.snapshot);
+        let tmp = self
+            .dir
+            .join(format!("{TMP_PREFIX}{:020}{TMP_SUFFIX}", m.snapshot.0));
+        let written = (|| {
+            let f = self.fs.open(&tmp, OpenMode::CreateNew).at(&tmp)?;
+            f.write_all_at(&m.encode(), 0).at(&tmp)?;
+            f.sync().at(&tmp)?;
+            self.fs.rename(&tmp, &path).at(&path)
+        })();
+        if let Err(e) = written {
+            let _ = self.fs.remove(&tmp);
+            return Err(e);
+        }
+        sync_dir(self.fs.as_ref(), &self.dir)?;
         Ok(path)
     }
 
-    /// Reads and checks the manifest of `snapshot` from `dir`. Only
-    /// snapshots that have one are read, so a missing file is damage.
-    pub fn read(dir: &Path, snapshot: SnapshotId) -> Result<Self> {
-        let path = manifest_path(dir, snapshot);
-        let bytes = match fs::read(&path) {
+    /// Reads and checks the manifest of `snapshot`. Only snapshots that
+    /// have one are read, so a missing file is damage.
+    pub fn read(&self, snapshot: SnapshotId) -> Result<Manifest> {
+        let path = self.path(snapshot);
+        let bytes = match self.fs.read_all(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(Error::corrupt(
@@ -252,39 +287,40 @@ impl Manifest {
         }
         Ok(m)
     }
-}
 
-/// Number of blocks of `block_size` needed to cover `image_len` bytes.
-pub fn block_count(image_len: u64, block_size: u32) -> u64 {
-    image_len.div_ceil(u64::from(block_size))
-}
-
-/// Where the manifest of `snapshot` lives.
-pub fn manifest_path(dir: &Path, snapshot: SnapshotId) -> PathBuf {
-    dir.join(format!("{:020}.manifest", snapshot.0))
-}
-
-/// Removes a manifest (after its catalog entry is gone) and syncs the directory.
-pub fn remove(dir: &Path, snapshot: SnapshotId) -> Result<()> {
-    let path = manifest_path(dir, snapshot);
-    match fs::remove_file(&path) {
-        Ok(()) => sync_dir(dir),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::io(path, e)),
-    }
-}
-
-/// Removes temporary files a crash left behind while writing manifests.
-pub fn clean_temporaries(dir: &Path) -> Result<()> {
-    for entry in fs::read_dir(dir).at(dir)? {
-        let entry = entry.at(dir)?;
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        if name.starts_with(".manifest-") && name.ends_with(".tmp") {
-            fs::remove_file(entry.path()).at(entry.path())?;
+    /// Removes a manifest (after its catalog entry is gone) and syncs the
+    /// directory.
+    pub fn remove(&self, snapshot: SnapshotId) -> Result<()> {
+        let path = self.path(snapshot);
+        match self.fs.remove(&path) {
+            Ok(()) => sync_dir(self.fs.as_ref(), &self.dir),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io(path, e)),
         }
     }
-    Ok(())
+
+    /// The snapshot ids of the manifests present.
+    pub fn ids(&self) -> Result<Vec<SnapshotId>> {
+        Ok(self
+            .fs
+            .list(&self.dir)
+            .at(&self.dir)?
+            .iter()
+            .filter_map(|p| p.file_name()?.to_str()?.strip_suffix(".manifest")?.parse().ok())
+            .map(SnapshotId)
+            .collect())
+    }
+
+    /// Removes temporary files a crash left behind while writing manifests.
+    pub fn clean_temporaries(&self) -> Result<()> {
+        for path in self.fs.list(&self.dir).at(&self.dir)? {
+            let name = path.file_name().map(|n| n.to_string_lossy().to_string());
+            if name.is_some_and(|n| n.starts_with(TMP_PREFIX) && n.ends_with(TMP_SUFFIX)) {
+                self.fs.remove(&path).at(&path)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use crate::disk::{DiskOpener, default_opener};
 use crate::engine::{Engine, Server};
 use crate::error::Result;
+use crate::fsio::{StdFs, StoreFs};
 
 /// Block size of a new store unless chosen otherwise: 64 KiB, the
 /// granularity of QEMU dirty bitmaps.
@@ -47,6 +48,7 @@ pub struct EngineOptions {
     pub(crate) clean_sample_rate: f64,
     pub(crate) gc_max_unused: f64,
     pub(crate) auto_gc: bool,
+    pub(crate) store_fs: Arc<dyn StoreFs>,
 }
 
 impl Default for EngineOptions {
@@ -62,6 +64,7 @@ impl Default for EngineOptions {
             clean_sample_rate: DEFAULT_CLEAN_SAMPLE_RATE,
             gc_max_unused: DEFAULT_GC_MAX_UNUSED,
             auto_gc: false,
+            store_fs: Arc::new(StdFs),
         }
     }
 }
@@ -160,6 +163,14 @@ impl EngineOptions {
     /// (run [`Engine::gc`] when it suits you).
     pub fn auto_gc(mut self, on: bool) -> Self {
         self.auto_gc = on;
+        self
+    }
+
+    /// The file system the store's packs and manifests are written
+    /// through. Default: the real one ([`StdFs`]). Tests pass a
+    /// [`crate::fsio::FaultFs`] to fail chosen calls.
+    pub fn store_fs(mut self, fs: Arc<dyn StoreFs>) -> Self {
+        self.store_fs = fs;
         self
     }
 

@@ -452,7 +452,7 @@ mod tests {
             let snapshot = image(&kinds, tail);
             let target = image(&target_kinds, target_tail);
             let dir = tempfile::tempdir().unwrap();
-            let (store, _) = ChunkStore::open(dir.path()).unwrap();
+            let (store, _) = ChunkStore::open(dir.path(), std::sync::Arc::new(crate::fsio::StdFs)).unwrap();
             let settings = CaptureSettings { block_size: BS as u32, compression_level: 1, window_len: 5 * BS };
             let plan_all = CapturePlan::full(snapshot.len() as u64, BS as u32, None);
             let captured = capture(&store, &MemDisk::new(snapshot.clone()), &settings, plan_all, &store.pin_scope(), &Progress::default()).unwrap();
@@ -514,7 +514,7 @@ mod tests {
             }
             let runs = dirty.block_runs(BS as u32).unwrap();
             let dir = tempfile::tempdir().unwrap();
-            let (store, _) = ChunkStore::open(dir.path()).unwrap();
+            let (store, _) = ChunkStore::open(dir.path(), std::sync::Arc::new(crate::fsio::StdFs)).unwrap();
             let full = |bytes: &[u8]| {
                 let plan = CapturePlan::full(len as u64, BS as u32, None);
                 capture(&store, &MemDisk::new(bytes.to_vec()), &settings(), plan, &store.pin_scope(), &Progress::default()).unwrap()
@@ -565,7 +565,7 @@ mod tests {
         v2[2 * BS..3 * BS].fill(8); // block 2 written, but not in the bitmap
         let dirty = DirtyBitmap::from_ranges(v1.len() as u64, BS as u64, [(BS as u64, 1)]).unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let (store, _) = ChunkStore::open(dir.path()).unwrap();
+        let (store, _) = ChunkStore::open(dir.path(), std::sync::Arc::new(crate::fsio::StdFs)).unwrap();
         let plan = CapturePlan::full(v1.len() as u64, BS as u32, None);
         let c1 = capture(
             &store,

@@ -35,7 +35,7 @@ use crate::disk::Disk;
 use crate::error::{Error, IoContext, Result};
 use crate::ids::{ChunkId, ServerId, SnapshotId};
 use crate::job::{Job, Progress};
-use crate::manifest::{self, Manifest, check_block_size};
+use crate::manifest::{Manifest, Manifests, check_block_size};
 use crate::options::{DEFAULT_BLOCK_SIZE, DEFAULT_COMPRESSION_LEVEL, EngineOptions};
 use crate::refs::{self, Refs};
 use crate::restore::RestoreReport;
@@ -179,7 +179,7 @@ pub struct Engine {
 
 struct Inner {
     root: PathBuf,
-    manifests: PathBuf,
+    manifests: Manifests,
     block_size: u32,
     compression_level: AtomicI32,
     options: EngineOptions,
@@ -493,11 +493,11 @@ impl Engine {
                 loaded.block_size
             )));
         }
-        let manifests = root.join(MANIFEST_DIR);
-        fs::create_dir_all(&manifests).at(&manifests)?;
-        let (store, recovery) = ChunkStore::open(&root.join(PACK_DIR))?;
+        let store_fs = options.store_fs.clone();
+        let manifests = Manifests::open(root.join(MANIFEST_DIR), store_fs.clone())?;
+        let (store, recovery) = ChunkStore::open(&root.join(PACK_DIR), store_fs.clone())?;
         if new_store {
-            sync_dir(root)?;
+            sync_dir(store_fs.as_ref(), root)?;
         }
         let mut report = OpenReport {
             packs_recovered: recovery.packs_sealed,
@@ -916,7 +916,7 @@ impl Engine {
                 parent,
                 dirty,
                 generation,
-            } => match Manifest::read(&inner.manifests, parent) {
+            } => match inner.manifests.read(parent) {
                 Err(e) if generation.is_none() => return Err(e),
                 Err(_) => full(&mut how, Some(FullReason::BaseGone)),
                 Ok(p) if p.image_len != len || p.block_size != bs => {
@@ -950,7 +950,7 @@ impl Engine {
             captured.stats.image_len,
             captured.blocks,
         )?;
-        manifest.write_durably(&inner.manifests)?;
+        inner.manifests.write(&manifest)?;
         let chunks = refs::distinct(manifest.blocks());
         let stats = CaptureStats {
             micros: started.elapsed().as_micros() as u64,
@@ -1011,7 +1011,7 @@ impl Engine {
         if committed.is_err() || outcome.is_err() {
             // Not completed: its manifest, if written, must not outlive it.
             rec.status = SnapshotStatus::Failed;
-            let _ = manifest::remove(&self.inner.manifests, id);
+            let _ = self.inner.manifests.remove(id);
         }
         state.snapshots.insert(id, rec.clone());
         committed?;
@@ -1048,7 +1048,7 @@ impl Engine {
         let completed = rec.status == SnapshotStatus::Completed;
         // The counts need the chunk list, which goes with the manifest.
         let chunks = match (&state.refs, completed) {
-            (Some(_), true) => Manifest::read(&self.inner.manifests, id)
+            (Some(_), true) => self.inner.manifests.read(id)
                 .map(|m| refs::distinct(m.blocks()))
                 .ok(),
             _ => None,
@@ -1068,7 +1068,7 @@ impl Engine {
         drop(state);
         // The delete is done once the catalog says so. A manifest that cannot
         // be removed now is an orphan, which the next open removes.
-        let _ = manifest::remove(&self.inner.manifests, id);
+        let _ = self.inner.manifests.remove(id);
         if self.inner.options.auto_gc {
             self.start_auto_gc();
         }
@@ -1092,7 +1092,7 @@ impl Engine {
         let mut refs = Refs::default();
         for rec in state.snapshots.values() {
             if rec.status == SnapshotStatus::Completed {
-                let m = Manifest::read(&self.inner.manifests, rec.id)?;
+                let m = self.inner.manifests.read(rec.id)?;
                 refs.add(rec.id, &refs::distinct(m.blocks()), |c| {
                     stored_size(store, c)
                 });
@@ -1235,7 +1235,7 @@ impl Engine {
         };
         let manifests = ids
             .into_iter()
-            .map(|id| (id, Manifest::read(&self.inner.manifests, id)))
+            .map(|id| (id, self.inner.manifests.read(id)))
             .collect();
         Ok(verify::verify(&self.inner.store, manifests))
     }
@@ -1297,11 +1297,11 @@ fn lock_store(root: &Path) -> Result<File> {
 /// interrupted restores are reported.
 fn recover(
     catalog: &Catalog,
-    manifests: &Path,
+    manifests: &Manifests,
     state: &mut State,
     report: &mut OpenReport,
 ) -> Result<()> {
-    manifest::clean_temporaries(manifests)?;
+    manifests.clean_temporaries()?;
     let mut failed = Vec::new();
     for rec in state.snapshots.values_mut() {
         if rec.status == SnapshotStatus::InProgress {
@@ -1316,22 +1316,13 @@ fn recover(
         catalog.commit(&changes)?;
         report.failed_captures = failed.iter().map(|r| r.id).collect();
     }
-    for entry in fs::read_dir(manifests).at(manifests)? {
-        let entry = entry.at(manifests)?;
-        let name = entry.file_name();
-        let Some(id) = name
-            .to_str()
-            .and_then(|n| n.strip_suffix(".manifest"))
-            .and_then(|n| n.parse::<u64>().ok())
-        else {
-            continue;
-        };
+    for id in manifests.ids()? {
         let completed = state
             .snapshots
-            .get(&SnapshotId(id))
+            .get(&id)
             .is_some_and(|s| s.status == SnapshotStatus::Completed);
         if !completed {
-            manifest::remove(manifests, SnapshotId(id))?;
+            manifests.remove(id)?;
         }
     }
     report.interrupted_restores = state

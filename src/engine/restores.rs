@@ -20,7 +20,7 @@ use crate::disk::{Disk, MemDisk};
 use crate::error::{Error, Result};
 use crate::ids::{ServerId, SnapshotId};
 use crate::job::{Job, Progress};
-use crate::manifest::{self, Manifest};
+use crate::manifest::Manifest;
 use crate::restore::{self, RestoreMethod, RestorePlan, RestoreReport};
 use crate::tracking::Tracker;
 
@@ -258,10 +258,10 @@ impl Engine {
     /// The target's manifest, checked against its catalog entry.
     fn restore_manifest(&self, server: &Server, id: SnapshotId) -> Result<Manifest> {
         let inner = &self.inner;
-        let manifest = Manifest::read(&inner.manifests, id)?;
+        let manifest = inner.manifests.read(id)?;
         if manifest.block_size != inner.block_size || manifest.server != server.id {
             return Err(Error::corrupt(
-                manifest::manifest_path(&inner.manifests, id),
+                inner.manifests.path(id),
                 "manifest does not match its catalog entry (block size or server)",
             ));
         }
@@ -319,7 +319,7 @@ impl Engine {
             // Just captured with the guest stopped, the safety snapshot is
             // exactly the disk: plan by difference, without reading it again.
             let known = match safety {
-                Some(s) => Some((Manifest::read(&inner.manifests, s)?, Vec::new())),
+                Some(s) => Some((inner.manifests.read(s)?, Vec::new())),
                 None => self.known_state(previous, &manifest, disk.as_ref())?,
             };
             restore::restore(
@@ -434,7 +434,7 @@ impl Engine {
             .get(&t.base)
             .is_some_and(|s| s.status == SnapshotStatus::Completed);
         let Some(base) = completed
-            .then(|| Manifest::read(&self.inner.manifests, t.base).ok())
+            .then(|| self.inner.manifests.read(t.base).ok())
             .flatten()
         else {
             return Ok(None);

@@ -24,16 +24,15 @@
 //!   the other). Temporary files are removed on open.
 
 use std::collections::{HashMap, HashSet};
-use std::fs::{self, File, OpenOptions};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use serde::Serialize;
 
 use super::pack::{self, IndexEntry, PACK_HEADER_LEN, RECORD_HEADER_LEN, TRAILER_LEN};
-use super::{ChunkLoc, ChunkStore, list_packs, pack_path, sync_dir};
+use super::{ChunkLoc, ChunkStore, list_packs, pack_path};
 use crate::error::{Error, IoContext, Result};
+use crate::fsio::{OpenMode, StoreFs};
 use crate::ids::ChunkId;
 
 const TMP_PREFIX: &str = "gc-";
@@ -109,24 +108,20 @@ fn record_len(e: &IndexEntry) -> u64 {
 }
 
 /// Removes what an interrupted collection left: temporary pack files.
-pub(super) fn remove_leftovers(dir: &Path) -> Result<()> {
-    let Ok(entries) = fs::read_dir(dir) else {
-        return Ok(());
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        if name.starts_with(TMP_PREFIX) && name.ends_with(TMP_SUFFIX) {
-            fs::remove_file(entry.path()).at(entry.path())?;
+pub(super) fn remove_leftovers(fs: &dyn StoreFs, dir: &Path) -> Result<()> {
+    for path in fs.list(dir).at(dir)? {
+        let name = path.file_name().map(|n| n.to_string_lossy().to_string());
+        if name.is_some_and(|n| n.starts_with(TMP_PREFIX) && n.ends_with(TMP_SUFFIX)) {
+            fs.remove(&path).at(&path)?;
         }
     }
     Ok(())
 }
 
 /// A sealed pack's index and length; `None` for an unsealed pack.
-fn read_sealed(path: &Path) -> Result<Option<(u64, Vec<IndexEntry>)>> {
-    let file = File::open(path).at(path)?;
-    let len = file.metadata().at(path)?.len();
+fn read_sealed(fs: &dyn StoreFs, path: &Path) -> Result<Option<(u64, Vec<IndexEntry>)>> {
+    let file = fs.open(path, OpenMode::Read).at(path)?;
+    let len = file.len().at(path)?;
     if len < (PACK_HEADER_LEN + TRAILER_LEN) as u64 {
         return Ok(None);
     }
@@ -184,11 +179,11 @@ impl ChunkStore {
             let sealed_len = len + (entries.len() * pack::INDEX_ENTRY_LEN + TRAILER_LEN) as u64;
             packs.push(info(seq, pack_path(&self.dir, seq), sealed_len, entries));
         }
-        for (seq, path) in list_packs(&self.dir)? {
+        for (seq, path) in list_packs(self.fs.as_ref(), &self.dir)? {
             if Some(seq) == active {
                 continue;
             }
-            let Ok(Some((file_len, entries))) = read_sealed(&path) else {
+            let Ok(Some((file_len, entries))) = read_sealed(self.fs.as_ref(), &path) else {
                 continue;
             };
             packs.push(info(seq, path, file_len, entries));
@@ -291,7 +286,7 @@ impl ChunkStore {
             }
         }
         if touched {
-            sync_dir(&self.dir)?;
+            self.sync_dir()?;
         }
         let open_len = if dry_run {
             0 // surveyed as a pack
@@ -325,16 +320,20 @@ impl ChunkStore {
             seq
         };
         let tmp = self.dir.join(format!("{TMP_PREFIX}{seq:08}{TMP_SUFFIX}"));
-        let (new_entries, new_len) = match copy_records(&p.path, &tmp, p.records(true)) {
+        let copied = copy_records(self.fs.as_ref(), &p.path, &tmp, p.records(true));
+        let (new_entries, new_len) = match copied {
             Ok(done) => done,
             Err(e) => {
-                let _ = fs::remove_file(&tmp);
+                let _ = self.fs.remove(&tmp);
                 return Err(e);
             }
         };
         let final_path = pack_path(&self.dir, seq);
-        fs::rename(&tmp, &final_path).at(&final_path)?;
-        sync_dir(&self.dir)?;
+        if let Err(e) = self.fs.rename(&tmp, &final_path) {
+            let _ = self.fs.remove(&tmp);
+            return Err(Error::io(final_path, e));
+        }
+        self.sync_dir()?;
         let old: Vec<&IndexEntry> = p.records(true).collect();
         let moves: HashMap<u32, Option<u32>> = p
             .entries
@@ -351,7 +350,7 @@ impl ChunkStore {
             Ok(Some(new_len))
         } else {
             // Nothing points into the new pack: a duplicate, removed now.
-            fs::remove_file(&final_path).at(&final_path)?;
+            self.fs.remove(&final_path).at(&final_path)?;
             Ok(None)
         }
     }
@@ -383,7 +382,7 @@ impl ChunkStore {
             return Ok(true);
         }
         self.readers.write().remove(&p.seq);
-        fs::remove_file(&p.path).at(&p.path)?;
+        self.fs.remove(&p.path).at(&p.path)?;
         Ok(true)
     }
 }
@@ -401,16 +400,13 @@ fn estimate_rewritten_len(p: &PackInfo) -> u64 {
 /// checking each (header CRC, id, payload CRC) on the way, and fsyncs it.
 /// Returns the new entries, in order, and the new pack's length.
 fn copy_records<'a>(
+    fs: &dyn StoreFs,
     from: &Path,
     to: &Path,
     records: impl Iterator<Item = &'a IndexEntry>,
 ) -> Result<(Vec<IndexEntry>, u64)> {
-    let src = File::open(from).at(from)?;
-    let dst = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(to)
-        .at(to)?;
+    let src = fs.open(from, OpenMode::Read).at(from)?;
+    let dst = fs.open(to, OpenMode::CreateNew).at(to)?;
     dst.write_all_at(&pack::encode_pack_header(), 0).at(to)?;
     let mut at = PACK_HEADER_LEN as u64;
     let mut entries = Vec::new();
@@ -435,6 +431,6 @@ fn copy_records<'a>(
     }
     let tail = pack::encode_index(&entries, at);
     dst.write_all_at(&tail, at).at(to)?;
-    dst.sync_all().at(to)?;
+    dst.sync().at(to)?;
     Ok((entries, at + tail.len() as u64))
 }

@@ -21,9 +21,7 @@ mod index;
 pub mod pack;
 
 use std::collections::{HashMap, HashSet};
-use std::fs::{self, File, OpenOptions};
 use std::hash::Hasher;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
 
@@ -32,6 +30,7 @@ use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 use index::ChunkIndex;
 
 use crate::error::{Error, IoContext, Result};
+use crate::fsio::{OpenMode, StoreFile, StoreFs};
 use crate::ids::ChunkId;
 use pack::{ChunkRecord, IndexEntry, PACK_HEADER_LEN, RECORD_HEADER_LEN, RecordKind, TRAILER_LEN};
 
@@ -70,7 +69,7 @@ impl Hasher for PrefixHasher {
 
 struct ActivePack {
     seq: u32,
-    file: Arc<File>,
+    file: Arc<dyn StoreFile>,
     len: u64,
     entries: Vec<IndexEntry>,
 }
@@ -108,7 +107,10 @@ pub struct ChunkStore {
     sync_lock: Mutex<()>,
     writer: Mutex<Writer>,
     index: RwLock<ChunkIndex>,
-    readers: RwLock<HashMap<u32, Arc<File>>>,
+    readers: RwLock<HashMap<u32, Arc<dyn StoreFile>>>,
+    /// Every pack file is opened, written, synced, renamed and removed
+    /// through this (the test seam for injected faults).
+    fs: Arc<dyn StoreFs>,
     /// Held shared by a capture while it looks chunks up and pins them,
     /// exclusive by garbage collection while it removes chunks (see `gc`).
     gc_guard: RwLock<()>,
@@ -144,15 +146,15 @@ fn pin_key(id: &ChunkId) -> [u8; 16] {
 
 impl ChunkStore {
     /// Opens (creating if needed) the pack directory and rebuilds the index.
-    pub fn open(dir: &Path) -> Result<(Self, Recovery)> {
-        fs::create_dir_all(dir).at(dir)?;
-        gc::remove_leftovers(dir)?;
+    pub fn open(dir: &Path, fs: Arc<dyn StoreFs>) -> Result<(Self, Recovery)> {
+        fs.create_dir_all(dir).at(dir)?;
+        gc::remove_leftovers(fs.as_ref(), dir)?;
         let mut recovery = Recovery::default();
         let mut all = Vec::new();
         let mut max_seq = 0;
-        for (seq, path) in list_packs(dir)? {
+        for (seq, path) in list_packs(fs.as_ref(), dir)? {
             max_seq = max_seq.max(seq);
-            match load_pack(&path, &mut recovery) {
+            match load_pack(fs.as_ref(), &path, &mut recovery) {
                 Ok(entries) => all.extend(entries.into_iter().map(|e| {
                     let loc = ChunkLoc {
                         pack: seq,
@@ -167,7 +169,7 @@ impl ChunkStore {
         // One sort instead of a merge every few hundred inserts.
         let index = ChunkIndex::from_entries(all);
         if recovery.packs_sealed > 0 {
-            sync_dir(dir)?;
+            fs.sync_dir(dir).at(dir)?;
         }
         let store = ChunkStore {
             dir: dir.to_path_buf(),
@@ -182,6 +184,7 @@ impl ChunkStore {
             gc_guard: RwLock::new(()),
             pins: Mutex::new(Vec::new()),
             gc_lock: Mutex::new(()),
+            fs,
         };
         Ok((store, recovery))
     }
@@ -286,10 +289,10 @@ impl ChunkStore {
             (w.active.as_ref().map(|a| (a.file.clone(), a.seq)), dirty)
         };
         if let Some((file, seq)) = file {
-            file.sync_data().at(pack_path(&self.dir, seq))?;
+            file.sync().at(pack_path(&self.dir, seq))?;
         }
         if dir_dirty {
-            sync_dir(&self.dir)?;
+            self.sync_dir()?;
         }
         Ok(())
     }
@@ -299,7 +302,7 @@ impl ChunkStore {
         let mut w = self.writer.lock();
         self.seal(&mut w)?;
         if std::mem::take(&mut w.dir_dirty) {
-            sync_dir(&self.dir)?;
+            self.sync_dir()?;
         }
         Ok(())
     }
@@ -387,7 +390,7 @@ impl ChunkStore {
     /// have moved the chunk and deleted the pack between the look-up and
     /// the open: the index then already says where it went, so one more
     /// look-up finds it.
-    fn open_record(&self, id: &ChunkId) -> Result<(ChunkLoc, Arc<File>)> {
+    fn open_record(&self, id: &ChunkId) -> Result<(ChunkLoc, Arc<dyn StoreFile>)> {
         let mut loc = self.locate(id).ok_or(Error::ChunkMissing { chunk: *id })?;
         loop {
             match self.reader(loc.pack) {
@@ -407,12 +410,17 @@ impl ChunkStore {
         }
     }
 
-    fn reader(&self, seq: u32) -> Result<Arc<File>> {
+    /// fsyncs the pack directory.
+    fn sync_dir(&self) -> Result<()> {
+        self.fs.sync_dir(&self.dir).at(&self.dir)
+    }
+
+    fn reader(&self, seq: u32) -> Result<Arc<dyn StoreFile>> {
         if let Some(f) = self.readers.read().get(&seq) {
             return Ok(f.clone());
         }
         let path = pack_path(&self.dir, seq);
-        let f = Arc::new(File::open(&path).at(&path)?);
+        let f = self.fs.open(&path, OpenMode::Read).at(&path)?;
         self.readers.write().insert(seq, f.clone());
         Ok(f)
     }
@@ -421,15 +429,9 @@ impl ChunkStore {
         if w.active.is_none() {
             let seq = w.next_seq;
             let path = pack_path(&self.dir, seq);
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .open(&path)
-                .at(&path)?;
+            let file = self.fs.open(&path, OpenMode::CreateNew).at(&path)?;
             file.write_all_at(&pack::encode_pack_header(), 0)
                 .at(&path)?;
-            let file = Arc::new(file);
             self.readers.write().insert(seq, file.clone());
             w.next_seq += 1;
             w.dir_dirty = true;
@@ -450,7 +452,7 @@ impl ChunkStore {
         let path = pack_path(&self.dir, active.seq);
         let tail = pack::encode_index(&active.entries, active.len);
         active.file.write_all_at(&tail, active.len).at(&path)?;
-        active.file.sync_data().at(&path)?;
+        active.file.sync().at(&path)?;
         Ok(())
     }
 }
@@ -466,17 +468,17 @@ fn pack_path(dir: &Path, seq: u32) -> PathBuf {
     dir.join(format!("{seq:08}{PACK_SUFFIX}"))
 }
 
-fn list_packs(dir: &Path) -> Result<Vec<(u32, PathBuf)>> {
+fn list_packs(fs: &dyn StoreFs, dir: &Path) -> Result<Vec<(u32, PathBuf)>> {
     let mut packs = Vec::new();
-    for entry in fs::read_dir(dir).at(dir)? {
-        let entry = entry.at(dir)?;
-        let name = entry.file_name();
-        let Some(name) = name.to_str() else { continue };
+    for path in fs.list(dir).at(dir)? {
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
         if let Some(seq) = name
             .strip_suffix(PACK_SUFFIX)
             .and_then(|s| s.parse::<u32>().ok())
         {
-            packs.push((seq, entry.path()));
+            packs.push((seq, path));
         }
     }
     packs.sort();
@@ -485,13 +487,10 @@ fn list_packs(dir: &Path) -> Result<Vec<(u32, PathBuf)>> {
 
 /// Reads a pack's index: from its trailer when sealed, else by a forward scan
 /// that cuts the torn tail and seals the pack.
-fn load_pack(path: &Path, recovery: &mut Recovery) -> Result<Vec<IndexEntry>> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .at(path)?;
-    let len = file.metadata().at(path)?.len();
+fn load_pack(fs: &dyn StoreFs, path: &Path, recovery: &mut Recovery) -> Result<Vec<IndexEntry>> {
+    let file = fs.open(path, OpenMode::ReadWrite).at(path)?;
+    let file = file.as_ref();
+    let len = file.len().at(path)?;
     if len >= (PACK_HEADER_LEN + TRAILER_LEN) as u64 {
         let mut t = [0u8; TRAILER_LEN];
         file.read_exact_at(&mut t, len - TRAILER_LEN as u64)
@@ -502,7 +501,7 @@ fn load_pack(path: &Path, recovery: &mut Recovery) -> Result<Vec<IndexEntry>> {
             match pack::decode_index(&bytes, &tr) {
                 Ok(entries) => return Ok(entries),
                 // A damaged index: the records themselves are still readable.
-                Err(_) => return scan_records(&file, path, tr.index_offset).map(|(e, _)| e),
+                Err(_) => return scan_records(file, path, tr.index_offset).map(|(e, _)| e),
             }
         }
     }
@@ -515,12 +514,12 @@ fn load_pack(path: &Path, recovery: &mut Recovery) -> Result<Vec<IndexEntry>> {
         file.read_exact_at(&mut header, 0).at(path)?;
         pack::check_pack_header(&header).map_err(|w| Error::corrupt(path, w))?;
     }
-    let (entries, end) = scan_records(&file, path, len)?;
+    let (entries, end) = scan_records(file, path, len)?;
     recovery.bytes_cut += len.saturating_sub(end);
     file.set_len(end).at(path)?;
     file.write_all_at(&pack::encode_index(&entries, end), end)
         .at(path)?;
-    file.sync_all().at(path)?;
+    file.sync().at(path)?;
     recovery.packs_sealed += 1;
     Ok(entries)
 }
@@ -528,7 +527,11 @@ fn load_pack(path: &Path, recovery: &mut Recovery) -> Result<Vec<IndexEntry>> {
 /// Walks records from the pack header up to `limit`, stopping at the first
 /// record that is incomplete or fails a check. Returns the entries found and
 /// the offset where valid records end.
-fn scan_records(file: &File, path: &Path, limit: u64) -> Result<(Vec<IndexEntry>, u64)> {
+fn scan_records(
+    file: &dyn StoreFile,
+    path: &Path,
+    limit: u64,
+) -> Result<(Vec<IndexEntry>, u64)> {
     let mut entries = Vec::new();
     let mut at = PACK_HEADER_LEN as u64;
     let mut header = [0u8; RECORD_HEADER_LEN];
@@ -559,13 +562,21 @@ fn scan_records(file: &File, path: &Path, limit: u64) -> Result<(Vec<IndexEntry>
 }
 
 /// fsyncs a directory, making the creation or rename of its entries durable.
-pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir).and_then(|d| d.sync_all()).at(dir)
+pub(crate) fn sync_dir(fs: &dyn StoreFs, dir: &Path) -> Result<()> {
+    fs.sync_dir(dir).at(dir)
 }
 
 #[cfg(test)]
 mod tests {
+    use std::fs::{self, OpenOptions};
+    use std::os::unix::fs::FileExt;
+
     use super::*;
+    use crate::fsio::StdFs;
+
+    fn open(dir: &Path) -> Result<(ChunkStore, Recovery)> {
+        ChunkStore::open(dir, Arc::new(StdFs))
+    }
 
     /// Inserts each of `datas` as a chunk.
     fn put(s: &ChunkStore, datas: &[&[u8]]) -> Appended {
@@ -589,7 +600,7 @@ mod tests {
     fn chunks_survive_a_clean_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let ids: Vec<ChunkId> = {
-            let (s, _) = ChunkStore::open(dir.path()).unwrap();
+            let (s, _) = open(dir.path()).unwrap();
             let data: Vec<Vec<u8>> = (0..10u8).map(|i| vec![i; 5000]).collect();
             let refs: Vec<&[u8]> = data.iter().map(|d| d.as_slice()).collect();
             let n = put(&s, &refs);
@@ -597,7 +608,7 @@ mod tests {
             s.sync().unwrap();
             data.iter().map(|d| ChunkId::of(d)).collect()
         };
-        let (s, rec) = ChunkStore::open(dir.path()).unwrap();
+        let (s, rec) = open(dir.path()).unwrap();
         assert_eq!(rec.packs_sealed, 0);
         for (i, id) in ids.iter().enumerate() {
             assert_eq!(s.read(id).unwrap(), vec![i as u8; 5000]);
@@ -607,7 +618,7 @@ mod tests {
     #[test]
     fn a_chunk_is_stored_once() {
         let dir = tempfile::tempdir().unwrap();
-        let (s, _) = ChunkStore::open(dir.path()).unwrap();
+        let (s, _) = open(dir.path()).unwrap();
         let n = put(&s, &[b"same", b"same"]);
         assert_eq!(n.chunks, 1);
         assert_eq!(put(&s, &[b"same"]).chunks, 0);
@@ -617,7 +628,7 @@ mod tests {
     #[test]
     fn torn_pack_tail_is_cut_on_open() {
         let dir = tempfile::tempdir().unwrap();
-        let (s, _) = ChunkStore::open(dir.path()).unwrap();
+        let (s, _) = open(dir.path()).unwrap();
         put(&s, &[&[1u8; 3000], &[2u8; 3000]]);
         s.sync().unwrap();
         // Simulate a crash: no seal, then a half-written third record.
@@ -634,10 +645,10 @@ mod tests {
         let mut torn = third.header().to_vec();
         torn.extend_from_slice(&third.payload()[..third.payload().len() / 2]);
         let f = OpenOptions::new().write(true).open(&path).unwrap();
-        f.write_all_at(&torn, good_len).unwrap();
+        FileExt::write_all_at(&f, &torn, good_len).unwrap();
         drop(f);
 
-        let (s, rec) = ChunkStore::open(dir.path()).unwrap();
+        let (s, rec) = open(dir.path()).unwrap();
         assert_eq!(rec.packs_sealed, 1);
         assert_eq!(rec.bytes_cut, torn.len() as u64);
         assert_eq!(s.chunk_count(), 2);
@@ -657,14 +668,14 @@ mod tests {
         let data = b"some text that compresses ".repeat(200);
         let id = ChunkId::of(&data);
         {
-            let (s, _) = ChunkStore::open(dir.path()).unwrap();
+            let (s, _) = open(dir.path()).unwrap();
             put(&s, &[&data]);
         }
         let path = pack_path(dir.path(), 1);
         let mut bytes = fs::read(&path).unwrap();
         bytes[PACK_HEADER_LEN + RECORD_HEADER_LEN + 3] ^= 0x40;
         fs::write(&path, bytes).unwrap();
-        let (s, _) = ChunkStore::open(dir.path()).unwrap();
+        let (s, _) = open(dir.path()).unwrap();
         let err = s.read(&id).unwrap_err();
         assert!(err.is_corruption(), "{err}");
     }
