@@ -132,9 +132,7 @@ impl StoreFs for StdFs {
         File::open(dir)?.sync_all()
     }
     fn list(&self, dir: &Path) -> io::Result<Vec<PathBuf>> {
-        fs::read_dir(dir)?
-            .map(|e| e.map(|e| e.path()))
-            .collect()
+        fs::read_dir(dir)?.map(|e| e.map(|e| e.path())).collect()
     }
     fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
         fs::create_dir_all(dir)

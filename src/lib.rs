@@ -41,9 +41,9 @@ mod capture;
 mod catalog;
 mod dirty;
 pub mod disk;
-pub mod fsio;
 mod engine;
 mod error;
+pub mod fsio;
 #[doc(hidden)]
 pub mod fuzzing;
 #[doc(hidden)]

@@ -306,7 +306,13 @@ impl Manifests {
             .list(&self.dir)
             .at(&self.dir)?
             .iter()
-            .filter_map(|p| p.file_name()?.to_str()?.strip_suffix(".manifest")?.parse().ok())
+            .filter_map(|p| {
+                p.file_name()?
+                    .to_str()?
+                    .strip_suffix(".manifest")?
+                    .parse()
+                    .ok()
+            })
             .map(SnapshotId)
             .collect())
     }

@@ -565,7 +565,8 @@ mod tests {
         v2[2 * BS..3 * BS].fill(8); // block 2 written, but not in the bitmap
         let dirty = DirtyBitmap::from_ranges(v1.len() as u64, BS as u64, [(BS as u64, 1)]).unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let (store, _) = ChunkStore::open(dir.path(), std::sync::Arc::new(crate::fsio::StdFs)).unwrap();
+        let (store, _) =
+            ChunkStore::open(dir.path(), std::sync::Arc::new(crate::fsio::StdFs)).unwrap();
         let plan = CapturePlan::full(v1.len() as u64, BS as u32, None);
         let c1 = capture(
             &store,

@@ -1048,7 +1048,10 @@ impl Engine {
         let completed = rec.status == SnapshotStatus::Completed;
         // The counts need the chunk list, which goes with the manifest.
         let chunks = match (&state.refs, completed) {
-            (Some(_), true) => self.inner.manifests.read(id)
+            (Some(_), true) => self
+                .inner
+                .manifests
+                .read(id)
                 .map(|m| refs::distinct(m.blocks()))
                 .ok(),
             _ => None,

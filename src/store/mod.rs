@@ -527,11 +527,7 @@ fn load_pack(fs: &dyn StoreFs, path: &Path, recovery: &mut Recovery) -> Result<V
 /// Walks records from the pack header up to `limit`, stopping at the first
 /// record that is incomplete or fails a check. Returns the entries found and
 /// the offset where valid records end.
-fn scan_records(
-    file: &dyn StoreFile,
-    path: &Path,
-    limit: u64,
-) -> Result<(Vec<IndexEntry>, u64)> {
+fn scan_records(file: &dyn StoreFile, path: &Path, limit: u64) -> Result<(Vec<IndexEntry>, u64)> {
     let mut entries = Vec::new();
     let mut at = PACK_HEADER_LEN as u64;
     let mut header = [0u8; RECORD_HEADER_LEN];

@@ -8,6 +8,7 @@ mod concurrency;
 mod corruption;
 mod crash;
 mod errors;
+mod faults;
 mod fuzz_corpus;
 mod gc;
 mod incremental;
