@@ -228,3 +228,32 @@ impl Disk for FaultyDisk {
         self.inner.path()
     }
 }
+
+/// Runs `f` on its own thread and fails loudly if it has not finished
+/// within `secs` seconds: a deadlock is a test failure, not a hang.
+pub fn with_deadline<T: Send + 'static>(
+    secs: u64,
+    what: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let worker = std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(std::time::Duration::from_secs(secs)) {
+        Ok(v) => {
+            let _ = worker.join();
+            v
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            panic!("{what} did not finish within {secs} s: a deadlock?")
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            // The worker panicked: report its panic.
+            match worker.join() {
+                Err(p) => std::panic::resume_unwind(p),
+                Ok(()) => unreachable!("the worker sends before it ends"),
+            }
+        }
+    }
+}

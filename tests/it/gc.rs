@@ -184,6 +184,13 @@ fn stress_rounds() -> u64 {
 
 #[test]
 fn gc_in_a_loop_while_servers_capture_delete_and_restore() {
+    crate::common::with_deadline(300, "the stress test", stress);
+}
+
+/// Threads capture, delete and restore on three servers while one collects
+/// garbage in a loop and one drives the HTTP API (list, create, delete) on
+/// the same engine.
+fn stress() {
     let fx = Fixture::with(options().gc_max_unused(0.0));
     let engine = fx.engine.clone();
     let len = 48 * BS;
@@ -237,12 +244,57 @@ fn gc_in_a_loop_while_servers_capture_delete_and_restore() {
             })
         })
         .collect();
+    // HTTP clients on a fourth server, on the same engine.
+    let api_disk = fx.disk("s4.img");
+    std::fs::write(&api_disk, server_bytes(4, len)).unwrap();
+    engine.add_server(ServerId(4), "s4", &api_disk).unwrap();
+    let api = blocksnap::http::start(
+        engine.clone(),
+        "127.0.0.1:0".parse().unwrap(),
+        blocksnap::http::Tokens::new(["stress-token"]).unwrap(),
+    )
+    .unwrap();
+    let base = format!("http://{}/api/v1/snapshots/", api.addr());
+    let clients: Vec<_> = (0..2)
+        .map(|c| {
+            let base = base.clone();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let agent: ureq::Agent = ureq::Agent::config_builder()
+                    .http_status_as_error(false)
+                    .build()
+                    .into();
+                let mut calls = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let list = agent
+                        .get(&base)
+                        .header("Authorization", "Bearer stress-token")
+                        .call()
+                        .unwrap();
+                    assert_eq!(list.status(), 200);
+                    let created = agent
+                        .post(&base)
+                        .header("Authorization", "Bearer stress-token")
+                        .send_json(serde_json::json!({"server_id": 4, "name": format!("api{c}")}))
+                        .unwrap();
+                    // 201, or 400 when the server has five already.
+                    assert!([201, 400].contains(&created.status().as_u16()));
+                    calls += 2;
+                }
+                calls
+            })
+        })
+        .collect();
     let mut expected = HashMap::new();
     for w in workers {
         expected.extend(w.join().unwrap());
     }
     stop.store(true, Ordering::Relaxed);
     assert!(gc.join().unwrap() > 0);
+    for c in clients {
+        assert!(c.join().unwrap() > 0);
+    }
+    drop(api);
     engine.gc(false).unwrap();
     check_all(&engine, &expected);
     let stats = engine.stats().unwrap();
