@@ -282,3 +282,211 @@ impl StoreFs for FaultFsHandle {
         StdFs.create_dir_all(dir)
     }
 }
+
+/// An in-memory file system that remembers what was made durable: each
+/// file's contents as of its last fsync, and each directory's entries as of
+/// its last directory fsync. [`CrashFs::crash`] throws away everything
+/// else, as a power cut would, and fails every call until
+/// [`CrashFs::restart`]: a test crashes a running engine at any call,
+/// restarts, and opens the store again (as redb's crash-test backend does
+/// for redb).
+#[derive(Default)]
+pub struct CrashFs {
+    state: parking_lot::Mutex<CrashState>,
+    /// Calls counted from `arm`; the `crash_at`-th crashes.
+    calls: AtomicU64,
+    crash_at: AtomicU64,
+}
+
+#[derive(Default)]
+struct CrashState {
+    /// Path -> inode, as the running system sees it, and as it would be
+    /// found after a crash.
+    live: std::collections::HashMap<PathBuf, u64>,
+    durable: std::collections::HashMap<PathBuf, u64>,
+    inodes: std::collections::HashMap<u64, Inode>,
+    next_inode: u64,
+    crashed: bool,
+}
+
+#[derive(Default, Clone)]
+struct Inode {
+    live: Vec<u8>,
+    durable: Vec<u8>,
+}
+
+impl CrashFs {
+    pub fn new() -> Arc<Self> {
+        let fs = Arc::new(CrashFs::default());
+        fs.crash_at.store(u64::MAX, Ordering::SeqCst);
+        fs
+    }
+
+    /// Crashes at the `n`-th call from now (from 0).
+    pub fn arm(&self, n: u64) {
+        self.calls.store(0, Ordering::SeqCst);
+        self.crash_at.store(n, Ordering::SeqCst);
+    }
+
+    /// Calls since the last `arm`.
+    pub fn calls(&self) -> u64 {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    /// Loses everything not durable, now; every call fails until
+    /// [`CrashFs::restart`].
+    pub fn crash(&self) {
+        let mut s = self.state.lock();
+        s.live = s.durable.clone();
+        for inode in s.inodes.values_mut() {
+            inode.live = inode.durable.clone();
+        }
+        s.crashed = true;
+    }
+
+    /// True once crashed (and not restarted).
+    pub fn crashed(&self) -> bool {
+        self.state.lock().crashed
+    }
+
+    /// The machine comes back: calls work again, on what was durable.
+    pub fn restart(&self) {
+        self.crash_at.store(u64::MAX, Ordering::SeqCst);
+        self.state.lock().crashed = false;
+    }
+
+    /// Counts a call; crashes when it is the armed one. Fails once crashed.
+    fn call(&self) -> io::Result<()> {
+        let n = self.calls.fetch_add(1, Ordering::SeqCst);
+        if n == self.crash_at.load(Ordering::SeqCst) {
+            self.crash();
+        }
+        if self.state.lock().crashed {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        Ok(())
+    }
+}
+
+/// A file of a [`CrashFs`], by inode.
+struct CrashFile {
+    fs: Arc<CrashFs>,
+    inode: u64,
+    writable: bool,
+}
+
+impl StoreFile for CrashFile {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        self.fs.call()?;
+        let s = self.fs.state.lock();
+        let data = &s.inodes[&self.inode].live;
+        let start = usize::try_from(offset)
+            .unwrap_or(usize::MAX)
+            .min(data.len());
+        let n = buf.len().min(data.len() - start);
+        buf[..n].copy_from_slice(&data[start..start + n]);
+        Ok(n)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<usize> {
+        self.fs.call()?;
+        if !self.writable {
+            return Err(io::Error::from_raw_os_error(libc::EBADF));
+        }
+        let mut s = self.fs.state.lock();
+        let data = &mut s.inodes.get_mut(&self.inode).expect("open inode").live;
+        let end = offset as usize + buf.len();
+        if data.len() < end {
+            data.resize(end, 0);
+        }
+        data[offset as usize..end].copy_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn sync(&self) -> io::Result<()> {
+        self.fs.call()?;
+        let mut s = self.fs.state.lock();
+        let inode = s.inodes.get_mut(&self.inode).expect("open inode");
+        inode.durable = inode.live.clone();
+        Ok(())
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.fs.call()?;
+        let mut s = self.fs.state.lock();
+        s.inodes
+            .get_mut(&self.inode)
+            .expect("open inode")
+            .live
+            .resize(len as usize, 0);
+        Ok(())
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.fs.state.lock().inodes[&self.inode].live.len() as u64)
+    }
+}
+
+/// [`CrashFs`] as the store's file system.
+#[derive(Clone)]
+pub struct CrashFsHandle(pub Arc<CrashFs>);
+
+impl StoreFs for CrashFsHandle {
+    fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Arc<dyn StoreFile>> {
+        self.0.call()?;
+        let mut s = self.0.state.lock();
+        let inode = match (s.live.get(path).copied(), mode) {
+            (Some(_), OpenMode::CreateNew) => return Err(io::ErrorKind::AlreadyExists.into()),
+            (Some(i), _) => i,
+            (None, OpenMode::CreateNew) => {
+                s.next_inode += 1;
+                let i = s.next_inode;
+                s.inodes.insert(i, Inode::default());
+                s.live.insert(path.to_path_buf(), i);
+                i
+            }
+            (None, _) => return Err(io::ErrorKind::NotFound.into()),
+        };
+        Ok(Arc::new(CrashFile {
+            fs: self.0.clone(),
+            inode,
+            writable: mode != OpenMode::Read,
+        }))
+    }
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        self.0.call()?;
+        let mut s = self.0.state.lock();
+        let i = s.live.remove(from).ok_or(io::ErrorKind::NotFound)?;
+        s.live.insert(to.to_path_buf(), i);
+        Ok(())
+    }
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        self.0.call()?;
+        let mut s = self.0.state.lock();
+        s.live.remove(path).ok_or(io::ErrorKind::NotFound)?;
+        Ok(())
+    }
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        self.0.call()?;
+        let mut s = self.0.state.lock();
+        let s = &mut *s;
+        s.durable.retain(|p, _| p.parent() != Some(dir));
+        for (p, i) in &s.live {
+            if p.parent() == Some(dir) {
+                s.durable.insert(p.clone(), *i);
+            }
+        }
+        Ok(())
+    }
+    fn list(&self, dir: &Path) -> io::Result<Vec<PathBuf>> {
+        self.0.call()?;
+        let s = self.0.state.lock();
+        let mut out: Vec<PathBuf> = s
+            .live
+            .keys()
+            .filter(|p| p.parent() == Some(dir))
+            .cloned()
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+    fn create_dir_all(&self, _dir: &Path) -> io::Result<()> {
+        Ok(())
+    }
+}
