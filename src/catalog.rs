@@ -213,7 +213,8 @@ pub struct Loaded {
 
 /// The catalog database.
 pub struct Catalog {
-    db: Database,
+    /// Written only to check integrity, which redb does through `&mut`.
+    db: parking_lot::RwLock<Database>,
     path: PathBuf,
 }
 
@@ -245,14 +246,14 @@ impl Catalog {
             Database::create(path)?
         };
         let catalog = Catalog {
-            db,
+            db: parking_lot::RwLock::new(db),
             path: path.to_path_buf(),
         };
         if !exists {
             let (block_size, level) = create.ok_or_else(|| Error::NoStore {
                 path: path.parent().unwrap_or(path).to_path_buf(),
             })?;
-            let tx = catalog.db.begin_write()?;
+            let tx = catalog.db.read().begin_write()?;
             {
                 let mut meta = tx.open_table(META)?;
                 meta.insert(META_FORMAT, CATALOG_FORMAT)?;
@@ -269,7 +270,7 @@ impl Catalog {
     }
 
     fn load(&self) -> Result<Loaded> {
-        let tx = self.db.begin_read()?;
+        let tx = self.db.read().begin_read()?;
         let meta = tx.open_table(META)?;
         let get = |key: &str| -> Result<u64> {
             meta.get(key)?
@@ -336,7 +337,7 @@ impl Catalog {
     }
 
     fn load_tracking_inner(&self) -> Result<Vec<(ServerId, Vec<u8>)>> {
-        let tx = self.db.begin_read()?;
+        let tx = self.db.read().begin_read()?;
         let table = match tx.open_table(TRACKING) {
             Ok(t) => t,
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
@@ -350,13 +351,31 @@ impl Catalog {
         Ok(out)
     }
 
+    /// Checks the whole catalog file (redb's integrity check, which also
+    /// repairs what it can). `Err` with what is wrong when it is damaged.
+    pub fn check(&self) -> Result<()> {
+        no_panic(&self.path, || {
+            let mut db = self.db.write();
+            match db.check_integrity() {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(Error::corrupt(
+                    &self.path,
+                    "the catalog database was damaged (redb repaired it)",
+                )),
+                // Busy with another transaction: not checked now.
+                Err(redb::DatabaseError::TransactionInProgress) => Ok(()),
+                Err(e) => Err(Error::corrupt(&self.path, e.to_string())),
+            }
+        })
+    }
+
     /// A number kept in the catalog's `meta` table (measured rates).
     pub fn meta(&self, key: &str) -> Result<Option<u64>> {
         no_panic(&self.path, || self.meta_inner(key))
     }
 
     fn meta_inner(&self, key: &str) -> Result<Option<u64>> {
-        let tx = self.db.begin_read()?;
+        let tx = self.db.read().begin_read()?;
         Ok(tx.open_table(META)?.get(key)?.map(|v| v.value()))
     }
 
@@ -366,7 +385,7 @@ impl Catalog {
     }
 
     fn set_meta_inner(&self, key: &str, value: u64) -> Result<()> {
-        let tx = self.db.begin_write()?;
+        let tx = self.db.read().begin_write()?;
         tx.open_table(META)?.insert(key, value)?;
         tx.commit()?;
         Ok(())
@@ -378,7 +397,7 @@ impl Catalog {
     }
 
     fn set_compression_level_inner(&self, level: i32) -> Result<()> {
-        let tx = self.db.begin_write()?;
+        let tx = self.db.read().begin_write()?;
         tx.open_table(META)?
             .insert(META_COMPRESSION, level as u64)?;
         tx.commit()?;
@@ -391,7 +410,7 @@ impl Catalog {
     }
 
     fn commit_inner(&self, changes: &[Change<'_>]) -> Result<()> {
-        let tx = self.db.begin_write()?;
+        let tx = self.db.read().begin_write()?;
         {
             let mut servers = tx.open_table(SERVERS)?;
             let mut snapshots = tx.open_table(SNAPSHOTS)?;

@@ -168,7 +168,15 @@ macro_rules! catalog_error {
     ($($t:ty),*) => {$(
         impl From<$t> for Error {
             fn from(e: $t) -> Self {
-                Error::Catalog(e.to_string())
+                // redb says when its file is damaged: that is corruption.
+                let e: redb::Error = e.into();
+                match e {
+                    redb::Error::Corrupted(what) => Error::Corruption {
+                        path: PathBuf::from("catalog"),
+                        what: format!("the catalog database is damaged: {what}"),
+                    },
+                    other => Error::Catalog(other.to_string()),
+                }
             }
         }
     )*};

@@ -41,12 +41,15 @@ pub struct VerifyReport {
     pub bytes_checked: u64,
     pub bad_chunks: Vec<BadChunk>,
     pub bad_manifests: Vec<BadManifest>,
+    /// What is wrong with the catalog, when its integrity check failed:
+    /// then any snapshot may be affected.
+    pub catalog_error: Option<String>,
 }
 
 impl VerifyReport {
     /// True when nothing failed a check.
     pub fn is_ok(&self) -> bool {
-        self.bad_chunks.is_empty() && self.bad_manifests.is_empty()
+        self.bad_chunks.is_empty() && self.bad_manifests.is_empty() && self.catalog_error.is_none()
     }
 
     /// Snapshots that cannot be restored intact, ascending.

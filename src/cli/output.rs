@@ -247,9 +247,13 @@ pub fn verify(engine: &Engine, id: Option<SnapshotId>, json: bool) -> blocksnap:
             "bytes_checked": report.bytes_checked,
             "bad_chunks": report.bad_chunks,
             "bad_manifests": report.bad_manifests,
+            "catalog_error": report.catalog_error,
             "damaged_snapshots": report.damaged_snapshots(),
         }));
     } else {
+        if let Some(e) = &report.catalog_error {
+            println!("CORRUPT catalog: {e}");
+        }
         for m in &report.bad_manifests {
             println!("CORRUPT manifest of snapshot {}: {}", m.snapshot, m.error);
         }

@@ -1240,7 +1240,9 @@ impl Engine {
             .into_iter()
             .map(|id| (id, self.inner.manifests.read(id)))
             .collect();
-        Ok(verify::verify(&self.inner.store, manifests))
+        let mut report = verify::verify(&self.inner.store, manifests);
+        report.catalog_error = self.inner.catalog.check().err().map(|e| e.to_string());
+        Ok(report)
     }
 }
 
