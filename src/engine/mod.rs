@@ -1288,14 +1288,30 @@ fn lock_store(root: &Path) -> Result<File> {
         .write(true)
         .open(&path)
         .at(&path)?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(fs::TryLockError::WouldBlock) => Err(Error::StoreLocked {
-            path: root.to_path_buf(),
-        }),
-        Err(fs::TryLockError::Error(e)) => Err(Error::io(path, e)),
+    // A lock just released can stay held for a moment: a process forked
+    // (by anyone in this process) while the store was open keeps a copy of
+    // the descriptor, and with it the flock, until it execs. So a held lock
+    // is tried again for a short while before it means another owner.
+    let deadline = std::time::Instant::now() + LOCK_PATIENCE;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(fs::TryLockError::WouldBlock) => {
+                return Err(Error::StoreLocked {
+                    path: root.to_path_buf(),
+                });
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(Error::io(path, e)),
+        }
     }
 }
+
+/// How long a held store lock is tried again before it means the store is
+/// in use (see `lock_store`).
+const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Applies the crash rules: captures left in progress become failed (and
 /// lose any manifest), manifests of no completed snapshot are removed,

@@ -183,7 +183,7 @@ fn every_store_io_call_of_each_operation_failed_once() {
                     .gc_max_unused(0.0)
                     .store_fs(Arc::new(FaultFsHandle(fs.clone())))
                     .open(dir.path().join("store"))
-                    .unwrap();
+                    .unwrap_or_else(|e| panic!("{ctx}: the copy does not open: {e}"));
                 fs.fail(n, fault);
                 let (r, created) = run_op(&engine, op, first);
                 fs.heal();
