@@ -9,6 +9,8 @@
 #   BLOCKSNAP_GC_CRASH_KILLS     200 x SCALE   SIGKILLs during GC loops
 #   BLOCKSNAP_RESTORE_CRASH_KILLS 100 x SCALE  SIGKILLs during restores
 #   BLOCKSNAP_CORRUPTION_TRIALS 1000 x SCALE   damaged store files
+#   BLOCKSNAP_CRASHFS_TRIALS    1000 x SCALE   in-process crashes at a store I/O call
+#   (and every store I/O call of a create, delete, restore and GC failed once)
 #   fuzz: 10,000,000 runs per decoder target, engine_ops for 300 s x SCALE
 # Logs go to $BLOCKSNAP_RELIABILITY_DIR (default /var/tmp/blocksnap-reliability).
 set -euo pipefail
@@ -32,6 +34,8 @@ t powercut BLOCKSNAP_POWERCUT_CYCLES=$((200 * scale)) powercut::a_power_cut_anyw
 t gc-crash BLOCKSNAP_GC_CRASH_KILLS=$((200 * scale)) gc::a_crash_anywhere_in_gc_loses_no_completed_snapshot
 t restore-crash BLOCKSNAP_RESTORE_CRASH_KILLS=$((100 * scale)) undo::a_restore_killed_anywhere_is_finished_by_running_it_again
 t corruption BLOCKSNAP_CORRUPTION_TRIALS=$((1000 * scale)) corruption::random_damage_to_any_store_file_is_reported_and_never_restored
+t crashfs BLOCKSNAP_CRASHFS_TRIALS=$((1000 * scale)) faults::a_crash_at_any_store_io_call_keeps_every_completed_snapshot
+t faults BLOCKSNAP_FAULTS=1 faults::every_store_io_call_of_each_operation_failed_once
 
 if command -v cargo-fuzz >/dev/null; then
   cd fuzz
