@@ -9,11 +9,13 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, IoContext, Result};
+use crate::fsio::{OpenMode, StoreFile, StoreFs};
 use crate::ids::{ServerId, SnapshotId};
 
 /// At most this many counted (in-progress or completed) snapshots per server.
@@ -234,17 +236,39 @@ impl Catalog {
     ///
     /// redb panics on some kinds of damage to its file instead of returning
     /// an error; that panic is caught here and reported as corruption.
-    pub fn open(path: &Path, create: Option<(u32, i32)>) -> Result<(Self, Loaded)> {
-        no_panic(path, || Self::open_inner(path, create))
+    ///
+    /// The file is read and written through the store's file seam (redb's
+    /// `StorageBackend`), like packs and manifests; the store's own lock
+    /// keeps it to one owner.
+    pub fn open(
+        path: &Path,
+        create: Option<(u32, i32)>,
+        fs: Arc<dyn StoreFs>,
+    ) -> Result<(Self, Loaded)> {
+        no_panic(path, || Self::open_inner(path, create, fs))
     }
 
-    fn open_inner(path: &Path, create: Option<(u32, i32)>) -> Result<(Self, Loaded)> {
-        let exists = path.exists();
-        let db = if exists {
-            Database::open(path)?
-        } else {
-            Database::create(path)?
+    fn open_inner(
+        path: &Path,
+        create: Option<(u32, i32)>,
+        fs: Arc<dyn StoreFs>,
+    ) -> Result<(Self, Loaded)> {
+        let (file, exists) = match fs.open(path, OpenMode::ReadWrite) {
+            Ok(f) => (f, true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if create.is_none() {
+                    return Err(Error::NoStore {
+                        path: path.parent().unwrap_or(path).to_path_buf(),
+                    });
+                }
+                (fs.open(path, OpenMode::CreateNew).at(path)?, false)
+            }
+            Err(e) => return Err(Error::io(path, e)),
         };
+        let db = Database::builder().create_with_backend(Backend {
+            file,
+            path: path.to_path_buf(),
+        })?;
         let catalog = Catalog {
             db: parking_lot::RwLock::new(db),
             path: path.to_path_buf(),
@@ -507,6 +531,36 @@ pub fn counted(s: &SnapshotRecord) -> bool {
         )
 }
 
+/// redb's storage over a store file.
+struct Backend {
+    file: Arc<dyn StoreFile>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "catalog file {}", self.path.display())
+    }
+}
+
+impl redb::StorageBackend for Backend {
+    fn len(&self) -> std::result::Result<u64, std::io::Error> {
+        self.file.len()
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> std::result::Result<(), std::io::Error> {
+        self.file.read_exact_at(out, offset)
+    }
+    fn set_len(&self, len: u64) -> std::result::Result<(), std::io::Error> {
+        self.file.set_len(len)
+    }
+    fn sync_data(&self) -> std::result::Result<(), std::io::Error> {
+        self.file.sync()
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> std::result::Result<(), std::io::Error> {
+        self.file.write_all_at(data, offset)
+    }
+}
+
 /// Runs a catalog operation, turning a panic inside redb (its answer to
 /// some damaged files) into a corruption error naming the catalog.
 fn no_panic<T>(path: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
@@ -598,7 +652,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("catalog");
         {
-            let (c, loaded) = Catalog::open(&path, Some((65536, 3))).unwrap();
+            let (c, loaded) =
+                Catalog::open(&path, Some((65536, 3)), Arc::new(crate::fsio::StdFs)).unwrap();
             assert_eq!(loaded.next_snapshot_id, 1);
             let server = ServerRecord {
                 id: ServerId(9),
@@ -613,7 +668,7 @@ mod tests {
             ])
             .unwrap();
         }
-        let (_, loaded) = Catalog::open(&path, None).unwrap();
+        let (_, loaded) = Catalog::open(&path, None, Arc::new(crate::fsio::StdFs)).unwrap();
         assert_eq!(loaded.block_size, 65536);
         assert_eq!(loaded.next_snapshot_id, 2);
         assert_eq!(loaded.servers[&ServerId(9)].name, "web");

@@ -484,7 +484,11 @@ impl Engine {
         let level = options
             .compression_level
             .unwrap_or(DEFAULT_COMPRESSION_LEVEL);
-        let (catalog, loaded) = Catalog::open(&catalog_path, Some((create_with, level)))?;
+        let (catalog, loaded) = Catalog::open(
+            &catalog_path,
+            Some((create_with, level)),
+            options.store_fs.clone(),
+        )?;
         if let Some(bs) = options.block_size
             && bs != loaded.block_size
         {
@@ -1008,10 +1012,16 @@ impl Engine {
             }
         }
         let committed = self.inner.catalog.commit(&[Change::PutSnapshot(&rec)]);
-        if committed.is_err() || outcome.is_err() {
+        if outcome.is_err() {
             // Not completed: its manifest, if written, must not outlive it.
             rec.status = SnapshotStatus::Failed;
             let _ = self.inner.manifests.remove(id);
+        } else if committed.is_err() {
+            // A commit that reported an error may still have reached the
+            // disk: the manifest stays, and the next open believes the
+            // catalog (completed: kept; in progress: failed, manifest
+            // removed). This process no longer offers the snapshot.
+            rec.status = SnapshotStatus::Failed;
         }
         state.snapshots.insert(id, rec.clone());
         committed?;
