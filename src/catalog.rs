@@ -27,7 +27,10 @@ pub const MAX_DESCRIPTION_LEN: usize = 1024;
 /// Longest server name, in characters.
 pub const MAX_SERVER_NAME_LEN: usize = 255;
 /// Version of the catalog schema this code writes.
-pub const CATALOG_FORMAT: u64 = 1;
+/// 2: every JSON value ends with the CRC32 of its bytes (little-endian),
+/// because redb checks its pages' checksums only when repairing, not on
+/// every read. Format-1 catalogs (no CRC) still open.
+pub const CATALOG_FORMAT: u64 = 2;
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const SERVERS: TableDefinition<u64, &[u8]> = TableDefinition::new("servers");
@@ -215,6 +218,8 @@ pub struct Loaded {
 
 /// The catalog database.
 pub struct Catalog {
+    /// A format-1 catalog: its older values carry no CRC.
+    legacy: std::sync::atomic::AtomicBool,
     /// Written only to check integrity, which redb does through `&mut`.
     db: parking_lot::RwLock<Database>,
     path: PathBuf,
@@ -270,6 +275,7 @@ impl Catalog {
             path: path.to_path_buf(),
         })?;
         let catalog = Catalog {
+            legacy: std::sync::atomic::AtomicBool::new(false),
             db: parking_lot::RwLock::new(db),
             path: path.to_path_buf(),
         };
@@ -302,7 +308,9 @@ impl Catalog {
                 .ok_or_else(|| Error::corrupt(&self.path, format!("catalog lacks {key}")))
         };
         let format = get(META_FORMAT)?;
-        if format != CATALOG_FORMAT {
+        self.legacy
+            .store(format == 1, std::sync::atomic::Ordering::Relaxed);
+        if format != CATALOG_FORMAT && format != 1 {
             return Err(Error::corrupt(
                 &self.path,
                 format!("unsupported catalog format {format}"),
@@ -322,16 +330,26 @@ impl Catalog {
         for row in tx.open_table(SERVERS)?.iter()? {
             let (k, v) = row?;
             let rec: ServerRecord = self.decode(v.value(), "server", k.value())?;
+            if rec.id.0 != k.value() {
+                return Err(Error::corrupt(
+                    &self.path,
+                    format!("server row {} holds server {}", k.value(), rec.id),
+                ));
+            }
             servers.insert(rec.id, rec);
         }
         let mut snapshots = BTreeMap::new();
         for row in tx.open_table(SNAPSHOTS)?.iter()? {
             let (k, v) = row?;
             let rec: SnapshotRecord = self.decode(v.value(), "snapshot", k.value())?;
-            if rec.id.0 >= next_snapshot_id {
+            if rec.id.0 != k.value() || rec.id.0 >= next_snapshot_id {
                 return Err(Error::corrupt(
                     &self.path,
-                    format!("snapshot {} is not below the id counter", rec.id),
+                    format!(
+                        "snapshot row {} holds snapshot {}, or is not below the id counter",
+                        k.value(),
+                        rec.id
+                    ),
                 ));
             }
             snapshots.insert(rec.id, rec);
@@ -351,7 +369,17 @@ impl Catalog {
         what: &str,
         key: u64,
     ) -> Result<T> {
-        serde_json::from_slice(bytes)
+        let body = match bytes.len().checked_sub(4) {
+            Some(n) if crc32fast::hash(&bytes[..n]) == crate::le::u32_at(bytes, n) => &bytes[..n],
+            _ if self.legacy.load(std::sync::atomic::Ordering::Relaxed) => bytes,
+            _ => {
+                return Err(Error::corrupt(
+                    &self.path,
+                    format!("{what} {key} fails its checksum"),
+                ));
+            }
+        };
+        serde_json::from_slice(body)
             .map_err(|e| Error::corrupt(&self.path, format!("{what} {key} does not decode: {e}")))
     }
 
@@ -468,8 +496,12 @@ impl Catalog {
     }
 }
 
+/// A record as stored: its JSON, then the CRC32 of the JSON.
 fn json<T: Serialize>(v: &T) -> Vec<u8> {
-    serde_json::to_vec(v).expect("catalog records always serialize")
+    let mut out = serde_json::to_vec(v).expect("catalog records always serialize");
+    let crc = crc32fast::hash(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    out
 }
 
 /// Checks a snapshot name: 1 to 64 characters from `[A-Za-z0-9_-]`.

@@ -19,15 +19,16 @@
 //! Persisted form, one catalog row per server (little-endian):
 //!
 //! ```text
-//! version u8 (1) | clean u8 | trusted u8 | reserved u8 | generation u64 |
-//! base snapshot u64 | disk length u64 | granularity u64 | bitmap bytes
+//! version u8 (2) | clean u8 | trusted u8 | reserved u8 | generation u64 |
+//! base snapshot u64 | disk length u64 | granularity u64 | bitmap bytes |
+//! crc32 u32 of everything before it
 //! ```
 
 use crate::dirty::DirtyBitmap;
 use crate::ids::SnapshotId;
 use crate::le;
 
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
 const HEADER_LEN: usize = 36;
 
 /// A server's change tracker.
@@ -90,6 +91,8 @@ impl Tracker {
         out.extend_from_slice(&self.dirty.disk_len().to_le_bytes());
         out.extend_from_slice(&self.dirty.granularity().to_le_bytes());
         out.extend_from_slice(&self.dirty.to_bytes());
+        let crc = crc32fast::hash(&out);
+        out.extend_from_slice(&crc.to_le_bytes());
         out
     }
 
@@ -97,6 +100,13 @@ impl Tracker {
     /// persisted clean. `None` for a record that does not decode (the
     /// server's next capture is then full, which is always safe).
     pub fn decode(bytes: &[u8]) -> Option<Tracker> {
+        // A row that fails its checksum, or of another version, is dropped:
+        // the next capture reads everything.
+        let n = bytes.len().checked_sub(4)?;
+        if crc32fast::hash(&bytes[..n]) != le::u32_at(bytes, n) {
+            return None;
+        }
+        let bytes = &bytes[..n];
         if bytes.len() < HEADER_LEN || bytes[0] != VERSION {
             return None;
         }
