@@ -108,32 +108,12 @@ fn a_truncated_pack_is_corruption_not_a_panic() {
     assert!(err.is_corruption(), "{err}");
 }
 
-/// Corruption trials: `BLOCKSNAP_CORRUPTION_TRIALS` (default 40).
-fn trials() -> u64 {
-    std::env::var("BLOCKSNAP_CORRUPTION_TRIALS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(40)
-}
-
 fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
     for e in std::fs::read_dir(dir).unwrap().flatten() {
         if e.file_type().unwrap().is_dir() {
             files_under(&e.path(), out);
         } else {
             out.push(e.path());
-        }
-    }
-}
-
-fn copy_tree(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap().flatten() {
-        let target = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_tree(&e.path(), &target);
-        } else {
-            std::fs::copy(e.path(), &target).unwrap();
         }
     }
 }
@@ -211,13 +191,13 @@ fn random_damage_to_any_store_file_is_reported_and_never_restored() {
     }
     let mut files = Vec::new();
     files_under(&store, &mut files);
-    let seed = crate::crash::seed("BLOCKSNAP_CORRUPTION_SEED");
+    let seed = crate::common::seed("BLOCKSNAP_CORRUPTION_SEED");
     let mut rng = Rng::new(seed);
     let (mut refused, mut reported, mut harmless) = (0, 0, 0);
-    for trial in 0..trials() {
+    for trial in 0..crate::common::env_count("BLOCKSNAP_CORRUPTION_TRIALS", 40) {
         let dir = tempfile::tempdir().unwrap();
         let copy = dir.path().join("store");
-        copy_tree(&store, &copy);
+        crate::common::copy_tree(&store, &copy);
         let mut copies = Vec::new();
         files_under(&copy, &mut copies);
         copies.sort();
@@ -278,6 +258,6 @@ fn random_damage_to_any_store_file_is_reported_and_never_restored() {
     }
     println!(
         "{} corruption trials: {refused} refused to open, {reported} reported by verify, {harmless} harmless",
-        trials()
+        crate::common::env_count("BLOCKSNAP_CORRUPTION_TRIALS", 40)
     );
 }

@@ -282,28 +282,6 @@ pub fn check_invariants(layout: &Layout, ledger: &Ledger, what: &str) -> Engine 
     engine
 }
 
-/// Kills of the crash harness: `BLOCKSNAP_CRASH_KILLS` (default 8).
-fn kills() -> u64 {
-    std::env::var("BLOCKSNAP_CRASH_KILLS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(8)
-}
-
-pub fn seed(var: &str) -> u64 {
-    let seed = std::env::var(var)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_secs()
-        });
-    println!("seed {seed} ({var} replays it)");
-    seed
-}
-
 #[test]
 fn a_process_killed_anywhere_loses_no_completed_snapshot() {
     let dir = tempfile::tempdir().unwrap();
@@ -313,10 +291,10 @@ fn a_process_killed_anywhere_loses_no_completed_snapshot() {
     };
     std::fs::create_dir_all(&layout.root).unwrap();
     layout.create();
-    let seed = seed("BLOCKSNAP_CRASH_SEED");
+    let seed = crate::common::seed("BLOCKSNAP_CRASH_SEED");
     let mut rng = Rng::new(seed);
     let mut ledger = Ledger::default();
-    for kill in 0..kills() {
+    for kill in 0..crate::common::env_count("BLOCKSNAP_CRASH_KILLS", 8) {
         let (mut child, reader) = spawn_child(&layout, seed.wrapping_add(kill));
         std::thread::sleep(Duration::from_millis(rng.below(400)));
         child.kill().unwrap(); // SIGKILL

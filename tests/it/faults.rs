@@ -21,18 +21,6 @@ use crate::common::{BS, disk_bytes};
 
 const LEN: usize = 40 * BS;
 
-fn copy_tree(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap().flatten() {
-        let target = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_tree(&e.path(), &target);
-        } else {
-            std::fs::copy(e.path(), &target).unwrap();
-        }
-    }
-}
-
 /// A store with two servers and three snapshots, and the bytes of each.
 fn template(dir: &Path) -> BTreeMap<SnapshotId, (u64, Vec<u8>)> {
     let engine = EngineOptions::new()
@@ -146,7 +134,7 @@ fn every_store_io_call_of_each_operation_failed_once() {
         // Count the calls the operation makes.
         let count = {
             let dir = tempfile::tempdir().unwrap();
-            copy_tree(base.path(), dir.path());
+            crate::common::copy_tree(base.path(), dir.path());
             if matches!(op, Op::Gc) {
                 // Garbage to collect: a deleted snapshot.
                 EngineOptions::new()
@@ -171,7 +159,7 @@ fn every_store_io_call_of_each_operation_failed_once() {
             let fault = faults[(n % 3) as usize];
             let ctx = format!("{op:?}, call {n} of {count} failed with {fault:?}");
             let dir = tempfile::tempdir().unwrap();
-            copy_tree(base.path(), dir.path());
+            crate::common::copy_tree(base.path(), dir.path());
             let mut expected = expected.clone();
             if matches!(op, Op::Gc) {
                 EngineOptions::new()
@@ -218,15 +206,6 @@ fn every_store_io_call_of_each_operation_failed_once() {
     println!("{injected} faults injected");
 }
 
-/// Trials of the in-process crash test: `BLOCKSNAP_CRASHFS_TRIALS`
-/// (default 30).
-fn crash_trials() -> u64 {
-    std::env::var("BLOCKSNAP_CRASHFS_TRIALS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(30)
-}
-
 /// Packs and manifests on a file system that keeps only what was fsynced
 /// (and directory entries only once their directory was fsynced): random
 /// operations, a crash at a random I/O call, a restart, and the
@@ -254,12 +233,12 @@ fn a_crash_at_any_store_io_call_keeps_every_completed_snapshot() {
                 .unwrap();
         }
     }
-    let seed = crate::crash::seed("BLOCKSNAP_CRASHFS_SEED");
+    let seed = crate::common::seed("BLOCKSNAP_CRASHFS_SEED");
     let mut rng = Rng::new(seed);
     // Snapshot -> (server, bytes) of every operation that returned Ok.
     let mut ledger: BTreeMap<SnapshotId, (u64, Vec<u8>)> = BTreeMap::new();
     let mut crashes = 0;
-    for trial in 0..crash_trials() {
+    for trial in 0..crate::common::env_count("BLOCKSNAP_CRASHFS_TRIALS", 30) {
         let engine = options().open(dir.path().join("store")).unwrap();
         fs.arm(rng.below(400));
         for _ in 0..30 {

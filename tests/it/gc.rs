@@ -174,14 +174,6 @@ fn automatic_gc_after_deletes_gives_space_back() {
     check_all(&fx.engine, &HashMap::from([(b.id, disk_bytes(64 * BS, 8))]));
 }
 
-/// Rounds of the stress test: `BLOCKSNAP_STRESS_ROUNDS` (default 6).
-fn stress_rounds() -> u64 {
-    std::env::var("BLOCKSNAP_STRESS_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(6)
-}
-
 #[test]
 fn gc_in_a_loop_while_servers_capture_delete_and_restore() {
     crate::common::with_deadline(300, "the stress test", stress);
@@ -218,7 +210,7 @@ fn stress() {
             std::thread::spawn(move || {
                 let mut rng = Rng::new(s);
                 let mut mine: Vec<(SnapshotId, Vec<u8>)> = Vec::new();
-                for round in 0..stress_rounds() {
+                for round in 0..crate::common::env_count("BLOCKSNAP_STRESS_ROUNDS", 6) {
                     // The guest rewrites part of its disk (some blocks
                     // shared with other servers and earlier rounds).
                     let mut bytes = std::fs::read(&disk).unwrap();
@@ -338,14 +330,6 @@ fn child_collects_garbage_until_killed() {
     }
 }
 
-/// Kills of the GC crash test: `BLOCKSNAP_GC_CRASH_KILLS` (default 6).
-fn crash_kills() -> u64 {
-    std::env::var("BLOCKSNAP_GC_CRASH_KILLS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(6)
-}
-
 #[test]
 fn a_crash_anywhere_in_gc_loses_no_completed_snapshot() {
     let dir = tempfile::tempdir().unwrap();
@@ -356,21 +340,12 @@ fn a_crash_anywhere_in_gc_loses_no_completed_snapshot() {
         let engine = options().open(&store).unwrap();
         engine.add_server(ServerId(1), "web", &disk).unwrap();
     }
-    let seed = std::env::var("BLOCKSNAP_GC_CRASH_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_secs()
-        });
-    println!("gc crash test seed {seed} (BLOCKSNAP_GC_CRASH_SEED replays it)");
+    let seed = crate::common::seed("BLOCKSNAP_GC_CRASH_SEED");
     let mut rng = Rng::new(seed);
     // id -> content seed of every snapshot reported completed and not
     // (being) deleted.
     let mut completed: HashMap<u64, u64> = HashMap::new();
-    for kill in 0..crash_kills() {
+    for kill in 0..crate::common::env_count("BLOCKSNAP_GC_CRASH_KILLS", 6) {
         let mut child = Command::new(std::env::current_exe().unwrap())
             .args([
                 "--exact",

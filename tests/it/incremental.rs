@@ -276,7 +276,7 @@ fn a_clean_close_hands_tracking_over_and_a_crash_does_not() {
     // A crash: the store as it is on disk while open (every tracker marked
     // unclean at open) is what a killed process leaves.
     let crashed = fx.dir.path().join("crashed");
-    copy_dir(&fx.store(), &crashed);
+    crate::common::copy_tree(&fx.store(), &crashed);
     let v = fx.engine.create_snapshot(ServerId(1), "v2", "").unwrap();
     assert_eq!(v.stats.unwrap().kind, CaptureKind::Incremental);
     drop(fx.engine);
@@ -402,16 +402,4 @@ fn a_sparse_image_is_captured_without_reading_its_holes_and_restored_sparse() {
         "the restored image allocates {} bytes",
         meta.blocks() * 512
     );
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap().flatten() {
-        let target = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &target);
-        } else {
-            std::fs::copy(e.path(), target).unwrap();
-        }
-    }
 }

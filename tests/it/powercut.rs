@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use blocksnap::sample::Rng;
 
-use crate::crash::{Layout, Ledger, check_invariants, seed, spawn_child};
+use crate::crash::{Layout, Ledger, check_invariants, spawn_child};
 
 /// `EXT4_IOC_SHUTDOWN`: `_IOR('X', 125, __u32)`.
 const EXT4_IOC_SHUTDOWN: libc::c_ulong = 0x8004_587D;
@@ -97,13 +97,6 @@ impl Drop for Ext4 {
     }
 }
 
-fn cycles() -> u64 {
-    std::env::var("BLOCKSNAP_POWERCUT_CYCLES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3)
-}
-
 #[test]
 fn a_power_cut_anywhere_loses_no_completed_snapshot() {
     let dir = tempfile::tempdir().unwrap();
@@ -124,10 +117,10 @@ fn a_power_cut_anywhere_loses_no_completed_snapshot() {
     std::fs::create_dir_all(&layout.root).unwrap();
     layout.create();
     run("sync", &[]).unwrap();
-    let seed = seed("BLOCKSNAP_POWERCUT_SEED");
+    let seed = crate::common::seed("BLOCKSNAP_POWERCUT_SEED");
     let mut rng = Rng::new(seed);
     let mut ledger = Ledger::default();
-    for cut in 0..cycles() {
+    for cut in 0..crate::common::env_count("BLOCKSNAP_POWERCUT_CYCLES", 3) {
         let (mut child, reader) = spawn_child(&layout, seed.wrapping_add(cut));
         std::thread::sleep(Duration::from_millis(rng.below(500)));
         fs.cut();

@@ -242,31 +242,13 @@ fn child_restores_slowly_until_killed() {
     println!("done");
 }
 
-/// Kills of the restore crash test: `BLOCKSNAP_RESTORE_CRASH_KILLS`
-/// (default 5).
-fn crash_kills() -> u64 {
-    std::env::var("BLOCKSNAP_RESTORE_CRASH_KILLS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5)
-}
-
 #[test]
 fn a_restore_killed_anywhere_is_finished_by_running_it_again() {
     let len = 256 * BS;
     let target = disk_bytes(len, 20);
-    let seed = std::env::var("BLOCKSNAP_RESTORE_CRASH_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_secs()
-        });
-    println!("restore crash test seed {seed} (BLOCKSNAP_RESTORE_CRASH_SEED replays it)");
+    let seed = crate::common::seed("BLOCKSNAP_RESTORE_CRASH_SEED");
     let mut rng = Rng::new(seed);
-    for kill in 0..crash_kills() {
+    for kill in 0..crate::common::env_count("BLOCKSNAP_RESTORE_CRASH_KILLS", 5) {
         let fx = Fixture::new();
         let path = fx.server(1, "web", &target);
         let snap = fx
