@@ -86,7 +86,9 @@ du -sb "$store/packs" | cut -f1 >"$g/store-bytes"
 du -sb "$fresh/packs" | cut -f1 >"$g/fresh-bytes"
 
 python3 - "$g" "$size" docs/BENCHMARKS.md <<'PY'
-import datetime, json, os, platform, re, sys
+import datetime, json, os, platform, sys
+sys.path.insert(0, "bench")
+from doc_table import write_table
 g, size, doc = sys.argv[1:4]
 before = json.load(open(f"{g}/stats-before.json"))
 after = json.load(open(f"{g}/stats-after.json"))
@@ -109,13 +111,5 @@ lines = [
     f"| after: stored, not needed | {mib(after['stored_bytes'])}, {mib(after['reclaimable_bytes'])} |",
     f"| a fresh store of the five remaining snapshots | {mib(fresh)}: this store is {store / fresh:.3f}× it |",
 ]
-text = open(doc).read()
-begin, end = "<!-- gc:begin -->", "<!-- gc:end -->"
-block = begin + "\n" + "\n".join(lines) + "\n" + end
-if begin in text:
-    text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
-else:
-    text += "\n" + block + "\n"
-open(doc, "w").write(text)
-print("\n".join(lines))
+write_table(doc, "gc", lines)
 PY

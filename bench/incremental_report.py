@@ -7,6 +7,9 @@ import platform
 import re
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from doc_table import write_table  # noqa: E402
+
 work, size, doc = sys.argv[1:4]
 rows = {}
 for line in open(os.path.join(work, "results.tsv")):
@@ -106,12 +109,4 @@ for length in ("1G", "16G"):
         f"{int(rows[f'sparse-{length}-allocated'][0]) / 2**20:.0f} MiB |"
     )
 
-text = open(doc).read()
-begin, end = "<!-- incremental:begin -->", "<!-- incremental:end -->"
-block = begin + "\n" + "\n".join(lines) + "\n" + end
-if begin in text:
-    text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
-else:
-    text += "\n" + block + "\n"
-open(doc, "w").write(text)
-print("\n".join(lines))
+write_table(doc, "incremental", lines)

@@ -6,6 +6,9 @@ import os
 import platform
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from doc_table import write_table  # noqa: E402
+
 results, size, doc = sys.argv[1], sys.argv[2], sys.argv[3]
 rows = {}
 for line in open(results):
@@ -75,12 +78,4 @@ if peers and "blocksnap" in tools:
         target("full restore: (cp + sync)'s time / blocksnap's (≥ 0.7)", raw["cp+sync"]["wall"] / b("blocksnap", "restore")["wall"], 0.7)
     target("restore of v1 onto v2: fastest peer's time / blocksnap's", best("restore-onto-v2") / b("blocksnap", "restore-onto-v2")["wall"], 4)
 
-text = open(doc).read()
-begin, end = "<!-- peers:begin -->", "<!-- peers:end -->"
-block = begin + "\n" + "\n".join(out) + "\n" + end
-if begin in text and end in text:
-    text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
-else:
-    text += "\n## Against restic, borg and casync: `bench/peers.sh`\n\n" + block + "\n"
-open(doc, "w").write(text)
-print("\n".join(out))
+write_table(doc, "peers", out, heading='## Against restic, borg and casync: `bench/peers.sh`')

@@ -1,6 +1,9 @@
 """Writes bench/restore_safety.sh's results into docs/BENCHMARKS.md.
 Usage: restore_safety_report.py RESULTS SIZE DOC"""
-import datetime, platform, re, statistics, sys
+import datetime, os, platform, statistics, sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from doc_table import write_table  # noqa: E402
 path, size, doc = sys.argv[1:4]
 runs = {}
 for line in open(path):
@@ -20,12 +23,4 @@ for mode, label in (("tracked", "known (`--current 2`): delta"), ("compare", "un
         f"| {label} | {med[mode + '-bare']:.3f} s | {med[mode + '-verify']:.3f} s | {med[mode + '-safety']:.3f} s | "
         f"{med[mode + '-both']:.3f} s | {pct(mode + '-safety', mode + '-bare')} | {pct(mode + '-verify', mode + '-bare')} |"
     )
-text = open(doc).read()
-begin, end = "<!-- restore-safety:begin -->", "<!-- restore-safety:end -->"
-block = begin + "\n" + "\n".join(lines) + "\n" + end
-if begin in text:
-    text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
-else:
-    text += "\n" + block + "\n"
-open(doc, "w").write(text)
-print("\n".join(lines))
+write_table(doc, "restore-safety", lines)
