@@ -1,7 +1,8 @@
 //! Measures what compressing runs of consecutive data blocks together (one
 //! zstd frame per group) would store, against one frame per block: the
-//! evidence for the `compact` setting's next step (docs/BENCHMARKS.md).
-//! `cargo run --release --example group_probe -- IMAGE [LEVEL]`
+//! evidence for the `compact` setting (docs/BENCHMARKS.md). One reused
+//! compression context per thread, as the capture pipeline has.
+//! `cargo run --release --example group_probe -- IMAGE [LEVEL...]`
 use std::time::Instant;
 
 use rayon::prelude::*;
@@ -11,27 +12,47 @@ const BLOCK: usize = 64 << 10;
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let image = std::fs::read(&args[1]).expect("an image file");
-    let level: i32 = args.get(2).and_then(|l| l.parse().ok()).unwrap_or(3);
+    let levels: Vec<i32> = args[2..].iter().filter_map(|l| l.parse().ok()).collect();
     let data: Vec<&[u8]> = image
         .chunks(BLOCK)
         .filter(|b| b.iter().any(|&x| x != 0))
         .collect();
-    for group in [1usize, 4, 16, 32] {
-        let t = Instant::now();
-        let stored: usize = data
-            .par_chunks(group)
-            .map(|g| {
-                let joined = g.concat();
-                zstd::bulk::compress(&joined, level)
-                    .expect("zstd")
-                    .len()
-                    .min(joined.len())
-            })
-            .sum();
-        println!(
-            "level {level}, {group:>2} blocks per frame: {:.1} MiB in {:.2} s",
-            stored as f64 / f64::from(1 << 20),
-            t.elapsed().as_secs_f64()
-        );
+    let raw: usize = data.iter().map(|b| b.len()).sum();
+    println!("{:.1} MiB of data blocks", raw as f64 / f64::from(1 << 20));
+    for &level in if levels.is_empty() {
+        &[3][..]
+    } else {
+        &levels[..]
+    } {
+        for group in [16usize, 32, 64] {
+            let t = Instant::now();
+            let stored: usize = data
+                .par_chunks(group)
+                .map_init(
+                    || {
+                        let c = zstd::bulk::Compressor::new(level).expect("zstd");
+                        (
+                            c,
+                            Vec::with_capacity(group * BLOCK),
+                            vec![0u8; group * BLOCK + 4096],
+                        )
+                    },
+                    |(c, joined, out), g| {
+                        joined.clear();
+                        for b in g {
+                            joined.extend_from_slice(b);
+                        }
+                        c.compress_to_buffer(joined, out)
+                            .unwrap_or(joined.len())
+                            .min(joined.len())
+                    },
+                )
+                .sum();
+            println!(
+                "level {level:>3}, {group:>2} blocks per frame: {:.1} MiB in {:.2} s",
+                stored as f64 / f64::from(1 << 20),
+                t.elapsed().as_secs_f64()
+            );
+        }
     }
 }

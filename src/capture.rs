@@ -9,12 +9,18 @@
 //!    block order (raw chunks straight from the window buffer), then hands
 //!    the buffer back for the next window.
 //!
+//! With grouped frames (the compact setting) the first stage leaves new
+//! chunks uncompressed, and runs of them (in window order, up to
+//! `group_len` bytes) are then compressed together, one group per rayon
+//! task, each into one group record.
+//!
 //! Memory is bounded by `WINDOWS_IN_FLIGHT` window buffers, reused, whatever
 //! the disk size.
 //!
 //! The caller makes the chunks durable (`ChunkStore::sync`) before writing
 //! the manifest.
 
+use std::collections::HashSet;
 use std::ops::Range;
 use std::sync::mpsc::{channel, sync_channel};
 
@@ -26,8 +32,8 @@ use crate::error::{Error, Result};
 use crate::ids::ChunkId;
 use crate::job::Progress;
 use crate::manifest::block_count;
-use crate::store::pack::{self, ChunkRecord};
-use crate::store::{Appended, ChunkStore, Pins};
+use crate::store::pack::{self, ChunkRecord, GroupRecord, MAX_GROUP_MEMBERS};
+use crate::store::{Appended, ChunkStore, NewRecord, Pins};
 use crate::window::task_len;
 
 /// Window buffers in use at once: one being filled and classified, one
@@ -40,6 +46,17 @@ pub struct CaptureSettings {
     pub block_size: u32,
     pub compression_level: i32,
     pub window_len: usize,
+    /// Bytes of new chunks compressed together as one group record; 0 (or
+    /// less than two blocks) stores one frame per chunk.
+    pub group_len: usize,
+}
+
+impl CaptureSettings {
+    /// Members per group record, when groups are on.
+    fn group_members(&self) -> Option<usize> {
+        let n = (self.group_len / self.block_size as usize).min(MAX_GROUP_MEMBERS);
+        (n >= 2).then_some(n)
+    }
 }
 
 /// A captured disk: one entry per block, and what it took.
@@ -54,10 +71,28 @@ enum Block {
     Known(ChunkId),
     /// Not in the store: to append, compressed when that paid.
     New(ChunkId, Option<Vec<u8>>),
+    /// Not in the store, and to be compressed with the new chunks around
+    /// it (grouped frames).
+    Fresh(ChunkId),
+    /// Not in the store, and a member of the window's group record number
+    /// `.1`; the group is appended at its first member (`.2`).
+    Grouped(ChunkId, usize, bool),
 }
 
-/// Zero check, hash, dedup look-up and, for a new chunk, compression.
-fn classify(store: &ChunkStore, bytes: &[u8], level: i32) -> Result<Block> {
+impl Block {
+    fn id(&self) -> Option<&ChunkId> {
+        match self {
+            Block::Zero => None,
+            Block::Known(id) | Block::New(id, _) | Block::Fresh(id) | Block::Grouped(id, ..) => {
+                Some(id)
+            }
+        }
+    }
+}
+
+/// Zero check, hash, dedup look-up and, for a new chunk, compression
+/// (unless it is to be grouped).
+fn classify(store: &ChunkStore, bytes: &[u8], settings: &CaptureSettings) -> Result<Block> {
     if is_zero(bytes) {
         return Ok(Block::Zero);
     }
@@ -65,7 +100,106 @@ fn classify(store: &ChunkStore, bytes: &[u8], level: i32) -> Result<Block> {
     if store.contains(&id) {
         return Ok(Block::Known(id));
     }
+    if settings.group_members().is_some() {
+        return Ok(Block::Fresh(id));
+    }
+    let level = settings.compression_level;
     Ok(Block::New(id, pack::compress(bytes, level)?))
+}
+
+/// The new chunks of the last windows handed to the writer: enough to
+/// cover every window not yet appended (at most `WINDOWS_IN_FLIGHT`).
+#[derive(Default)]
+struct EarlierWindows(std::collections::VecDeque<HashSet<ChunkId>>);
+
+impl EarlierWindows {
+    fn contains(&self, id: &ChunkId) -> bool {
+        self.0.iter().any(|w| w.contains(id))
+    }
+
+    fn push(&mut self, window: HashSet<ChunkId>) {
+        self.0.push_back(window);
+        if self.0.len() > WINDOWS_IN_FLIGHT {
+            self.0.pop_front();
+        }
+    }
+}
+
+/// A window's new chunks after grouping: the group records, and each
+/// block's final classification.
+type Grouped = Vec<GroupRecord>;
+
+/// Compresses the window's fresh chunks in runs of up to
+/// `settings.group_members()`, one rayon task per run, and marks each
+/// block with the record it goes into. A run of one, or one that does not
+/// save 1/32 as a group, is compressed chunk by chunk. A chunk that occurs
+/// twice in the window, or is new in one of the `earlier` windows still
+/// being appended (whose chunks the store cannot know yet), is stored once:
+/// in a group it could not be skipped at the append like a lone record.
+/// Adds this window's new chunks to `earlier`.
+fn group_window(
+    classified: &mut [Block],
+    window: &[u8],
+    settings: &CaptureSettings,
+    earlier: &mut EarlierWindows,
+) -> Result<Grouped> {
+    let Some(per_group) = settings.group_members() else {
+        return Ok(Vec::new());
+    };
+    let bs = settings.block_size as usize;
+    let bytes_of = |k: usize| &window[k * bs..((k + 1) * bs).min(window.len())];
+    let mut seen = HashSet::new();
+    let mut fresh: Vec<(usize, ChunkId)> = Vec::new();
+    for (k, b) in classified.iter_mut().enumerate() {
+        if let Block::Fresh(id) = *b {
+            if !earlier.contains(&id) && seen.insert(id) {
+                fresh.push((k, id));
+            } else {
+                // Stored by its first occurrence, appended before it is needed.
+                *b = Block::Known(id);
+            }
+        }
+    }
+    enum Packed {
+        Group(GroupRecord),
+        Each(Vec<Option<Vec<u8>>>),
+    }
+    let level = settings.compression_level;
+    let packed: Vec<Packed> = fresh
+        .par_chunks(per_group)
+        .map(|run| -> Result<Packed> {
+            let members: Vec<(ChunkId, &[u8])> =
+                run.iter().map(|&(k, id)| (id, bytes_of(k))).collect();
+            if members.len() >= 2
+                && let Some(g) = GroupRecord::compress(&members, level)?
+            {
+                return Ok(Packed::Group(g));
+            }
+            let each = members
+                .iter()
+                .map(|(_, b)| pack::compress(b, level))
+                .collect::<Result<_>>()?;
+            Ok(Packed::Each(each))
+        })
+        .collect::<Result<_>>()?;
+    earlier.push(seen);
+    let mut groups = Vec::new();
+    for (run, packed) in fresh.chunks(per_group).zip(packed) {
+        match packed {
+            Packed::Group(g) => {
+                for (j, &(k, id)) in run.iter().enumerate() {
+                    classified[k] = Block::Grouped(id, groups.len(), j == 0);
+                }
+                groups.push(g);
+            }
+            Packed::Each(each) => {
+                for (&(k, id), z) in run.iter().zip(each) {
+                    classified[k] = Block::New(id, z);
+                }
+            }
+        }
+    }
+    Ok(groups)
 }
 
 /// Stage 2 for one window: classifies its blocks and records them in
@@ -76,14 +210,20 @@ fn classify_window(
     settings: &CaptureSettings,
     blocks: &mut Vec<Option<ChunkId>>,
     stats: &mut CaptureStats,
-) -> Result<Vec<Block>> {
+) -> Result<(Vec<Block>, Grouped)> {
     let bs = settings.block_size as usize;
-    let classified: Vec<Block> = window
+    let mut classified: Vec<Block> = window
         .par_chunks(bs)
-        .map(|b| classify(store, b, settings.compression_level))
+        .map(|b| classify(store, b, settings))
         .collect::<Result<_>>()?;
+    let groups = group_window(
+        &mut classified,
+        window,
+        settings,
+        &mut EarlierWindows::default(),
+    )?;
     record(&classified, window, bs, blocks, stats);
-    Ok(classified)
+    Ok((classified, groups))
 }
 
 /// Adds classified blocks to the manifest entries and the stats.
@@ -95,12 +235,12 @@ fn record(
     stats: &mut CaptureStats,
 ) {
     for (b, bytes) in classified.iter().zip(window.chunks(bs)) {
-        match b {
-            Block::Zero => {
+        match b.id() {
+            None => {
                 stats.zero_blocks += 1;
                 blocks.push(None);
             }
-            Block::Known(id) | Block::New(id, _) => {
+            Some(id) => {
                 stats.data_blocks += 1;
                 stats.data_bytes += bytes.len() as u64;
                 blocks.push(Some(*id));
@@ -109,26 +249,28 @@ fn record(
     }
 }
 
-/// Stage 3 for one window: appends its new chunks in block order.
+/// Stage 3 for one window: appends its new chunks and groups in block
+/// order.
 fn append_window(
     store: &ChunkStore,
     window: &[u8],
     block_size: usize,
     classified: &[Block],
+    groups: &[GroupRecord],
 ) -> Result<Appended> {
-    let records: Vec<ChunkRecord<'_>> = classified
+    let records = classified
         .iter()
         .zip(window.chunks(block_size))
         .filter_map(|(b, raw)| match b {
-            Block::New(id, compressed) => Some(ChunkRecord {
+            Block::New(id, compressed) => Some(NewRecord::Chunk(ChunkRecord {
                 id: *id,
                 raw,
                 compressed: compressed.as_deref(),
-            }),
+            })),
+            Block::Grouped(_, g, true) => groups.get(*g).map(NewRecord::Group),
             _ => None,
-        })
-        .collect();
-    store.insert(&records)
+        });
+    store.append(records)
 }
 
 fn add(stats: &mut CaptureStats, a: Appended) {
@@ -146,8 +288,9 @@ pub fn ingest_window(
     blocks: &mut Vec<Option<ChunkId>>,
     stats: &mut CaptureStats,
 ) -> Result<()> {
-    let classified = classify_window(store, window, settings, blocks, stats)?;
-    let appended = append_window(store, window, settings.block_size as usize, &classified)?;
+    let (classified, groups) = classify_window(store, window, settings, blocks, stats)?;
+    let bs = settings.block_size as usize;
+    let appended = append_window(store, window, bs, &classified, &groups)?;
     add(stats, appended);
     Ok(())
 }
@@ -338,7 +481,7 @@ pub fn capture(
         bytes_read: to_read,
         ..CaptureStats::default()
     };
-    let (to_writer, for_writer) = sync_channel::<(Vec<u8>, Vec<Block>)>(1);
+    let (to_writer, for_writer) = sync_channel::<(Vec<u8>, Vec<Block>, Grouped)>(1);
     let (recycle, recycled) = channel::<Vec<u8>>();
     for _ in 0..WINDOWS_IN_FLIGHT {
         let _ = recycle.send(Vec::new());
@@ -346,8 +489,8 @@ pub fn capture(
     let (read, written) = std::thread::scope(|scope| {
         let writer = scope.spawn(move || -> Result<Appended> {
             let mut total = Appended::default();
-            for (window, classified) in for_writer {
-                let a = append_window(store, &window, bs, &classified)?;
+            for (window, classified, groups) in for_writer {
+                let a = append_window(store, &window, bs, &classified, &groups)?;
                 total.chunks += a.chunks;
                 total.raw_bytes += a.raw_bytes;
                 total.stored_bytes += a.stored_bytes;
@@ -357,6 +500,7 @@ pub fn capture(
             Ok(total)
         });
         let read = (|| -> Result<()> {
+            let mut earlier = EarlierWindows::default();
             for segments in windows(&plan.read, per_window) {
                 // Fails only when the writer stopped; its error is returned below.
                 let Ok(mut window) = recycled.recv() else {
@@ -364,7 +508,7 @@ pub fn capture(
                 };
                 let n: usize = segments.iter().flat_map(|r| r.clone()).map(block_len).sum();
                 window.resize(n, 0);
-                let classified = {
+                let mut classified = {
                     let _guard = store.lookup_guard();
                     let classified = read_and_classify(
                         store,
@@ -375,23 +519,18 @@ pub fn capture(
                         &mut window,
                         len,
                     )?;
-                    pins.add(classified.iter().filter_map(|b| match b {
-                        Block::Zero => None,
-                        Block::Known(id) | Block::New(id, _) => Some(id),
-                    }));
+                    pins.add(classified.iter().filter_map(Block::id));
                     classified
                 };
+                let groups = group_window(&mut classified, &window, settings, &mut earlier)?;
                 let mut k = 0;
                 for r in &segments {
                     for i in r.clone() {
-                        blocks[i as usize] = match &classified[k] {
-                            Block::Zero => None,
-                            Block::Known(id) | Block::New(id, _) => Some(*id),
-                        };
+                        blocks[i as usize] = classified[k].id().copied();
                         k += 1;
                     }
                 }
-                if to_writer.send((window, classified)).is_err() {
+                if to_writer.send((window, classified, groups)).is_err() {
                     break;
                 }
             }
@@ -456,7 +595,7 @@ fn read_and_classify(
             }
             piece
                 .chunks(bs as usize)
-                .map(|b| classify(store, b, settings.compression_level))
+                .map(|b| classify(store, b, settings))
                 .collect::<Result<Vec<Block>>>()
         })
         .collect::<Result<Vec<Vec<Block>>>>()?;

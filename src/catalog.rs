@@ -42,6 +42,8 @@ const TRACKING: TableDefinition<u64, &[u8]> = TableDefinition::new("tracking");
 const META_FORMAT: &str = "format";
 const META_BLOCK_SIZE: &str = "block_size";
 const META_COMPRESSION: &str = "compression_level";
+/// Bytes of new chunks compressed together (0 or absent: one frame each).
+const META_GROUP_LEN: &str = "compression_group_len";
 const META_NEXT_SNAPSHOT: &str = "next_snapshot_id";
 
 /// A registered server, as persisted.
@@ -211,6 +213,8 @@ pub struct Loaded {
     pub block_size: u32,
     /// zstd level for new chunks, a store-level setting.
     pub compression_level: i32,
+    /// Bytes of new chunks compressed as one group record; 0: none.
+    pub group_len: u32,
     pub next_snapshot_id: u64,
     pub servers: BTreeMap<ServerId, ServerRecord>,
     pub snapshots: BTreeMap<SnapshotId, SnapshotRecord>,
@@ -237,7 +241,7 @@ pub enum Change<'a> {
 
 impl Catalog {
     /// Opens the catalog at `path`; when it does not exist yet and `create`
-    /// (block size, compression level) is given, creates it.
+    /// (block size, compression level, group length) is given, creates it.
     ///
     /// redb panics on some kinds of damage to its file instead of returning
     /// an error; that panic is caught here and reported as corruption.
@@ -247,7 +251,7 @@ impl Catalog {
     /// keeps it to one owner.
     pub fn open(
         path: &Path,
-        create: Option<(u32, i32)>,
+        create: Option<(u32, i32, u32)>,
         fs: Arc<dyn StoreFs>,
     ) -> Result<(Self, Loaded)> {
         no_panic(path, || Self::open_inner(path, create, fs))
@@ -255,7 +259,7 @@ impl Catalog {
 
     fn open_inner(
         path: &Path,
-        create: Option<(u32, i32)>,
+        create: Option<(u32, i32, u32)>,
         fs: Arc<dyn StoreFs>,
     ) -> Result<(Self, Loaded)> {
         let (file, exists) = match fs.open(path, OpenMode::ReadWrite) {
@@ -280,7 +284,7 @@ impl Catalog {
             path: path.to_path_buf(),
         };
         if !exists {
-            let (block_size, level) = create.ok_or_else(|| Error::NoStore {
+            let (block_size, level, group_len) = create.ok_or_else(|| Error::NoStore {
                 path: path.parent().unwrap_or(path).to_path_buf(),
             })?;
             let tx = catalog.db.read().begin_write()?;
@@ -289,6 +293,7 @@ impl Catalog {
                 meta.insert(META_FORMAT, CATALOG_FORMAT)?;
                 meta.insert(META_BLOCK_SIZE, u64::from(block_size))?;
                 meta.insert(META_COMPRESSION, level as u64)?;
+                meta.insert(META_GROUP_LEN, u64::from(group_len))?;
                 meta.insert(META_NEXT_SNAPSHOT, 1)?;
                 tx.open_table(SERVERS)?;
                 tx.open_table(SNAPSHOTS)?;
@@ -325,6 +330,15 @@ impl Catalog {
             .ok()
             .filter(|l| (1..=19).contains(l))
             .ok_or_else(|| Error::corrupt(&self.path, "compression level out of range"))?;
+        let group_len = match meta.get(META_GROUP_LEN)? {
+            None => 0,
+            Some(v) => u32::try_from(v.value())
+                .ok()
+                .filter(|&g| g as usize <= crate::store::pack::MAX_CHUNK_LEN)
+                .ok_or_else(|| {
+                    Error::corrupt(&self.path, "compression group length out of range")
+                })?,
+        };
 
         let mut servers = BTreeMap::new();
         for row in tx.open_table(SERVERS)?.iter()? {
@@ -357,6 +371,7 @@ impl Catalog {
         Ok(Loaded {
             block_size,
             compression_level,
+            group_len,
             next_snapshot_id,
             servers,
             snapshots,
@@ -441,6 +456,17 @@ impl Catalog {
         tx.open_table(META)?.insert(key, value)?;
         tx.commit()?;
         Ok(())
+    }
+
+    /// Changes how many bytes of new chunks are compressed together.
+    pub fn set_group_len(&self, bytes: u32) -> Result<()> {
+        no_panic(&self.path, || {
+            let tx = self.db.read().begin_write()?;
+            tx.open_table(META)?
+                .insert(META_GROUP_LEN, u64::from(bytes))?;
+            tx.commit()?;
+            Ok(())
+        })
     }
 
     /// Changes the store's compression level for new chunks.
@@ -685,7 +711,7 @@ mod tests {
         let path = dir.path().join("catalog");
         {
             let (c, loaded) =
-                Catalog::open(&path, Some((65536, 3)), Arc::new(crate::fsio::StdFs)).unwrap();
+                Catalog::open(&path, Some((65536, 3, 0)), Arc::new(crate::fsio::StdFs)).unwrap();
             assert_eq!(loaded.next_snapshot_id, 1);
             let server = ServerRecord {
                 id: ServerId(9),

@@ -307,6 +307,17 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         bytes.extend_from_slice(rec.payload());
         out.push(("pack_record", bytes));
     }
+    // A group record of two chunks (the compact setting).
+    let other = b"a second member, also compressible ".repeat(30);
+    let members = [
+        (ChunkId::of(&text), &text[..]),
+        (ChunkId::of(&other), &other[..]),
+    ];
+    if let Ok(Some(g)) = pack::GroupRecord::compress(&members, 3) {
+        let mut bytes = g.header().to_vec();
+        bytes.extend_from_slice(g.payload());
+        out.push(("pack_record", bytes));
+    }
     // A whole small pack: header, one record, index, trailer.
     let x = ChunkRecord {
         id: ChunkId::of(b"x"),

@@ -30,6 +30,7 @@ impl HotCore {
                 block_size,
                 compression_level,
                 window_len: crate::options::DEFAULT_WINDOW_LEN,
+                group_len: 0,
             },
         })
     }

@@ -76,9 +76,9 @@ pub use error::{Error, Result};
 pub use ids::{ChunkId, ServerId, SnapshotId};
 pub use job::{Job, Progress};
 pub use options::{
-    COMPRESSION_BALANCED, COMPRESSION_COMPACT, COMPRESSION_FAST, DEFAULT_BLOCK_SIZE,
-    DEFAULT_CLEAN_SAMPLE_RATE, DEFAULT_COMPRESSION_LEVEL, DEFAULT_GC_MAX_UNUSED,
-    DEFAULT_WINDOW_LEN, EngineOptions, StopHook,
+    COMPACT_GROUP_LEN, COMPRESSION_BALANCED, COMPRESSION_COMPACT, COMPRESSION_FAST,
+    DEFAULT_BLOCK_SIZE, DEFAULT_CLEAN_SAMPLE_RATE, DEFAULT_COMPRESSION_LEVEL,
+    DEFAULT_GC_MAX_UNUSED, DEFAULT_WINDOW_LEN, EngineOptions, StopHook,
 };
 pub use restore::{RestoreMethod, RestoreReport};
 pub use store::gc::GcReport;

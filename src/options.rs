@@ -19,9 +19,14 @@ pub const DEFAULT_COMPRESSION_LEVEL: i32 = COMPRESSION_FAST;
 pub const COMPRESSION_FAST: i32 = 1;
 /// The `balanced` setting: zstd level 3.
 pub const COMPRESSION_BALANCED: i32 = 3;
-/// The `compact` setting: zstd level 9, for less space at about 4 times
-/// the capture time.
-pub const COMPRESSION_COMPACT: i32 = 9;
+/// The `compact` setting's zstd level: level 3, with runs of new chunks
+/// compressed together in groups of up to [`COMPACT_GROUP_LEN`] bytes
+/// ([`EngineOptions::group_frames`]). On the benchmark disk it stores
+/// 0.98 of borg's bytes; level 9 one frame per chunk stored 1.08 of them
+/// at three times the time (docs/BENCHMARKS.md).
+pub const COMPRESSION_COMPACT: i32 = 3;
+/// Bytes of new chunks the `compact` setting compresses as one frame.
+pub const COMPACT_GROUP_LEN: u32 = 4 << 20;
 /// Share of the blocks a dirty bitmap calls clean that an incremental
 /// capture rehashes as a check of the bitmap, unless chosen otherwise.
 pub const DEFAULT_CLEAN_SAMPLE_RATE: f64 = 0.01;
@@ -41,6 +46,7 @@ pub struct EngineOptions {
     pub(crate) create: bool,
     pub(crate) block_size: Option<u32>,
     pub(crate) compression_level: Option<i32>,
+    pub(crate) group_len: Option<u32>,
     pub(crate) window_len: usize,
     pub(crate) stop_hook: Option<StopHook>,
     pub(crate) disk_opener: DiskOpener,
@@ -57,6 +63,7 @@ impl Default for EngineOptions {
             create: true,
             block_size: None,
             compression_level: None,
+            group_len: None,
             window_len: DEFAULT_WINDOW_LEN,
             stop_hook: None,
             disk_opener: default_opener(),
@@ -95,6 +102,17 @@ impl EngineOptions {
     /// [`Engine::set_compression_level`] changes it later.
     pub fn compression_level(mut self, level: i32) -> Self {
         self.compression_level = Some(level);
+        self
+    }
+
+    /// Compresses runs of new chunks together, up to `bytes` per frame
+    /// (at least two blocks, at most 4 MiB), for a new store: more context
+    /// for zstd, so fewer bytes, at the cost of decompressing a whole group
+    /// to read one chunk of it. 0 (the default) stores one frame per chunk.
+    /// A store-level setting like the level; [`Engine::set_group_len`]
+    /// changes it later.
+    pub fn group_frames(mut self, bytes: u32) -> Self {
+        self.group_len = Some(bytes);
         self
     }
 

@@ -448,12 +448,13 @@ mod tests {
             tail in 0usize..BS,
             target_kinds in proptest::collection::vec(0u8..4, 0..40),
             target_tail in 0usize..BS,
+            grouped in proptest::bool::ANY,
         ) {
             let snapshot = image(&kinds, tail);
             let target = image(&target_kinds, target_tail);
             let dir = tempfile::tempdir().unwrap();
             let (store, _) = ChunkStore::open(dir.path(), std::sync::Arc::new(crate::fsio::StdFs)).unwrap();
-            let settings = CaptureSettings { block_size: BS as u32, compression_level: 1, window_len: 5 * BS };
+            let settings = CaptureSettings { block_size: BS as u32, compression_level: 1, window_len: 5 * BS, group_len: if grouped { 3 * BS } else { 0 } };
             let plan_all = CapturePlan::full(snapshot.len() as u64, BS as u32, None);
             let captured = capture(&store, &MemDisk::new(snapshot.clone()), &settings, plan_all, &store.pin_scope(), &Progress::default()).unwrap();
             let manifest = Manifest::new(SnapshotId(1), ServerId(1), BS as u32, snapshot.len() as u64, captured.blocks).unwrap();
@@ -475,6 +476,7 @@ mod tests {
             block_size: BS as u32,
             compression_level: 1,
             window_len: 5 * BS,
+            group_len: 0,
         }
     }
 

@@ -39,10 +39,11 @@ enum Command {
         /// Block size: a power of two from 4K to 4M (suffixes K and M).
         #[arg(long, default_value = "64K", value_parser = parse_size)]
         block_size: u64,
-        /// Compression of new chunks: fast (zstd 1, the default), balanced
-        /// (zstd 3), compact (zstd 9), or a zstd level 1-19.
+        /// Compression of new chunks: fast (zstd 1, one frame per chunk,
+        /// the default), balanced (zstd 3), compact (zstd 3 over runs of
+        /// new chunks of up to 4 MiB together), or a zstd level 1-19.
         #[arg(long, default_value = "fast", value_parser = parse_compression)]
-        compression: i32,
+        compression: (i32, u32),
     },
     /// Register and list servers.
     #[command(subcommand)]
@@ -197,16 +198,18 @@ fn completed_len(engine: &Engine, id: SnapshotId) -> blocksnap::Result<u64> {
     }
 }
 
-/// Parses `fast`, `default`, `compact` or a zstd level.
-fn parse_compression(s: &str) -> Result<i32, String> {
+/// Parses `fast`, `balanced`, `compact` or a zstd level into a level and
+/// a group length.
+fn parse_compression(s: &str) -> Result<(i32, u32), String> {
     match s {
-        "fast" => Ok(blocksnap::COMPRESSION_FAST),
-        "balanced" => Ok(blocksnap::COMPRESSION_BALANCED),
-        "compact" => Ok(blocksnap::COMPRESSION_COMPACT),
+        "fast" => Ok((blocksnap::COMPRESSION_FAST, 0)),
+        "balanced" => Ok((blocksnap::COMPRESSION_BALANCED, 0)),
+        "compact" => Ok((blocksnap::COMPRESSION_COMPACT, blocksnap::COMPACT_GROUP_LEN)),
         n => n
             .parse::<i32>()
             .ok()
             .filter(|l| (1..=19).contains(l))
+            .map(|l| (l, 0))
             .ok_or_else(|| format!("{s:?} is not fast, balanced, compact or a level from 1 to 19")),
     }
 }
@@ -344,7 +347,7 @@ fn serve(
     Ok(0)
 }
 
-fn init(store: &Path, block_size: u64, compression: i32) -> blocksnap::Result<i32> {
+fn init(store: &Path, block_size: u64, (level, group): (i32, u32)) -> blocksnap::Result<i32> {
     if store.join("catalog").exists() {
         return Err(Error::StoreExists {
             path: store.to_path_buf(),
@@ -355,10 +358,18 @@ fn init(store: &Path, block_size: u64, compression: i32) -> blocksnap::Result<i3
     })?;
     let engine = EngineOptions::new()
         .block_size(bs)
-        .compression_level(compression)
+        .compression_level(level)
+        .group_frames(group)
         .open(store)?;
+    let grouped = match engine.group_len() {
+        0 => String::new(),
+        g => format!(
+            ", new chunks compressed in groups of up to {}",
+            human_bytes(u64::from(g))
+        ),
+    };
     println!(
-        "initialized store {} with {} blocks, zstd level {}",
+        "initialized store {} with {} blocks, zstd level {}{grouped}",
         store.display(),
         human_bytes(u64::from(engine.block_size())),
         engine.compression_level()

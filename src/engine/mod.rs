@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
 use std::time::SystemTime;
 
 use parking_lot::Mutex;
@@ -182,6 +182,7 @@ struct Inner {
     manifests: Manifests,
     block_size: u32,
     compression_level: AtomicI32,
+    group_len: AtomicU32,
     options: EngineOptions,
     catalog: Catalog,
     store: ChunkStore,
@@ -213,12 +214,12 @@ pub struct StoreStats {
     pub compression_ratio: f64,
 }
 
-/// Stored bytes of a chunk's record (header and payload); 0 if missing.
+/// Pack bytes a chunk accounts for (its record, or its share of its
+/// group's); 0 if missing.
 fn stored_size(store: &ChunkStore, id: &ChunkId) -> u32 {
-    store.locate(id).map_or(0, |l| {
-        l.stored_len
-            .saturating_add(crate::store::pack::RECORD_HEADER_LEN as u32)
-    })
+    store
+        .locate(id)
+        .map_or(0, |l| u32::try_from(l.accounted_len()).unwrap_or(u32::MAX))
 }
 
 struct State {
@@ -481,12 +482,15 @@ impl Engine {
         let lock = lock_store(root)?;
         let new_store = !catalog_path.exists();
         let create_with = options.block_size.unwrap_or(DEFAULT_BLOCK_SIZE);
+        if let (true, Some(group)) = (new_store, options.group_len) {
+            check_group_len(group, create_with)?;
+        }
         let level = options
             .compression_level
             .unwrap_or(DEFAULT_COMPRESSION_LEVEL);
         let (catalog, loaded) = Catalog::open(
             &catalog_path,
-            Some((create_with, level)),
+            Some((create_with, level, options.group_len.unwrap_or(0))),
             options.store_fs.clone(),
         )?;
         if let Some(bs) = options.block_size
@@ -527,6 +531,7 @@ impl Engine {
                 manifests,
                 block_size: loaded.block_size,
                 compression_level: AtomicI32::new(loaded.compression_level),
+                group_len: AtomicU32::new(loaded.group_len),
                 options,
                 catalog,
                 store,
@@ -560,6 +565,22 @@ impl Engine {
         let _state = self.inner.state.lock();
         self.inner.catalog.set_compression_level(level)?;
         self.inner.compression_level.store(level, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Bytes of new chunks compressed together as one group record (the
+    /// compact setting); 0 when each chunk is its own frame.
+    pub fn group_len(&self) -> u32 {
+        self.inner.group_len.load(Ordering::Relaxed)
+    }
+
+    /// Changes the group length for chunks stored from now on (durably):
+    /// 0, or two blocks to 4 MiB. Stored records keep theirs.
+    pub fn set_group_len(&self, bytes: u32) -> Result<()> {
+        check_group_len(bytes, self.inner.block_size)?;
+        let _state = self.inner.state.lock();
+        self.inner.catalog.set_group_len(bytes)?;
+        self.inner.group_len.store(bytes, Ordering::Relaxed);
         Ok(())
     }
 
@@ -905,6 +926,7 @@ impl Engine {
             block_size: bs,
             compression_level: inner.compression_level.load(Ordering::Relaxed),
             window_len: inner.options.window_len,
+            group_len: inner.group_len.load(Ordering::Relaxed) as usize,
         };
         let len = disk.len()?;
         // Holes of a sparse image are zero without reading.
@@ -1153,9 +1175,12 @@ impl Engine {
     pub fn gc(&self, dry_run: bool) -> Result<GcReport> {
         self.account_space()?;
         let needed = |id: &ChunkId| self.needed(id);
-        self.inner
-            .store
-            .gc(&needed, self.inner.options.gc_max_unused, dry_run)
+        self.inner.store.gc(
+            &needed,
+            self.inner.options.gc_max_unused,
+            dry_run,
+            self.compression_level(),
+        )
     }
 
     /// Runs a collection in the background after a delete (with
@@ -1285,6 +1310,18 @@ fn check_level(level: i32) -> Result<()> {
     if !(1..=19).contains(&level) {
         return Err(Error::InvalidParameter(format!(
             "compression level {level} is not from 1 to 19"
+        )));
+    }
+    Ok(())
+}
+
+fn check_group_len(bytes: u32, block_size: u32) -> Result<()> {
+    let max = crate::store::pack::MAX_CHUNK_LEN as u32;
+    if bytes != 0 && !(block_size.saturating_mul(2)..=max).contains(&bytes) {
+        return Err(Error::InvalidParameter(format!(
+            "a compression group of {bytes} bytes: use 0 (none) or from two blocks \
+             ({}) to {max} bytes",
+            block_size.saturating_mul(2)
         )));
     }
     Ok(())

@@ -23,13 +23,17 @@
 //!   one, or both (the next open takes the first copy; the next GC removes
 //!   the other). Temporary files are removed on open.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use serde::Serialize;
 
-use super::pack::{self, IndexEntry, PACK_HEADER_LEN, RECORD_HEADER_LEN, TRAILER_LEN};
+use super::index::{Moves, move_key};
+use super::pack::{
+    self, ChunkRecord, GroupRecord, IndexEntry, PACK_HEADER_LEN, RECORD_HEADER_LEN, RecordKind,
+    TRAILER_LEN,
+};
 use super::{ChunkLoc, ChunkStore, list_packs, pack_path};
 use crate::error::{Error, IoContext, Result};
 use crate::fsio::{OpenMode, StoreFs};
@@ -58,6 +62,9 @@ pub struct GcReport {
     /// Packs left as they are because a needed record in them failed its
     /// checks while being copied (`verify` names it).
     pub packs_damaged: u64,
+    /// Group records (compact setting) compressed again because some of
+    /// their members were garbage.
+    pub groups_recompressed: u64,
     pub micros: u64,
 }
 
@@ -87,11 +94,11 @@ struct PackInfo {
 
 impl PackInfo {
     fn live_bytes(&self) -> u64 {
-        self.records(true).map(record_len).sum()
+        self.records(true).map(IndexEntry::accounted_len).sum()
     }
 
     fn dead_bytes(&self) -> u64 {
-        self.records(false).map(record_len).sum()
+        self.records(false).map(IndexEntry::accounted_len).sum()
     }
 
     fn records(&self, live: bool) -> impl Iterator<Item = &IndexEntry> {
@@ -101,10 +108,6 @@ impl PackInfo {
             .filter(move |(_, l)| **l == live)
             .map(|(e, _)| e)
     }
-}
-
-fn record_len(e: &IndexEntry) -> u64 {
-    RECORD_HEADER_LEN as u64 + u64::from(e.stored_len)
 }
 
 /// Removes what an interrupted collection left: temporary pack files.
@@ -198,11 +201,11 @@ impl ChunkStore {
             space.stored_bytes += p.file_len;
             for (e, live) in p.entries.iter().zip(&p.live) {
                 if *live {
-                    space.live_bytes += record_len(e);
+                    space.live_bytes += e.accounted_len();
                     space.live_raw_bytes += u64::from(e.raw_len);
                     space.live_chunks += 1;
                 } else {
-                    space.dead_bytes += record_len(e);
+                    space.dead_bytes += e.accounted_len();
                     space.dead_chunks += 1;
                 }
             }
@@ -214,12 +217,14 @@ impl ChunkStore {
     /// completed snapshot references a chunk; `max_unused` is the share of
     /// the live bytes that may stay as garbage in packs not worth
     /// rewriting. With `dry_run` nothing changes and the report says what
-    /// would be done.
+    /// would be done. A group record some of whose members are garbage is
+    /// compressed again, at `level`, with only the needed ones.
     pub fn gc(
         &self,
         needed: &dyn Fn(&ChunkId) -> bool,
         max_unused: f64,
         dry_run: bool,
+        level: i32,
     ) -> Result<GcReport> {
         let started = Instant::now();
         let _one_at_a_time = self.gc_lock.lock();
@@ -265,9 +270,9 @@ impl ChunkStore {
         }
         for p in &rewrite {
             let new_len = if dry_run {
-                Some(estimate_rewritten_len(p))
+                Some((estimate_rewritten_len(p), 0))
             } else {
-                match self.rewrite_pack(p, needed) {
+                match self.rewrite_pack(p, needed, level) {
                     Ok(n) => n,
                     // Keep a damaged pack as it is: its other records are
                     // still readable, and verify reports the damage.
@@ -278,7 +283,8 @@ impl ChunkStore {
                     Err(e) => return Err(e),
                 }
             };
-            if let Some(new_len) = new_len {
+            if let Some((new_len, recompressed)) = new_len {
+                report.groups_recompressed += recompressed;
                 report.packs_rewritten += 1;
                 report.chunks_reclaimed += p.live.iter().filter(|l| !**l).count() as u64;
                 report.bytes_reclaimed += p.file_len.saturating_sub(new_len);
@@ -303,16 +309,25 @@ impl ChunkStore {
     /// the survey (a capture deduplicated against it). Returns whether it
     /// was deleted.
     fn drop_pack(&self, p: &PackInfo, needed: &dyn Fn(&ChunkId) -> bool) -> Result<bool> {
-        let moves: HashMap<u32, Option<u32>> =
-            p.entries.iter().map(|e| (e.offset as u32, None)).collect();
+        let moves: Moves = p
+            .entries
+            .iter()
+            .map(|e| (move_key(e.offset, &e.id), None))
+            .collect();
         self.commit(p, p.seq, &moves, &HashSet::new(), needed)
     }
 
     /// Copies a pack's live records into a new, durable pack, points the
-    /// index there and deletes the old pack. Returns the new pack's length,
-    /// or `None` when a record became live since the survey and was not
-    /// copied (the old pack then stays; the next GC looks again).
-    fn rewrite_pack(&self, p: &PackInfo, needed: &dyn Fn(&ChunkId) -> bool) -> Result<Option<u64>> {
+    /// index there and deletes the old pack. Returns the new pack's length
+    /// and how many groups were compressed again, or `None` when a record
+    /// became live since the survey and was not copied (the old pack then
+    /// stays; the next GC looks again).
+    fn rewrite_pack(
+        &self,
+        p: &PackInfo,
+        needed: &dyn Fn(&ChunkId) -> bool,
+        level: i32,
+    ) -> Result<Option<(u64, u64)>> {
         let seq = {
             let mut w = self.writer.lock();
             let seq = w.next_seq;
@@ -320,8 +335,8 @@ impl ChunkStore {
             seq
         };
         let tmp = self.dir.join(format!("{TMP_PREFIX}{seq:08}{TMP_SUFFIX}"));
-        let copied = copy_records(self.fs.as_ref(), &p.path, &tmp, p.records(true));
-        let (new_entries, new_len) = match copied {
+        let copied = copy_records(self.fs.as_ref(), p, &tmp, level);
+        let (pairs, new_len, recompressed) = match copied {
             Ok(done) => done,
             Err(e) => {
                 let _ = self.fs.remove(&tmp);
@@ -334,20 +349,21 @@ impl ChunkStore {
             return Err(Error::io(final_path, e));
         }
         self.sync_dir()?;
-        let old: Vec<&IndexEntry> = p.records(true).collect();
-        let moves: HashMap<u32, Option<u32>> = p
+        let moves: Moves = p
             .entries
             .iter()
-            .map(|e| (e.offset as u32, None))
-            .chain(
-                old.iter()
-                    .zip(&new_entries)
-                    .map(|(o, n)| (o.offset as u32, Some(n.offset as u32))),
-            )
+            .map(|e| (move_key(e.offset, &e.id), None))
+            .chain(pairs.iter().map(|(old, new)| {
+                let to = (new.offset as u32, new.stored_len);
+                (move_key(old.offset, &old.id), Some(to))
+            }))
             .collect();
-        let copied: HashSet<u32> = old.iter().map(|e| e.offset as u32).collect();
+        let copied: HashSet<(u32, [u8; 16])> = pairs
+            .iter()
+            .map(|(old, _)| move_key(old.offset, &old.id))
+            .collect();
         if self.commit(p, seq, &moves, &copied, needed)? {
-            Ok(Some(new_len))
+            Ok(Some((new_len, recompressed)))
         } else {
             // Nothing points into the new pack: a duplicate, removed now.
             self.fs.remove(&final_path).at(&final_path)?;
@@ -362,14 +378,14 @@ impl ChunkStore {
         &self,
         p: &PackInfo,
         to: u32,
-        moves: &HashMap<u32, Option<u32>>,
-        copied: &HashSet<u32>,
+        moves: &Moves,
+        copied: &HashSet<(u32, [u8; 16])>,
         needed: &dyn Fn(&ChunkId) -> bool,
     ) -> Result<bool> {
         let left = {
             let _guard = self.gc_guard.write();
             let newly_live = p.entries.iter().any(|e| {
-                !copied.contains(&(e.offset as u32)) && self.record_live(p.seq, e, needed)
+                !copied.contains(&move_key(e.offset, &e.id)) && self.record_live(p.seq, e, needed)
             });
             if newly_live {
                 return Ok(false);
@@ -396,41 +412,163 @@ fn estimate_rewritten_len(p: &PackInfo) -> u64 {
         + TRAILER_LEN as u64
 }
 
-/// Writes `records` of the pack at `from` into a new sealed pack at `to`,
-/// checking each (header CRC, id, payload CRC) on the way, and fsyncs it.
-/// Returns the new entries, in order, and the new pack's length.
-fn copy_records<'a>(
-    fs: &dyn StoreFs,
-    from: &Path,
-    to: &Path,
-    records: impl Iterator<Item = &'a IndexEntry>,
-) -> Result<(Vec<IndexEntry>, u64)> {
+/// Each live entry with its entry in the new pack, the new pack's length,
+/// and how many groups were compressed again.
+type Copied = (Vec<(IndexEntry, IndexEntry)>, u64, u64);
+
+/// Writes the live records of pack `p` into a new sealed pack at `to`,
+/// checking each on the way (header CRC, id, payload CRC; a group's table
+/// and frame), and fsyncs it. A group with garbage members is compressed
+/// again at `level` with its live members only. Returns each live entry
+/// with its new entry, the new pack's length and how many groups were
+/// compressed again.
+fn copy_records(fs: &dyn StoreFs, p: &PackInfo, to: &Path, level: i32) -> Result<Copied> {
+    let from = p.path.as_path();
     let src = fs.open(from, OpenMode::Read).at(from)?;
     let dst = fs.open(to, OpenMode::CreateNew).at(to)?;
     dst.write_all_at(&pack::encode_pack_header(), 0).at(to)?;
+    // Each record's entries (one, or a group's members) and their liveness.
+    let mut records: BTreeMap<u64, Vec<(IndexEntry, bool)>> = BTreeMap::new();
+    for (e, live) in p.entries.iter().zip(&p.live) {
+        records.entry(e.offset).or_default().push((*e, *live));
+    }
     let mut at = PACK_HEADER_LEN as u64;
+    let mut recompressed = 0;
+    let mut pairs = Vec::new();
     let mut entries = Vec::new();
     let mut buf = Vec::new();
-    for e in records {
-        buf.resize(record_len(e) as usize, 0);
-        src.read_exact_at(&mut buf, e.offset).at(from)?;
-        let h = pack::RecordHeader::decode(&buf[..RECORD_HEADER_LEN])
-            .map_err(|w| Error::corrupt(from, format!("record at {}: {w}", e.offset)))?;
-        if h.id != e.id || crc32fast::hash(&buf[RECORD_HEADER_LEN..]) != h.payload_crc {
-            return Err(Error::corrupt(
-                from,
-                format!(
-                    "chunk {} at offset {} is damaged; run verify",
-                    e.id, e.offset
-                ),
-            ));
+    for (offset, members) in records {
+        if !members.iter().any(|(_, live)| *live) {
+            continue;
         }
-        dst.write_all_at(&buf, at).at(to)?;
-        entries.push(IndexEntry { offset: at, ..*e });
-        at += buf.len() as u64;
+        let damaged = |what: String| {
+            Error::corrupt(
+                from,
+                format!("the record at offset {offset} is damaged ({what}); run verify"),
+            )
+        };
+        let mut header = [0u8; RECORD_HEADER_LEN];
+        src.read_exact_at(&mut header, offset).at(from)?;
+        let h = pack::RecordHeader::decode(&header).map_err(&damaged)?;
+        buf.resize(h.record_len() as usize, 0);
+        src.read_exact_at(&mut buf, offset).at(from)?;
+        let whole = match h.kind {
+            RecordKind::Group => {
+                let mut data = Vec::new();
+                let table = pack::decode_group(&buf, &mut data).map_err(&damaged)?;
+                let all_live = members.len() == table.len() && members.iter().all(|(_, l)| *l);
+                if !all_live {
+                    let live = members.iter().filter(|(_, l)| *l).map(|(e, _)| e);
+                    let new = reencode(&table, &data, live, level).map_err(&damaged)?;
+                    recompressed += 1;
+                    for (old, rec) in new {
+                        let written = write_record(dst.as_ref(), to, &rec, at)?;
+                        for (o, n) in old.iter().zip(written.0) {
+                            pairs.push((**o, n));
+                            entries.push(n);
+                        }
+                        at += written.1;
+                    }
+                    continue;
+                }
+                true
+            }
+            _ => {
+                let [(e, _)] = members[..] else {
+                    return Err(damaged(
+                        "several index entries name one chunk record".into(),
+                    ));
+                };
+                if h.id != e.id || crc32fast::hash(&buf[RECORD_HEADER_LEN..]) != h.payload_crc {
+                    return Err(damaged(format!("chunk {} does not check", e.id)));
+                }
+                true
+            }
+        };
+        if whole {
+            dst.write_all_at(&buf, at).at(to)?;
+            for (e, _) in &members {
+                let n = IndexEntry { offset: at, ..*e };
+                pairs.push((*e, n));
+                entries.push(n);
+            }
+            at += buf.len() as u64;
+        }
     }
     let tail = pack::encode_index(&entries, at);
     dst.write_all_at(&tail, at).at(to)?;
     dst.sync().at(to)?;
-    Ok((entries, at + tail.len() as u64))
+    Ok((pairs, at + tail.len() as u64, recompressed))
+}
+
+/// A record made again from some members of a decoded group, and the old
+/// entries it replaces, in its entries' order.
+type Reencoded<'e> = (Vec<&'e IndexEntry>, Owned);
+
+/// An owned record to write: a group, or one chunk and its frame.
+enum Owned {
+    Group(GroupRecord),
+    Chunk(ChunkId, Vec<u8>, Option<Vec<u8>>),
+}
+
+/// The `live` members of a decoded group (each checked against its
+/// BLAKE3 id) as a smaller group, or as one record each when fewer than two
+/// are left or grouping them no longer pays.
+fn reencode<'e>(
+    table: &[(ChunkId, std::ops::Range<usize>)],
+    data: &[u8],
+    live: impl Iterator<Item = &'e IndexEntry>,
+    level: i32,
+) -> std::result::Result<Vec<Reencoded<'e>>, String> {
+    let mut olds = Vec::new();
+    let mut members = Vec::new();
+    for e in live {
+        members.push((e.id, pack::group_member(table, data, &e.id)?));
+        olds.push(e);
+    }
+    let fail = |e: Error| e.to_string();
+    if members.len() >= 2
+        && let Some(g) = GroupRecord::compress(&members, level).map_err(fail)?
+    {
+        return Ok(vec![(olds, Owned::Group(g))]);
+    }
+    members
+        .iter()
+        .zip(olds)
+        .map(|((id, bytes), old)| {
+            let z = pack::compress(bytes, level).map_err(fail)?;
+            Ok((vec![old], Owned::Chunk(*id, bytes.to_vec(), z)))
+        })
+        .collect()
+}
+
+/// Writes one record at `at`; returns its entries and length.
+fn write_record(
+    dst: &dyn crate::fsio::StoreFile,
+    path: &Path,
+    rec: &Owned,
+    at: u64,
+) -> Result<(Vec<IndexEntry>, u64)> {
+    let chunk;
+    let (header, payload, entries) = match rec {
+        Owned::Group(g) => (g.header(), g.payload(), g.index_entries(at)),
+        Owned::Chunk(id, raw, z) => {
+            chunk = ChunkRecord {
+                id: *id,
+                raw,
+                compressed: z.as_deref(),
+            };
+            let e = IndexEntry {
+                id: *id,
+                offset: at,
+                stored_len: chunk.payload().len() as u32,
+                raw_len: raw.len() as u32,
+            };
+            (chunk.header(), chunk.payload(), vec![e])
+        }
+    };
+    dst.write_all_at(&header, at).at(path)?;
+    dst.write_all_at(payload, at + RECORD_HEADER_LEN as u64)
+        .at(path)?;
+    Ok((entries, (RECORD_HEADER_LEN + payload.len()) as u64))
 }

@@ -19,6 +19,16 @@ use std::hash::{BuildHasherDefault, Hash, Hasher};
 use super::{ChunkLoc, PrefixHasher};
 use crate::ids::ChunkId;
 
+/// What garbage collection does to the entries of one pack: (record
+/// offset, first 16 bytes of the chunk id) -> the chunk's new offset and
+/// stored length, or `None` to drop it.
+pub type Moves = HashMap<(u32, [u8; 16]), Option<(u32, u32)>>;
+
+/// The key of `id` at record `offset` in [`Moves`].
+pub fn move_key(offset: u64, id: &ChunkId) -> (u32, [u8; 16]) {
+    (offset as u32, key(id).0)
+}
+
 /// Recent inserts are merged into the sorted array past this share of it.
 const MERGE_DIVISOR: usize = 32;
 /// ... or past this many, whichever is larger.
@@ -117,32 +127,36 @@ impl ChunkIndex {
     }
 
     /// Moves or drops every entry that points into pack `from`: `moves`
-    /// maps a record offset there to its new offset in pack `to`, or to
-    /// `None` to drop the entry. Returns how many entries still point into
-    /// `from` (offsets `moves` does not name); garbage collection deletes
-    /// a pack only when that is 0.
-    pub fn relocate(&mut self, from: u32, to: u32, moves: &HashMap<u32, Option<u32>>) -> usize {
+    /// maps a record offset there and a chunk to where the chunk is now
+    /// in pack `to` (offset and stored length), or to `None` to drop the
+    /// entry. Returns how many entries still point into `from` (that
+    /// `moves` does not name); garbage collection deletes a pack only when
+    /// that is 0.
+    pub fn relocate(&mut self, from: u32, to: u32, moves: &Moves) -> usize {
         let mut left = 0;
-        let mut apply = |pack: &mut u32, offset: &mut u32| -> bool {
-            if *pack != from {
-                return true;
-            }
-            match moves.get(offset) {
-                Some(Some(new)) => {
-                    *pack = to;
-                    *offset = *new;
-                    true
+        let mut apply =
+            |key: &Key, pack: &mut u32, offset: &mut u32, stored_len: &mut u32| -> bool {
+                if *pack != from {
+                    return true;
                 }
-                Some(None) => false,
-                None => {
-                    left += 1;
-                    true
+                match moves.get(&(*offset, key.0)) {
+                    Some(Some((new_offset, new_len))) => {
+                        *pack = to;
+                        *offset = *new_offset;
+                        *stored_len = *new_len;
+                        true
+                    }
+                    Some(None) => false,
+                    None => {
+                        left += 1;
+                        true
+                    }
                 }
-            }
-        };
+            };
         self.sorted
-            .retain_mut(|e| apply(&mut e.pack, &mut e.offset));
-        self.recent.retain(|_, l| apply(&mut l.pack, &mut l.offset));
+            .retain_mut(|e| apply(&e.key, &mut e.pack, &mut e.offset, &mut e.stored_len));
+        self.recent
+            .retain(|k, l| apply(k, &mut l.pack, &mut l.offset, &mut l.stored_len));
         left
     }
 
@@ -233,10 +247,14 @@ mod tests {
                 },
             );
         }
-        // Pack 1: even offsets move to pack 7, odd ones are dropped.
-        let moves: HashMap<u32, Option<u32>> = (0..600u32)
+        // Pack 1: even offsets move to pack 7 (re-encoded: a new stored
+        // length), odd ones are dropped.
+        let moves: Moves = (0..600u32)
             .filter(|i| i % 3 == 1)
-            .map(|i| (i, (i % 2 == 0).then_some(i + 1000)))
+            .map(|i| {
+                let key = move_key(u64::from(i), &ids[i as usize]);
+                (key, (i % 2 == 0).then_some((i + 1000, 5)))
+            })
             .collect();
         assert_eq!(idx.relocate(1, 7, &moves), 0);
         for (i, id) in ids.iter().enumerate() {
@@ -245,7 +263,7 @@ mod tests {
                 (1, 0) => Some(ChunkLoc {
                     pack: 7,
                     offset: i + 1000,
-                    stored_len: 9,
+                    stored_len: 5,
                 }),
                 (1, _) => None,
                 (p, _) => Some(ChunkLoc {
@@ -256,8 +274,12 @@ mod tests {
             };
             assert_eq!(idx.get(id), want, "{i}");
         }
-        // An offset the moves do not name keeps its entry, and is counted.
-        assert_eq!(idx.relocate(2, 8, &HashMap::new()), 200);
+        // An entry the moves do not name keeps its place, and is counted,
+        // even when another chunk at its offset is named.
+        let other = move_key(2, &ChunkId::of(b"another member"));
+        let moves: Moves = std::iter::once((other, None)).collect();
+        assert_eq!(idx.relocate(2, 8, &moves), 200);
+        assert!(idx.get(&ids[2]).is_some());
     }
 
     #[test]

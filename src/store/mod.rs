@@ -20,7 +20,7 @@ pub mod gc;
 mod index;
 pub mod pack;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::Hasher;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
@@ -32,7 +32,10 @@ use index::ChunkIndex;
 use crate::error::{Error, IoContext, Result};
 use crate::fsio::{OpenMode, StoreFile, StoreFs};
 use crate::ids::ChunkId;
-use pack::{ChunkRecord, IndexEntry, PACK_HEADER_LEN, RECORD_HEADER_LEN, RecordKind, TRAILER_LEN};
+use pack::{
+    ChunkRecord, GroupRecord, IndexEntry, PACK_HEADER_LEN, RECORD_HEADER_LEN, RecordKind,
+    TRAILER_LEN,
+};
 
 /// A pack is sealed once it grows past this many bytes.
 pub const PACK_TARGET_LEN: u64 = 256 << 20;
@@ -41,12 +44,84 @@ const _: () = assert!(PACK_TARGET_LEN + (pack::MAX_CHUNK_LEN as u64) * 2 < u32::
 
 const PACK_SUFFIX: &str = ".pack";
 
-/// Where a chunk's record lives.
+/// Where a chunk's record lives. For a member of a group record, `offset`
+/// is the group's and `stored_len` is flagged ([`pack::MEMBER_FLAG`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ChunkLoc {
     pub pack: u32,
     pub offset: u32,
     pub stored_len: u32,
+}
+
+impl ChunkLoc {
+    /// A member of a group record.
+    pub fn is_member(&self) -> bool {
+        self.stored_len & pack::MEMBER_FLAG != 0
+    }
+
+    /// The pack bytes this chunk accounts for (see [`IndexEntry::accounted_len`]).
+    pub fn accounted_len(&self) -> u64 {
+        pack::accounted_len(self.stored_len)
+    }
+}
+
+/// A record to append: one chunk, or a group of them.
+pub enum NewRecord<'a> {
+    Chunk(ChunkRecord<'a>),
+    Group(&'a GroupRecord),
+}
+
+/// Group records decompressed recently, shared by the threads of a restore
+/// or a verification so that each group is decompressed once, not once per
+/// member. A slot is filled by the first thread that needs it; others wait
+/// on the slot's lock instead of decompressing it again.
+#[derive(Default)]
+struct GroupCache {
+    slots: Mutex<VecDeque<((u32, u32), GroupSlot)>>,
+    /// Buffers of evicted groups, reused: a fresh 4 MiB buffer per group
+    /// would cost more in page faults than decompressing it.
+    spare: Mutex<Vec<Vec<u8>>>,
+}
+
+/// One cached group: empty until the first reader has decoded it.
+type GroupSlot = Arc<Mutex<Option<Arc<DecodedGroup>>>>;
+
+/// A group record's members (id, byte range) and their bytes.
+struct DecodedGroup {
+    members: pack::Members,
+    data: Vec<u8>,
+}
+
+/// Groups kept decompressed: at most 4 MiB each.
+const GROUP_CACHE_SLOTS: usize = 8;
+
+impl GroupCache {
+    /// The slot of the group at `key` (pack, offset), most recently used last.
+    fn slot(&self, key: (u32, u32)) -> GroupSlot {
+        let mut slots = self.slots.lock();
+        if let Some(pos) = slots.iter().position(|(k, _)| *k == key)
+            && let Some(hit) = slots.remove(pos)
+        {
+            let slot = hit.1.clone();
+            slots.push_back(hit);
+            return slot;
+        }
+        let slot = Arc::new(Mutex::new(None));
+        slots.push_back((key, slot.clone()));
+        if slots.len() > GROUP_CACHE_SLOTS
+            && let Some((_, old)) = slots.pop_front()
+            && let Some(mut old) = old.try_lock()
+            && let Some(group) = old.take()
+            && let Ok(group) = Arc::try_unwrap(group)
+        {
+            self.spare.lock().push(group.data);
+        }
+        slot
+    }
+
+    fn buffer(&self) -> Vec<u8> {
+        self.spare.lock().pop().unwrap_or_default()
+    }
 }
 
 /// Hashes a [`ChunkId`] by the one `u64` its `Hash` impl feeds: no rehashing.
@@ -116,6 +191,7 @@ pub struct ChunkStore {
     gc_guard: RwLock<()>,
     /// The chunks each running capture has referenced so far.
     pins: Mutex<Vec<Weak<Pins>>>,
+    groups: GroupCache,
     /// One garbage collection at a time.
     gc_lock: Mutex<()>,
 }
@@ -183,6 +259,7 @@ impl ChunkStore {
             readers: RwLock::new(HashMap::new()),
             gc_guard: RwLock::new(()),
             pins: Mutex::new(Vec::new()),
+            groups: GroupCache::default(),
             gc_lock: Mutex::new(()),
             fs,
         };
@@ -234,43 +311,70 @@ impl ChunkStore {
 
     /// Appends the chunks the store does not hold yet (checked again under the
     /// writer lock, so racing captures store a chunk once).
+    #[cfg(test)]
     pub fn insert(&self, records: &[ChunkRecord<'_>]) -> Result<Appended> {
+        self.append(records.iter().map(|r| NewRecord::Chunk(*r)))
+    }
+
+    /// Appends records in order: chunks the store holds already are
+    /// skipped, and a group is skipped when it holds all of its members
+    /// (otherwise it is written whole and indexes the members it lacked).
+    pub fn append<'a>(&self, records: impl IntoIterator<Item = NewRecord<'a>>) -> Result<Appended> {
         let mut done = Appended::default();
-        if records.is_empty() {
-            return Ok(done);
-        }
         let mut w = self.writer.lock();
         for rec in records {
-            if self.index.read().contains_key(&rec.id) {
-                continue;
-            }
+            let (header, payload, entries) = match &rec {
+                NewRecord::Chunk(c) => {
+                    if self.index.read().contains_key(&c.id) {
+                        continue;
+                    }
+                    let entry = IndexEntry {
+                        id: c.id,
+                        offset: 0,
+                        stored_len: c.payload().len() as u32,
+                        raw_len: c.raw.len() as u32,
+                    };
+                    (c.header(), c.payload(), vec![entry])
+                }
+                NewRecord::Group(g) => {
+                    let index = self.index.read();
+                    if g.members().iter().all(|(id, _)| index.contains_key(id)) {
+                        continue;
+                    }
+                    (g.header(), g.payload(), g.index_entries(0))
+                }
+            };
             let active = self.active_pack(&mut w)?;
             let path = pack_path(&self.dir, active.seq);
-            let header = rec.header();
-            let payload = rec.payload();
             // Two positioned writes: no copy of the payload into a frame.
             active.file.write_all_at(&header, active.len).at(&path)?;
             active
                 .file
                 .write_all_at(payload, active.len + RECORD_HEADER_LEN as u64)
                 .at(&path)?;
-            let entry = IndexEntry {
-                id: rec.id,
-                offset: active.len,
-                stored_len: payload.len() as u32,
-                raw_len: rec.raw.len() as u32,
-            };
-            active.entries.push(entry);
             let record_len = (RECORD_HEADER_LEN + payload.len()) as u64;
+            let mut index = self.index.write();
+            for e in entries {
+                let entry = IndexEntry {
+                    offset: active.len,
+                    ..e
+                };
+                if !index.contains_key(&e.id) {
+                    index.insert_if_absent(
+                        &e.id,
+                        ChunkLoc {
+                            pack: active.seq,
+                            offset: active.len as u32,
+                            stored_len: e.stored_len,
+                        },
+                    );
+                    done.chunks += 1;
+                    done.raw_bytes += u64::from(e.raw_len);
+                }
+                active.entries.push(entry);
+            }
+            drop(index);
             active.len += record_len;
-            let loc = ChunkLoc {
-                pack: active.seq,
-                offset: entry.offset as u32,
-                stored_len: entry.stored_len,
-            };
-            self.index.write().insert_if_absent(&rec.id, loc);
-            done.chunks += 1;
-            done.raw_bytes += rec.raw.len() as u64;
             done.stored_bytes += record_len;
             if active.len >= PACK_TARGET_LEN {
                 self.seal(&mut w)?;
@@ -311,6 +415,9 @@ impl ChunkStore {
     /// BLAKE3 against its id). A failed check is [`Error::Corruption`].
     pub fn read(&self, id: &ChunkId) -> Result<Vec<u8>> {
         let (loc, file) = self.open_record(id)?;
+        if loc.is_member() {
+            return self.read_member(id, &loc, file.as_ref(), |b| Ok(b.to_vec()));
+        }
         let path = pack_path(&self.dir, loc.pack);
         let mut rec = vec![0u8; RECORD_HEADER_LEN + loc.stored_len as usize];
         file.read_exact_at(&mut rec, u64::from(loc.offset))
@@ -339,6 +446,19 @@ impl ChunkStore {
             static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
         let (loc, file) = self.open_record(id)?;
+        if loc.is_member() {
+            return self.read_member(id, &loc, file.as_ref(), |b| {
+                if b.len() != out.len() {
+                    return Err(format!(
+                        "chunk holds {} bytes where its block has {}",
+                        b.len(),
+                        out.len()
+                    ));
+                }
+                out.copy_from_slice(b);
+                Ok(())
+            });
+        }
         let path = pack_path(&self.dir, loc.pack);
         let corrupt = |what: String| {
             Error::corrupt(
@@ -368,6 +488,7 @@ impl ChunkStore {
         let payload_at = u64::from(loc.offset) + RECORD_HEADER_LEN as u64;
         match h.kind {
             RecordKind::Raw => read(out, payload_at)?,
+            RecordKind::Group => return Err(corrupt("record does not match the index".into())),
             RecordKind::Zstd => SCRATCH.with(|scratch| {
                 let mut scratch = scratch.borrow_mut();
                 scratch.resize(h.stored_len as usize, 0);
@@ -379,6 +500,77 @@ impl ChunkStore {
             return Err(corrupt("content does not match its BLAKE3 id".into()));
         }
         Ok(())
+    }
+
+    /// Hands member `id` of the group record at `loc` to `take`, checked
+    /// against its BLAKE3 id, decompressing the group unless the cache
+    /// holds it. A failed check, here or in `take`, is corruption.
+    fn read_member<T>(
+        &self,
+        id: &ChunkId,
+        loc: &ChunkLoc,
+        file: &dyn StoreFile,
+        take: impl FnOnce(&[u8]) -> Result<T, String>,
+    ) -> Result<T> {
+        let path = pack_path(&self.dir, loc.pack);
+        let corrupt = |what: String| {
+            Error::corrupt(
+                &path,
+                format!("chunk {id} in the group at offset {}: {what}", loc.offset),
+            )
+        };
+        let slot = self.groups.slot((loc.pack, loc.offset));
+        let group = {
+            let mut slot = slot.lock();
+            match slot.as_ref() {
+                Some(g) => g.clone(),
+                None => {
+                    let g = Arc::new(self.decode_group_at(file, &path, loc)?);
+                    *slot = Some(g.clone());
+                    g
+                }
+            }
+        };
+        pack::group_member(&group.members, &group.data, id)
+            .and_then(take)
+            .map_err(corrupt)
+    }
+
+    /// Reads, checks and decompresses the group record at `loc`.
+    fn decode_group_at(
+        &self,
+        file: &dyn StoreFile,
+        path: &Path,
+        loc: &ChunkLoc,
+    ) -> Result<DecodedGroup> {
+        let corrupt =
+            |what: String| Error::corrupt(path, format!("group at offset {}: {what}", loc.offset));
+        let read = |buf: &mut [u8]| {
+            file.read_exact_at(buf, u64::from(loc.offset))
+                .map_err(|e| match e.kind() {
+                    std::io::ErrorKind::UnexpectedEof => corrupt("pack is truncated".into()),
+                    _ => Error::io(path, e),
+                })
+        };
+        let mut header = [0u8; RECORD_HEADER_LEN];
+        read(&mut header)?;
+        let h = pack::RecordHeader::decode(&header).map_err(corrupt)?;
+        if h.kind != RecordKind::Group {
+            return Err(corrupt(
+                "the index names a group, the record is not one".into(),
+            ));
+        }
+        thread_local! {
+            static RECORD: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        RECORD.with(|record| {
+            let mut record = record.borrow_mut();
+            record.resize(h.record_len() as usize, 0);
+            read(&mut record)?;
+            let mut data = self.groups.buffer();
+            let members = pack::decode_group(&record, &mut data).map_err(corrupt)?;
+            Ok(DecodedGroup { members, data })
+        })
     }
 
     /// The pack file a chunk lives in, for reports.
@@ -546,12 +738,23 @@ fn scan_records(file: &dyn StoreFile, path: &Path, limit: u64) -> Result<(Vec<In
         if crc32fast::hash(&payload) != h.payload_crc {
             break;
         }
-        entries.push(IndexEntry {
-            id: h.id,
-            offset: at,
-            stored_len: h.stored_len,
-            raw_len: h.raw_len,
-        });
+        if h.kind == RecordKind::Group {
+            let Ok((members, _)) = pack::decode_group_table(&payload, h.raw_len) else {
+                break;
+            };
+            let members: Vec<(ChunkId, u32)> = members
+                .into_iter()
+                .map(|(id, r)| (id, (r.end - r.start) as u32))
+                .collect();
+            entries.extend(pack::member_entries(at, h.stored_len, &members));
+        } else {
+            entries.push(IndexEntry {
+                id: h.id,
+                offset: at,
+                stored_len: h.stored_len,
+                raw_len: h.raw_len,
+            });
+        }
         at += h.record_len();
     }
     Ok((entries, at))
@@ -608,6 +811,108 @@ mod tests {
         assert_eq!(rec.packs_sealed, 0);
         for (i, id) in ids.iter().enumerate() {
             assert_eq!(s.read(id).unwrap(), vec![i as u8; 5000]);
+        }
+    }
+
+    fn group_of(datas: &[Vec<u8>]) -> GroupRecord {
+        let members: Vec<(ChunkId, &[u8])> = datas
+            .iter()
+            .map(|d| (ChunkId::of(d), d.as_slice()))
+            .collect();
+        GroupRecord::compress(&members, 3).unwrap().unwrap()
+    }
+
+    fn texts(from: u32, n: u32) -> Vec<Vec<u8>> {
+        (from..from + n)
+            .map(|i| {
+                format!("member {i} of a group, text that compresses; ")
+                    .repeat(200)
+                    .into_bytes()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn group_members_are_read_back_before_and_after_a_reopen_or_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (texts(0, 5), texts(5, 3));
+        let check = |s: &ChunkStore| {
+            for d in a.iter().chain(&b) {
+                let id = ChunkId::of(d);
+                assert_eq!(&s.read(&id).unwrap(), d);
+                let mut out = vec![0u8; d.len()];
+                s.read_into(&id, &mut out).unwrap();
+                assert_eq!(&out, d);
+                let mut wrong = vec![0u8; d.len() + 1];
+                assert!(s.read_into(&id, &mut wrong).unwrap_err().is_corruption());
+            }
+        };
+        {
+            let (s, _) = open(dir.path()).unwrap();
+            let (ga, gb) = (group_of(&a), group_of(&b));
+            let n = s
+                .append([NewRecord::Group(&ga), NewRecord::Group(&gb)])
+                .unwrap();
+            assert_eq!(n.chunks, 8);
+            // Held already: skipped whole.
+            assert_eq!(s.append([NewRecord::Group(&ga)]).unwrap().chunks, 0);
+            assert!(s.locate(&ChunkId::of(&a[2])).unwrap().is_member());
+            check(&s);
+        }
+        // Sealed: the members come back from the pack's index.
+        let (s, rec) = open(dir.path()).unwrap();
+        assert_eq!(rec.packs_sealed, 0);
+        assert_eq!(s.chunk_count(), 8);
+        check(&s);
+        // A crash before sealing: the members come back from a scan.
+        let c = texts(8, 4);
+        s.append([NewRecord::Group(&group_of(&c))]).unwrap();
+        s.sync().unwrap();
+        std::mem::forget(s);
+        let (s, rec) = open(dir.path()).unwrap();
+        assert_eq!(rec.packs_sealed, 1);
+        assert_eq!(s.chunk_count(), 12);
+        check(&s);
+        for d in &c {
+            assert_eq!(&s.read(&ChunkId::of(d)).unwrap(), d);
+        }
+    }
+
+    #[test]
+    fn a_group_with_a_member_already_stored_indexes_only_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = open(dir.path()).unwrap();
+        let a = texts(0, 3);
+        let refs: Vec<&[u8]> = a.iter().map(|d| d.as_slice()).collect();
+        put(&s, &refs[..1]);
+        let first = s.locate(&ChunkId::of(&a[0])).unwrap();
+        let n = s.append([NewRecord::Group(&group_of(&a))]).unwrap();
+        assert_eq!(n.chunks, 2);
+        assert_eq!(s.locate(&ChunkId::of(&a[0])).unwrap(), first);
+        for d in &a {
+            assert_eq!(&s.read(&ChunkId::of(d)).unwrap(), d);
+        }
+    }
+
+    #[test]
+    fn a_damaged_group_is_corruption_for_every_member() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = texts(0, 4);
+        {
+            let (s, _) = open(dir.path()).unwrap();
+            s.append([NewRecord::Group(&group_of(&a))]).unwrap();
+        }
+        let path = pack_path(dir.path(), 1);
+        let mut bytes = fs::read(&path).unwrap();
+        let at = PACK_HEADER_LEN + RECORD_HEADER_LEN + 4 + 4 * 36 + 10;
+        bytes[at] ^= 0x10;
+        fs::write(&path, bytes).unwrap();
+        let (s, _) = open(dir.path()).unwrap();
+        for d in &a {
+            let id = ChunkId::of(d);
+            assert!(s.read(&id).unwrap_err().is_corruption());
+            let mut out = vec![0u8; d.len()];
+            assert!(s.read_into(&id, &mut out).unwrap_err().is_corruption());
         }
     }
 

@@ -251,13 +251,21 @@ fn user_errors_exit_2_with_one_clear_line() {
 #[test]
 fn init_sets_the_compression_setting() {
     let dir = tempfile::tempdir().unwrap();
-    for (arg, level) in [("fast", 1), ("balanced", 3), ("compact", 9), ("5", 5)] {
+    let groups = 4 << 20;
+    for (arg, level, group) in [
+        ("fast", 1, 0),
+        ("balanced", 3, 0),
+        ("compact", 3, groups),
+        ("5", 5, 0),
+    ] {
         let store = dir.path().join(arg);
         let out = ok(&store, &["init", "--compression", arg]);
         assert!(out.contains(&format!("zstd level {level}")), "{out}");
+        assert_eq!(out.contains("groups of up to 4.0 MiB"), group > 0, "{out}");
+        let engine = blocksnap::Engine::open(&store).unwrap();
         assert_eq!(
-            blocksnap::Engine::open(&store).unwrap().compression_level(),
-            level
+            (engine.compression_level(), engine.group_len()),
+            (level, group)
         );
     }
     let store = dir.path().join("bad");

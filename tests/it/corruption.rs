@@ -163,6 +163,21 @@ fn damage(path: &Path, rng: &mut blocksnap::sample::Rng) -> String {
 /// it does not name restores byte-exact. No damage goes unreported.
 #[test]
 fn random_damage_to_any_store_file_is_reported_and_never_restored() {
+    random_damage_trials(blocksnap::EngineOptions::new().block_size(BS as u32));
+}
+
+/// The same in a store of group records (the compact setting), where one
+/// damaged record holds many chunks.
+#[test]
+fn random_damage_to_a_grouped_store_is_reported_and_never_restored() {
+    random_damage_trials(
+        blocksnap::EngineOptions::new()
+            .block_size(BS as u32)
+            .group_frames(8 * BS as u32),
+    );
+}
+
+fn random_damage_trials(options: blocksnap::EngineOptions) {
     use blocksnap::sample::Rng;
     use blocksnap::{EngineOptions, RestoreOptions, SnapshotId};
 
@@ -170,10 +185,7 @@ fn random_damage_to_any_store_file_is_reported_and_never_restored() {
     let store = base.path().join("store");
     let mut expected: Vec<(SnapshotId, u64, Vec<u8>)> = Vec::new();
     {
-        let engine = EngineOptions::new()
-            .block_size(BS as u32)
-            .open(&store)
-            .unwrap();
+        let engine = options.open(&store).unwrap();
         for s in 1..=2u64 {
             let disk = base.path().join(format!("disk{s}.img"));
             engine

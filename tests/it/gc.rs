@@ -49,6 +49,19 @@ fn check_all(engine: &Engine, expected: &HashMap<SnapshotId, Vec<u8>>) {
 
 #[test]
 fn deleting_a_servers_snapshots_and_collecting_leaves_what_the_rest_need() {
+    collect_after_deleting_one_server(options);
+}
+
+/// The same in a store that compresses runs of new chunks together: the
+/// groups holding both servers' chunks are compressed again with the
+/// needed members only.
+#[test]
+fn collecting_a_grouped_store_recompresses_groups_with_garbage() {
+    let report = collect_after_deleting_one_server(|| options().group_frames(16 * BS as u32));
+    assert!(report.groups_recompressed > 0, "{report:?}");
+}
+
+fn collect_after_deleting_one_server(options: impl Fn() -> EngineOptions) -> blocksnap::GcReport {
     let fx = Fixture::with(options());
     let len = 96 * BS;
     let mut keep = HashMap::new();
@@ -115,6 +128,7 @@ fn deleting_a_servers_snapshots_and_collecting_leaves_what_the_rest_need() {
     // Nothing left to do.
     let again = fx.engine.gc(false).unwrap();
     assert_eq!((again.packs_dropped, again.packs_rewritten), (0, 0));
+    report
 }
 
 #[test]

@@ -59,6 +59,38 @@ fn image_larger_than_the_capture_window_round_trips() {
     round_trip(&fx, 1, &disk_bytes(640 * BS + 99, 5));
 }
 
+/// The compact setting's group records: every kind of block, a short last
+/// block, repeats within and across windows, each block size, and a second
+/// snapshot that shares most of its chunks.
+#[test]
+fn grouped_frames_round_trip_and_verify() {
+    for shift in [12u32, 16] {
+        let bs = 1u32 << shift;
+        let fx = Fixture::with(
+            EngineOptions::new()
+                .block_size(bs)
+                .window_len(16 * bs as usize)
+                .compression_level(blocksnap::COMPRESSION_COMPACT)
+                .group_frames(8 * bs),
+        );
+        let len = 100 * bs as usize + 555;
+        let mut bytes = disk_bytes(len, u64::from(shift));
+        // The same block three times, in different windows.
+        let b = bs as usize;
+        let first = bytes[b..2 * b].to_vec();
+        bytes[40 * b..41 * b].copy_from_slice(&first);
+        bytes[41 * b..42 * b].copy_from_slice(&first);
+        round_trip(&fx, 1, &bytes);
+        let mut changed = bytes.clone();
+        changed[7 * b..30 * b].copy_from_slice(&disk_bytes(23 * b, 99));
+        round_trip(&fx, 2, &changed);
+        let report = fx.engine.verify(None).unwrap();
+        assert!(report.is_ok() && report.chunks_checked > 0, "{report:?}");
+        let stats = fx.engine.stats().unwrap();
+        assert_eq!(stats.reclaimable_bytes, 0, "{stats:?}");
+    }
+}
+
 #[test]
 fn every_block_size_round_trips() {
     for shift in [12, 16, 20, 22] {
