@@ -39,7 +39,7 @@ t faults BLOCKSNAP_FAULTS=1 faults::every_store_io_call_of_each_operation_failed
 
 if command -v cargo-fuzz >/dev/null; then
   cd fuzz
-  for target in manifest pack_record pack_tail pack_header dirty_bitmap tracker create_body; do
+  for target in manifest pack_record group_payload pack_tail pack_header dirty_bitmap tracker create_body; do
     mkdir -p "$out/corpus/$target"
     cp corpus/$target/* "$out/corpus/$target/"
     cargo fuzz run -s none "$target" "$out/corpus/$target" -- -runs=$((10000000 * scale)) -max_len=4096 \

@@ -31,6 +31,27 @@ pub fn pack_record(bytes: &[u8]) -> bool {
     }
 }
 
+/// A group record's payload (member table and zstd frame) past its CRCs,
+/// which random bytes rarely get through: the first 4 bytes give the
+/// header's raw length (at most 1 MiB here), the rest is the payload. The
+/// table is checked, the frame decompressed and every member looked up.
+pub fn group_payload(bytes: &[u8]) -> bool {
+    let Some((len, payload)) = bytes.split_first_chunk::<4>() else {
+        return false;
+    };
+    let raw_len = u32::from_le_bytes(*len) % (1 << 20);
+    let Ok((members, frame)) = pack::decode_group_table(payload, raw_len) else {
+        return false;
+    };
+    let mut data = vec![0u8; raw_len as usize];
+    if pack::decompress_into(frame, &mut data).is_err() {
+        return false;
+    }
+    members
+        .iter()
+        .all(|(id, _)| pack::group_member(&members, &data, id).is_ok())
+}
+
 /// A sealed pack's tail: index entries then the 32-byte trailer, as if
 /// the input were the end of a pack file of its own length.
 pub fn pack_tail(bytes: &[u8]) -> bool {
@@ -97,6 +118,7 @@ pub fn targets() -> Vec<(&'static str, Target)> {
     let mut t: Vec<(&'static str, Target)> = vec![
         ("manifest", manifest),
         ("pack_record", pack_record),
+        ("group_payload", group_payload),
         ("pack_tail", pack_tail),
         ("pack_header", pack_header),
         ("dirty_bitmap", dirty_bitmap),
@@ -317,6 +339,10 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         let mut bytes = g.header().to_vec();
         bytes.extend_from_slice(g.payload());
         out.push(("pack_record", bytes));
+        let raw_len = (text.len() + other.len()) as u32;
+        let mut payload = raw_len.to_le_bytes().to_vec();
+        payload.extend_from_slice(g.payload());
+        out.push(("group_payload", payload));
     }
     // A whole small pack: header, one record, index, trailer.
     let x = ChunkRecord {

@@ -51,8 +51,14 @@ impl Layout {
 
     /// A new store with `SERVERS` servers.
     pub fn create(&self) {
+        self.create_with(0);
+    }
+
+    /// A new store with `SERVERS` servers, of group records of up to
+    /// `group` bytes (0: one frame per chunk).
+    pub fn create_with(&self, group: u32) {
         std::fs::create_dir_all(&self.expected).unwrap();
-        let engine = options().open(self.store()).unwrap();
+        let engine = options().group_frames(group).open(self.store()).unwrap();
         for s in 1..=SERVERS {
             std::fs::write(self.disk(s), disk_bytes(DISK_LEN, s)).unwrap();
             engine
@@ -284,13 +290,23 @@ pub fn check_invariants(layout: &Layout, ledger: &Ledger, what: &str) -> Engine 
 
 #[test]
 fn a_process_killed_anywhere_loses_no_completed_snapshot() {
+    kill_anywhere(0);
+}
+
+/// The same over a store of group records (the compact setting).
+#[test]
+fn a_process_killed_anywhere_in_a_grouped_store_loses_no_completed_snapshot() {
+    kill_anywhere(8 * BS as u32);
+}
+
+fn kill_anywhere(group: u32) {
     let dir = tempfile::tempdir().unwrap();
     let layout = Layout {
         root: dir.path().join("root"),
         expected: dir.path().join("expected"),
     };
     std::fs::create_dir_all(&layout.root).unwrap();
-    layout.create();
+    layout.create_with(group);
     let seed = crate::common::seed("BLOCKSNAP_CRASH_SEED");
     let mut rng = Rng::new(seed);
     let mut ledger = Ledger::default();

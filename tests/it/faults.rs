@@ -21,10 +21,15 @@ use crate::common::{BS, disk_bytes};
 
 const LEN: usize = 40 * BS;
 
-/// A store with two servers and three snapshots, and the bytes of each.
-fn template(dir: &Path) -> BTreeMap<SnapshotId, (u64, Vec<u8>)> {
+/// Group records of up to this many bytes in the grouped variants.
+const GROUP: u32 = 8 * BS as u32;
+
+/// A store with two servers and three snapshots, and the bytes of each;
+/// `group` > 0: a store of group records (the compact setting).
+fn template(dir: &Path, group: u32) -> BTreeMap<SnapshotId, (u64, Vec<u8>)> {
     let engine = EngineOptions::new()
         .block_size(BS as u32)
+        .group_frames(group)
         .open(dir.join("store"))
         .unwrap();
     let mut expected = BTreeMap::new();
@@ -125,8 +130,19 @@ fn check(root: &Path, expected: &BTreeMap<SnapshotId, (u64, Vec<u8>)>, ctx: &str
 
 #[test]
 fn every_store_io_call_of_each_operation_failed_once() {
+    fail_every_store_io_call_once(0);
+}
+
+/// The same over a store of group records: GC then compresses groups
+/// again with their needed members.
+#[test]
+fn every_store_io_call_failed_once_in_a_grouped_store() {
+    fail_every_store_io_call_once(GROUP);
+}
+
+fn fail_every_store_io_call_once(group: u32) {
     let base = tempfile::tempdir().unwrap();
-    let expected = template(base.path());
+    let expected = template(base.path(), group);
     let first = *expected.keys().next().unwrap();
     let faults = [Fault::Eio, Fault::NoSpace, Fault::Torn];
     let mut injected = 0;
@@ -212,6 +228,16 @@ fn every_store_io_call_of_each_operation_failed_once() {
 /// invariants: every operation that returned before the crash is durable.
 #[test]
 fn a_crash_at_any_store_io_call_keeps_every_completed_snapshot() {
+    crash_at_random_store_io_calls(0);
+}
+
+/// The same over a store of group records.
+#[test]
+fn a_crash_at_any_store_io_call_in_a_grouped_store_keeps_every_snapshot() {
+    crash_at_random_store_io_calls(GROUP);
+}
+
+fn crash_at_random_store_io_calls(group: u32) {
     use blocksnap::fsio::{CrashFs, CrashFsHandle};
     use blocksnap::sample::Rng;
 
@@ -220,6 +246,7 @@ fn a_crash_at_any_store_io_call_keeps_every_completed_snapshot() {
     let options = || {
         EngineOptions::new()
             .block_size(BS as u32)
+            .group_frames(group)
             .gc_max_unused(0.0)
             .store_fs(Arc::new(CrashFsHandle(fs.clone())))
     };
