@@ -507,7 +507,7 @@ pub fn capture(
                     break;
                 };
                 let n: usize = segments.iter().flat_map(|r| r.clone()).map(block_len).sum();
-                window.resize(n, 0);
+                crate::window::fit(&mut window, n);
                 let mut classified = {
                     let _guard = store.lookup_guard();
                     let classified = read_and_classify(

@@ -103,7 +103,7 @@ pub fn plan(
     let mut offset = 0u64;
     while offset < compare_len {
         let n = (compare_len - offset).min(window_len as u64) as usize;
-        window.resize(n, 0);
+        crate::window::fit(&mut window, n);
         let per_task = read_and_process(disk, &mut window, offset, task, |at, bytes, _| {
             let first = (at / bs as u64) as usize;
             Ok(bytes
@@ -220,7 +220,7 @@ pub fn apply(
                 let len: usize = blocks.iter().map(|&i| manifest.block_len(i)).sum();
                 // Zero blocks' bytes are never written from the buffer (they
                 // become holes), so stale bytes there are harmless.
-                bytes.resize(len, 0);
+                crate::window::fit(&mut bytes, len);
                 bytes
                     .par_chunks_mut(bs)
                     .zip(blocks.par_iter())

@@ -41,3 +41,17 @@ pub fn task_len(block_size: u32) -> usize {
     let bs = block_size as usize;
     TASK_LEN.max(bs) / bs * bs
 }
+
+/// Sizes a reused buffer to `n` bytes. A buffer that must grow is replaced
+/// by a fresh zeroed allocation rather than zero-filled in place: the
+/// allocator then hands out pages the kernel zeroes on first touch, by
+/// whichever thread fills them, instead of one thread zeroing the whole
+/// window (tens of MiB) while the workers wait. Bytes past what was read
+/// into it before are stale, never uninitialized.
+pub fn fit(buf: &mut Vec<u8>, n: usize) {
+    if buf.capacity() < n {
+        *buf = vec![0u8; n];
+    } else {
+        buf.resize(n, 0);
+    }
+}
