@@ -10,9 +10,9 @@
 //!    the buffer back for the next window.
 //!
 //! With grouped frames (the compact setting) the first stage leaves new
-//! chunks uncompressed, and runs of them (in window order, up to
-//! `group_len` bytes) are then compressed together, one group per rayon
-//! task, each into one group record.
+//! chunks uncompressed; the writer thread cuts them into runs (in window
+//! order, up to `group_len` bytes) and compresses each run as one group
+//! record, one rayon task per run, while the next window is classified.
 //!
 //! Memory is bounded by `WINDOWS_IN_FLIGHT` window buffers, reused, whatever
 //! the disk size.
@@ -107,8 +107,8 @@ fn classify(store: &ChunkStore, bytes: &[u8], settings: &CaptureSettings) -> Res
     Ok(Block::New(id, pack::compress(bytes, level)?))
 }
 
-/// The new chunks of the last windows handed to the writer: enough to
-/// cover every window not yet appended (at most `WINDOWS_IN_FLIGHT`).
+/// The new chunks of the windows grouped lately: enough to cover every
+/// window handed to the writer but perhaps not yet appended.
 #[derive(Default)]
 struct EarlierWindows(std::collections::VecDeque<HashSet<ChunkId>>);
 
@@ -119,7 +119,7 @@ impl EarlierWindows {
 
     fn push(&mut self, window: HashSet<ChunkId>) {
         self.0.push_back(window);
-        if self.0.len() > WINDOWS_IN_FLIGHT {
+        if self.0.len() > WINDOWS_IN_FLIGHT + 1 {
             self.0.pop_front();
         }
     }
@@ -132,12 +132,16 @@ type Grouped = Vec<GroupRecord>;
 /// Compresses the window's fresh chunks in runs of up to
 /// `settings.group_members()`, one rayon task per run, and marks each
 /// block with the record it goes into. A run of one, or one that does not
-/// save 1/32 as a group, is compressed chunk by chunk. A chunk that occurs
-/// twice in the window, or is new in one of the `earlier` windows still
-/// being appended (whose chunks the store cannot know yet), is stored once:
-/// in a group it could not be skipped at the append like a lone record.
-/// Adds this window's new chunks to `earlier`.
+/// save 1/32 as a group, is compressed chunk by chunk. The runs of a window
+/// are of equal length, so that its tasks keep both cores busy to the end.
+///
+/// A chunk already stored (since its classification, by another capture),
+/// new in one of the `earlier` windows (perhaps not appended yet), or met
+/// twice in the window is stored once: in a group it could not be skipped
+/// at the append like a lone record. Adds this window's new chunks to
+/// `earlier`.
 fn group_window(
+    store: &ChunkStore,
     classified: &mut [Block],
     window: &[u8],
     settings: &CaptureSettings,
@@ -152,14 +156,18 @@ fn group_window(
     let mut fresh: Vec<(usize, ChunkId)> = Vec::new();
     for (k, b) in classified.iter_mut().enumerate() {
         if let Block::Fresh(id) = *b {
-            if !earlier.contains(&id) && seen.insert(id) {
+            // Pinned since its look-up, so once stored it stays stored.
+            if !earlier.contains(&id) && seen.insert(id) && !store.contains(&id) {
                 fresh.push((k, id));
             } else {
-                // Stored by its first occurrence, appended before it is needed.
                 *b = Block::Known(id);
             }
         }
     }
+    let per_group = fresh
+        .len()
+        .div_ceil(fresh.len().div_ceil(per_group).max(1))
+        .max(1);
     enum Packed {
         Group(GroupRecord),
         Each(Vec<Option<Vec<u8>>>),
@@ -217,6 +225,7 @@ fn classify_window(
         .map(|b| classify(store, b, settings))
         .collect::<Result<_>>()?;
     let groups = group_window(
+        store,
         &mut classified,
         window,
         settings,
@@ -481,12 +490,28 @@ pub fn capture(
         bytes_read: to_read,
         ..CaptureStats::default()
     };
+    let (to_packer, for_packer) = sync_channel::<(Vec<u8>, Vec<Block>)>(1);
     let (to_writer, for_writer) = sync_channel::<(Vec<u8>, Vec<Block>, Grouped)>(1);
     let (recycle, recycled) = channel::<Vec<u8>>();
-    for _ in 0..WINDOWS_IN_FLIGHT {
+    // Grouped captures have one more stage, and one more window in it.
+    let grouped = settings.group_members().is_some();
+    for _ in 0..WINDOWS_IN_FLIGHT + usize::from(grouped) {
         let _ = recycle.send(Vec::new());
     }
     let (read, written) = std::thread::scope(|scope| {
+        // Groups a window's new chunks (compressing them on the rayon pool)
+        // while the next window is classified and the previous appended;
+        // passes windows through when groups are off.
+        let packer = scope.spawn(move || -> Result<()> {
+            let mut earlier = EarlierWindows::default();
+            for (window, mut classified) in for_packer {
+                let groups = group_window(store, &mut classified, &window, settings, &mut earlier)?;
+                if to_writer.send((window, classified, groups)).is_err() {
+                    break;
+                }
+            }
+            Ok(())
+        });
         let writer = scope.spawn(move || -> Result<Appended> {
             let mut total = Appended::default();
             for (window, classified, groups) in for_writer {
@@ -500,7 +525,6 @@ pub fn capture(
             Ok(total)
         });
         let read = (|| -> Result<()> {
-            let mut earlier = EarlierWindows::default();
             for segments in windows(&plan.read, per_window) {
                 // Fails only when the writer stopped; its error is returned below.
                 let Ok(mut window) = recycled.recv() else {
@@ -508,7 +532,7 @@ pub fn capture(
                 };
                 let n: usize = segments.iter().flat_map(|r| r.clone()).map(block_len).sum();
                 crate::window::fit(&mut window, n);
-                let mut classified = {
+                let classified = {
                     let _guard = store.lookup_guard();
                     let classified = read_and_classify(
                         store,
@@ -522,7 +546,6 @@ pub fn capture(
                     pins.add(classified.iter().filter_map(Block::id));
                     classified
                 };
-                let groups = group_window(&mut classified, &window, settings, &mut earlier)?;
                 let mut k = 0;
                 for r in &segments {
                     for i in r.clone() {
@@ -530,17 +553,20 @@ pub fn capture(
                         k += 1;
                     }
                 }
-                if to_writer.send((window, classified, groups)).is_err() {
+                if to_packer.send((window, classified)).is_err() {
                     break;
                 }
             }
             Ok(())
         })();
-        drop(to_writer);
+        drop(to_packer);
+        let packed = packer
+            .join()
+            .unwrap_or_else(|_| Err(Error::WrongState("capture packer panicked".into())));
         let written = writer
             .join()
             .unwrap_or_else(|_| Err(Error::WrongState("capture writer panicked".into())));
-        (read, written)
+        (read.and(packed), written)
     });
     // The writer's error first: it is the cause when both failed.
     add(&mut stats, written?);
