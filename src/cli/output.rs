@@ -328,4 +328,15 @@ pub fn stats(s: &StoreStats, json: bool) {
     );
     println!("dedup ratio       {:.2}x", s.dedup_ratio);
     println!("compression ratio {:.2}x", s.compression_ratio);
+    let groups = match s.group_len {
+        0 => "one frame per chunk".to_string(),
+        g => format!(
+            "new chunks in groups of up to {}",
+            human_bytes(u64::from(g))
+        ),
+    };
+    println!(
+        "new chunks        zstd level {}, {groups}",
+        s.compression_level
+    );
 }

@@ -212,6 +212,10 @@ pub struct StoreStats {
     pub dedup_ratio: f64,
     /// Distinct data over the bytes it takes in packs.
     pub compression_ratio: f64,
+    /// The store's setting for new chunks: zstd level, and bytes of new
+    /// chunks compressed together (0: one frame per chunk).
+    pub compression_level: i32,
+    pub group_len: u32,
 }
 
 /// Pack bytes a chunk accounts for (its record, or its share of its
@@ -1231,6 +1235,8 @@ impl Engine {
             reclaimable_bytes: space.dead_bytes,
             dedup_ratio: ratio(data_bytes, space.live_raw_bytes),
             compression_ratio: ratio(space.live_raw_bytes, space.live_bytes),
+            compression_level: self.compression_level(),
+            group_len: self.group_len(),
         })
     }
 

@@ -429,6 +429,18 @@ fn gc_and_stats_from_the_command() {
     let reclaimable = stats["reclaimable_bytes"].as_u64().unwrap();
     assert!(reclaimable > 0, "{stats}");
     assert!(stats["dedup_ratio"].as_f64().unwrap() > 0.0);
+    assert_eq!(
+        (
+            stats["compression_level"].as_i64(),
+            stats["group_len"].as_u64()
+        ),
+        (Some(1), Some(0))
+    );
+    let human = ok(&store, &["stats"]);
+    assert!(
+        human.contains("zstd level 1, one frame per chunk"),
+        "{human}"
+    );
 
     let dry: Value = serde_json::from_str(&ok(&store, &["gc", "--dry-run", "--json"])).unwrap();
     assert_eq!(dry["dry_run"], true);
