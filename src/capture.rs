@@ -10,9 +10,10 @@
 //!    the buffer back for the next window.
 //!
 //! With grouped frames (the compact setting) the first stage leaves new
-//! chunks uncompressed; the writer thread cuts them into runs (in window
-//! order, up to `group_len` bytes) and compresses each run as one group
-//! record, one rayon task per run, while the next window is classified.
+//! chunks uncompressed; a packer thread between the two stages cuts them
+//! into runs (in window order, up to `group_len` bytes) and compresses each
+//! run as one group record, one rayon task per run, while the next window
+//! is classified and the previous one appended.
 //!
 //! Memory is bounded by `WINDOWS_IN_FLIGHT` window buffers, reused, whatever
 //! the disk size.
@@ -128,8 +129,7 @@ impl EarlierWindows {
     }
 }
 
-/// A window's new chunks after grouping: the group records, and each
-/// block's final classification.
+/// A window's group records, numbered as its `Block::Grouped` entries say.
 type Grouped = Vec<GroupRecord>;
 
 /// Compresses the window's fresh chunks in runs of up to

@@ -460,26 +460,12 @@ impl Catalog {
 
     /// Changes how many bytes of new chunks are compressed together.
     pub fn set_group_len(&self, bytes: u32) -> Result<()> {
-        no_panic(&self.path, || {
-            let tx = self.db.read().begin_write()?;
-            tx.open_table(META)?
-                .insert(META_GROUP_LEN, u64::from(bytes))?;
-            tx.commit()?;
-            Ok(())
-        })
+        self.set_meta(META_GROUP_LEN, u64::from(bytes))
     }
 
     /// Changes the store's compression level for new chunks.
     pub fn set_compression_level(&self, level: i32) -> Result<()> {
-        no_panic(&self.path, || self.set_compression_level_inner(level))
-    }
-
-    fn set_compression_level_inner(&self, level: i32) -> Result<()> {
-        let tx = self.db.read().begin_write()?;
-        tx.open_table(META)?
-            .insert(META_COMPRESSION, level as u64)?;
-        tx.commit()?;
-        Ok(())
+        self.set_meta(META_COMPRESSION, level as u64)
     }
 
     /// Applies `changes` in one durable transaction: all or nothing.

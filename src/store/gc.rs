@@ -34,7 +34,7 @@ use super::pack::{
     self, ChunkRecord, GroupRecord, IndexEntry, PACK_HEADER_LEN, RECORD_HEADER_LEN, RecordKind,
     TRAILER_LEN,
 };
-use super::{ChunkLoc, ChunkStore, list_packs, pack_path};
+use super::{ChunkLoc, ChunkStore, NewRecord, list_packs, pack_path, write_record};
 use crate::error::{Error, IoContext, Result};
 use crate::fsio::{OpenMode, StoreFs};
 use crate::ids::ChunkId;
@@ -452,7 +452,8 @@ fn copy_records(fs: &dyn StoreFs, p: &PackInfo, to: &Path, level: i32) -> Result
         let h = pack::RecordHeader::decode(&header).map_err(&damaged)?;
         buf.resize(h.record_len() as usize, 0);
         src.read_exact_at(&mut buf, offset).at(from)?;
-        let whole = match h.kind {
+        // A record copied as it is, unless it is a group with garbage.
+        match h.kind {
             RecordKind::Group => {
                 let mut data = Vec::new();
                 let table = pack::decode_group(&buf, &mut data).map_err(&damaged)?;
@@ -462,7 +463,7 @@ fn copy_records(fs: &dyn StoreFs, p: &PackInfo, to: &Path, level: i32) -> Result
                     let new = reencode(&table, &data, live, level).map_err(&damaged)?;
                     recompressed += 1;
                     for (old, rec) in new {
-                        let written = write_record(dst.as_ref(), to, &rec, at)?;
+                        let written = write_record(dst.as_ref(), to, &rec.record(), at)?;
                         for (o, n) in old.iter().zip(written.0) {
                             pairs.push((**o, n));
                             entries.push(n);
@@ -471,7 +472,6 @@ fn copy_records(fs: &dyn StoreFs, p: &PackInfo, to: &Path, level: i32) -> Result
                     }
                     continue;
                 }
-                true
             }
             _ => {
                 let [(e, _)] = members[..] else {
@@ -482,18 +482,15 @@ fn copy_records(fs: &dyn StoreFs, p: &PackInfo, to: &Path, level: i32) -> Result
                 if h.id != e.id || crc32fast::hash(&buf[RECORD_HEADER_LEN..]) != h.payload_crc {
                     return Err(damaged(format!("chunk {} does not check", e.id)));
                 }
-                true
             }
-        };
-        if whole {
-            dst.write_all_at(&buf, at).at(to)?;
-            for (e, _) in &members {
-                let n = IndexEntry { offset: at, ..*e };
-                pairs.push((*e, n));
-                entries.push(n);
-            }
-            at += buf.len() as u64;
         }
+        dst.write_all_at(&buf, at).at(to)?;
+        for (e, _) in &members {
+            let n = IndexEntry { offset: at, ..*e };
+            pairs.push((*e, n));
+            entries.push(n);
+        }
+        at += buf.len() as u64;
     }
     let tail = pack::encode_index(&entries, at);
     dst.write_all_at(&tail, at).at(to)?;
@@ -509,6 +506,19 @@ type Reencoded<'e> = (Vec<&'e IndexEntry>, Owned);
 enum Owned {
     Group(GroupRecord),
     Chunk(ChunkId, Vec<u8>, Option<Vec<u8>>),
+}
+
+impl Owned {
+    fn record(&self) -> NewRecord<'_> {
+        match self {
+            Owned::Group(g) => NewRecord::Group(g),
+            Owned::Chunk(id, raw, z) => NewRecord::Chunk(ChunkRecord {
+                id: *id,
+                raw,
+                compressed: z.as_deref(),
+            }),
+        }
+    }
 }
 
 /// The `live` members of a decoded group (each checked against its
@@ -540,35 +550,4 @@ fn reencode<'e>(
             Ok((vec![old], Owned::Chunk(*id, bytes.to_vec(), z)))
         })
         .collect()
-}
-
-/// Writes one record at `at`; returns its entries and length.
-fn write_record(
-    dst: &dyn crate::fsio::StoreFile,
-    path: &Path,
-    rec: &Owned,
-    at: u64,
-) -> Result<(Vec<IndexEntry>, u64)> {
-    let chunk;
-    let (header, payload, entries) = match rec {
-        Owned::Group(g) => (g.header(), g.payload(), g.index_entries(at)),
-        Owned::Chunk(id, raw, z) => {
-            chunk = ChunkRecord {
-                id: *id,
-                raw,
-                compressed: z.as_deref(),
-            };
-            let e = IndexEntry {
-                id: *id,
-                offset: at,
-                stored_len: chunk.payload().len() as u32,
-                raw_len: raw.len() as u32,
-            };
-            (chunk.header(), chunk.payload(), vec![e])
-        }
-    };
-    dst.write_all_at(&header, at).at(path)?;
-    dst.write_all_at(payload, at + RECORD_HEADER_LEN as u64)
-        .at(path)?;
-    Ok((entries, (RECORD_HEADER_LEN + payload.len()) as u64))
 }

@@ -115,15 +115,17 @@ impl ChunkIndex {
         }
     }
 
-    /// Adds a chunk unless its id is already indexed (the first copy wins).
-    pub fn insert_if_absent(&mut self, id: &ChunkId, loc: ChunkLoc) {
+    /// Adds a chunk unless its id is already indexed (the first copy wins);
+    /// returns whether it was added.
+    pub fn insert_if_absent(&mut self, id: &ChunkId, loc: ChunkLoc) -> bool {
         if self.contains_key(id) {
-            return;
+            return false;
         }
         self.recent.insert(key(id), loc);
         if self.recent.len() > (self.sorted.len() / MERGE_DIVISOR).max(MERGE_MIN) {
             self.merge();
         }
+        true
     }
 
     /// Moves or drops every entry that points into pack `from`: `moves`

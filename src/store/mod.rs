@@ -71,6 +71,24 @@ pub enum NewRecord<'a> {
     Group(&'a GroupRecord),
 }
 
+/// Writes `rec` at `at` in `file` with two positioned writes (no copy of
+/// the payload into a frame); returns its pack index entries and length.
+pub(crate) fn write_record(
+    file: &dyn StoreFile,
+    path: &Path,
+    rec: &NewRecord<'_>,
+    at: u64,
+) -> Result<(Vec<IndexEntry>, u64)> {
+    let (header, payload, entries) = match rec {
+        NewRecord::Chunk(c) => (c.header(), c.payload(), vec![c.index_entry(at)]),
+        NewRecord::Group(g) => (g.header(), g.payload(), g.index_entries(at)),
+    };
+    file.write_all_at(&header, at).at(path)?;
+    file.write_all_at(payload, at + RECORD_HEADER_LEN as u64)
+        .at(path)?;
+    Ok((entries, (RECORD_HEADER_LEN + payload.len()) as u64))
+}
+
 /// Group records decompressed recently, shared by the threads of a restore
 /// or a verification so that each group is decompressed once, not once per
 /// member. A slot is filled by the first thread that needs it; others wait
@@ -323,55 +341,32 @@ impl ChunkStore {
         let mut done = Appended::default();
         let mut w = self.writer.lock();
         for rec in records {
-            let (header, payload, entries) = match &rec {
-                NewRecord::Chunk(c) => {
-                    if self.index.read().contains_key(&c.id) {
-                        continue;
-                    }
-                    let entry = IndexEntry {
-                        id: c.id,
-                        offset: 0,
-                        stored_len: c.payload().len() as u32,
-                        raw_len: c.raw.len() as u32,
-                    };
-                    (c.header(), c.payload(), vec![entry])
-                }
-                NewRecord::Group(g) => {
-                    let index = self.index.read();
-                    if g.members().iter().all(|(id, _)| index.contains_key(id)) {
-                        continue;
-                    }
-                    (g.header(), g.payload(), g.index_entries(0))
+            let held = {
+                let index = self.index.read();
+                match &rec {
+                    NewRecord::Chunk(c) => index.contains_key(&c.id),
+                    NewRecord::Group(g) => g.members().iter().all(|(id, _)| index.contains_key(id)),
                 }
             };
+            if held {
+                continue;
+            }
             let active = self.active_pack(&mut w)?;
             let path = pack_path(&self.dir, active.seq);
-            // Two positioned writes: no copy of the payload into a frame.
-            active.file.write_all_at(&header, active.len).at(&path)?;
-            active
-                .file
-                .write_all_at(payload, active.len + RECORD_HEADER_LEN as u64)
-                .at(&path)?;
-            let record_len = (RECORD_HEADER_LEN + payload.len()) as u64;
+            let (entries, record_len) =
+                write_record(active.file.as_ref(), &path, &rec, active.len)?;
             let mut index = self.index.write();
             for e in entries {
-                let entry = IndexEntry {
-                    offset: active.len,
-                    ..e
+                let loc = ChunkLoc {
+                    pack: active.seq,
+                    offset: e.offset as u32,
+                    stored_len: e.stored_len,
                 };
-                if !index.contains_key(&e.id) {
-                    index.insert_if_absent(
-                        &e.id,
-                        ChunkLoc {
-                            pack: active.seq,
-                            offset: active.len as u32,
-                            stored_len: e.stored_len,
-                        },
-                    );
+                if index.insert_if_absent(&e.id, loc) {
                     done.chunks += 1;
                     done.raw_bytes += u64::from(e.raw_len);
                 }
-                active.entries.push(entry);
+                active.entries.push(e);
             }
             drop(index);
             active.len += record_len;

@@ -413,6 +413,16 @@ impl ChunkRecord<'_> {
         self.compressed.unwrap_or(self.raw)
     }
 
+    /// Its pack index entry, for the record at `offset`.
+    pub fn index_entry(&self, offset: u64) -> IndexEntry {
+        IndexEntry {
+            id: self.id,
+            offset,
+            stored_len: self.payload().len() as u32,
+            raw_len: self.raw.len() as u32,
+        }
+    }
+
     /// The record header that frames this chunk.
     pub fn header(&self) -> [u8; RECORD_HEADER_LEN] {
         encode_header(self.kind(), self.raw.len() as u32, &self.id, self.payload())
