@@ -482,13 +482,14 @@ impl Engine {
                 path: root.to_path_buf(),
             });
         }
+        let create_with = options.block_size.unwrap_or(DEFAULT_BLOCK_SIZE);
+        // The group length applies only to a store created now.
+        if let (false, Some(group)) = (catalog_path.exists(), options.group_len) {
+            check_group_len(group, create_with)?;
+        }
         fs::create_dir_all(root).at(root)?;
         let lock = lock_store(root)?;
         let new_store = !catalog_path.exists();
-        let create_with = options.block_size.unwrap_or(DEFAULT_BLOCK_SIZE);
-        if let (true, Some(group)) = (new_store, options.group_len) {
-            check_group_len(group, create_with)?;
-        }
         let level = options
             .compression_level
             .unwrap_or(DEFAULT_COMPRESSION_LEVEL);

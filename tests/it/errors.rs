@@ -232,6 +232,39 @@ fn the_compression_level_is_a_store_setting() {
 }
 
 #[test]
+fn a_group_length_outside_its_range_is_refused_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let other = dir.path().join("other");
+    // Less than two blocks, or more than 4 MiB: no store is made.
+    for bad in [BS as u32, 2 * BS as u32 - 1, (4 << 20) + 1] {
+        let err = EngineOptions::new()
+            .block_size(BS as u32)
+            .group_frames(bad)
+            .open(&other)
+            .err()
+            .unwrap_or_else(|| panic!("{bad} was accepted"));
+        assert!(matches!(err, Error::InvalidParameter(_)), "{err}");
+        assert!(err.to_string().contains("two blocks"), "{err}");
+        assert!(!other.exists(), "a refused store left {}", other.display());
+    }
+    let store = dir.path().join("store");
+    let engine = EngineOptions::new()
+        .block_size(BS as u32)
+        .group_frames(8 * BS as u32)
+        .open(&store)
+        .unwrap();
+    assert_eq!(engine.group_len(), 8 * BS as u32);
+    assert!(matches!(
+        engine.set_group_len(BS as u32),
+        Err(Error::InvalidParameter(_))
+    ));
+    assert_eq!(engine.group_len(), 8 * BS as u32);
+    engine.set_group_len(0).unwrap();
+    drop(engine);
+    assert_eq!(blocksnap::Engine::open(&store).unwrap().group_len(), 0);
+}
+
+#[test]
 fn the_chunk_index_stays_under_32_bytes_per_chunk() {
     let fx = Fixture::new();
     fx.server(1, "web", &crate::common::random_bytes(20_000 * BS, 9));
