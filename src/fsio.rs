@@ -296,6 +296,11 @@ pub struct CrashFs {
     /// Calls counted from `arm`; the `crash_at`-th crashes.
     calls: AtomicU64,
     crash_at: AtomicU64,
+    /// fsyncs (of files and directories) counted from `fail_sync`; the
+    /// `sync_fails_at`-th reports EIO, having landed or not.
+    syncs: AtomicU64,
+    sync_fails_at: AtomicU64,
+    sync_fail_lands: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Default)]
@@ -313,12 +318,67 @@ struct CrashState {
 struct Inode {
     live: Vec<u8>,
     durable: Vec<u8>,
+    /// Byte ranges an fsync that failed without landing left dirty: as
+    /// Linux does, the pages count as clean, so later fsyncs do not write
+    /// them (they keep their durable bytes) until they are written again.
+    lost: Vec<std::ops::Range<usize>>,
+}
+
+impl Inode {
+    /// A successful fsync: everything becomes durable except lost pages.
+    fn sync(&mut self) {
+        let mut durable = self.live.clone();
+        for r in &self.lost {
+            let end = r.end.min(durable.len());
+            for i in r.start.min(end)..end {
+                durable[i] = self.durable.get(i).copied().unwrap_or(0);
+            }
+        }
+        self.durable = durable;
+    }
+
+    /// An fsync that reported EIO without landing: what it was to write
+    /// is lost for good (unless written again).
+    fn fail_sync(&mut self) {
+        let (live, durable) = (&self.live, &self.durable);
+        let mut start = None;
+        for i in 0..=live.len() {
+            let dirty = i < live.len() && durable.get(i) != Some(&live[i]);
+            match (dirty, start) {
+                (true, None) => start = Some(i),
+                (false, Some(st)) => {
+                    self.lost.push(st..i);
+                    start = None;
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// A write of `range`: those bytes are dirty again, to be synced.
+    fn rewritten(&mut self, range: std::ops::Range<usize>) {
+        let mut kept = Vec::new();
+        for r in self.lost.drain(..) {
+            if r.end <= range.start || r.start >= range.end {
+                kept.push(r);
+                continue;
+            }
+            if r.start < range.start {
+                kept.push(r.start..range.start);
+            }
+            if r.end > range.end {
+                kept.push(range.end..r.end);
+            }
+        }
+        self.lost = kept;
+    }
 }
 
 impl CrashFs {
     pub fn new() -> Arc<Self> {
         let fs = Arc::new(CrashFs::default());
         fs.crash_at.store(u64::MAX, Ordering::SeqCst);
+        fs.sync_fails_at.store(u64::MAX, Ordering::SeqCst);
         fs
     }
 
@@ -326,6 +386,30 @@ impl CrashFs {
     pub fn arm(&self, n: u64) {
         self.calls.store(0, Ordering::SeqCst);
         self.crash_at.store(n, Ordering::SeqCst);
+    }
+
+    /// Makes the `n`-th fsync from now (of a file or a directory, from 0)
+    /// report EIO: after it made everything durable (`lands`), or without,
+    /// losing the file's unsynced writes for good (later fsyncs succeed
+    /// without them, as Linux's page cache behaves) and leaving the
+    /// directory's entries as they were. Calls go on working after it.
+    pub fn fail_sync(&self, n: u64, lands: bool) {
+        self.sync_fail_lands.store(lands, Ordering::SeqCst);
+        self.syncs.store(0, Ordering::SeqCst);
+        self.sync_fails_at.store(n, Ordering::SeqCst);
+    }
+
+    /// True once the fsync armed by [`CrashFs::fail_sync`] has failed.
+    pub fn sync_failed(&self) -> bool {
+        let at = self.sync_fails_at.load(Ordering::SeqCst);
+        at != u64::MAX && self.syncs.load(Ordering::SeqCst) > at
+    }
+
+    /// True when this fsync is the one to fail.
+    fn sync_fails(&self) -> Option<bool> {
+        let n = self.syncs.fetch_add(1, Ordering::SeqCst);
+        (n == self.sync_fails_at.load(Ordering::SeqCst))
+            .then(|| self.sync_fail_lands.load(Ordering::SeqCst))
     }
 
     /// Calls since the last `arm`.
@@ -340,6 +424,7 @@ impl CrashFs {
         s.live = s.durable.clone();
         for inode in s.inodes.values_mut() {
             inode.live = inode.durable.clone();
+            inode.lost.clear();
         }
         s.crashed = true;
     }
@@ -352,6 +437,7 @@ impl CrashFs {
     /// The machine comes back: calls work again, on what was durable.
     pub fn restart(&self) {
         self.crash_at.store(u64::MAX, Ordering::SeqCst);
+        self.sync_fails_at.store(u64::MAX, Ordering::SeqCst);
         self.state.lock().crashed = false;
     }
 
@@ -393,19 +479,31 @@ impl StoreFile for CrashFile {
             return Err(io::Error::from_raw_os_error(libc::EBADF));
         }
         let mut s = self.fs.state.lock();
-        let data = &mut s.inodes.get_mut(&self.inode).expect("open inode").live;
+        let inode = s.inodes.get_mut(&self.inode).expect("open inode");
         let end = offset as usize + buf.len();
-        if data.len() < end {
-            data.resize(end, 0);
+        if inode.live.len() < end {
+            inode.live.resize(end, 0);
         }
-        data[offset as usize..end].copy_from_slice(buf);
+        inode.live[offset as usize..end].copy_from_slice(buf);
+        inode.rewritten(offset as usize..end);
         Ok(buf.len())
     }
     fn sync(&self) -> io::Result<()> {
         self.fs.call()?;
+        let fails = self.fs.sync_fails();
         let mut s = self.fs.state.lock();
         let inode = s.inodes.get_mut(&self.inode).expect("open inode");
-        inode.durable = inode.live.clone();
+        match fails {
+            None => inode.sync(),
+            Some(true) => {
+                inode.sync();
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+            Some(false) => {
+                inode.fail_sync();
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+        }
         Ok(())
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
@@ -464,6 +562,10 @@ impl StoreFs for CrashFsHandle {
     }
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         self.0.call()?;
+        let fails = self.0.sync_fails();
+        if fails == Some(false) {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
         let mut s = self.0.state.lock();
         let s = &mut *s;
         s.durable.retain(|p, _| p.parent() != Some(dir));
@@ -472,7 +574,10 @@ impl StoreFs for CrashFsHandle {
                 s.durable.insert(p.clone(), *i);
             }
         }
-        Ok(())
+        match fails {
+            Some(_) => Err(io::Error::from_raw_os_error(libc::EIO)),
+            None => Ok(()),
+        }
     }
     fn list(&self, dir: &Path) -> io::Result<Vec<PathBuf>> {
         self.0.call()?;

@@ -15,7 +15,7 @@
 //! commit leaves the snapshot `in_progress` in the catalog; `open` turns it
 //! into `failed` and removes its manifest.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -240,6 +240,15 @@ struct State {
     /// Running incremental captures and their parents, which cannot be
     /// deleted until they end.
     capture_parents: HashMap<SnapshotId, SnapshotId>,
+    /// Captures whose completing catalog commit reported an error: it may
+    /// have reached the disk all the same, so until the store is opened
+    /// again (which reads the truth) their manifests stay and their chunks
+    /// count as needed. This process shows them failed.
+    in_doubt: HashSet<SnapshotId>,
+    /// Servers whose "restoring" mark was being committed when the commit
+    /// reported an error: the mark may be on disk, so this process keeps
+    /// it too, and the next restore commits it again before writing.
+    restoring_in_doubt: HashSet<ServerId>,
 }
 
 /// How a capture finds the disk's blocks.
@@ -268,6 +277,12 @@ impl State {
         self.snapshots
             .values()
             .filter(move |s| s.server_id == server)
+    }
+
+    /// True when the snapshot's chunks must be kept: it is completed, or
+    /// it may be (its completing commit's outcome is unknown).
+    fn holds_data(&self, rec: &SnapshotRecord) -> bool {
+        rec.status == SnapshotStatus::Completed || self.in_doubt.contains(&rec.id)
     }
 
     fn capturing(&self, server: ServerId) -> Option<SnapshotId> {
@@ -527,6 +542,8 @@ impl Engine {
             tracking: HashMap::new(),
             refs: None,
             capture_parents: HashMap::new(),
+            in_doubt: HashSet::new(),
+            restoring_in_doubt: HashSet::new(),
         };
         recover(&catalog, &manifests, &mut state, &mut report)?;
         load_tracking(&catalog, &mut state, options.change_tracking)?;
@@ -860,11 +877,13 @@ impl Engine {
                 error: None,
                 kind,
             };
+            // The id is spent whatever the commit says: one that reported
+            // an error may have landed, and ids are never reused.
+            state.next_snapshot_id = id.0 + 1;
             inner.catalog.commit(&[
                 Change::PutSnapshot(&record),
                 Change::NextSnapshotId(id.0 + 1),
             ])?;
-            state.next_snapshot_id = id.0 + 1;
             state.snapshots.insert(id, record.clone());
             state.progress.insert(id, progress.clone());
             let previous = if inner.options.change_tracking {
@@ -973,7 +992,7 @@ impl Engine {
         };
         let captured = capture::capture(&inner.store, disk, &settings, plan, pins, progress)?;
         let synced = std::time::Instant::now();
-        inner.store.sync()?;
+        inner.store.sync_pinned(pins)?;
         let manifest = Manifest::new(
             rec.id,
             rec.server_id,
@@ -1043,20 +1062,28 @@ impl Engine {
             // Not completed: its manifest, if written, must not outlive it.
             rec.status = SnapshotStatus::Failed;
             let _ = self.inner.manifests.remove(id);
-        } else if committed.is_err() {
+        } else if let Err(e) = &committed {
             // A commit that reported an error may still have reached the
-            // disk: the manifest stays, and the next open believes the
-            // catalog (completed: kept; in progress: failed, manifest
-            // removed). This process no longer offers the snapshot.
+            // disk. Until the next open reads the truth (completed: kept;
+            // in progress: failed, manifest removed), the snapshot is in
+            // doubt: this process offers it as failed, but its manifest
+            // stays and its chunks count as needed, so no collection or
+            // delete in between can take what a completed snapshot needs.
             rec.status = SnapshotStatus::Failed;
+            rec.error = Some(format!(
+                "the catalog commit completing it failed ({e}); whether it completed is known when the store is opened again"
+            ));
+            state.in_doubt.insert(id);
         }
         state.snapshots.insert(id, rec.clone());
+        if outcome.is_ok() {
+            let store = &self.inner.store;
+            if let Some(refs) = state.refs.as_mut() {
+                refs.add(id, &chunks, |c| stored_size(store, c));
+            }
+        }
         committed?;
         outcome?;
-        let store = &self.inner.store;
-        if let Some(refs) = state.refs.as_mut() {
-            refs.add(id, &chunks, |c| stored_size(store, c));
-        }
         Ok(state.snapshot_view(&rec))
     }
 
@@ -1082,7 +1109,7 @@ impl Engine {
                 "snapshot {id} is the parent of snapshot {child}, still being created; wait for it to finish"
             )));
         }
-        let completed = rec.status == SnapshotStatus::Completed;
+        let completed = state.holds_data(rec);
         // The counts need the chunk list, which goes with the manifest.
         let chunks = match (&state.refs, completed) {
             (Some(_), true) => self
@@ -1093,8 +1120,12 @@ impl Engine {
                 .ok(),
             _ => None,
         };
+        // Should this commit report an error, the snapshot stays as it was
+        // in this process (listed, its chunks needed) until a delete
+        // commits or the next open reads the truth.
         self.inner.catalog.commit(&[Change::RemoveSnapshot(id)])?;
         state.snapshots.remove(&id);
+        state.in_doubt.remove(&id);
         match (chunks, completed) {
             (Some(chunks), _) => {
                 if let Some(refs) = state.refs.as_mut() {
@@ -1131,7 +1162,7 @@ impl Engine {
         let store = &self.inner.store;
         let mut refs = Refs::default();
         for rec in state.snapshots.values() {
-            if rec.status == SnapshotStatus::Completed {
+            if state.holds_data(rec) {
                 let m = self.inner.manifests.read(rec.id)?;
                 refs.add(rec.id, &refs::distinct(m.blocks()), |c| {
                     stored_size(store, c)
@@ -1244,13 +1275,27 @@ impl Engine {
     fn set_restoring_from(&self, server: ServerId, snapshot: Option<SnapshotId>) -> Result<()> {
         let mut state = self.inner.state.lock();
         let mut rec = state.server(server)?.clone();
-        if rec.restoring_from == snapshot {
+        if rec.restoring_from == snapshot && !state.restoring_in_doubt.contains(&server) {
             return Ok(());
         }
         rec.restoring_from = snapshot;
-        self.inner.catalog.commit(&[Change::PutServer(&rec)])?;
-        state.servers.insert(server, rec);
-        Ok(())
+        let committed = self.inner.catalog.commit(&[Change::PutServer(&rec)]);
+        match (&committed, snapshot) {
+            (Ok(()), _) => {
+                state.restoring_in_doubt.remove(&server);
+                state.servers.insert(server, rec);
+            }
+            // The mark may be on disk: keep it here too (the server stays
+            // restoring, as the next open would say), and commit it again
+            // before any restore writes.
+            (Err(_), Some(_)) => {
+                state.restoring_in_doubt.insert(server);
+                state.servers.insert(server, rec);
+            }
+            // Clearing it failed: it stays set, here as on disk.
+            (Err(_), None) => {}
+        }
+        committed
     }
 
     /// Reads every chunk of one completed snapshot, or of all of them, and

@@ -23,6 +23,7 @@ pub mod pack;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::Hasher;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
 use parking_lot::{Mutex, RwLock, RwLockReadGuard};
@@ -164,6 +165,8 @@ struct ActivePack {
     seq: u32,
     file: Arc<dyn StoreFile>,
     len: u64,
+    /// Bytes made durable by the last fsync that succeeded.
+    synced_len: u64,
     entries: Vec<IndexEntry>,
 }
 
@@ -212,23 +215,32 @@ pub struct ChunkStore {
     groups: GroupCache,
     /// One garbage collection at a time.
     gc_lock: Mutex<()>,
+    /// fsyncs of packs or of the pack directory that failed. A failed
+    /// fsync may have lost what it was to make durable even if a later one
+    /// succeeds (the kernel may drop the dirty pages), so its records are
+    /// taken out of the index and every capture running then fails
+    /// ([`ChunkStore::sync_pinned`]).
+    sync_failures: AtomicU64,
 }
 
 /// The chunks one running capture has referenced: never collected while
 /// the capture runs. Unregistered when dropped.
-#[derive(Default)]
-pub struct Pins(Mutex<HashSet<[u8; 16]>>);
+pub struct Pins {
+    set: Mutex<HashSet<[u8; 16]>>,
+    /// [`ChunkStore::sync_failures`] when the capture started.
+    sync_failures: u64,
+}
 
 impl Pins {
     /// Pins chunks. Call with the capture's guard held
     /// ([`ChunkStore::lookup_guard`]) from the look-up that found them.
     pub fn add<'a>(&self, ids: impl IntoIterator<Item = &'a ChunkId>) {
-        let mut set = self.0.lock();
+        let mut set = self.set.lock();
         set.extend(ids.into_iter().map(pin_key));
     }
 
     fn contains(&self, id: &ChunkId) -> bool {
-        self.0.lock().contains(&pin_key(id))
+        self.set.lock().contains(&pin_key(id))
     }
 }
 
@@ -279,6 +291,7 @@ impl ChunkStore {
             pins: Mutex::new(Vec::new()),
             groups: GroupCache::default(),
             gc_lock: Mutex::new(()),
+            sync_failures: AtomicU64::new(0),
             fs,
         };
         Ok((store, recovery))
@@ -286,7 +299,10 @@ impl ChunkStore {
 
     /// Registers the pins of a capture about to run.
     pub fn pin_scope(&self) -> Arc<Pins> {
-        let pins = Arc::new(Pins::default());
+        let pins = Arc::new(Pins {
+            set: Mutex::new(HashSet::new()),
+            sync_failures: self.sync_failures.load(Ordering::SeqCst),
+        });
         let mut all = self.pins.lock();
         all.retain(|w| w.strong_count() > 0);
         all.push(Arc::downgrade(&pins));
@@ -385,13 +401,44 @@ impl ChunkStore {
         let (file, dir_dirty) = {
             let mut w = self.writer.lock();
             let dirty = std::mem::take(&mut w.dir_dirty);
-            (w.active.as_ref().map(|a| (a.file.clone(), a.seq)), dirty)
+            (
+                w.active.as_ref().map(|a| (a.file.clone(), a.seq, a.len)),
+                dirty,
+            )
         };
-        if let Some((file, seq)) = file {
-            file.sync().at(pack_path(&self.dir, seq))?;
+        if let Some((file, seq, len)) = file {
+            if let Err(e) = file.sync() {
+                let mut w = self.writer.lock();
+                if let Some(active) = w.active.take_if(|a| a.seq == seq) {
+                    self.abandon(active);
+                } else {
+                    self.sync_failures.fetch_add(1, Ordering::SeqCst);
+                }
+                return Err(Error::io(pack_path(&self.dir, seq), e));
+            }
+            if let Some(a) = self.writer.lock().active.as_mut().filter(|a| a.seq == seq) {
+                a.synced_len = a.synced_len.max(len);
+            }
         }
         if dir_dirty {
-            self.sync_dir()?;
+            self.sync_pack_dir()?;
+        }
+        Ok(())
+    }
+
+    /// [`ChunkStore::sync`] for a capture: also fails when any fsync failed
+    /// since the capture started (`pins` were made), since a chunk it
+    /// found stored may have been lost with it.
+    pub fn sync_pinned(&self, pins: &Pins) -> Result<()> {
+        self.sync()?;
+        if self.sync_failures.load(Ordering::SeqCst) != pins.sync_failures {
+            return Err(Error::io(
+                &self.dir,
+                std::io::Error::other(
+                    "an fsync of the packs failed while this capture ran, so chunks it \
+                     shares may not be durable; take the snapshot again",
+                ),
+            ));
         }
         Ok(())
     }
@@ -401,9 +448,27 @@ impl ChunkStore {
         let mut w = self.writer.lock();
         self.seal(&mut w)?;
         if std::mem::take(&mut w.dir_dirty) {
-            self.sync_dir()?;
+            drop(w);
+            self.sync_pack_dir()?;
         }
         Ok(())
+    }
+
+    /// After a failed fsync of the open pack: its records not known to be
+    /// durable leave the index (a capture needing them stores them again,
+    /// in a new pack), and the pack is left unsealed for the next open to
+    /// scan. Call with the writer lock held.
+    fn abandon(&self, active: ActivePack) {
+        self.sync_failures.fetch_add(1, Ordering::SeqCst);
+        let moves: index::Moves = active
+            .entries
+            .iter()
+            .filter(|e| e.offset >= active.synced_len)
+            .map(|e| (index::move_key(e.offset, &e.id), None))
+            .collect();
+        if !moves.is_empty() {
+            self.index.write().relocate(active.seq, active.seq, &moves);
+        }
     }
 
     /// Reads one chunk and checks it end to end (record CRCs, decompression,
@@ -602,6 +667,17 @@ impl ChunkStore {
         self.fs.sync_dir(&self.dir).at(&self.dir)
     }
 
+    /// fsyncs the pack directory for new packs; on failure they stay to be
+    /// synced again, and running captures fail (see `sync_failures`).
+    fn sync_pack_dir(&self) -> Result<()> {
+        let synced = self.sync_dir();
+        if synced.is_err() {
+            self.sync_failures.fetch_add(1, Ordering::SeqCst);
+            self.writer.lock().dir_dirty = true;
+        }
+        synced
+    }
+
     fn reader(&self, seq: u32) -> Result<Arc<dyn StoreFile>> {
         if let Some(f) = self.readers.read().get(&seq) {
             return Ok(f.clone());
@@ -626,6 +702,7 @@ impl ChunkStore {
                 seq,
                 file,
                 len: PACK_HEADER_LEN as u64,
+                synced_len: 0,
                 entries: Vec::new(),
             });
         }
@@ -638,8 +715,16 @@ impl ChunkStore {
         };
         let path = pack_path(&self.dir, active.seq);
         let tail = pack::encode_index(&active.entries, active.len);
-        active.file.write_all_at(&tail, active.len).at(&path)?;
-        active.file.sync().at(&path)?;
+        let sealed = active
+            .file
+            .write_all_at(&tail, active.len)
+            .and_then(|()| active.file.sync());
+        if let Err(e) = sealed {
+            // Its records since the last good fsync may not be durable, and
+            // no later `sync` would cover them: they leave the index.
+            self.abandon(active);
+            return Err(Error::io(path, e));
+        }
         Ok(())
     }
 }
@@ -909,6 +994,38 @@ mod tests {
             let mut out = vec![0u8; d.len()];
             assert!(s.read_into(&id, &mut out).unwrap_err().is_corruption());
         }
+    }
+
+    /// A failed fsync may have lost what it was to make durable, even if
+    /// a later one succeeds: the records since the last good fsync leave
+    /// the index (a later capture stores them again), and a capture that
+    /// ran across the failure cannot complete.
+    #[test]
+    fn records_a_failed_fsync_may_have_lost_leave_the_index() {
+        use crate::fsio::{Fault, FaultFs, FaultFsHandle};
+        let dir = tempfile::tempdir().unwrap();
+        let fs = FaultFs::new();
+        let (s, _) = ChunkStore::open(dir.path(), Arc::new(FaultFsHandle(fs.clone()))).unwrap();
+        let durable: &[u8] = &[1u8; 4096];
+        let doubtful: &[u8] = &[2u8; 4096];
+        put(&s, &[durable]);
+        s.sync().unwrap();
+        let across = s.pin_scope();
+        put(&s, &[doubtful]);
+        fs.fail(0, Fault::Eio); // the pack's fsync
+        assert!(s.sync().is_err());
+        fs.heal();
+        assert!(s.contains(&ChunkId::of(durable)));
+        assert!(!s.contains(&ChunkId::of(doubtful)));
+        assert!(s.sync_pinned(&across).is_err());
+        let after = s.pin_scope();
+        assert_eq!(put(&s, &[doubtful]).chunks, 1, "stored again");
+        s.sync_pinned(&after).unwrap();
+        assert_eq!(s.read(&ChunkId::of(doubtful)).unwrap(), doubtful);
+        drop(s);
+        let (s, _) = open(dir.path()).unwrap();
+        assert_eq!(s.read(&ChunkId::of(durable)).unwrap(), durable);
+        assert_eq!(s.read(&ChunkId::of(doubtful)).unwrap(), doubtful);
     }
 
     #[test]
