@@ -329,9 +329,8 @@ impl Inode {
     fn sync(&mut self) {
         let mut durable = self.live.clone();
         for r in &self.lost {
-            let end = r.end.min(durable.len());
-            for i in r.start.min(end)..end {
-                durable[i] = self.durable.get(i).copied().unwrap_or(0);
+            for (i, b) in durable.iter_mut().enumerate().take(r.end).skip(r.start) {
+                *b = self.durable.get(i).copied().unwrap_or(0);
             }
         }
         self.durable = durable;

@@ -14,7 +14,10 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use super::{Engine, RestoreJob, Server, State, new_tracker};
+use super::state::State;
+use super::tracking::new_tracker;
+use super::{Engine, RestoreJob, Server};
+use crate::catalog::Change;
 use crate::catalog::{SnapshotKind, SnapshotStatus};
 use crate::disk::{Disk, MemDisk};
 use crate::error::{Error, Result};
@@ -253,6 +256,34 @@ impl Engine {
                 state.tracking.remove(&server);
             }
         }
+    }
+
+    /// Persists (or clears) the mark saying the server's disk is being
+    /// restored from `snapshot`.
+    fn set_restoring_from(&self, server: ServerId, snapshot: Option<SnapshotId>) -> Result<()> {
+        let mut state = self.inner.state.lock();
+        let mut rec = state.server(server)?.clone();
+        if rec.restoring_from == snapshot && !state.restoring_in_doubt.contains(&server) {
+            return Ok(());
+        }
+        rec.restoring_from = snapshot;
+        let committed = self.inner.catalog.commit(&[Change::PutServer(&rec)]);
+        match (&committed, snapshot) {
+            (Ok(()), _) => {
+                state.restoring_in_doubt.remove(&server);
+                state.servers.insert(server, rec);
+            }
+            // The mark may be on disk: keep it here too (the server stays
+            // restoring, as the next open would say), and commit it again
+            // before any restore writes.
+            (Err(_), Some(_)) => {
+                state.restoring_in_doubt.insert(server);
+                state.servers.insert(server, rec);
+            }
+            // Clearing it failed: it stays set, here as on disk.
+            (Err(_), None) => {}
+        }
+        committed
     }
 
     /// The target's manifest, checked against its catalog entry.

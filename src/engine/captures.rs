@@ -1,0 +1,371 @@
+//! Captures: reserve a slot, read the disk into chunks and a manifest, and
+//! commit the snapshot completed (the durability order in `engine`).
+
+use std::time::SystemTime;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use crate::catalog::{
+    self, CaptureKind, CaptureStats, Change, FullReason, SnapshotKind, SnapshotRecord,
+    SnapshotStatus, check_cap,
+};
+use crate::dirty::DirtyBitmap;
+use crate::disk::Disk;
+use crate::error::{Error, Result};
+use crate::ids::{ChunkId, ServerId, SnapshotId};
+use crate::job::{Job, Progress};
+use crate::manifest::Manifest;
+use crate::refs::{self};
+use crate::store::Pins;
+use crate::tracking::Tracker;
+
+use super::Engine;
+use super::space::stored_size;
+use super::state::check_parent;
+use super::tracking::{new_tracker, tracked_mode};
+use super::types::{CaptureJob, Snapshot};
+use crate::capture::{self, CapturePlan, CaptureSettings};
+
+/// How a capture finds the disk's blocks.
+pub(super) enum CaptureMode {
+    Full(Option<FullReason>),
+    Incremental {
+        parent: SnapshotId,
+        dirty: DirtyBitmap,
+        /// The tracking generation the bitmap came from; `None` when the
+        /// caller passed it (then a missing parent is an error, not a
+        /// reason to read everything).
+        generation: Option<u64>,
+    },
+}
+
+pub(super) fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}
+
+pub(super) fn now_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+impl Engine {
+    /// Captures a snapshot of `server` and returns it once completed.
+    pub fn create_snapshot(
+        &self,
+        server: ServerId,
+        name: &str,
+        description: &str,
+    ) -> Result<Snapshot> {
+        self.start_snapshot(server, name, description)?.wait()
+    }
+
+    /// Reserves a snapshot slot and id at once and captures in the
+    /// background. The returned job holds the `in_progress` snapshot.
+    ///
+    /// The checks (name, server, restoring, the five-snapshot cap) and the
+    /// reservation are one step under the state lock, committed to the
+    /// catalog before this returns: racing callers never make a sixth.
+    ///
+    /// With change tracking on and a trusted tracker for the server, the
+    /// capture is incremental from the tracked snapshot; otherwise every
+    /// block is read (the snapshot's stats say why).
+    pub fn start_snapshot(
+        &self,
+        server: ServerId,
+        name: &str,
+        description: &str,
+    ) -> Result<CaptureJob> {
+        self.start_capture(server, name, description, None, SnapshotKind::Regular)
+    }
+
+    /// Captures a snapshot that reads only the blocks `dirty` marks and
+    /// takes every other block from `parent`, a completed snapshot of the
+    /// same server and disk length; returns it once completed. A sample of
+    /// the clean blocks is rehashed first (see
+    /// [`EngineOptions::clean_sample_rate`]); if any changed, the capture
+    /// reads everything and its stats say so.
+    ///
+    /// A bitmap that misses a written block is the caller's bug: the
+    /// snapshot keeps the parent's bytes for that block, unless the sample
+    /// happens to catch it.
+    pub fn create_incremental(
+        &self,
+        server: ServerId,
+        name: &str,
+        description: &str,
+        parent: SnapshotId,
+        dirty: DirtyBitmap,
+    ) -> Result<Snapshot> {
+        self.start_incremental(server, name, description, parent, dirty)?
+            .wait()
+    }
+
+    /// [`Engine::create_incremental`] in the background.
+    pub fn start_incremental(
+        &self,
+        server: ServerId,
+        name: &str,
+        description: &str,
+        parent: SnapshotId,
+        dirty: DirtyBitmap,
+    ) -> Result<CaptureJob> {
+        self.start_capture(
+            server,
+            name,
+            description,
+            Some((parent, dirty)),
+            SnapshotKind::Regular,
+        )
+    }
+
+    pub(super) fn start_capture(
+        &self,
+        server: ServerId,
+        name: &str,
+        description: &str,
+        explicit: Option<(SnapshotId, DirtyBitmap)>,
+        kind: SnapshotKind,
+    ) -> Result<CaptureJob> {
+        catalog::check_snapshot_name(name)?;
+        catalog::check_description(description)?;
+        let inner = &self.inner;
+        let disk_path = inner.state.lock().server(server)?.disk.clone();
+        let disk = (inner.options.disk_opener)(&disk_path, false)?;
+        let disk_len = disk.len()?;
+        let progress = Arc::new(Progress::default());
+        let (record, mode, previous, snapshot) = {
+            let mut state = inner.state.lock();
+            let srv = state.server(server)?;
+            // A safety snapshot is the first step of a restore, and the
+            // engine's own: neither the restore nor the cap stops it.
+            if kind == SnapshotKind::Regular {
+                state.check_not_restoring(srv)?;
+                check_cap(server, state.snapshots_of(server))?;
+            }
+            if let Some((parent, dirty)) = &explicit {
+                check_parent(&state, server, *parent, dirty, disk_len, inner.block_size)?;
+            }
+            let id = SnapshotId(state.next_snapshot_id);
+            let record = SnapshotRecord {
+                id,
+                server_id: server,
+                name: name.to_string(),
+                description: description.to_string(),
+                status: SnapshotStatus::InProgress,
+                created_at: now_rfc3339(),
+                stats: None,
+                error: None,
+                kind,
+            };
+            // The id is spent whatever the commit says: one that reported
+            // an error may have landed, and ids are never reused.
+            state.next_snapshot_id = id.0 + 1;
+            inner.catalog.commit(&[
+                Change::PutSnapshot(&record),
+                Change::NextSnapshotId(id.0 + 1),
+            ])?;
+            state.snapshots.insert(id, record.clone());
+            state.progress.insert(id, progress.clone());
+            let previous = if inner.options.change_tracking {
+                state.tracking.remove(&server)
+            } else {
+                None
+            };
+            let mode = match explicit {
+                Some((parent, dirty)) => CaptureMode::Incremental {
+                    parent,
+                    dirty,
+                    generation: None,
+                },
+                None => tracked_mode(&state, previous.as_ref(), disk_len),
+            };
+            if let CaptureMode::Incremental { parent, .. } = &mode {
+                state.capture_parents.insert(id, *parent);
+            }
+            if inner.options.change_tracking {
+                // Writes from now on are relative to this capture.
+                let tracker = new_tracker(id, disk_len, inner.block_size, previous.as_ref())?;
+                state.tracking.insert(server, tracker);
+            }
+            let view = state.snapshot_view(&record);
+            (record, mode, previous, view)
+        };
+        let engine = self.clone();
+        let job_progress = progress.clone();
+        let id = record.id;
+        let finisher = self.clone();
+        // Pinned until the snapshot is completed and counted (or failed).
+        let pins = inner.store.pin_scope();
+        let job_pins = pins.clone();
+        let job = Job::spawn(
+            format!("capture-{id}"),
+            progress,
+            move || engine.run_capture(&record, disk.as_ref(), mode, &job_pins, &job_progress),
+            move |outcome| {
+                let done = finisher.finish_capture(id, outcome, previous);
+                drop(pins);
+                done
+            },
+        )
+        .inspect_err(|e| {
+            let _ = self.finish_capture(id, Err(Error::WrongState(e.to_string())), None);
+        })?;
+        Ok(CaptureJob { snapshot, job })
+    }
+
+    /// Reads the disk and writes chunks and the manifest (steps 1 and 2 of
+    /// the durability order).
+    pub(super) fn run_capture(
+        &self,
+        rec: &SnapshotRecord,
+        disk: &dyn Disk,
+        mode: CaptureMode,
+        pins: &Pins,
+        progress: &Progress,
+    ) -> Result<(CaptureStats, Vec<ChunkId>)> {
+        let started = std::time::Instant::now();
+        let inner = &self.inner;
+        let bs = inner.block_size;
+        let settings = CaptureSettings {
+            block_size: bs,
+            compression_level: inner.compression_level.load(Ordering::Relaxed),
+            window_len: inner.options.window_len,
+            group_len: inner.group_len.load(Ordering::Relaxed) as usize,
+        };
+        let len = disk.len()?;
+        // Holes of a sparse image are zero without reading.
+        let data = disk.data_ranges()?;
+        let mut how = CaptureStats::default();
+        let full = |how: &mut CaptureStats, reason| {
+            how.full_reason = reason;
+            CapturePlan::full(len, bs, data.as_deref())
+        };
+        let plan = match mode {
+            CaptureMode::Full(reason) => full(&mut how, reason),
+            CaptureMode::Incremental {
+                parent,
+                dirty,
+                generation,
+            } => match inner.manifests.read(parent) {
+                Err(e) if generation.is_none() => return Err(e),
+                Err(_) => full(&mut how, Some(FullReason::BaseGone)),
+                Ok(p) if p.image_len != len || p.block_size != bs => {
+                    full(&mut how, Some(FullReason::DiskResized))
+                }
+                Ok(p) => {
+                    let runs = dirty.block_runs(bs)?;
+                    let seed = rec.id.0 ^ started.elapsed().as_nanos() as u64 ^ now_nanos();
+                    let rate = inner.options.clean_sample_rate;
+                    let sample = capture::sample_check(disk, p.blocks(), &runs, bs, rate, seed)?;
+                    how.sample_checked = sample.checked;
+                    how.sample_mismatches = sample.mismatches;
+                    if sample.mismatches > 0 {
+                        full(&mut how, Some(FullReason::SampleMismatch))
+                    } else {
+                        how.kind = CaptureKind::Incremental;
+                        how.parent = Some(parent);
+                        how.tracking_generation = generation;
+                        CapturePlan::incremental(p.blocks(), &runs, bs, data.as_deref())
+                    }
+                }
+            },
+        };
+        let captured = capture::capture(&inner.store, disk, &settings, plan, pins, progress)?;
+        let synced = std::time::Instant::now();
+        inner.store.sync_pinned(pins)?;
+        let manifest = Manifest::new(
+            rec.id,
+            rec.server_id,
+            bs,
+            captured.stats.image_len,
+            captured.blocks,
+        )?;
+        inner.manifests.write(&manifest)?;
+        let chunks = refs::distinct(manifest.blocks());
+        let stats = CaptureStats {
+            micros: started.elapsed().as_micros() as u64,
+            sync_micros: synced.elapsed().as_micros() as u64,
+            kind: how.kind,
+            parent: how.parent,
+            full_reason: how.full_reason,
+            sample_checked: how.sample_checked,
+            sample_mismatches: how.sample_mismatches,
+            tracking_generation: how.tracking_generation,
+            ..captured.stats
+        };
+        Ok((stats, chunks))
+    }
+
+    /// Step 3: the catalog commit that marks the snapshot completed (or
+    /// failed, with the reason).
+    pub(super) fn finish_capture(
+        &self,
+        id: SnapshotId,
+        outcome: Result<(CaptureStats, Vec<ChunkId>)>,
+        previous: Option<Tracker>,
+    ) -> Result<Snapshot> {
+        let mut state = self.inner.state.lock();
+        state.progress.remove(&id);
+        state.capture_parents.remove(&id);
+        let (outcome, chunks) = match outcome {
+            Ok((stats, chunks)) => (Ok(stats), chunks),
+            Err(e) => (Err(e), Vec::new()),
+        };
+        let mut rec = state.snapshot(id)?.clone();
+        let server = rec.server_id;
+        let ours = state.tracking.get(&server).is_some_and(|t| t.base == id);
+        if ours && outcome.is_ok() {
+            if let Some(t) = state.tracking.get_mut(&server) {
+                t.pending = false;
+            }
+        } else if let (true, Some(current)) = (ours, state.tracking.remove(&server)) {
+            // Not captured: the writes since count from the previous base.
+            if let Some(mut p) = previous.filter(|p| !p.pending)
+                && p.dirty.union_with(&current.dirty).is_ok()
+            {
+                p.trusted &= current.trusted;
+                state.tracking.insert(server, p);
+            }
+        }
+        match &outcome {
+            Ok(stats) => {
+                rec.status = SnapshotStatus::Completed;
+                rec.stats = Some(*stats);
+            }
+            Err(e) => {
+                rec.status = SnapshotStatus::Failed;
+                rec.error = Some(e.to_string());
+            }
+        }
+        let committed = self.inner.catalog.commit(&[Change::PutSnapshot(&rec)]);
+        if outcome.is_err() {
+            // Not completed: its manifest, if written, must not outlive it.
+            rec.status = SnapshotStatus::Failed;
+            let _ = self.inner.manifests.remove(id);
+        } else if let Err(e) = &committed {
+            // A commit that reported an error may still have reached the
+            // disk. Until the next open reads the truth (completed: kept;
+            // in progress: failed, manifest removed), the snapshot is in
+            // doubt: this process offers it as failed, but its manifest
+            // stays and its chunks count as needed, so no collection or
+            // delete in between can take what a completed snapshot needs.
+            rec.status = SnapshotStatus::Failed;
+            rec.error = Some(format!(
+                "the catalog commit completing it failed ({e}); whether it completed is known when the store is opened again"
+            ));
+            state.in_doubt.insert(id);
+        }
+        state.snapshots.insert(id, rec.clone());
+        if outcome.is_ok() {
+            let store = &self.inner.store;
+            if let Some(refs) = state.refs.as_mut() {
+                refs.add(id, &chunks, |c| stored_size(store, c));
+            }
+        }
+        committed?;
+        outcome?;
+        Ok(state.snapshot_view(&rec))
+    }
+}

@@ -1,0 +1,87 @@
+//! The store's lock file and what `open` repairs after a crash.
+
+use std::fs::{self, File, OpenOptions};
+
+use std::path::Path;
+
+use crate::catalog::{Catalog, Change, SnapshotStatus};
+use crate::error::{Error, IoContext, Result};
+use crate::manifest::Manifests;
+
+use super::LOCK_FILE;
+use super::state::State;
+use super::types::OpenReport;
+
+pub(super) fn lock_store(root: &Path) -> Result<File> {
+    let path = root.join(LOCK_FILE);
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .at(&path)?;
+    // A lock just released can stay held for a moment: a process forked
+    // (by anyone in this process) while the store was open keeps a copy of
+    // the descriptor, and with it the flock, until it execs. So a held lock
+    // is tried again for a short while before it means another owner.
+    let deadline = std::time::Instant::now() + LOCK_PATIENCE;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(fs::TryLockError::WouldBlock) => {
+                return Err(Error::StoreLocked {
+                    path: root.to_path_buf(),
+                });
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(Error::io(path, e)),
+        }
+    }
+}
+
+/// How long a held store lock is tried again before it means the store is
+/// in use (see `lock_store`).
+const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Applies the crash rules: captures left in progress become failed (and
+/// lose any manifest), manifests of no completed snapshot are removed,
+/// interrupted restores are reported.
+pub(super) fn recover(
+    catalog: &Catalog,
+    manifests: &Manifests,
+    state: &mut State,
+    report: &mut OpenReport,
+) -> Result<()> {
+    manifests.clean_temporaries()?;
+    let mut failed = Vec::new();
+    for rec in state.snapshots.values_mut() {
+        if rec.status == SnapshotStatus::InProgress {
+            rec.status = SnapshotStatus::Failed;
+            rec.error =
+                Some("interrupted: the process stopped before the capture completed".into());
+            failed.push(rec.clone());
+        }
+    }
+    if !failed.is_empty() {
+        let changes: Vec<Change<'_>> = failed.iter().map(Change::PutSnapshot).collect();
+        catalog.commit(&changes)?;
+        report.failed_captures = failed.iter().map(|r| r.id).collect();
+    }
+    for id in manifests.ids()? {
+        let completed = state
+            .snapshots
+            .get(&id)
+            .is_some_and(|s| s.status == SnapshotStatus::Completed);
+        if !completed {
+            manifests.remove(id)?;
+        }
+    }
+    report.interrupted_restores = state
+        .servers
+        .values()
+        .filter_map(|s| s.restoring_from.map(|snap| (s.id, snap)))
+        .collect();
+    Ok(())
+}
