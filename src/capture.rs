@@ -472,8 +472,8 @@ pub fn capture(
     let bs = settings.block_size as usize;
     let bs64 = bs as u64;
     if plan.base.len() as u64 != block_count(len, settings.block_size) {
-        return Err(Error::WrongState(format!(
-            "the disk is {len} bytes now, not the length this capture was planned for"
+        return Err(Error::DiskChanged(format!(
+            "it is {len} bytes now, not the length this capture was planned for"
         )));
     }
     let block_len = |i: u64| (len - i * bs64).min(bs64) as usize;
@@ -565,10 +565,10 @@ pub fn capture(
         drop(to_packer);
         let packed = packer
             .join()
-            .unwrap_or_else(|_| Err(Error::WrongState("capture packer panicked".into())));
+            .unwrap_or_else(|_| Err(Error::Internal("the capture packer panicked".into())));
         let written = writer
             .join()
-            .unwrap_or_else(|_| Err(Error::WrongState("capture writer panicked".into())));
+            .unwrap_or_else(|_| Err(Error::Internal("the capture writer panicked".into())));
         (read.and(packed), written)
     });
     // The writer's error first: it is the cause when both failed.
@@ -617,8 +617,8 @@ fn read_and_classify(
         .map(|(offset, piece)| {
             let read = disk.read_at(piece, offset)?;
             if read < piece.len() {
-                return Err(Error::WrongState(format!(
-                    "the disk shrank during capture (expected {len} bytes, ended at {})",
+                return Err(Error::DiskChanged(format!(
+                    "it shrank during the capture (expected {len} bytes, ended at {})",
                     offset + read as u64
                 )));
             }

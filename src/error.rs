@@ -6,7 +6,13 @@
 //! sentence. Nothing read from disk or given by a caller is trusted: bad input
 //! becomes [`Error::InvalidName`]/[`Error::InvalidParameter`], bad bytes on disk
 //! become [`Error::Corruption`]; neither ever panics. I/O errors carry the path
-//! they happened on.
+//! they happened on. A fault inside the engine (a panic caught at a thread's
+//! edge, a thread that cannot start) is [`Error::Internal`], never dressed up
+//! as a caller's mistake.
+//!
+//! [`Error::class`] is the one place that decides whose the error is: the
+//! command line's exit code (2 for the caller's, 1 for a fault) and the
+//! HTTP status (404, 400, or 500 with a generic body) both come from it.
 
 use std::path::PathBuf;
 
@@ -45,9 +51,28 @@ pub enum Error {
     )]
     SnapshotLimit { server: ServerId, limit: usize },
 
-    /// The server or snapshot is not in a state that allows the operation.
+    /// The server or snapshot is not in a state that allows the operation
+    /// (and waiting will not change that: something must be done first).
     #[error("{0}")]
     WrongState(String),
+
+    /// The server is busy with another operation; try again once it ends.
+    #[error("server {server} is {operation}; wait for it to finish and try again")]
+    Busy { server: ServerId, operation: String },
+
+    /// The store was opened read-only ([`crate::EngineOptions::read_only`]).
+    #[error("store {} is open read-only; {operation} needs it opened for writing", .path.display())]
+    ReadOnly { path: PathBuf, operation: String },
+
+    /// The disk changed under an operation that needs it still (its length
+    /// changed during a capture).
+    #[error("the disk changed during the operation: {0}; keep its length fixed and try again")]
+    DiskChanged(String),
+
+    /// A fault inside the engine: a panic caught where a thread ends, or a
+    /// thread that could not start. Not the caller's doing.
+    #[error("internal error: {0}")]
+    Internal(String),
 
     /// Another process (or another `Engine` in this one) holds the store.
     #[error("store {} is locked by another process; stop it or use another store", .path.display())]
@@ -111,25 +136,53 @@ pub enum Error {
     Catalog(String),
 }
 
+/// Whose an error is, which decides how it is answered (see the module doc).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ErrorClass {
+    /// The server or snapshot named does not exist (CLI exit 2, HTTP 404).
+    NotFound,
+    /// The request cannot be done as asked, now or at all: bad input, the
+    /// cap, a busy server, a locked store (CLI exit 2, HTTP 400).
+    Request,
+    /// The store, the disk, the machine or the engine failed (CLI exit 1,
+    /// HTTP 500 with a generic body; the details go to the log).
+    Fault,
+}
+
 impl Error {
+    /// Whose the error is: the one mapping the CLI and the API both use.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Error::ServerNotFound(_) | Error::SnapshotNotFound(_) => ErrorClass::NotFound,
+            Error::ServerExists(_)
+            | Error::InvalidName { .. }
+            | Error::InvalidParameter(_)
+            | Error::SnapshotLimit { .. }
+            | Error::WrongState(_)
+            | Error::Busy { .. }
+            | Error::ReadOnly { .. }
+            | Error::StoreLocked { .. }
+            | Error::NoStore { .. }
+            | Error::StoreExists { .. }
+            | Error::DiskTooSmall { .. } => ErrorClass::Request,
+            // The safety snapshot failed for its own reason: that decides.
+            Error::SafetySnapshot { source, .. } => source.class(),
+            Error::Corruption { .. }
+            | Error::ChunkMissing { .. }
+            | Error::VerifyFailed { .. }
+            | Error::StopHook { .. }
+            | Error::Io { .. }
+            | Error::Catalog(_)
+            | Error::DiskChanged(_)
+            | Error::Internal(_) => ErrorClass::Fault,
+        }
+    }
+
     /// True for errors caused by the caller's request rather than by the
-    /// store or the machine: the command-line exits 2 on these, 1 otherwise,
-    /// and the HTTP layer answers 4xx.
+    /// store, the machine or the engine ([`Error::class`] is not `Fault`).
     pub fn is_user_error(&self) -> bool {
-        matches!(
-            self,
-            Error::ServerNotFound(_)
-                | Error::ServerExists(_)
-                | Error::SnapshotNotFound(_)
-                | Error::InvalidName { .. }
-                | Error::InvalidParameter(_)
-                | Error::SnapshotLimit { .. }
-                | Error::WrongState(_)
-                | Error::StoreLocked { .. }
-                | Error::NoStore { .. }
-                | Error::StoreExists { .. }
-                | Error::DiskTooSmall { .. }
-        ) || matches!(self, Error::SafetySnapshot { source, .. } if source.is_user_error())
+        self.class() != ErrorClass::Fault
     }
 
     /// True when stored data failed a check.

@@ -57,14 +57,14 @@ impl<T: Send + 'static> Job<T> {
                         .map(|s| s.to_string())
                         .or_else(|| p.downcast_ref::<String>().cloned())
                         .unwrap_or_default();
-                    Err(Error::WrongState(format!("internal error: {what}")))
+                    Err(Error::Internal(format!("{what} (a panic)")))
                 });
             then(outcome)
         };
         let thread = std::thread::Builder::new()
             .name(name)
             .spawn(guarded)
-            .map_err(|e| Error::io("<thread spawn>", e))?;
+            .map_err(|e| Error::Internal(format!("cannot start a thread: {e}")))?;
         Ok(Job { thread, progress })
     }
 
@@ -87,6 +87,6 @@ impl<T: Send + 'static> Job<T> {
     pub fn wait(self) -> Result<T> {
         self.thread
             .join()
-            .unwrap_or_else(|_| Err(Error::WrongState("background job panicked".into())))
+            .unwrap_or_else(|_| Err(Error::Internal("a background job panicked".into())))
     }
 }

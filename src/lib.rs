@@ -72,7 +72,7 @@ pub use engine::{
     CaptureJob, Engine, OpenReport, RestoreJob, RestoreOptions, RestorePlanReport, Server,
     ServerRef, ServerState, Snapshot, StoreStats,
 };
-pub use error::{Error, Result};
+pub use error::{Error, ErrorClass, Result};
 pub use ids::{ChunkId, ServerId, SnapshotId};
 pub use job::{Job, Progress};
 pub use options::{

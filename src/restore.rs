@@ -237,7 +237,7 @@ pub fn apply(
         drop(to_writer);
         let wrote = writer
             .join()
-            .unwrap_or_else(|_| Err(Error::WrongState("restore writer panicked".into())));
+            .unwrap_or_else(|_| Err(Error::Internal("the restore writer panicked".into())));
         (fetched, wrote)
     });
     *written += done.into_inner();

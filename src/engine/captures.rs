@@ -135,6 +135,12 @@ impl Engine {
         let disk = (inner.options.disk_opener)(&disk_path, false)?;
         let disk_len = disk.len()?;
         let progress = Arc::new(Progress::default());
+        // Allocated before any lock; its base is set once the id is known.
+        let fresh = if inner.options.change_tracking {
+            Some(new_tracker(SnapshotId(0), disk_len, inner.block_size)?)
+        } else {
+            None
+        };
         let (record, mode, previous, snapshot) = {
             let mut state = inner.state.lock();
             let srv = state.server(server)?;
@@ -168,11 +174,11 @@ impl Engine {
             ])?;
             state.snapshots.insert(id, record.clone());
             state.progress.insert(id, progress.clone());
-            let previous = if inner.options.change_tracking {
-                state.tracking.remove(&server)
-            } else {
-                None
-            };
+            // Writes from now on are relative to this capture.
+            let previous = fresh.and_then(|mut t| {
+                t.base = id;
+                inner.tracking.lock().begin(server, t)
+            });
             let mode = match explicit {
                 Some((parent, dirty)) => CaptureMode::Incremental {
                     parent,
@@ -183,11 +189,6 @@ impl Engine {
             };
             if let CaptureMode::Incremental { parent, .. } = &mode {
                 state.capture_parents.insert(id, *parent);
-            }
-            if inner.options.change_tracking {
-                // Writes from now on are relative to this capture.
-                let tracker = new_tracker(id, disk_len, inner.block_size, previous.as_ref())?;
-                state.tracking.insert(server, tracker);
             }
             let view = state.snapshot_view(&record);
             (record, mode, previous, view)
@@ -210,7 +211,7 @@ impl Engine {
             },
         )
         .inspect_err(|e| {
-            let _ = self.finish_capture(id, Err(Error::WrongState(e.to_string())), None);
+            let _ = self.finish_capture(id, Err(Error::Internal(e.to_string())), None);
         })?;
         Ok(CaptureJob { snapshot, job })
     }
@@ -315,18 +316,22 @@ impl Engine {
         };
         let mut rec = state.snapshot(id)?.clone();
         let server = rec.server_id;
-        let ours = state.tracking.get(&server).is_some_and(|t| t.base == id);
-        if ours && outcome.is_ok() {
-            if let Some(t) = state.tracking.get_mut(&server) {
-                t.pending = false;
-            }
-        } else if let (true, Some(current)) = (ours, state.tracking.remove(&server)) {
-            // Not captured: the writes since count from the previous base.
-            if let Some(mut p) = previous.filter(|p| !p.pending)
-                && p.dirty.union_with(&current.dirty).is_ok()
-            {
-                p.trusted &= current.trusted;
-                state.tracking.insert(server, p);
+        {
+            let mut tracking = self.inner.tracking.lock();
+            let trackers = &mut tracking.trackers;
+            let ours = trackers.get(&server).is_some_and(|t| t.base == id);
+            if ours && outcome.is_ok() {
+                if let Some(t) = trackers.get_mut(&server) {
+                    t.pending = false;
+                }
+            } else if let (true, Some(current)) = (ours, trackers.remove(&server)) {
+                // Not captured: the writes since count from the previous base.
+                if let Some(mut p) = previous.filter(|p| !p.pending)
+                    && p.dirty.union_with(&current.dirty).is_ok()
+                {
+                    p.trusted &= current.trusted;
+                    trackers.insert(server, p);
+                }
             }
         }
         match &outcome {

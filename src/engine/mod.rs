@@ -47,7 +47,7 @@ pub use types::{
 
 use recovery::{lock_store, recover};
 use state::State;
-use tracking::load_tracking;
+use tracking::{Tracking, load_tracking};
 
 const LOCK_FILE: &str = "LOCK";
 const CATALOG_FILE: &str = "catalog";
@@ -71,8 +71,11 @@ struct Inner {
     catalog: Catalog,
     store: ChunkStore,
     state: Mutex<State>,
+    tracking: Mutex<Tracking>,
     report: OpenReport,
     last_auto_gc: Mutex<Option<std::result::Result<GcReport, String>>>,
+    /// Set once the store was closed ([`Engine::close`] or drop).
+    closed: bool,
     /// Held for the life of the store; the OS releases it if we die.
     _lock: File,
 }
@@ -139,14 +142,17 @@ impl Engine {
             next_snapshot_id: loaded.next_snapshot_id,
             live_restores: HashMap::new(),
             progress: HashMap::new(),
-            tracking: HashMap::new(),
             refs: None,
             capture_parents: HashMap::new(),
             in_doubt: HashSet::new(),
             restoring_in_doubt: HashSet::new(),
         };
         recover(&catalog, &manifests, &mut state, &mut report)?;
-        load_tracking(&catalog, &mut state, options.change_tracking)?;
+        let tracking = load_tracking(
+            &catalog,
+            state.servers.keys().copied(),
+            options.change_tracking,
+        )?;
         Ok(Engine {
             inner: Arc::new(Inner {
                 root: root.to_path_buf(),
@@ -158,11 +164,29 @@ impl Engine {
                 catalog,
                 store,
                 state: Mutex::new(state),
+                tracking: Mutex::new(tracking),
                 report,
                 last_auto_gc: Mutex::new(None),
+                closed: false,
                 _lock: lock,
             }),
         })
+    }
+
+    /// Closes the store and reports what dropping it would swallow: sealing
+    /// the open pack and the change trackers' clean hand-over. Fails with
+    /// [`Error::WrongState`] while another handle (a clone, or a running
+    /// capture's or restore's job) still holds the store: then this handle
+    /// is gone, and the last one to go closes the store (best effort).
+    pub fn close(self) -> Result<()> {
+        match Arc::try_unwrap(self.inner) {
+            Ok(mut inner) => inner.shutdown(),
+            Err(inner) => Err(Error::WrongState(format!(
+                "the store cannot close yet: {} other handles (clones or running jobs) hold it; \
+                 wait for the jobs and drop the clones",
+                Arc::strong_count(&inner) - 1
+            ))),
+        }
     }
 
     /// The store's directory.
@@ -243,6 +267,7 @@ impl Engine {
         self.inner.catalog.commit(&[Change::PutServer(&rec)])?;
         let view = state.server_view(&rec);
         state.servers.insert(id, rec);
+        self.inner.tracking.lock().servers.insert(id);
         Ok(view)
     }
 
@@ -323,28 +348,42 @@ impl Engine {
     }
 }
 
-impl Drop for Inner {
-    fn drop(&mut self) {
-        // Seal the open pack so the next open need not scan it.
-        let _ = self.store.close();
-        // The clean hand-over: no write can be missed until the next open.
-        // If this commit fails, the trackers stay unclean and the next
-        // captures read everything.
-        let state = self.state.get_mut();
-        if self.options.change_tracking && !state.tracking.is_empty() {
-            let changes: Vec<Change<'_>> = state
-                .tracking
+impl Inner {
+    /// Seals the open pack (so the next open need not scan it) and hands
+    /// the trackers over cleanly (no write can be missed until the next
+    /// open). Runs once; errors are reported, and both steps are tried.
+    fn shutdown(&mut self) -> Result<()> {
+        if std::mem::replace(&mut self.closed, true) {
+            return Ok(());
+        }
+        let sealed = self.store.close();
+        let handed = if self.options.change_tracking {
+            let rows = self.tracking.get_mut().hand_over();
+            let changes: Vec<Change<'_>> = rows
                 .iter()
-                .map(|(server, t)| {
-                    if t.pending {
-                        Change::RemoveTracking(*server)
-                    } else {
-                        Change::PutTracking(*server, t.encode(true))
-                    }
+                .map(|(server, row)| match row {
+                    Some(bytes) => Change::PutTracking(*server, bytes.clone()),
+                    None => Change::RemoveTracking(*server),
                 })
                 .collect();
-            let _ = self.catalog.commit(&changes);
-        }
+            if changes.is_empty() {
+                Ok(())
+            } else {
+                self.catalog.commit(&changes)
+            }
+        } else {
+            Ok(())
+        };
+        sealed.and(handed)
+    }
+}
+
+impl Drop for Inner {
+    /// The fallback for stores not closed with [`Engine::close`]: the same
+    /// steps, their errors unseen. If the hand-over fails, the trackers
+    /// stay unclean on disk and the next captures read everything.
+    fn drop(&mut self) {
+        let _ = self.shutdown();
     }
 }
 

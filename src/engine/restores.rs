@@ -176,7 +176,7 @@ impl Engine {
             let state = self.inner.state.lock();
             let server = restorable(&state, id)?;
             let resuming = state.server(server.id)?.restoring_from.is_some();
-            let tracker = state.tracking.get(&server.id).cloned();
+            let tracker = self.inner.tracking.lock().trackers.get(&server.id).cloned();
             (server, tracker, resuming)
         };
         let manifest = self.restore_manifest(&server, id)?;
@@ -247,13 +247,14 @@ impl Engine {
     pub(super) fn end_restore(&self, server: ServerId, id: SnapshotId, ok: bool) {
         let mut state = self.inner.state.lock();
         state.live_restores.remove(&server);
-        if state.tracking.get(&server).is_some_and(|t| t.base == id) {
+        let trackers = &mut self.inner.tracking.lock().trackers;
+        if trackers.get(&server).is_some_and(|t| t.base == id) {
             if ok {
-                if let Some(t) = state.tracking.get_mut(&server) {
+                if let Some(t) = trackers.get_mut(&server) {
                     t.pending = false;
                 }
             } else {
-                state.tracking.remove(&server);
+                trackers.remove(&server);
             }
         }
     }
@@ -335,12 +336,12 @@ impl Engine {
         };
         // Writes from now on are relative to the restored snapshot.
         let previous = if inner.options.change_tracking {
-            let mut state = inner.state.lock();
-            let previous = state.tracking.remove(&server.id);
-            let tracker = new_tracker(id, manifest.image_len, inner.block_size, previous.as_ref())?;
-            state.tracking.insert(server.id, tracker);
-            previous
+            let fresh = new_tracker(id, manifest.image_len, inner.block_size)?;
+            inner.tracking.lock().begin(server.id, fresh)
         } else {
+            // Tracked by no one in this process, the disk is about to change
+            // behind the tracker a tracking process saved: it goes first.
+            inner.catalog.commit(&[Change::RemoveTracking(server.id)])?;
             None
         };
         self.set_restoring_from(server.id, Some(id))?;
@@ -490,14 +491,16 @@ fn restorable(state: &State, id: SnapshotId) -> Result<Server> {
     let server_id = rec.server_id;
     let srv = state.server(server_id)?;
     if let Some(capturing) = state.capturing(server_id) {
-        return Err(Error::WrongState(format!(
-            "server {server_id} is capturing snapshot {capturing}; wait for it to finish"
-        )));
+        return Err(Error::Busy {
+            server: server_id,
+            operation: format!("capturing snapshot {capturing}"),
+        });
     }
     if let Some(other) = state.live_restores.get(&server_id) {
-        return Err(Error::WrongState(format!(
-            "server {server_id} is already being restored from snapshot {other}"
-        )));
+        return Err(Error::Busy {
+            server: server_id,
+            operation: format!("being restored from snapshot {other}"),
+        });
     }
     Ok(state.server_view(srv))
 }

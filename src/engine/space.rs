@@ -26,22 +26,29 @@ impl Engine {
     pub fn delete_snapshot(&self, id: SnapshotId) -> Result<()> {
         let mut state = self.inner.state.lock();
         let rec = state.snapshot(id)?;
+        let server = rec.server_id;
         if rec.status == SnapshotStatus::InProgress {
-            return Err(Error::WrongState(format!(
-                "snapshot {id} is still being created; wait for it to finish"
-            )));
+            return Err(Error::Busy {
+                server,
+                operation: format!("capturing snapshot {id}"),
+            });
         }
-        let restoring = state.live_restores.values().any(|s| *s == id)
-            || state.servers.values().any(|s| s.restoring_from == Some(id));
-        if restoring {
+        if state.live_restores.values().any(|s| *s == id) {
+            return Err(Error::Busy {
+                server,
+                operation: format!("being restored from snapshot {id}"),
+            });
+        }
+        if state.servers.values().any(|s| s.restoring_from == Some(id)) {
             return Err(Error::WrongState(format!(
-                "snapshot {id} is being restored from; wait for the restore to finish"
+                "server {server} was left half-restored from snapshot {id}; run that restore again before deleting it"
             )));
         }
         if let Some((child, _)) = state.capture_parents.iter().find(|(_, p)| **p == id) {
-            return Err(Error::WrongState(format!(
-                "snapshot {id} is the parent of snapshot {child}, still being created; wait for it to finish"
-            )));
+            return Err(Error::Busy {
+                server,
+                operation: format!("capturing snapshot {child} as an increment of snapshot {id}"),
+            });
         }
         let completed = state.holds_data(rec);
         // The counts need the chunk list, which goes with the manifest.

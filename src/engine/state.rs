@@ -10,7 +10,6 @@ use crate::error::{Error, Result};
 use crate::ids::{ServerId, SnapshotId};
 use crate::job::Progress;
 use crate::refs::Refs;
-use crate::tracking::Tracker;
 
 use super::types::{Server, ServerRef, ServerState, Snapshot};
 
@@ -21,8 +20,6 @@ pub(super) struct State {
     /// Restores running in this process: server -> snapshot.
     pub(super) live_restores: HashMap<ServerId, SnapshotId>,
     pub(super) progress: HashMap<SnapshotId, Arc<Progress>>,
-    /// Change tracking per server (only with `EngineOptions::change_tracking`).
-    pub(super) tracking: HashMap<ServerId, Tracker>,
     /// Reference counts and exclusive bytes, built on first need.
     pub(super) refs: Option<Refs>,
     /// Running incremental captures and their parents, which cannot be
@@ -110,10 +107,10 @@ impl State {
     /// Refuses to start anything on a server that is being restored.
     pub(super) fn check_not_restoring(&self, rec: &ServerRecord) -> Result<()> {
         if let Some(snap) = self.live_restores.get(&rec.id) {
-            return Err(Error::WrongState(format!(
-                "server {} is being restored from snapshot {snap}; wait for the restore to finish",
-                rec.id
-            )));
+            return Err(Error::Busy {
+                server: rec.id,
+                operation: format!("being restored from snapshot {snap}"),
+            });
         }
         if let Some(snap) = rec.restoring_from {
             return Err(Error::WrongState(format!(

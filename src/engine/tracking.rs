@@ -1,6 +1,8 @@
 //! Change tracking calls: guest writes reported by the embedder, adopted
 //! bitmaps, and the trackers' hand-over to and from the catalog.
 
+use std::collections::{HashMap, HashSet};
+
 use crate::catalog::{Catalog, Change, FullReason, SnapshotStatus};
 use crate::dirty::DirtyBitmap;
 use crate::error::{Error, Result};
@@ -36,48 +38,86 @@ pub(super) fn tracked_mode(state: &State, tracker: Option<&Tracker>, disk_len: u
     }
 }
 
-/// A tracker for a capture or restore of `base` just starting: no writes
-/// yet, the next generation.
-pub(super) fn new_tracker(
-    base: SnapshotId,
-    disk_len: u64,
-    block_size: u32,
-    previous: Option<&Tracker>,
-) -> Result<Tracker> {
+/// Change tracking's own state, behind its own lock (`Inner::tracking`):
+/// taken after `state` when both are needed, held only for in-memory work
+/// (never across a catalog commit, a manifest read, a GC or a capture), so
+/// that a guest write reported with [`Engine::record_write`] never waits
+/// on the disk.
+#[derive(Default)]
+pub(super) struct Tracking {
+    /// The registered servers, so that a write to an unknown one is
+    /// refused without the state lock.
+    pub(super) servers: HashSet<ServerId>,
+    /// Per server (with `EngineOptions::change_tracking` on).
+    pub(super) trackers: HashMap<ServerId, Tracker>,
+}
+
+impl Tracking {
+    /// Starts tracking `server` from `fresh` (a capture or restore of its
+    /// base just starting), in the next generation; returns the tracker it
+    /// replaces. Writes reported from now on count from the new base.
+    pub(super) fn begin(&mut self, server: ServerId, mut fresh: Tracker) -> Option<Tracker> {
+        let previous = self.trackers.remove(&server);
+        fresh.generation = previous.as_ref().map_or(1, |p| p.generation + 1);
+        self.trackers.insert(server, fresh);
+        previous
+    }
+
+    /// The catalog rows that hand the trackers over cleanly (on close).
+    pub(super) fn hand_over(&self) -> Vec<(ServerId, Option<Vec<u8>>)> {
+        self.trackers
+            .iter()
+            .map(|(server, t)| (*server, (!t.pending).then(|| t.encode(true))))
+            .collect()
+    }
+}
+
+/// A tracker for a capture or restore of `base` just starting (no writes
+/// yet); its generation is set by [`Tracking::begin`]. Allocated before
+/// any lock is taken.
+pub(super) fn new_tracker(base: SnapshotId, disk_len: u64, block_size: u32) -> Result<Tracker> {
     Ok(Tracker {
         base,
         pending: true,
         dirty: DirtyBitmap::new(disk_len, u64::from(block_size))?,
         trusted: true,
-        generation: previous.map_or(1, |p| p.generation + 1),
+        generation: 0,
     })
 }
 
-/// Loads the persisted trackers and marks them unclean on disk before any
-/// write can be reported (with tracking on), or forgets them (off).
-pub(super) fn load_tracking(catalog: &Catalog, state: &mut State, on: bool) -> Result<()> {
+/// Loads the persisted trackers of `servers` and marks them unclean on
+/// disk before any write can be reported. With tracking off they are left
+/// as they are, neither loaded nor changed (a look at the store must not
+/// make an agent's next captures full); a restore then removes its
+/// server's, since it changes the disk behind the tracker's back.
+pub(super) fn load_tracking(
+    catalog: &Catalog,
+    servers: impl IntoIterator<Item = ServerId>,
+    on: bool,
+) -> Result<Tracking> {
+    let mut tracking = Tracking {
+        servers: servers.into_iter().collect(),
+        trackers: HashMap::new(),
+    };
+    if !on {
+        return Ok(tracking);
+    }
     let rows = catalog.load_tracking()?;
     if rows.is_empty() {
-        return Ok(());
-    }
-    if !on {
-        let changes: Vec<Change<'_>> = rows
-            .iter()
-            .map(|(server, _)| Change::RemoveTracking(*server))
-            .collect();
-        return catalog.commit(&changes);
+        return Ok(tracking);
     }
     let mut changes = Vec::new();
     for (server, bytes) in rows {
-        match Tracker::decode(&bytes).filter(|_| state.servers.contains_key(&server)) {
+        match Tracker::decode(&bytes).filter(|_| tracking.servers.contains(&server)) {
             Some(t) => {
                 changes.push(Change::PutTracking(server, t.encode(false)));
-                state.tracking.insert(server, t);
+                tracking.trackers.insert(server, t);
             }
             None => changes.push(Change::RemoveTracking(server)),
         }
     }
-    catalog.commit(&changes)
+    catalog.commit(&changes)?;
+    Ok(tracking)
 }
 
 impl Engine {
@@ -99,9 +139,11 @@ impl Engine {
                     .into(),
             ));
         }
-        let mut state = self.inner.state.lock();
-        state.server(server)?;
-        if let Some(t) = state.tracking.get_mut(&server) {
+        let mut tracking = self.inner.tracking.lock();
+        if !tracking.servers.contains(&server) {
+            return Err(Error::ServerNotFound(server));
+        }
+        if let Some(t) = tracking.trackers.get_mut(&server) {
             t.record(offset, len);
         }
         Ok(())
@@ -127,38 +169,36 @@ impl Engine {
         }
         let inner = &self.inner;
         let bs = inner.block_size;
-        let mut state = inner.state.lock();
+        let state = inner.state.lock();
         let srv = state.server(server)?;
         state.check_not_restoring(srv)?;
         if let Some(capturing) = state.capturing(server) {
-            return Err(Error::WrongState(format!(
-                "server {server} is capturing snapshot {capturing}; wait for it to finish"
-            )));
+            return Err(Error::Busy {
+                server,
+                operation: format!("capturing snapshot {capturing}"),
+            });
         }
         check_parent(&state, server, base, dirty, dirty.disk_len(), bs)?;
-        let mut blocks = DirtyBitmap::new(dirty.disk_len(), u64::from(bs))?;
+        let mut tracker = new_tracker(base, dirty.disk_len(), bs)?;
         for run in dirty.block_runs(bs)? {
             for b in run {
-                blocks.set(b);
+                tracker.dirty.set(b);
             }
         }
-        let tracker = Tracker {
-            base,
-            pending: false,
-            dirty: blocks,
-            trusted: true,
-            generation: state.tracking.get(&server).map_or(1, |t| t.generation + 1),
-        };
-        let status = tracker.status();
-        state.tracking.insert(server, tracker);
-        Ok(status)
+        tracker.pending = false;
+        let mut tracking = inner.tracking.lock();
+        tracking.begin(server, tracker);
+        let status = tracking.trackers.get(&server).map(Tracker::status);
+        status.ok_or(Error::ServerNotFound(server))
     }
 
     /// The change tracking of `server`: `None` when off or not started (no
     /// snapshot or restore since it was turned on).
     pub fn tracking_status(&self, server: ServerId) -> Result<Option<TrackingStatus>> {
-        let state = self.inner.state.lock();
-        state.server(server)?;
-        Ok(state.tracking.get(&server).map(Tracker::status))
+        let tracking = self.inner.tracking.lock();
+        if !tracking.servers.contains(&server) {
+            return Err(Error::ServerNotFound(server));
+        }
+        Ok(tracking.trackers.get(&server).map(Tracker::status))
     }
 }

@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 
 use super::{App, MAX_BODY_LEN};
-use crate::error::Error;
+use crate::error::{Error, ErrorClass};
 use crate::ids::{ServerId, SnapshotId};
 
 /// The provider's words, verbatim: clients may show or match them.
@@ -43,22 +43,28 @@ impl ApiError {
     fn not_found(detail: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, detail)
     }
+
+    /// A fault on our side: a generic body, the details in the log.
+    fn internal() -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal error; the server's log has the details",
+        )
+    }
 }
 
 impl From<Error> for ApiError {
-    /// The one mapping from engine errors to HTTP statuses.
+    /// Engine errors as HTTP answers, by [`Error::class`]. A fault's
+    /// details (paths, causes) go to the server's log, not to the client.
     fn from(e: Error) -> Self {
-        let status = match &e {
-            Error::ServerNotFound(_) | Error::SnapshotNotFound(_) => StatusCode::NOT_FOUND,
-            Error::InvalidName { .. }
-            | Error::InvalidParameter(_)
-            | Error::SnapshotLimit { .. }
-            | Error::WrongState(_)
-            | Error::ServerExists(_)
-            | Error::DiskTooSmall { .. } => StatusCode::BAD_REQUEST,
-            _ => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        ApiError::new(status, e.to_string())
+        match e.class() {
+            ErrorClass::NotFound => ApiError::not_found(e.to_string()),
+            ErrorClass::Request => ApiError::bad_request(e.to_string()),
+            _ => {
+                eprintln!("blocksnap serve: {e}");
+                ApiError::internal()
+            }
+        }
     }
 }
 
@@ -83,10 +89,10 @@ async fn blocking<T: Send + 'static>(
 ) -> ApiResult<T> {
     match tokio::task::spawn_blocking(f).await {
         Ok(r) => r.map_err(ApiError::from),
-        Err(e) => Err(ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("internal error: {e}"),
-        )),
+        Err(e) => {
+            eprintln!("blocksnap serve: a request's task failed: {e}");
+            Err(ApiError::internal())
+        }
     }
 }
 

@@ -90,13 +90,15 @@ fn in_progress_snapshots_cannot_be_restored_or_deleted() {
     );
     assert!(fx.engine.capture_progress(id).is_some());
 
-    for err in [
-        fx.engine.restore_snapshot(id).unwrap_err(),
-        fx.engine.delete_snapshot(id).unwrap_err(),
-        fx.engine.verify(Some(id)).unwrap_err(),
-    ] {
-        assert!(matches!(err, Error::WrongState(_)), "{err}");
-    }
+    let err = fx.engine.restore_snapshot(id).unwrap_err();
+    assert!(matches!(err, Error::WrongState(_)), "{err}");
+    let err = fx.engine.delete_snapshot(id).unwrap_err();
+    assert!(
+        matches!(err, Error::Busy { server: ServerId(1), ref operation } if operation.contains("capturing")),
+        "{err}"
+    );
+    let err = fx.engine.verify(Some(id)).unwrap_err();
+    assert!(matches!(err, Error::WrongState(_)), "{err}");
     gate.open();
     let done = job.wait().unwrap();
     assert_eq!(done.status, SnapshotStatus::Completed);
@@ -124,7 +126,7 @@ fn a_capturing_server_cannot_be_restored() {
     let job = engine.start_snapshot(ServerId(1), "slow", "").unwrap();
     let err = engine.restore_snapshot(done.id).unwrap_err();
     assert!(
-        matches!(err, Error::WrongState(ref m) if m.contains("capturing")),
+        matches!(err, Error::Busy { ref operation, .. } if operation.contains("capturing")),
         "{err}"
     );
     gate.open();

@@ -5,7 +5,8 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 
 use blocksnap::{
-    CaptureKind, DirtyBitmap, EngineOptions, Error, FullReason, RestoreMethod, ServerId, SnapshotId,
+    CaptureKind, DirtyBitmap, EngineOptions, Error, FullReason, RestoreMethod, RestoreOptions,
+    ServerId, SnapshotId,
 };
 
 use crate::common::{BS, Fixture, disk_bytes};
@@ -297,20 +298,26 @@ fn a_clean_close_hands_tracking_over_and_a_crash_does_not() {
 }
 
 #[test]
-fn an_adopted_bitmap_is_trusted_and_opening_without_tracking_forgets() {
+fn an_adopted_bitmap_is_trusted_and_opening_without_tracking_keeps_the_trackers() {
     let fx = Fixture::with(tracking());
     let path = fx.server(1, "web", &disk_bytes(LEN, 9));
     let first = fx.engine.create_snapshot(ServerId(1), "v1", "").unwrap();
-    // Opened without tracking, nobody reports writes: tracking is dropped.
+    let before = fx.engine.tracking_status(ServerId(1)).unwrap().unwrap();
+    // A look at the store without tracking (an operator's `snapshot list`)
+    // reports no writes and changes no tracker.
     let fx = fx.reopen(EngineOptions::new());
     assert!(matches!(
         fx.engine.record_write(ServerId(1), 0, 1),
         Err(Error::WrongState(_))
     ));
-    write_at(&path, 3 * BS, b"written while untracked");
+    fx.engine.snapshots(None).unwrap();
+    fx.engine.create_snapshot(ServerId(1), "look", "").unwrap();
     let fx = fx.reopen(tracking());
-    assert_eq!(fx.engine.tracking_status(ServerId(1)).unwrap(), None);
-    // The hypervisor's own bitmap, handed over.
+    let after = fx.engine.tracking_status(ServerId(1)).unwrap().unwrap();
+    assert!(after.trusted && after.base == before.base && after.dirty_blocks == 0);
+    // The guest wrote while the agent's store was closed: the agent hands
+    // the hypervisor's own bitmap over.
+    write_at(&path, 3 * BS, b"written while untracked");
     let dirty = DirtyBitmap::from_ranges(LEN as u64, BS as u64, [(3 * BS as u64, 1)]).unwrap();
     let status = fx
         .engine
@@ -328,6 +335,31 @@ fn an_adopted_bitmap_is_trusted_and_opening_without_tracking_forgets() {
     let r = fx.engine.restore_snapshot(snap.id).unwrap();
     assert_eq!(r.method, RestoreMethod::Delta);
     assert!(std::fs::read(&path).unwrap() == v2);
+}
+
+#[test]
+fn a_restore_without_tracking_removes_the_saved_tracker() {
+    let fx = Fixture::with(tracking());
+    let path = fx.server(1, "web", &disk_bytes(LEN, 13));
+    let v1 = fx.engine.create_snapshot(ServerId(1), "v1", "").unwrap();
+    write_at(&path, 0, b"changed");
+    fx.engine.record_write(ServerId(1), 0, 7).unwrap();
+    fx.engine.create_snapshot(ServerId(1), "v2", "").unwrap();
+    // The disk changes behind the saved tracker's back: it must go.
+    let fx = fx.reopen(EngineOptions::new());
+    fx.engine.restore_snapshot(v1.id).unwrap();
+    let fx = fx.reopen(tracking());
+    assert_eq!(fx.engine.tracking_status(ServerId(1)).unwrap(), None);
+    let v3 = fx.engine.create_snapshot(ServerId(1), "v3", "").unwrap();
+    assert_eq!(v3.stats.unwrap().kind, CaptureKind::Full);
+    let bare = RestoreOptions {
+        safety_snapshot: false,
+        verify: true,
+    };
+    write_at(&path, 0, b"garbage");
+    fx.engine.record_write(ServerId(1), 0, 7).unwrap();
+    fx.engine.restore_snapshot_with(v3.id, bare).unwrap();
+    assert!(std::fs::read(&path).unwrap() == disk_bytes(LEN, 13));
 }
 
 #[test]
