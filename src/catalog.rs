@@ -225,8 +225,33 @@ pub struct Catalog {
     /// A format-1 catalog: its older values carry no CRC.
     legacy: std::sync::atomic::AtomicBool,
     /// Written only to check integrity, which redb does through `&mut`.
-    db: parking_lot::RwLock<Database>,
+    db: parking_lot::RwLock<Db>,
     path: PathBuf,
+}
+
+/// The database, open for writing or (a read-only engine) only reading.
+enum Db {
+    Writable(Database),
+    ReadOnly(redb::ReadOnlyDatabase),
+}
+
+impl Db {
+    fn begin_read(&self) -> std::result::Result<redb::ReadTransaction, redb::TransactionError> {
+        match self {
+            Db::Writable(db) => db.begin_read(),
+            Db::ReadOnly(db) => db.begin_read(),
+        }
+    }
+
+    fn begin_write(&self, path: &Path) -> Result<redb::WriteTransaction> {
+        match self {
+            Db::Writable(db) => Ok(db.begin_write()?),
+            Db::ReadOnly(_) => Err(Error::ReadOnly {
+                path: path.parent().unwrap_or(path).to_path_buf(),
+                operation: "a catalog change".into(),
+            }),
+        }
+    }
 }
 
 /// One change to apply in a catalog commit.
@@ -257,6 +282,42 @@ impl Catalog {
         no_panic(path, || Self::open_inner(path, create, fs))
     }
 
+    /// Opens an existing catalog without changing it: a catalog that needs
+    /// recovery (not closed cleanly) is an error, not repaired.
+    pub fn open_read_only(path: &Path, fs: Arc<dyn StoreFs>) -> Result<(Self, Loaded)> {
+        no_panic(path, || {
+            let file = match fs.open(path, OpenMode::Read) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(Error::NoStore {
+                        path: path.parent().unwrap_or(path).to_path_buf(),
+                    });
+                }
+                Err(e) => return Err(Error::io(path, e)),
+            };
+            let backend = Backend {
+                file,
+                path: path.to_path_buf(),
+            };
+            let db = match Database::builder().open_read_only_with_backend(backend) {
+                Err(redb::DatabaseError::RepairAborted) => {
+                    return Err(Error::WrongState(format!(
+                        "the catalog {} was not closed cleanly; open the store for writing once to recover it",
+                        path.display()
+                    )));
+                }
+                other => other?,
+            };
+            let catalog = Catalog {
+                legacy: std::sync::atomic::AtomicBool::new(false),
+                db: parking_lot::RwLock::new(Db::ReadOnly(db)),
+                path: path.to_path_buf(),
+            };
+            let loaded = catalog.load()?;
+            Ok((catalog, loaded))
+        })
+    }
+
     fn open_inner(
         path: &Path,
         create: Option<(u32, i32, u32)>,
@@ -280,14 +341,14 @@ impl Catalog {
         })?;
         let catalog = Catalog {
             legacy: std::sync::atomic::AtomicBool::new(false),
-            db: parking_lot::RwLock::new(db),
+            db: parking_lot::RwLock::new(Db::Writable(db)),
             path: path.to_path_buf(),
         };
         if !exists {
             let (block_size, level, group_len) = create.ok_or_else(|| Error::NoStore {
                 path: path.parent().unwrap_or(path).to_path_buf(),
             })?;
-            let tx = catalog.db.read().begin_write()?;
+            let tx = catalog.db.read().begin_write(path)?;
             {
                 let mut meta = tx.open_table(META)?;
                 meta.insert(META_FORMAT, CATALOG_FORMAT)?;
@@ -423,6 +484,11 @@ impl Catalog {
     pub fn check(&self) -> Result<()> {
         no_panic(&self.path, || {
             let mut db = self.db.write();
+            // redb checks (and repairs) only through a writable handle: a
+            // read-only catalog is read, not checked.
+            let Db::Writable(db) = &mut *db else {
+                return Ok(());
+            };
             match db.check_integrity() {
                 Ok(true) => Ok(()),
                 Ok(false) => Err(Error::corrupt(
@@ -452,7 +518,7 @@ impl Catalog {
     }
 
     fn set_meta_inner(&self, key: &str, value: u64) -> Result<()> {
-        let tx = self.db.read().begin_write()?;
+        let tx = self.db.read().begin_write(&self.path)?;
         tx.open_table(META)?.insert(key, value)?;
         tx.commit()?;
         Ok(())
@@ -474,7 +540,7 @@ impl Catalog {
     }
 
     fn commit_inner(&self, changes: &[Change<'_>]) -> Result<()> {
-        let tx = self.db.read().begin_write()?;
+        let tx = self.db.read().begin_write(&self.path)?;
         {
             let mut servers = tx.open_table(SERVERS)?;
             let mut snapshots = tx.open_table(SNAPSHOTS)?;

@@ -91,6 +91,41 @@ pub trait StoreFs: Send + Sync {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct StdFs;
 
+/// Another file system with every change refused (EROFS): what a
+/// read-only engine reads its store through, so that nothing it does can
+/// write, whatever path the code takes.
+pub(crate) struct ReadOnlyFs(pub(crate) Arc<dyn StoreFs>);
+
+fn read_only() -> io::Error {
+    io::Error::from_raw_os_error(libc::EROFS)
+}
+
+impl StoreFs for ReadOnlyFs {
+    fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Arc<dyn StoreFile>> {
+        match mode {
+            OpenMode::Read => self.0.open(path, mode),
+            _ => Err(read_only()),
+        }
+    }
+    fn rename(&self, _: &Path, _: &Path) -> io::Result<()> {
+        Err(read_only())
+    }
+    fn remove(&self, _: &Path) -> io::Result<()> {
+        Err(read_only())
+    }
+    fn sync_dir(&self, _: &Path) -> io::Result<()> {
+        Err(read_only())
+    }
+    fn list(&self, dir: &Path) -> io::Result<Vec<PathBuf>> {
+        self.0.list(dir)
+    }
+    fn create_dir_all(&self, _: &Path) -> io::Result<()> {
+        // Directories of an existing store exist; a missing one reads as
+        // empty through `list` failing, which the callers report.
+        Ok(())
+    }
+}
+
 impl StoreFile for File {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         FileExt::read_at(self, buf, offset)

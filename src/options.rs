@@ -55,6 +55,7 @@ pub struct EngineOptions {
     pub(crate) gc_max_unused: f64,
     pub(crate) auto_gc: bool,
     pub(crate) store_fs: Arc<dyn StoreFs>,
+    pub(crate) read_only: bool,
 }
 
 impl Default for EngineOptions {
@@ -72,6 +73,7 @@ impl Default for EngineOptions {
             gc_max_unused: DEFAULT_GC_MAX_UNUSED,
             auto_gc: false,
             store_fs: Arc::new(StdFs),
+            read_only: false,
         }
     }
 }
@@ -189,6 +191,19 @@ impl EngineOptions {
     /// [`crate::fsio::FaultFs`] to fail chosen calls.
     pub fn store_fs(mut self, fs: Arc<dyn StoreFs>) -> Self {
         self.store_fs = fs;
+        self
+    }
+
+    /// Opens an existing store only to read it: nothing on disk changes
+    /// (no crash recovery is applied, no tracker, pack, manifest or catalog
+    /// is written; captures left in progress by a crash are shown failed,
+    /// as the next writable open will make them), and calls that would
+    /// write fail with [`crate::Error::ReadOnly`]. Read-only opens of one
+    /// store may run side by side; beside a process that has it open for
+    /// writing, opening fails with [`crate::Error::StoreLocked`]. Cannot
+    /// be combined with change tracking. Default: off.
+    pub fn read_only(mut self, on: bool) -> Self {
+        self.read_only = on;
         self
     }
 

@@ -265,7 +265,16 @@ fn dispatch(cli: Cli) -> blocksnap::Result<i32> {
             block_size,
             compression,
         } => init(&store, block_size, compression),
-        Command::Server(cmd) => server(&open(&store)?, cmd),
+        Command::Server(cmd) => {
+            let engine = match cmd {
+                ServerCmd::List { .. } => open_read_only(&store)?,
+                _ => open(&store)?,
+            };
+            server(&engine, cmd)
+        }
+        Command::Snapshot(cmd @ SnapshotCmd::List { .. }) => {
+            snapshot(&open_read_only(&store)?, cmd)
+        }
         Command::Snapshot(cmd) => {
             // Only a restore from known state hands change tracking over.
             let tracking = matches!(
@@ -278,13 +287,17 @@ fn dispatch(cli: Cli) -> blocksnap::Result<i32> {
             snapshot(&open_with(&store, tracking)?, cmd)
         }
         Command::Gc { dry_run, json } => {
-            let engine = open(&store)?;
+            let engine = if dry_run {
+                open_read_only(&store)?
+            } else {
+                open(&store)?
+            };
             let report = engine.gc(dry_run)?;
             output::gc(&report, json);
             Ok(0)
         }
         Command::Stats { json } => {
-            output::stats(&open(&store)?.stats()?, json);
+            output::stats(&open_read_only(&store)?.stats()?, json);
             Ok(0)
         }
         Command::Verify { snapshot_id, json } => {
@@ -302,6 +315,24 @@ fn dispatch(cli: Cli) -> blocksnap::Result<i32> {
 
 fn open(store: &Path) -> blocksnap::Result<Engine> {
     open_with(store, false)
+}
+
+/// For commands that only look: changes nothing on disk (an agent's
+/// trackers, an unsealed pack, a crashed capture stay as they are). A
+/// store a crash left unrecovered is opened for writing instead, which
+/// recovers it, as before.
+fn open_read_only(store: &Path) -> blocksnap::Result<Engine> {
+    match EngineOptions::new()
+        .read_only(true)
+        .create(false)
+        .open(store)
+    {
+        Err(Error::WrongState(why)) => {
+            eprintln!("note: {why}; opening it for writing");
+            open(store)
+        }
+        other => other,
+    }
 }
 
 fn open_with(store: &Path, change_tracking: bool) -> blocksnap::Result<Engine> {

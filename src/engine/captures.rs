@@ -130,6 +130,7 @@ impl Engine {
     ) -> Result<CaptureJob> {
         catalog::check_snapshot_name(name)?;
         catalog::check_description(description)?;
+        self.writable("taking a snapshot")?;
         let inner = &self.inner;
         let disk_path = inner.state.lock().server(server)?.disk.clone();
         let disk = (inner.options.disk_opener)(&disk_path, false)?;

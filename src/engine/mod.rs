@@ -25,6 +25,7 @@ use parking_lot::Mutex;
 
 use crate::catalog::{self, Catalog, Change, ServerRecord, SnapshotStatus};
 use crate::error::{Error, IoContext, Result};
+use crate::fsio::{ReadOnlyFs, StoreFs};
 use crate::ids::{ServerId, SnapshotId};
 use crate::manifest::{Manifests, check_block_size};
 use crate::options::{DEFAULT_BLOCK_SIZE, DEFAULT_COMPRESSION_LEVEL, EngineOptions};
@@ -95,27 +96,43 @@ impl Engine {
             check_level(level)?;
         }
         let catalog_path = root.join(CATALOG_FILE);
-        if !catalog_path.exists() && !options.create {
+        let read_only = options.read_only;
+        if !catalog_path.exists() && (!options.create || read_only) {
             return Err(Error::NoStore {
                 path: root.to_path_buf(),
             });
+        }
+        if read_only && options.change_tracking {
+            return Err(Error::InvalidParameter(
+                "change tracking records writes in the store; a read-only open cannot have it"
+                    .into(),
+            ));
         }
         let create_with = options.block_size.unwrap_or(DEFAULT_BLOCK_SIZE);
         // The group length applies only to a store created now.
         if let (false, Some(group)) = (catalog_path.exists(), options.group_len) {
             check_group_len(group, create_with)?;
         }
-        fs::create_dir_all(root).at(root)?;
-        let lock = lock_store(root)?;
+        if !read_only {
+            fs::create_dir_all(root).at(root)?;
+        }
+        let lock = lock_store(root, read_only)?;
         let new_store = !catalog_path.exists();
         let level = options
             .compression_level
             .unwrap_or(DEFAULT_COMPRESSION_LEVEL);
-        let (catalog, loaded) = Catalog::open(
-            &catalog_path,
-            Some((create_with, level, options.group_len.unwrap_or(0))),
-            options.store_fs.clone(),
-        )?;
+        // Read-only, nothing can write, whatever path the code takes.
+        let store_fs: Arc<dyn StoreFs> = if read_only {
+            Arc::new(ReadOnlyFs(options.store_fs.clone()))
+        } else {
+            options.store_fs.clone()
+        };
+        let (catalog, loaded) = if read_only {
+            Catalog::open_read_only(&catalog_path, store_fs.clone())?
+        } else {
+            let create = (create_with, level, options.group_len.unwrap_or(0));
+            Catalog::open(&catalog_path, Some(create), store_fs.clone())?
+        };
         if let Some(bs) = options.block_size
             && bs != loaded.block_size
         {
@@ -124,9 +141,13 @@ impl Engine {
                 loaded.block_size
             )));
         }
-        let store_fs = options.store_fs.clone();
         let manifests = Manifests::open(root.join(MANIFEST_DIR), store_fs.clone())?;
-        let (store, recovery) = ChunkStore::open(&root.join(PACK_DIR), store_fs.clone())?;
+        let packs = root.join(PACK_DIR);
+        let (store, recovery) = if read_only {
+            ChunkStore::open_read_only(&packs, store_fs.clone())?
+        } else {
+            ChunkStore::open(&packs, store_fs.clone())?
+        };
         if new_store {
             sync_dir(store_fs.as_ref(), root)?;
         }
@@ -147,7 +168,7 @@ impl Engine {
             in_doubt: HashSet::new(),
             restoring_in_doubt: HashSet::new(),
         };
-        recover(&catalog, &manifests, &mut state, &mut report)?;
+        recover(&catalog, &manifests, &mut state, &mut report, !read_only)?;
         let tracking = load_tracking(
             &catalog,
             state.servers.keys().copied(),
@@ -189,6 +210,22 @@ impl Engine {
         }
     }
 
+    /// Refuses `operation` on a read-only engine.
+    fn writable(&self, operation: &str) -> Result<()> {
+        if self.inner.options.read_only {
+            return Err(Error::ReadOnly {
+                path: self.inner.root.clone(),
+                operation: operation.into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// True when opened with [`EngineOptions::read_only`].
+    pub fn is_read_only(&self) -> bool {
+        self.inner.options.read_only
+    }
+
     /// The store's directory.
     pub fn root(&self) -> &Path {
         &self.inner.root
@@ -208,6 +245,7 @@ impl Engine {
     /// Stored chunks keep theirs: every record says how it is compressed.
     pub fn set_compression_level(&self, level: i32) -> Result<()> {
         check_level(level)?;
+        self.writable("changing the compression level")?;
         let _state = self.inner.state.lock();
         self.inner.catalog.set_compression_level(level)?;
         self.inner.compression_level.store(level, Ordering::Relaxed);
@@ -224,6 +262,7 @@ impl Engine {
     /// 0, or two blocks to 4 MiB. Stored records keep theirs.
     pub fn set_group_len(&self, bytes: u32) -> Result<()> {
         check_group_len(bytes, self.inner.block_size)?;
+        self.writable("changing the group length")?;
         let _state = self.inner.state.lock();
         self.inner.catalog.set_group_len(bytes)?;
         self.inner.group_len.store(bytes, Ordering::Relaxed);
@@ -249,6 +288,7 @@ impl Engine {
     /// need not exist yet). The path is stored absolute.
     pub fn add_server(&self, id: ServerId, name: &str, disk: impl AsRef<Path>) -> Result<Server> {
         catalog::check_server_name(name)?;
+        self.writable("adding a server")?;
         let disk = disk.as_ref();
         if disk.as_os_str().is_empty() {
             return Err(Error::InvalidParameter("the disk path is empty".into()));

@@ -12,21 +12,32 @@ use super::LOCK_FILE;
 use super::state::State;
 use super::types::OpenReport;
 
-pub(super) fn lock_store(root: &Path) -> Result<File> {
+/// Takes the store's lock: exclusive to write, shared to only read (read-only
+/// opens may run side by side, never beside a writer).
+pub(super) fn lock_store(root: &Path, shared: bool) -> Result<File> {
     let path = root.join(LOCK_FILE);
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .at(&path)?;
+    let file = if shared {
+        OpenOptions::new().read(true).open(&path).at(&path)?
+    } else {
+        OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .at(&path)?
+    };
     // A lock just released can stay held for a moment: a process forked
     // (by anyone in this process) while the store was open keeps a copy of
     // the descriptor, and with it the flock, until it execs. So a held lock
     // is tried again for a short while before it means another owner.
     let deadline = std::time::Instant::now() + LOCK_PATIENCE;
     loop {
-        match file.try_lock() {
+        let locked = if shared {
+            file.try_lock_shared()
+        } else {
+            file.try_lock()
+        };
+        match locked {
             Ok(()) => return Ok(file),
             Err(fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
                 std::thread::sleep(std::time::Duration::from_millis(10));
@@ -47,14 +58,19 @@ const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_millis(500)
 
 /// Applies the crash rules: captures left in progress become failed (and
 /// lose any manifest), manifests of no completed snapshot are removed,
-/// interrupted restores are reported.
+/// interrupted restores are reported. Without `write` (a read-only open),
+/// only the in-memory view changes: it shows what the next writable open
+/// will make of the store.
 pub(super) fn recover(
     catalog: &Catalog,
     manifests: &Manifests,
     state: &mut State,
     report: &mut OpenReport,
+    write: bool,
 ) -> Result<()> {
-    manifests.clean_temporaries()?;
+    if write {
+        manifests.clean_temporaries()?;
+    }
     let mut failed = Vec::new();
     for rec in state.snapshots.values_mut() {
         if rec.status == SnapshotStatus::InProgress {
@@ -65,11 +81,13 @@ pub(super) fn recover(
         }
     }
     if !failed.is_empty() {
-        let changes: Vec<Change<'_>> = failed.iter().map(Change::PutSnapshot).collect();
-        catalog.commit(&changes)?;
+        if write {
+            let changes: Vec<Change<'_>> = failed.iter().map(Change::PutSnapshot).collect();
+            catalog.commit(&changes)?;
+        }
         report.failed_captures = failed.iter().map(|r| r.id).collect();
     }
-    for id in manifests.ids()? {
+    for id in manifests.ids()?.into_iter().filter(|_| write) {
         let completed = state
             .snapshots
             .get(&id)

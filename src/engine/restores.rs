@@ -114,6 +114,7 @@ impl Engine {
         id: SnapshotId,
         options: RestoreOptions,
     ) -> Result<RestoreJob> {
+        self.writable("restoring a snapshot")?;
         let server = {
             let mut state = self.inner.state.lock();
             let server = restorable(&state, id)?;

@@ -24,6 +24,7 @@ impl Engine {
     /// Deletes a snapshot: catalog entry first, then its manifest. Its
     /// chunks stay until garbage collection.
     pub fn delete_snapshot(&self, id: SnapshotId) -> Result<()> {
+        self.writable("deleting a snapshot")?;
         let mut state = self.inner.state.lock();
         let rec = state.snapshot(id)?;
         let server = rec.server_id;
@@ -150,6 +151,9 @@ impl Engine {
     /// deletes run. With `dry_run`, changes nothing and reports what it
     /// would do.
     pub fn gc(&self, dry_run: bool) -> Result<GcReport> {
+        if !dry_run {
+            self.writable("collecting garbage")?;
+        }
         self.account_space()?;
         let needed = |id: &ChunkId| self.needed(id);
         self.inner.store.gc(

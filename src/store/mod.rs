@@ -253,14 +253,27 @@ fn pin_key(id: &ChunkId) -> [u8; 16] {
 impl ChunkStore {
     /// Opens (creating if needed) the pack directory and rebuilds the index.
     pub fn open(dir: &Path, fs: Arc<dyn StoreFs>) -> Result<(Self, Recovery)> {
-        fs.create_dir_all(dir).at(dir)?;
-        gc::remove_leftovers(fs.as_ref(), dir)?;
+        Self::open_as(dir, fs, false)
+    }
+
+    /// Opens the packs without changing them: packs a crash left unsealed
+    /// are scanned (their torn tails skipped, not cut) and left unsealed,
+    /// and GC's leftovers stay for the next writable open.
+    pub fn open_read_only(dir: &Path, fs: Arc<dyn StoreFs>) -> Result<(Self, Recovery)> {
+        Self::open_as(dir, fs, true)
+    }
+
+    fn open_as(dir: &Path, fs: Arc<dyn StoreFs>, read_only: bool) -> Result<(Self, Recovery)> {
+        if !read_only {
+            fs.create_dir_all(dir).at(dir)?;
+            gc::remove_leftovers(fs.as_ref(), dir)?;
+        }
         let mut recovery = Recovery::default();
         let mut all = Vec::new();
         let mut max_seq = 0;
         for (seq, path) in list_packs(fs.as_ref(), dir)? {
             max_seq = max_seq.max(seq);
-            match load_pack(fs.as_ref(), &path, &mut recovery) {
+            match load_pack(fs.as_ref(), &path, &mut recovery, read_only) {
                 Ok(entries) => all.extend(entries.into_iter().map(|e| {
                     let loc = ChunkLoc {
                         pack: seq,
@@ -758,9 +771,19 @@ fn list_packs(fs: &dyn StoreFs, dir: &Path) -> Result<Vec<(u32, PathBuf)>> {
 }
 
 /// Reads a pack's index: from its trailer when sealed, else by a forward scan
-/// that cuts the torn tail and seals the pack.
-fn load_pack(fs: &dyn StoreFs, path: &Path, recovery: &mut Recovery) -> Result<Vec<IndexEntry>> {
-    let file = fs.open(path, OpenMode::ReadWrite).at(path)?;
+/// that cuts the torn tail and seals the pack (`read_only`: only scans).
+fn load_pack(
+    fs: &dyn StoreFs,
+    path: &Path,
+    recovery: &mut Recovery,
+    read_only: bool,
+) -> Result<Vec<IndexEntry>> {
+    let mode = if read_only {
+        OpenMode::Read
+    } else {
+        OpenMode::ReadWrite
+    };
+    let file = fs.open(path, mode).at(path)?;
     let file = file.as_ref();
     let len = file.len().at(path)?;
     if len >= (PACK_HEADER_LEN + TRAILER_LEN) as u64 {
@@ -778,6 +801,14 @@ fn load_pack(fs: &dyn StoreFs, path: &Path, recovery: &mut Recovery) -> Result<V
         }
     }
     let mut header = [0u8; PACK_HEADER_LEN];
+    if read_only {
+        if len < PACK_HEADER_LEN as u64 {
+            return Ok(Vec::new());
+        }
+        file.read_exact_at(&mut header, 0).at(path)?;
+        pack::check_pack_header(&header).map_err(|w| Error::corrupt(path, w))?;
+        return scan_records(file, path, len).map(|(entries, _)| entries);
+    }
     if len < PACK_HEADER_LEN as u64 {
         // Created by a crash before its header reached the disk: empty.
         file.set_len(0).at(path)?;

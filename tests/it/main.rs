@@ -14,6 +14,7 @@ mod gc;
 mod incremental;
 mod persistence;
 mod powercut;
+mod read_only;
 mod restore;
 mod roundtrip;
 mod undo;
