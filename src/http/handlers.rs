@@ -9,6 +9,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 
 use super::{App, MAX_BODY_LEN};
+use crate::catalog::SnapshotKind;
 use crate::error::{Error, ErrorClass};
 use crate::ids::{ServerId, SnapshotId};
 
@@ -105,11 +106,23 @@ pub async fn list(
         return Err(ApiError::bad_request("malformed query string"));
     };
     let server = parse_server_filter(&pairs)?;
+    let include_safety = parse_include_safety(&pairs)?;
     let engine = app.engine.clone();
     let all = blocking(move || engine.snapshots(None)).await?;
-    let results: Vec<_> = all
+    // A server keeps at most five snapshots, as documented: the safety
+    // snapshots restores take are listed only when asked for, with a
+    // `kind` on every snapshot to tell them apart.
+    let results: Vec<Value> = all
         .into_iter()
         .filter(|s| server.is_none_or(|id| s.server.id == id))
+        .filter(|s| include_safety || s.kind == SnapshotKind::Regular)
+        .map(|s| {
+            let mut v = serde_json::to_value(&s).unwrap_or_default();
+            if let (true, Value::Object(m)) = (include_safety, &mut v) {
+                m.insert("kind".into(), Value::String(s.kind.as_str().into()));
+            }
+            v
+        })
         .collect();
     Ok(Json(json!({ "count": results.len(), "results": results })))
 }
@@ -129,6 +142,23 @@ fn parse_server_filter(pairs: &[(String, String)]) -> ApiResult<Option<ServerId>
         found = Some(ServerId(id));
     }
     Ok(found)
+}
+
+/// The `include_safety` query parameter: `true` or `false` (the default).
+fn parse_include_safety(pairs: &[(String, String)]) -> ApiResult<bool> {
+    let mut include = false;
+    for (key, value) in pairs.iter().filter(|(k, _)| k == "include_safety") {
+        include = match value.as_str() {
+            "true" => true,
+            "false" => false,
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "{key} must be true or false, not {value:?}"
+                )));
+            }
+        };
+    }
+    Ok(include)
 }
 
 /// `POST /api/v1/snapshots/`

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Latency of Engine::record_write (a 4 KiB guest write reported every
+# 200 us) while another thread loops capture, delete and GC on the same
+# 512 MiB disk: examples/record_write_latency.rs, run in turn for this
+# tree and, with BASELINE=<git revision>, for that revision (built in a
+# worktree with the same example copied in), so both figures come from
+# one run on the same machine. Fills docs/BENCHMARKS.md (record-write).
+#
+# Usage: [BASELINE=17cb583] bench/record_write.sh [SECONDS [ROUNDS]]
+#        (default 20 s, 2 rounds alternating baseline and this tree)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+seconds=${1:-20}
+rounds=${2:-2}
+cargo build --release --quiet --example record_write_latency
+ours=target/release/examples/record_write_latency
+base_bin=""
+if [[ -n "${BASELINE:-}" ]]; then
+    wt=/tmp/blocksnap-baseline-$BASELINE
+    [[ -d $wt ]] || git worktree add -q "$wt" "$BASELINE"
+    # Older trees have no Error::Internal.
+    sed 's/blocksnap::Error::Internal(/blocksnap::Error::WrongState(/' \
+        examples/record_write_latency.rs > "$wt/examples/record_write_latency.rs"
+    (cd "$wt" && CARGO_TARGET_DIR=/tmp/blocksnap-baseline-target \
+        cargo build --release --quiet --example record_write_latency)
+    base_bin=/tmp/blocksnap-baseline-target/release/examples/record_write_latency
+fi
+out=$(mktemp)
+trap 'rm -f "$out"' EXIT
+for round in $(seq "$rounds"); do
+    if [[ -n $base_bin ]]; then
+        echo "baseline $BASELINE $($base_bin "$seconds")" | tee -a "$out"
+    fi
+    echo "this-tree $(git rev-parse --short HEAD) $($ours "$seconds")" | tee -a "$out"
+done
+python3 - "$out" "$seconds" <<'EOF'
+import json, sys
+sys.path.insert(0, "bench")
+from doc_table import write_table
+rows = []
+for line in open(sys.argv[1]):
+    who, rev, js = line.split(" ", 2)
+    r = json.loads(js)
+    rows.append(f"| {who} ({rev}) | {r['writes']:,} | {r['p50_us']:.2f} | {r['p99_us']:.2f} | "
+                f"{r['p999_us']:.2f} | {r['max_us']:.1f} | {r['background_loops']} |")
+lines = ["| engine | writes | p50 µs | p99 µs | p99.9 µs | max µs | capture+delete+GC loops |",
+         "|---|---|---|---|---|---|---|"] + rows
+write_table("docs/BENCHMARKS.md", "record-write", lines,
+            heading="## record_write latency under capture, delete and GC")
+EOF
