@@ -20,7 +20,6 @@ use std::fs::File;
 use std::hint::black_box;
 use std::os::unix::fs::FileExt;
 
-use blocksnap::DEFAULT_COMPRESSION_LEVEL;
 use blocksnap::disk::{FileDisk, MemDisk};
 use blocksnap::hotcore::HotCore;
 use blocksnap::sample::synthetic;
@@ -32,7 +31,7 @@ const BLOCK: usize = 64 << 10;
 
 thread_local! {
     static ZC: RefCell<zstd::bulk::Compressor<'static>> =
-        RefCell::new(zstd::bulk::Compressor::new(DEFAULT_COMPRESSION_LEVEL).unwrap());
+        RefCell::new(zstd::bulk::Compressor::new(blocksnap::Compression::default().level()).unwrap());
     static ZD: RefCell<zstd::bulk::Decompressor<'static>> =
         RefCell::new(zstd::bulk::Decompressor::new().unwrap());
 }
@@ -50,7 +49,7 @@ fn hotcore(c: &mut Criterion) {
         let core = HotCore::open(
             &dir.path().join("packs"),
             BLOCK as u32,
-            DEFAULT_COMPRESSION_LEVEL,
+            blocksnap::Compression::default().level(),
         )
         .unwrap();
         let disk = MemDisk::new(bytes.clone());
@@ -78,7 +77,7 @@ fn hotcore(c: &mut Criterion) {
                     let core = HotCore::open(
                         &d.path().join("packs"),
                         BLOCK as u32,
-                        DEFAULT_COMPRESSION_LEVEL,
+                        blocksnap::Compression::default().level(),
                     )
                     .unwrap();
                     (d, core)

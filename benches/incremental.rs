@@ -22,10 +22,10 @@ use std::hint::black_box;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 
+use blocksnap::DirtyBitmap;
 use blocksnap::disk::{FileDisk, MemDisk};
 use blocksnap::hotcore::HotCore;
 use blocksnap::sample::{Rng, fill_region};
-use blocksnap::{DEFAULT_COMPRESSION_LEVEL, DirtyBitmap};
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use rayon::prelude::*;
 
@@ -34,7 +34,7 @@ const BLOCK: usize = 64 << 10;
 
 thread_local! {
     static ZC: RefCell<zstd::bulk::Compressor<'static>> =
-        RefCell::new(zstd::bulk::Compressor::new(DEFAULT_COMPRESSION_LEVEL).unwrap());
+        RefCell::new(zstd::bulk::Compressor::new(blocksnap::Compression::default().level()).unwrap());
     static ZD: RefCell<zstd::bulk::Decompressor<'static>> =
         RefCell::new(zstd::bulk::Decompressor::new().unwrap());
 }
@@ -43,7 +43,7 @@ fn core(dir: &tempfile::TempDir) -> HotCore {
     HotCore::open(
         &dir.path().join("packs"),
         BLOCK as u32,
-        DEFAULT_COMPRESSION_LEVEL,
+        blocksnap::Compression::default().level(),
     )
     .unwrap()
 }

@@ -16,7 +16,7 @@ fn main() {
     let level: i32 = args
         .get(2)
         .and_then(|l| l.parse().ok())
-        .unwrap_or(blocksnap::DEFAULT_COMPRESSION_LEVEL);
+        .unwrap_or(blocksnap::Compression::default().level());
     let bytes = match source.split_once(':') {
         Some((mib, kind)) => synthetic(kind, mib.parse::<usize>().unwrap_or(512) << 20),
         None => std::fs::read(source).unwrap_or_else(|e| panic!("{source}: {e}")),

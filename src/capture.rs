@@ -27,7 +27,6 @@ use std::sync::mpsc::{channel, sync_channel};
 
 use rayon::prelude::*;
 
-use crate::catalog::CaptureStats;
 use crate::disk::{Disk, is_zero};
 use crate::error::{Error, Result};
 use crate::ids::ChunkId;
@@ -35,6 +34,7 @@ use crate::job::Progress;
 use crate::manifest::block_count;
 use crate::store::pack::{self, ChunkRecord, GroupRecord, MAX_GROUP_MEMBERS};
 use crate::store::{Appended, ChunkStore, NewRecord, Pins};
+use crate::types::CaptureStats;
 use crate::window::task_len;
 
 /// Window buffers in use at once: one being filled and classified, one

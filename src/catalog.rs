@@ -3,9 +3,7 @@
 //! catalog stays readable with generic tools; the schema is in
 //! docs/FORMAT.md ("Catalog").
 //!
-//! This module also holds the pure policy functions (names, the cap, which
-//! states allow which operation): they take records and answer, so they are
-//! tested without a store.
+//! Only persistence lives here; the rules (names, the cap) are in `policy`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -17,15 +15,8 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, IoContext, Result};
 use crate::fsio::{OpenMode, StoreFile, StoreFs};
 use crate::ids::{ServerId, SnapshotId};
+use crate::types::{CaptureStats, SnapshotKind, SnapshotStatus};
 
-/// At most this many counted (in-progress or completed) snapshots per server.
-pub const MAX_SNAPSHOTS_PER_SERVER: usize = 5;
-/// Longest snapshot name, in characters.
-pub const MAX_NAME_LEN: usize = 64;
-/// Longest snapshot description, in characters.
-pub const MAX_DESCRIPTION_LEN: usize = 1024;
-/// Longest server name, in characters.
-pub const MAX_SERVER_NAME_LEN: usize = 255;
 /// Version of the catalog schema this code writes.
 /// 2: every JSON value ends with the CRC32 of its bytes (little-endian),
 /// because redb checks its pages' checksums only when repairing, not on
@@ -55,130 +46,6 @@ pub struct ServerRecord {
     /// Set while a restore from this snapshot has started and not finished;
     /// survives a crash, so a half-restored disk is never reported idle.
     pub restoring_from: Option<SnapshotId>,
-}
-
-/// Lifecycle of a snapshot.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SnapshotStatus {
-    InProgress,
-    Completed,
-    Failed,
-}
-
-impl SnapshotStatus {
-    /// The API's spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SnapshotStatus::InProgress => "in_progress",
-            SnapshotStatus::Completed => "completed",
-            SnapshotStatus::Failed => "failed",
-        }
-    }
-}
-
-/// How a capture found the disk's blocks.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum CaptureKind {
-    /// Every block read and hashed (holes of a sparse image excepted).
-    #[default]
-    Full,
-    /// Only the blocks a dirty bitmap marks read; the rest taken from the
-    /// parent snapshot.
-    Incremental,
-}
-
-/// Why a capture read the whole disk although it could have been
-/// incremental.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FullReason {
-    /// No change tracking for the server yet (no snapshot or restore since
-    /// the store was opened, or the first snapshot).
-    NoTracking,
-    /// The tracked bitmap was not handed over cleanly (the engine was not
-    /// closed cleanly), so it may miss writes.
-    Untrusted,
-    /// The snapshot the tracking started from was deleted or failed.
-    BaseGone,
-    /// The disk's length changed since that snapshot.
-    DiskResized,
-    /// Rehashing a sample of the blocks the bitmap called clean found some
-    /// changed: the bitmap missed writes.
-    SampleMismatch,
-}
-
-impl FullReason {
-    /// Words for users.
-    pub fn describe(self) -> &'static str {
-        match self {
-            FullReason::NoTracking => "no change tracking yet",
-            FullReason::Untrusted => "change tracking was not handed over cleanly",
-            FullReason::BaseGone => "the tracked snapshot is gone",
-            FullReason::DiskResized => "the disk changed length",
-            FullReason::SampleMismatch => "a sample of blocks the bitmap called clean had changed",
-        }
-    }
-}
-
-/// What a completed capture found and stored.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct CaptureStats {
-    pub kind: CaptureKind,
-    /// The snapshot an incremental capture took its clean blocks from.
-    pub parent: Option<SnapshotId>,
-    /// Why a capture that could have been incremental read everything.
-    pub full_reason: Option<FullReason>,
-    /// Blocks and bytes read from the disk (holes and clean blocks are not).
-    pub blocks_read: u64,
-    pub bytes_read: u64,
-    /// Blocks a dirty bitmap called clean that were rehashed as a check,
-    /// and how many of them had changed.
-    pub sample_checked: u64,
-    pub sample_mismatches: u64,
-    /// The change-tracking generation whose bitmap an incremental capture
-    /// used (tracked captures only).
-    pub tracking_generation: Option<u64>,
-    /// Length of the disk in bytes.
-    pub image_len: u64,
-    /// Bytes in data (non-zero) blocks.
-    pub data_bytes: u64,
-    pub zero_blocks: u64,
-    pub data_blocks: u64,
-    /// Chunks this capture added to the store, and their size before and
-    /// after compression (with record framing).
-    pub new_chunks: u64,
-    pub new_raw_bytes: u64,
-    pub new_stored_bytes: u64,
-    /// Wall time of the capture, in microseconds.
-    pub micros: u64,
-    /// Of which making it durable: the pack fsync and the manifest's
-    /// write, fsync, rename and directory fsync.
-    pub sync_micros: u64,
-}
-
-/// What a snapshot is for.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SnapshotKind {
-    /// Taken by a user.
-    #[default]
-    Regular,
-    /// The disk as it was just before a restore, taken by the engine so
-    /// that the restore can be undone. Does not count toward the cap; the
-    /// next successful restore of the server replaces it.
-    Safety,
-}
-
-impl SnapshotKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SnapshotKind::Regular => "regular",
-            SnapshotKind::Safety => "safety",
-        }
-    }
 }
 
 /// A snapshot, as persisted.
@@ -524,14 +391,19 @@ impl Catalog {
         Ok(())
     }
 
-    /// Changes how many bytes of new chunks are compressed together.
-    pub fn set_group_len(&self, bytes: u32) -> Result<()> {
-        self.set_meta(META_GROUP_LEN, u64::from(bytes))
-    }
-
-    /// Changes the store's compression level for new chunks.
-    pub fn set_compression_level(&self, level: i32) -> Result<()> {
-        self.set_meta(META_COMPRESSION, level as u64)
+    /// Changes how new chunks are compressed: the zstd level and the bytes
+    /// compressed together, in one transaction.
+    pub fn set_compression(&self, level: i32, group_len: u32) -> Result<()> {
+        no_panic(&self.path, || {
+            let tx = self.db.read().begin_write(&self.path)?;
+            {
+                let mut meta = tx.open_table(META)?;
+                meta.insert(META_COMPRESSION, level as u64)?;
+                meta.insert(META_GROUP_LEN, u64::from(group_len))?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
     }
 
     /// Applies `changes` in one durable transaction: all or nothing.
@@ -582,65 +454,6 @@ fn json<T: Serialize>(v: &T) -> Vec<u8> {
     out
 }
 
-/// Checks a snapshot name: 1 to 64 characters from `[A-Za-z0-9_-]`.
-pub fn check_snapshot_name(name: &str) -> Result<()> {
-    let bad = |reason: &str| {
-        Err(Error::InvalidName {
-            name: name.to_string(),
-            reason: reason.to_string(),
-        })
-    };
-    if name.is_empty() {
-        return bad("a snapshot name must not be empty");
-    }
-    if name.chars().count() > MAX_NAME_LEN {
-        return bad("a snapshot name has at most 64 characters");
-    }
-    if let Some(c) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
-    {
-        return bad(&format!(
-            "{c:?} is not allowed; use letters, digits, hyphens and underscores"
-        ));
-    }
-    Ok(())
-}
-
-/// Checks a snapshot description: at most 1,024 characters.
-pub fn check_description(description: &str) -> Result<()> {
-    let n = description.chars().count();
-    if n > MAX_DESCRIPTION_LEN {
-        return Err(Error::InvalidParameter(format!(
-            "description has {n} characters; at most {MAX_DESCRIPTION_LEN} are allowed"
-        )));
-    }
-    Ok(())
-}
-
-/// Checks a server name: 1 to 255 printable characters.
-pub fn check_server_name(name: &str) -> Result<()> {
-    let n = name.chars().count();
-    if n == 0 || n > MAX_SERVER_NAME_LEN || name.chars().any(char::is_control) {
-        return Err(Error::InvalidName {
-            name: name.to_string(),
-            reason: "a server name has 1 to 255 printable characters".to_string(),
-        });
-    }
-    Ok(())
-}
-
-/// Snapshots that count toward the cap: in progress or completed, and
-/// taken by a user. Failed ones hold no data a user can restore, and safety
-/// snapshots are the engine's, so neither blocks new captures.
-pub fn counted(s: &SnapshotRecord) -> bool {
-    s.kind == SnapshotKind::Regular
-        && matches!(
-            s.status,
-            SnapshotStatus::InProgress | SnapshotStatus::Completed
-        )
-}
-
 /// redb's storage over a store file.
 struct Backend {
     file: Arc<dyn StoreFile>,
@@ -687,21 +500,6 @@ fn no_panic<T>(path: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
     })
 }
 
-/// The cap rule: may `server` take one more snapshot, given its snapshots?
-pub fn check_cap<'a>(
-    server: ServerId,
-    its_snapshots: impl IntoIterator<Item = &'a SnapshotRecord>,
-) -> Result<()> {
-    let n = its_snapshots.into_iter().filter(|s| counted(s)).count();
-    if n >= MAX_SNAPSHOTS_PER_SERVER {
-        return Err(Error::SnapshotLimit {
-            server,
-            limit: MAX_SNAPSHOTS_PER_SERVER,
-        });
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -718,43 +516,6 @@ mod tests {
             error: None,
             kind: SnapshotKind::Regular,
         }
-    }
-
-    #[test]
-    fn names_follow_the_api_rule() {
-        for ok in ["a", "pre-update_2", &"x".repeat(64)] {
-            assert!(check_snapshot_name(ok).is_ok(), "{ok}");
-        }
-        for bad in [
-            "",
-            &"x".repeat(65),
-            "has space",
-            "../x",
-            "héllo",
-            "a/b",
-            "a.b",
-        ] {
-            assert!(
-                matches!(check_snapshot_name(bad), Err(Error::InvalidName { .. })),
-                "{bad}"
-            );
-        }
-        assert!(check_description(&"d".repeat(1024)).is_ok());
-        assert!(check_description(&"d".repeat(1025)).is_err());
-    }
-
-    #[test]
-    fn cap_counts_in_progress_and_completed_but_not_failed() {
-        let mut v: Vec<_> = (1..=4)
-            .map(|i| snap(i, SnapshotStatus::Completed))
-            .collect();
-        v.push(snap(5, SnapshotStatus::Failed));
-        assert!(check_cap(ServerId(1), &v).is_ok());
-        v.push(snap(6, SnapshotStatus::InProgress));
-        assert!(matches!(
-            check_cap(ServerId(1), &v),
-            Err(Error::SnapshotLimit { limit: 5, .. })
-        ));
     }
 
     #[test]

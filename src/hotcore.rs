@@ -6,7 +6,6 @@ use std::ops::Range;
 use std::path::Path;
 
 use crate::capture::{self, CapturePlan, CaptureSettings};
-use crate::catalog::CaptureStats;
 use crate::disk::{Disk, MemDisk};
 use crate::error::Result;
 use crate::ids::{ChunkId, ServerId, SnapshotId};
@@ -14,6 +13,7 @@ use crate::job::Progress;
 use crate::manifest::Manifest;
 use crate::restore::{RestorePlan, apply, plan_delta};
 use crate::store::ChunkStore;
+use crate::types::CaptureStats;
 
 /// A chunk store in `dir` and the capture settings to use with it.
 pub struct HotCore {

@@ -39,6 +39,7 @@ struct ReadmeDoctests;
 
 mod capture;
 mod catalog;
+mod compression;
 mod dirty;
 pub mod disk;
 mod engine;
@@ -55,32 +56,32 @@ mod job;
 mod le;
 mod manifest;
 mod options;
+mod policy;
 mod refs;
 mod restore;
 pub mod sample;
 mod store;
 mod tracking;
+mod types;
 mod verify;
 mod window;
 
-pub use catalog::{
-    CaptureKind, CaptureStats, FullReason, MAX_DESCRIPTION_LEN, MAX_NAME_LEN,
-    MAX_SNAPSHOTS_PER_SERVER, SnapshotKind, SnapshotStatus,
-};
+pub use compression::Compression;
 pub use dirty::DirtyBitmap;
-pub use engine::{
-    CaptureJob, Engine, OpenReport, RestoreJob, RestoreOptions, RestorePlanReport, Server,
-    ServerRef, ServerState, Snapshot, StoreStats,
-};
+pub use engine::{Engine, RestoreOptions, RestorePlanReport};
 pub use error::{Error, ErrorClass, Result};
 pub use ids::{ChunkId, ServerId, SnapshotId};
 pub use job::{Job, Progress};
 pub use options::{
-    COMPACT_GROUP_LEN, COMPRESSION_BALANCED, COMPRESSION_COMPACT, COMPRESSION_FAST,
-    DEFAULT_BLOCK_SIZE, DEFAULT_CLEAN_SAMPLE_RATE, DEFAULT_COMPRESSION_LEVEL,
-    DEFAULT_GC_MAX_UNUSED, DEFAULT_WINDOW_LEN, EngineOptions, StopHook,
+    DEFAULT_BLOCK_SIZE, DEFAULT_CLEAN_SAMPLE_RATE, DEFAULT_GC_MAX_UNUSED, DEFAULT_WINDOW_LEN,
+    EngineOptions, StopHook,
 };
+pub use policy::{MAX_DESCRIPTION_LEN, MAX_NAME_LEN, MAX_SNAPSHOTS_PER_SERVER};
 pub use restore::{RestoreMethod, RestoreReport};
 pub use store::gc::GcReport;
 pub use tracking::TrackingStatus;
+pub use types::{
+    CaptureJob, CaptureKind, CaptureStats, FullReason, OpenReport, RestoreJob, Server, ServerRef,
+    ServerState, Snapshot, SnapshotKind, SnapshotStatus, StoreStats,
+};
 pub use verify::{BadChunk, BadManifest, VerifyReport};

@@ -1,32 +1,17 @@
 //! How to open a store: [`EngineOptions`], its defaults, and the stop hook.
 
-use std::path::Path;
 use std::sync::Arc;
 
+use crate::compression::Compression;
 use crate::disk::{DiskOpener, default_opener};
-use crate::engine::{Engine, Server};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::fsio::{StdFs, StoreFs};
+use crate::manifest::check_block_size;
+use crate::types::Server;
 
 /// Block size of a new store unless chosen otherwise: 64 KiB, the
 /// granularity of QEMU dirty bitmaps.
 pub const DEFAULT_BLOCK_SIZE: u32 = 64 << 10;
-/// zstd level for new chunks unless chosen otherwise: level 1 (`fast`).
-/// On the benchmark disk it captures 14-17% faster than level 3 and
-/// stores 3% more (docs/BENCHMARKS.md).
-pub const DEFAULT_COMPRESSION_LEVEL: i32 = COMPRESSION_FAST;
-/// The `fast` setting: zstd level 1.
-pub const COMPRESSION_FAST: i32 = 1;
-/// The `balanced` setting: zstd level 3.
-pub const COMPRESSION_BALANCED: i32 = 3;
-/// The `compact` setting's zstd level: level 3, with runs of new chunks
-/// compressed together in groups of up to [`COMPACT_GROUP_LEN`] bytes
-/// ([`EngineOptions::group_frames`]). On the benchmark disk it stored
-/// 0.99 of borg's bytes in 2.6 s; level 9 with one frame per chunk stored
-/// 1.08 of them in 7.6 s (docs/BENCHMARKS.md).
-pub const COMPRESSION_COMPACT: i32 = 3;
-/// Bytes of new chunks the `compact` setting compresses as one frame.
-pub const COMPACT_GROUP_LEN: u32 = 4 << 20;
 /// Share of the blocks a dirty bitmap calls clean that an incremental
 /// capture rehashes as a check of the bitmap, unless chosen otherwise.
 pub const DEFAULT_CLEAN_SAMPLE_RATE: f64 = 0.01;
@@ -35,6 +20,8 @@ pub const DEFAULT_CLEAN_SAMPLE_RATE: f64 = 0.01;
 pub const DEFAULT_GC_MAX_UNUSED: f64 = 0.05;
 /// Bytes read from a disk per window unless chosen otherwise.
 pub const DEFAULT_WINDOW_LEN: usize = 16 << 20;
+/// The largest window: memory use is a few windows.
+const MAX_WINDOW_LEN: usize = 1 << 30;
 
 /// Called before a restore rewrites a server's disk; must stop the server.
 /// An `Err` cancels the restore before anything is written.
@@ -45,8 +32,7 @@ pub type StopHook = Arc<dyn Fn(&Server) -> std::result::Result<(), String> + Sen
 pub struct EngineOptions {
     pub(crate) create: bool,
     pub(crate) block_size: Option<u32>,
-    pub(crate) compression_level: Option<i32>,
-    pub(crate) group_len: Option<u32>,
+    pub(crate) compression: Option<Compression>,
     pub(crate) window_len: usize,
     pub(crate) stop_hook: Option<StopHook>,
     pub(crate) disk_opener: DiskOpener,
@@ -63,8 +49,7 @@ impl Default for EngineOptions {
         EngineOptions {
             create: true,
             block_size: None,
-            compression_level: None,
-            group_len: None,
+            compression: None,
             window_len: DEFAULT_WINDOW_LEN,
             stop_hook: None,
             disk_opener: default_opener(),
@@ -98,28 +83,19 @@ impl EngineOptions {
         self
     }
 
-    /// zstd level for new chunks of a new store, 1 to 19 (see
-    /// [`COMPRESSION_FAST`] (the default), [`COMPRESSION_BALANCED`],
-    /// [`COMPRESSION_COMPACT`]). A store-level setting, fixed at creation;
-    /// [`Engine::set_compression_level`] changes it later.
-    pub fn compression_level(mut self, level: i32) -> Self {
-        self.compression_level = Some(level);
+    /// How a new store compresses new chunks. Default:
+    /// [`Compression::Fast`]. Like the block size, it is set when the store
+    /// is created: opening an existing store with another setting is an
+    /// error that says which it has; [`crate::Engine::set_compression`]
+    /// changes it.
+    pub fn compression(mut self, compression: Compression) -> Self {
+        self.compression = Some(compression);
         self
     }
 
-    /// Compresses runs of new chunks together, up to `bytes` per frame
-    /// (at least two blocks, at most 4 MiB), for a new store: more context
-    /// for zstd, so fewer bytes, at the cost of decompressing a whole group
-    /// to read one chunk of it. 0 (the default) stores one frame per chunk.
-    /// A store-level setting like the level; [`Engine::set_group_len`]
-    /// changes it later.
-    pub fn group_frames(mut self, bytes: u32) -> Self {
-        self.group_len = Some(bytes);
-        self
-    }
-
-    /// Bytes read per window during capture and restore. Default: 16 MiB.
-    /// Memory use is a few windows, whatever the disk size.
+    /// Bytes read per window during capture and restore: at least one
+    /// block, at most 1 GiB. Default: 16 MiB. Memory use is a few windows,
+    /// whatever the disk size.
     pub fn window_len(mut self, bytes: usize) -> Self {
         self.window_len = bytes;
         self
@@ -142,11 +118,12 @@ impl EngineOptions {
     }
 
     /// Track guest writes: the embedder promises to report every write to
-    /// every server's disk with [`Engine::record_write`] while the store is
+    /// every server's disk with [`crate::Engine::record_write`] while the store is
     /// open, and snapshots and restores then read and write only what
-    /// changed (see [`Engine::record_write`]). Default: off, and a store
-    /// opened without it forgets any tracking, since nobody reports the
-    /// writes made meanwhile.
+    /// changed (see [`crate::Engine::record_write`]). Default: off. A store
+    /// opened without it keeps the trackers a tracking process saved, as
+    /// they were (a restore there removes its server's, since it rewrites
+    /// the disk behind the tracker's back).
     pub fn change_tracking(mut self, on: bool) -> Self {
         self.change_tracking = on;
         self
@@ -155,12 +132,9 @@ impl EngineOptions {
     /// Share (0 to 1) of the blocks a dirty bitmap calls clean that an
     /// incremental capture rehashes to check the bitmap; any changed block
     /// among them switches the capture to a full rehash. Default: 0.01.
+    /// Outside 0 to 1, opening fails.
     pub fn clean_sample_rate(mut self, rate: f64) -> Self {
-        self.clean_sample_rate = if rate.is_finite() {
-            rate.clamp(0.0, 1.0)
-        } else {
-            DEFAULT_CLEAN_SAMPLE_RATE
-        };
+        self.clean_sample_rate = rate;
         self
     }
 
@@ -169,18 +143,14 @@ impl EngineOptions {
     /// 1; 0 rewrites every pack holding any). Packs with nothing needed
     /// are always deleted. Default: 0.05, so a collection after a few
     /// deletes rewrites little, and the store stays within 5% of what its
-    /// snapshots need.
+    /// snapshots need. Outside 0 to 1, opening fails.
     pub fn gc_max_unused(mut self, share: f64) -> Self {
-        self.gc_max_unused = if share.is_finite() {
-            share.clamp(0.0, 1.0)
-        } else {
-            DEFAULT_GC_MAX_UNUSED
-        };
+        self.gc_max_unused = share;
         self
     }
 
     /// Collect garbage in the background after every delete. Default: off
-    /// (run [`Engine::gc`] when it suits you).
+    /// (run [`crate::Engine::gc`] when it suits you).
     pub fn auto_gc(mut self, on: bool) -> Self {
         self.auto_gc = on;
         self
@@ -194,6 +164,33 @@ impl EngineOptions {
         self
     }
 
+    /// Checks every setting's range (those that depend on the store's
+    /// block size once it is known: `block_size`).
+    pub(crate) fn validate(&self, block_size: u32) -> Result<()> {
+        check_block_size(block_size)?;
+        if let Some(c) = self.compression {
+            c.check(block_size)?;
+        }
+        let share = |what: &str, v: f64| {
+            if (0.0..=1.0).contains(&v) {
+                Ok(())
+            } else {
+                Err(Error::InvalidParameter(format!(
+                    "{what} {v} is not from 0 to 1"
+                )))
+            }
+        };
+        share("the clean sample rate", self.clean_sample_rate)?;
+        share("the GC's unused share", self.gc_max_unused)?;
+        if !(block_size as usize..=MAX_WINDOW_LEN).contains(&self.window_len) {
+            return Err(Error::InvalidParameter(format!(
+                "a window of {} bytes: use one from a block ({block_size}) to {MAX_WINDOW_LEN}",
+                self.window_len
+            )));
+        }
+        Ok(())
+    }
+
     /// Opens an existing store only to read it: nothing on disk changes
     /// (no crash recovery is applied, no tracker, pack, manifest or catalog
     /// is written; captures left in progress by a crash are shown failed,
@@ -205,10 +202,5 @@ impl EngineOptions {
     pub fn read_only(mut self, on: bool) -> Self {
         self.read_only = on;
         self
-    }
-
-    /// Opens (or creates) the store in `dir`.
-    pub fn open(self, dir: impl AsRef<Path>) -> Result<Engine> {
-        Engine::open_with(dir.as_ref(), self)
     }
 }

@@ -43,7 +43,7 @@ enum Command {
         /// the default), balanced (zstd 3), compact (zstd 3 over runs of
         /// new chunks of up to 4 MiB together), or a zstd level 1-19.
         #[arg(long, default_value = "fast", value_parser = parse_compression)]
-        compression: (i32, u32),
+        compression: blocksnap::Compression,
     },
     /// Register and list servers.
     #[command(subcommand)]
@@ -198,20 +198,9 @@ fn completed_len(engine: &Engine, id: SnapshotId) -> blocksnap::Result<u64> {
     }
 }
 
-/// Parses `fast`, `balanced`, `compact` or a zstd level into a level and
-/// a group length.
-fn parse_compression(s: &str) -> Result<(i32, u32), String> {
-    match s {
-        "fast" => Ok((blocksnap::COMPRESSION_FAST, 0)),
-        "balanced" => Ok((blocksnap::COMPRESSION_BALANCED, 0)),
-        "compact" => Ok((blocksnap::COMPRESSION_COMPACT, blocksnap::COMPACT_GROUP_LEN)),
-        n => n
-            .parse::<i32>()
-            .ok()
-            .filter(|l| (1..=19).contains(l))
-            .map(|l| (l, 0))
-            .ok_or_else(|| format!("{s:?} is not fast, balanced, compact or a level from 1 to 19")),
-    }
+/// Parses `fast`, `balanced`, `compact` or a zstd level.
+fn parse_compression(s: &str) -> Result<blocksnap::Compression, String> {
+    s.parse().map_err(|e: Error| e.to_string())
 }
 
 /// Parses `65536`, `64K`, `64KiB`, `4M`, `2G`.
@@ -378,7 +367,11 @@ fn serve(
     Ok(0)
 }
 
-fn init(store: &Path, block_size: u64, (level, group): (i32, u32)) -> blocksnap::Result<i32> {
+fn init(
+    store: &Path,
+    block_size: u64,
+    compression: blocksnap::Compression,
+) -> blocksnap::Result<i32> {
     if store.join("catalog").exists() {
         return Err(Error::StoreExists {
             path: store.to_path_buf(),
@@ -389,10 +382,9 @@ fn init(store: &Path, block_size: u64, (level, group): (i32, u32)) -> blocksnap:
     })?;
     let engine = EngineOptions::new()
         .block_size(bs)
-        .compression_level(level)
-        .group_frames(group)
+        .compression(compression)
         .open(store)?;
-    let grouped = match engine.group_len() {
+    let grouped = match engine.compression().group_len() {
         0 => String::new(),
         g => format!(
             ", new chunks compressed in groups of up to {}",
@@ -403,7 +395,7 @@ fn init(store: &Path, block_size: u64, (level, group): (i32, u32)) -> blocksnap:
         "initialized store {} with {} blocks, zstd level {}{grouped}",
         store.display(),
         human_bytes(u64::from(engine.block_size())),
-        engine.compression_level()
+        engine.compression().level()
     );
     Ok(0)
 }

@@ -328,7 +328,7 @@ pub fn stats(s: &StoreStats, json: bool) {
     );
     println!("dedup ratio       {:.2}x", s.dedup_ratio);
     println!("compression ratio {:.2}x", s.compression_ratio);
-    let groups = match s.group_len {
+    let groups = match s.compression.group_len() {
         0 => "one frame per chunk".to_string(),
         g => format!(
             "new chunks in groups of up to {}",
@@ -336,7 +336,8 @@ pub fn stats(s: &StoreStats, json: bool) {
         ),
     };
     println!(
-        "new chunks        zstd level {}, {groups}",
-        s.compression_level
+        "new chunks        {} (zstd level {}, {groups})",
+        s.compression,
+        s.compression.level()
     );
 }

@@ -6,26 +6,25 @@ use std::time::SystemTime;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use crate::catalog::{
-    self, CaptureKind, CaptureStats, Change, FullReason, SnapshotKind, SnapshotRecord,
-    SnapshotStatus, check_cap,
-};
+use crate::catalog::{Change, SnapshotRecord};
 use crate::dirty::DirtyBitmap;
 use crate::disk::Disk;
 use crate::error::{Error, Result};
 use crate::ids::{ChunkId, ServerId, SnapshotId};
 use crate::job::{Job, Progress};
 use crate::manifest::Manifest;
+use crate::policy::{self, check_cap};
 use crate::refs::{self};
 use crate::store::Pins;
 use crate::tracking::Tracker;
+use crate::types::{CaptureKind, CaptureStats, FullReason, SnapshotKind, SnapshotStatus};
 
 use super::Engine;
 use super::space::stored_size;
 use super::state::check_parent;
 use super::tracking::{new_tracker, tracked_mode};
-use super::types::{CaptureJob, Snapshot};
 use crate::capture::{self, CapturePlan, CaptureSettings};
+use crate::types::{CaptureJob, Snapshot};
 
 /// How a capture finds the disk's blocks.
 pub(super) enum CaptureMode {
@@ -128,8 +127,8 @@ impl Engine {
         explicit: Option<(SnapshotId, DirtyBitmap)>,
         kind: SnapshotKind,
     ) -> Result<CaptureJob> {
-        catalog::check_snapshot_name(name)?;
-        catalog::check_description(description)?;
+        policy::check_snapshot_name(name)?;
+        policy::check_description(description)?;
         self.writable("taking a snapshot")?;
         let inner = &self.inner;
         let disk_path = inner.state.lock().server(server)?.disk.clone();

@@ -23,14 +23,17 @@ use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
 
 use parking_lot::Mutex;
 
-use crate::catalog::{self, Catalog, Change, ServerRecord, SnapshotStatus};
+use crate::catalog::{Catalog, Change, Loaded, ServerRecord};
+use crate::compression::Compression;
 use crate::error::{Error, IoContext, Result};
 use crate::fsio::{ReadOnlyFs, StoreFs};
 use crate::ids::{ServerId, SnapshotId};
-use crate::manifest::{Manifests, check_block_size};
-use crate::options::{DEFAULT_BLOCK_SIZE, DEFAULT_COMPRESSION_LEVEL, EngineOptions};
+use crate::manifest::Manifests;
+use crate::options::{DEFAULT_BLOCK_SIZE, EngineOptions};
+use crate::policy;
 use crate::store::gc::GcReport;
 use crate::store::{ChunkStore, sync_dir};
+use crate::types::{OpenReport, Server, Snapshot, SnapshotStatus};
 use crate::verify::{self, VerifyReport};
 
 mod captures;
@@ -39,12 +42,8 @@ mod restores;
 mod space;
 mod state;
 mod tracking;
-mod types;
 
 pub use restores::{RestoreOptions, RestorePlanReport};
-pub use types::{
-    CaptureJob, OpenReport, RestoreJob, Server, ServerRef, ServerState, Snapshot, StoreStats,
-};
 
 use recovery::{lock_store, recover};
 use state::State;
@@ -81,6 +80,14 @@ struct Inner {
     _lock: File,
 }
 
+impl EngineOptions {
+    /// Opens (or creates) the store in `dir`. (Here rather than in
+    /// `options`, so that the options know nothing of the engine.)
+    pub fn open(self, dir: impl AsRef<Path>) -> Result<Engine> {
+        Engine::open_with(dir.as_ref(), self)
+    }
+}
+
 impl Engine {
     /// Opens the store in `dir`, creating it with the default options when
     /// it does not exist.
@@ -89,12 +96,6 @@ impl Engine {
     }
 
     pub(crate) fn open_with(root: &Path, options: EngineOptions) -> Result<Engine> {
-        if let Some(bs) = options.block_size {
-            check_block_size(bs)?;
-        }
-        if let Some(level) = options.compression_level {
-            check_level(level)?;
-        }
         let catalog_path = root.join(CATALOG_FILE);
         let read_only = options.read_only;
         if !catalog_path.exists() && (!options.create || read_only) {
@@ -109,18 +110,17 @@ impl Engine {
             ));
         }
         let create_with = options.block_size.unwrap_or(DEFAULT_BLOCK_SIZE);
-        // The group length applies only to a store created now.
-        if let (false, Some(group)) = (catalog_path.exists(), options.group_len) {
-            check_group_len(group, create_with)?;
+        // A new store's settings are checked before anything is made (an
+        // existing store's once its block size is known, below).
+        if !catalog_path.exists() {
+            options.validate(create_with)?;
         }
+        let compression = options.compression.unwrap_or_default();
         if !read_only {
             fs::create_dir_all(root).at(root)?;
         }
         let lock = lock_store(root, read_only)?;
         let new_store = !catalog_path.exists();
-        let level = options
-            .compression_level
-            .unwrap_or(DEFAULT_COMPRESSION_LEVEL);
         // Read-only, nothing can write, whatever path the code takes.
         let store_fs: Arc<dyn StoreFs> = if read_only {
             Arc::new(ReadOnlyFs(options.store_fs.clone()))
@@ -130,17 +130,11 @@ impl Engine {
         let (catalog, loaded) = if read_only {
             Catalog::open_read_only(&catalog_path, store_fs.clone())?
         } else {
-            let create = (create_with, level, options.group_len.unwrap_or(0));
+            let create = (create_with, compression.level(), compression.group_len());
             Catalog::open(&catalog_path, Some(create), store_fs.clone())?
         };
-        if let Some(bs) = options.block_size
-            && bs != loaded.block_size
-        {
-            return Err(Error::InvalidParameter(format!(
-                "the store uses {}-byte blocks, fixed at creation; {bs} was asked for",
-                loaded.block_size
-            )));
-        }
+        check_fixed_settings(&options, &loaded)?;
+        options.validate(loaded.block_size)?;
         let manifests = Manifests::open(root.join(MANIFEST_DIR), store_fs.clone())?;
         let packs = root.join(PACK_DIR);
         let (store, recovery) = if read_only {
@@ -236,37 +230,32 @@ impl Engine {
         self.inner.block_size
     }
 
-    /// The zstd level new chunks are stored with.
-    pub fn compression_level(&self) -> i32 {
+    /// How new chunks are compressed, in its named form when it has one.
+    pub fn compression(&self) -> Compression {
+        Compression::new(self.level(), self.group_len())
+    }
+
+    /// Changes how chunks stored from now on are compressed (durably).
+    /// Stored chunks keep theirs: every record says how it is compressed.
+    pub fn set_compression(&self, compression: Compression) -> Result<()> {
+        compression.check(self.inner.block_size)?;
+        self.writable("changing the compression")?;
+        let _state = self.inner.state.lock();
+        let (level, group) = (compression.level(), compression.group_len());
+        self.inner.catalog.set_compression(level, group)?;
+        self.inner.compression_level.store(level, Ordering::Relaxed);
+        self.inner.group_len.store(group, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The zstd level of new chunks.
+    fn level(&self) -> i32 {
         self.inner.compression_level.load(Ordering::Relaxed)
     }
 
-    /// Changes the zstd level for chunks stored from now on (durably).
-    /// Stored chunks keep theirs: every record says how it is compressed.
-    pub fn set_compression_level(&self, level: i32) -> Result<()> {
-        check_level(level)?;
-        self.writable("changing the compression level")?;
-        let _state = self.inner.state.lock();
-        self.inner.catalog.set_compression_level(level)?;
-        self.inner.compression_level.store(level, Ordering::Relaxed);
-        Ok(())
-    }
-
-    /// Bytes of new chunks compressed together as one group record (the
-    /// compact setting); 0 when each chunk is its own frame.
-    pub fn group_len(&self) -> u32 {
+    /// Bytes of new chunks compressed as one group record (0: none).
+    fn group_len(&self) -> u32 {
         self.inner.group_len.load(Ordering::Relaxed)
-    }
-
-    /// Changes the group length for chunks stored from now on (durably):
-    /// 0, or two blocks to 4 MiB. Stored records keep theirs.
-    pub fn set_group_len(&self, bytes: u32) -> Result<()> {
-        check_group_len(bytes, self.inner.block_size)?;
-        self.writable("changing the group length")?;
-        let _state = self.inner.state.lock();
-        self.inner.catalog.set_group_len(bytes)?;
-        self.inner.group_len.store(bytes, Ordering::Relaxed);
-        Ok(())
     }
 
     /// What opening the store found and repaired.
@@ -287,7 +276,7 @@ impl Engine {
     /// Registers a server and its disk (an image file or a block device; it
     /// need not exist yet). The path is stored absolute.
     pub fn add_server(&self, id: ServerId, name: &str, disk: impl AsRef<Path>) -> Result<Server> {
-        catalog::check_server_name(name)?;
+        policy::check_server_name(name)?;
         self.writable("adding a server")?;
         let disk = disk.as_ref();
         if disk.as_os_str().is_empty() {
@@ -388,6 +377,29 @@ impl Engine {
     }
 }
 
+/// Settings made when the store was created: asking an existing store for
+/// others is an error that says what it has (never silently ignored).
+fn check_fixed_settings(options: &EngineOptions, loaded: &Loaded) -> Result<()> {
+    if let Some(bs) = options.block_size
+        && bs != loaded.block_size
+    {
+        return Err(Error::InvalidParameter(format!(
+            "the store uses {}-byte blocks, fixed at creation; {bs} was asked for",
+            loaded.block_size
+        )));
+    }
+    let has = Compression::new(loaded.compression_level, loaded.group_len);
+    if let Some(asked) = options.compression
+        && Compression::new(asked.level(), asked.group_len()) != has
+    {
+        return Err(Error::InvalidParameter(format!(
+            "the store compresses new chunks as {has}, set at creation; {asked} was asked for \
+             (Engine::set_compression changes it)"
+        )));
+    }
+    Ok(())
+}
+
 impl Inner {
     /// Seals the open pack (so the next open need not scan it) and hands
     /// the trackers over cleanly (no write can be missed until the next
@@ -425,25 +437,4 @@ impl Drop for Inner {
     fn drop(&mut self) {
         let _ = self.shutdown();
     }
-}
-
-fn check_level(level: i32) -> Result<()> {
-    if !(1..=19).contains(&level) {
-        return Err(Error::InvalidParameter(format!(
-            "compression level {level} is not from 1 to 19"
-        )));
-    }
-    Ok(())
-}
-
-fn check_group_len(bytes: u32, block_size: u32) -> Result<()> {
-    let max = crate::store::pack::MAX_CHUNK_LEN as u32;
-    if bytes != 0 && !(block_size.saturating_mul(2)..=max).contains(&bytes) {
-        return Err(Error::InvalidParameter(format!(
-            "a compression group of {bytes} bytes: use 0 (none) or from two blocks \
-             ({}) to {max} bytes",
-            block_size.saturating_mul(2)
-        )));
-    }
-    Ok(())
 }

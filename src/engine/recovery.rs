@@ -4,13 +4,14 @@ use std::fs::{self, File, OpenOptions};
 
 use std::path::Path;
 
-use crate::catalog::{Catalog, Change, SnapshotStatus};
+use crate::catalog::{Catalog, Change};
 use crate::error::{Error, IoContext, Result};
 use crate::manifest::Manifests;
+use crate::types::SnapshotStatus;
 
 use super::LOCK_FILE;
 use super::state::State;
-use super::types::OpenReport;
+use crate::types::OpenReport;
 
 /// Takes the store's lock: exclusive to write, shared to only read (read-only
 /// opens may run side by side, never beside a writer).

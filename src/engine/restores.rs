@@ -14,11 +14,10 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+use super::Engine;
 use super::state::State;
 use super::tracking::new_tracker;
-use super::{Engine, RestoreJob, Server};
 use crate::catalog::Change;
-use crate::catalog::{SnapshotKind, SnapshotStatus};
 use crate::disk::{Disk, MemDisk};
 use crate::error::{Error, Result};
 use crate::ids::{ServerId, SnapshotId};
@@ -26,6 +25,8 @@ use crate::job::{Job, Progress};
 use crate::manifest::Manifest;
 use crate::restore::{self, RestoreMethod, RestorePlan, RestoreReport};
 use crate::tracking::Tracker;
+use crate::types::{RestoreJob, Server};
+use crate::types::{SnapshotKind, SnapshotStatus};
 
 /// Catalog `meta` keys of the rates measured by restores, for estimates.
 const META_WRITE_RATE: &str = "restore_write_bytes_per_sec";

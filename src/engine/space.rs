@@ -1,16 +1,17 @@
 //! Space: which chunks snapshots need (reference counts, exclusive
 //! bytes), deletes, garbage collection and the store's figures.
 
-use crate::catalog::{Change, SnapshotStatus};
+use crate::catalog::Change;
 use crate::error::{Error, Result};
 use crate::ids::{ChunkId, SnapshotId};
 use crate::refs::{self, Refs};
 use crate::store::ChunkStore;
 use crate::store::gc::GcReport;
+use crate::types::SnapshotStatus;
 
 use super::Engine;
 use super::state::State;
-use super::types::StoreStats;
+use crate::types::StoreStats;
 
 /// Pack bytes a chunk accounts for (its record, or its share of its
 /// group's); 0 if missing.
@@ -160,7 +161,7 @@ impl Engine {
             &needed,
             self.inner.options.gc_max_unused,
             dry_run,
-            self.compression_level(),
+            self.level(),
         )
     }
 
@@ -212,8 +213,7 @@ impl Engine {
             reclaimable_bytes: space.dead_bytes,
             dedup_ratio: ratio(data_bytes, space.live_raw_bytes),
             compression_ratio: ratio(space.live_raw_bytes, space.live_bytes),
-            compression_level: self.compression_level(),
-            group_len: self.group_len(),
+            compression: self.compression(),
         })
     }
 }

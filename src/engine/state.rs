@@ -4,14 +4,15 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
-use crate::catalog::{ServerRecord, SnapshotRecord, SnapshotStatus};
+use crate::catalog::{ServerRecord, SnapshotRecord};
 use crate::dirty::DirtyBitmap;
 use crate::error::{Error, Result};
 use crate::ids::{ServerId, SnapshotId};
 use crate::job::Progress;
 use crate::refs::Refs;
+use crate::types::SnapshotStatus;
 
-use super::types::{Server, ServerRef, ServerState, Snapshot};
+use crate::types::{Server, ServerRef, ServerState, Snapshot};
 
 pub(super) struct State {
     pub(super) servers: BTreeMap<ServerId, ServerRecord>,

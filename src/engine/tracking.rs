@@ -3,11 +3,12 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::catalog::{Catalog, Change, FullReason, SnapshotStatus};
+use crate::catalog::{Catalog, Change};
 use crate::dirty::DirtyBitmap;
 use crate::error::{Error, Result};
 use crate::ids::{ServerId, SnapshotId};
 use crate::tracking::{Tracker, TrackingStatus};
+use crate::types::{FullReason, SnapshotStatus};
 
 use super::Engine;
 use super::captures::CaptureMode;

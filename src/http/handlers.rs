@@ -9,9 +9,9 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 
 use super::{App, MAX_BODY_LEN};
-use crate::catalog::SnapshotKind;
 use crate::error::{Error, ErrorClass};
 use crate::ids::{ServerId, SnapshotId};
+use crate::types::SnapshotKind;
 
 /// The provider's words, verbatim: clients may show or match them.
 const CREATE_MESSAGE: &str =

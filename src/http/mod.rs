@@ -22,8 +22,9 @@ use parking_lot::Mutex;
 
 pub use auth::Tokens;
 
-use crate::engine::{CaptureJob, Engine, RestoreJob};
+use crate::engine::Engine;
 use crate::error::{Error, IoContext, Result};
+use crate::types::{CaptureJob, RestoreJob};
 
 /// Largest request body accepted; larger ones get 413.
 pub const MAX_BODY_LEN: usize = 64 << 10;

@@ -405,7 +405,10 @@ fn a_fault_is_a_500_with_a_generic_detail() {
     );
     assert_eq!(r.status, 500, "{}", r.raw);
     let detail = error_detail(&r);
-    assert!(!detail.contains('/') && !detail.contains("web.img"), "{detail}");
+    assert!(
+        !detail.contains('/') && !detail.contains("web.img"),
+        "{detail}"
+    );
 }
 
 #[test]

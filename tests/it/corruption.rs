@@ -173,7 +173,7 @@ fn random_damage_to_a_grouped_store_is_reported_and_never_restored() {
     random_damage_trials(
         blocksnap::EngineOptions::new()
             .block_size(BS as u32)
-            .group_frames(8 * BS as u32),
+            .compression(blocksnap::Compression::new(1, 8 * BS as u32)),
     );
 }
 

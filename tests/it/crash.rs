@@ -58,7 +58,10 @@ impl Layout {
     /// `group` bytes (0: one frame per chunk).
     pub fn create_with(&self, group: u32) {
         std::fs::create_dir_all(&self.expected).unwrap();
-        let engine = options().group_frames(group).open(self.store()).unwrap();
+        let engine = options()
+            .compression(blocksnap::Compression::new(1, group))
+            .open(self.store())
+            .unwrap();
         for s in 1..=SERVERS {
             std::fs::write(self.disk(s), disk_bytes(DISK_LEN, s)).unwrap();
             engine

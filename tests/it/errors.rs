@@ -1,6 +1,6 @@
 //! Every wrong call gets its own error and changes nothing.
 
-use blocksnap::{EngineOptions, Error, ServerId, SnapshotId, SnapshotStatus};
+use blocksnap::{Compression, EngineOptions, Error, ServerId, SnapshotId, SnapshotStatus};
 
 use crate::common::{BS, Fixture, Gate, disk_bytes};
 
@@ -191,35 +191,34 @@ fn a_missing_disk_refuses_the_capture_with_its_path() {
 }
 
 #[test]
-fn the_compression_level_is_a_store_setting() {
+fn compression_is_a_store_setting() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("store");
     let engine = EngineOptions::new()
-        .compression_level(9)
+        .compression(Compression::Level(9))
         .open(&store)
         .unwrap();
-    assert_eq!(engine.compression_level(), 9);
-    assert!(matches!(
-        engine.set_compression_level(0),
-        Err(Error::InvalidParameter(_))
-    ));
-    assert!(matches!(
-        engine.set_compression_level(20),
-        Err(Error::InvalidParameter(_))
-    ));
-    engine
-        .set_compression_level(blocksnap::COMPRESSION_BALANCED)
-        .unwrap();
+    assert_eq!(engine.compression(), Compression::Level(9));
+    for bad in [Compression::Level(0), Compression::Level(20)] {
+        assert!(matches!(
+            engine.set_compression(bad),
+            Err(Error::InvalidParameter(_))
+        ));
+    }
+    engine.set_compression(Compression::Balanced).unwrap();
     drop(engine);
     let engine = blocksnap::Engine::open(&store).unwrap();
-    assert_eq!(engine.compression_level(), 3);
+    assert_eq!(engine.compression(), Compression::Balanced);
+    assert_eq!(engine.stats().unwrap().compression.name(), "balanced");
     // Chunks stored at different levels restore alike.
     let disk = dir.path().join("d.img");
     let bytes = disk_bytes(64 * BS, 5);
     std::fs::write(&disk, &bytes).unwrap();
     engine.add_server(ServerId(1), "web", &disk).unwrap();
     let a = engine.create_snapshot(ServerId(1), "a", "").unwrap();
-    engine.set_compression_level(1).unwrap();
+    // A level reads back in its named form.
+    engine.set_compression(Compression::Level(1)).unwrap();
+    assert_eq!(engine.compression(), Compression::Fast);
     std::fs::write(&disk, disk_bytes(64 * BS, 6)).unwrap();
     engine.create_snapshot(ServerId(1), "b", "").unwrap();
     engine.restore_snapshot(a.id).unwrap();
@@ -227,21 +226,105 @@ fn the_compression_level_is_a_store_setting() {
     assert!(engine.verify(None).unwrap().is_ok());
     assert!(
         EngineOptions::new()
-            .compression_level(0)
+            .compression(Compression::Level(0))
             .open(dir.path().join("other"))
             .is_err()
     );
+    for (text, want) in [
+        ("fast", Compression::Fast),
+        ("compact", Compression::Compact),
+        ("9", Compression::Level(9)),
+        ("level-9", Compression::Level(9)),
+    ] {
+        assert_eq!(text.parse::<Compression>().unwrap(), want, "{text}");
+    }
+    assert!("0".parse::<Compression>().is_err() && "zip".parse::<Compression>().is_err());
+}
+
+/// Settings fixed when a store is made behave alike on an existing store:
+/// another value is an error that says what the store has.
+#[test]
+fn an_existing_store_refuses_other_fixed_settings_and_says_which_it_has() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    drop(
+        EngineOptions::new()
+            .block_size(BS as u32)
+            .compression(Compression::Compact)
+            .open(&store)
+            .unwrap(),
+    );
+    let err = EngineOptions::new()
+        .block_size(2 * BS as u32)
+        .open(&store)
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("4096-byte blocks"), "{err}");
+    let err = EngineOptions::new()
+        .compression(Compression::Fast)
+        .open(&store)
+        .err()
+        .unwrap();
+    assert!(matches!(err, Error::InvalidParameter(_)), "{err}");
+    assert!(err.to_string().contains("compact"), "{err}");
+    // The same settings, or none, open it.
+    EngineOptions::new()
+        .block_size(BS as u32)
+        .compression(Compression::Compact)
+        .open(&store)
+        .unwrap();
+}
+
+/// Out-of-range settings are errors at open, never clamped.
+#[test]
+fn out_of_range_settings_are_refused_not_clamped() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let bad: Vec<(&str, EngineOptions)> = vec![
+        (
+            "sample rate 1.5",
+            EngineOptions::new().clean_sample_rate(1.5),
+        ),
+        (
+            "sample rate NaN",
+            EngineOptions::new().clean_sample_rate(f64::NAN),
+        ),
+        (
+            "unused share -0.1",
+            EngineOptions::new().gc_max_unused(-0.1),
+        ),
+        ("window 0", EngineOptions::new().window_len(0)),
+        (
+            "window below a block",
+            EngineOptions::new()
+                .block_size(BS as u32)
+                .window_len(BS - 1),
+        ),
+        ("block size 3000", EngineOptions::new().block_size(3000)),
+    ];
+    for (what, options) in bad {
+        let err = options
+            .open(&store)
+            .err()
+            .unwrap_or_else(|| panic!("{what} accepted"));
+        assert!(matches!(err, Error::InvalidParameter(_)), "{what}: {err}");
+        assert!(!store.exists(), "{what}: a refused store was made");
+    }
 }
 
 #[test]
 fn a_group_length_outside_its_range_is_refused_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let other = dir.path().join("other");
+    let grouped = |group_len| Compression::Grouped {
+        level: 3,
+        group_len,
+    };
     // Less than two blocks, or more than 4 MiB: no store is made.
     for bad in [BS as u32, 2 * BS as u32 - 1, (4 << 20) + 1] {
         let err = EngineOptions::new()
             .block_size(BS as u32)
-            .group_frames(bad)
+            .compression(grouped(bad))
             .open(&other)
             .err()
             .unwrap_or_else(|| panic!("{bad} was accepted"));
@@ -252,18 +335,21 @@ fn a_group_length_outside_its_range_is_refused_and_changes_nothing() {
     let store = dir.path().join("store");
     let engine = EngineOptions::new()
         .block_size(BS as u32)
-        .group_frames(8 * BS as u32)
+        .compression(grouped(8 * BS as u32))
         .open(&store)
         .unwrap();
-    assert_eq!(engine.group_len(), 8 * BS as u32);
+    assert_eq!(engine.compression().group_len(), 8 * BS as u32);
     assert!(matches!(
-        engine.set_group_len(BS as u32),
+        engine.set_compression(grouped(BS as u32)),
         Err(Error::InvalidParameter(_))
     ));
-    assert_eq!(engine.group_len(), 8 * BS as u32);
-    engine.set_group_len(0).unwrap();
+    assert_eq!(engine.compression().group_len(), 8 * BS as u32);
+    engine.set_compression(Compression::Balanced).unwrap();
     drop(engine);
-    assert_eq!(blocksnap::Engine::open(&store).unwrap().group_len(), 0);
+    assert_eq!(
+        blocksnap::Engine::open(&store).unwrap().compression(),
+        Compression::Balanced
+    );
 }
 
 #[test]

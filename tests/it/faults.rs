@@ -32,7 +32,7 @@ const GROUP: u32 = 8 * BS as u32;
 fn template(dir: &Path, group: u32) -> BTreeMap<SnapshotId, (u64, Vec<u8>)> {
     let engine = EngineOptions::new()
         .block_size(BS as u32)
-        .group_frames(group)
+        .compression(blocksnap::Compression::new(1, group))
         .open(dir.join("store"))
         .unwrap();
     let mut expected = BTreeMap::new();
@@ -339,7 +339,7 @@ fn crash_at_random_store_io_calls(group: u32) {
     let options = || {
         EngineOptions::new()
             .block_size(BS as u32)
-            .group_frames(group)
+            .compression(blocksnap::Compression::new(1, group))
             .gc_max_unused(0.0)
             .store_fs(Arc::new(CrashFsHandle(fs.clone())))
     };

@@ -57,7 +57,9 @@ fn deleting_a_servers_snapshots_and_collecting_leaves_what_the_rest_need() {
 /// needed members only.
 #[test]
 fn collecting_a_grouped_store_recompresses_groups_with_garbage() {
-    let report = collect_after_deleting_one_server(|| options().group_frames(16 * BS as u32));
+    let report = collect_after_deleting_one_server(|| {
+        options().compression(blocksnap::Compression::new(1, 16 * BS as u32))
+    });
     assert!(report.groups_recompressed > 0, "{report:?}");
 }
 

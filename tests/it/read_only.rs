@@ -73,7 +73,10 @@ fn a_read_only_open_changes_nothing_and_refuses_every_write() {
         ("delete", engine.delete_snapshot(first.id)),
         ("restore", engine.restore_snapshot(first.id).map(|_| ())),
         ("gc", engine.gc(false).map(|_| ())),
-        ("level", engine.set_compression_level(3)),
+        (
+            "compression",
+            engine.set_compression(blocksnap::Compression::Balanced),
+        ),
     ];
     for (what, r) in writes {
         assert!(matches!(r, Err(Error::ReadOnly { .. })), "{what}: {r:?}");

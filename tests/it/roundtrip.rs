@@ -70,8 +70,10 @@ fn grouped_frames_round_trip_and_verify() {
             EngineOptions::new()
                 .block_size(bs)
                 .window_len(16 * bs as usize)
-                .compression_level(blocksnap::COMPRESSION_COMPACT)
-                .group_frames(8 * bs),
+                .compression(blocksnap::Compression::Grouped {
+                    level: 3,
+                    group_len: 8 * bs,
+                }),
         );
         let len = 100 * bs as usize + 555;
         let mut bytes = disk_bytes(len, u64::from(shift));

@@ -1,0 +1,148 @@
+//! The rules of the model, as pure functions: names and descriptions, and
+//! the five-snapshot cap (what counts toward it). They take records and
+//! answer, so they are tested without a store.
+
+use crate::catalog::SnapshotRecord;
+use crate::error::{Error, Result};
+use crate::ids::ServerId;
+use crate::types::{SnapshotKind, SnapshotStatus};
+
+/// At most this many counted (in-progress or completed) snapshots per server.
+pub const MAX_SNAPSHOTS_PER_SERVER: usize = 5;
+/// Longest snapshot name, in characters.
+pub const MAX_NAME_LEN: usize = 64;
+/// Longest snapshot description, in characters.
+pub const MAX_DESCRIPTION_LEN: usize = 1024;
+/// Longest server name, in characters.
+pub const MAX_SERVER_NAME_LEN: usize = 255;
+
+/// Checks a snapshot name: 1 to 64 characters from `[A-Za-z0-9_-]`.
+pub fn check_snapshot_name(name: &str) -> Result<()> {
+    let bad = |reason: &str| {
+        Err(Error::InvalidName {
+            name: name.to_string(),
+            reason: reason.to_string(),
+        })
+    };
+    if name.is_empty() {
+        return bad("a snapshot name must not be empty");
+    }
+    if name.chars().count() > MAX_NAME_LEN {
+        return bad("a snapshot name has at most 64 characters");
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
+    {
+        return bad(&format!(
+            "{c:?} is not allowed; use letters, digits, hyphens and underscores"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a snapshot description: at most 1,024 characters.
+pub fn check_description(description: &str) -> Result<()> {
+    let n = description.chars().count();
+    if n > MAX_DESCRIPTION_LEN {
+        return Err(Error::InvalidParameter(format!(
+            "description has {n} characters; at most {MAX_DESCRIPTION_LEN} are allowed"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a server name: 1 to 255 printable characters.
+pub fn check_server_name(name: &str) -> Result<()> {
+    let n = name.chars().count();
+    if n == 0 || n > MAX_SERVER_NAME_LEN || name.chars().any(char::is_control) {
+        return Err(Error::InvalidName {
+            name: name.to_string(),
+            reason: "a server name has 1 to 255 printable characters".to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Snapshots that count toward the cap: in progress or completed, and
+/// taken by a user. Failed ones hold no data a user can restore, and safety
+/// snapshots are the engine's, so neither blocks new captures.
+pub fn counted(s: &SnapshotRecord) -> bool {
+    s.kind == SnapshotKind::Regular
+        && matches!(
+            s.status,
+            SnapshotStatus::InProgress | SnapshotStatus::Completed
+        )
+}
+
+/// The cap rule: may `server` take one more snapshot, given its snapshots?
+pub fn check_cap<'a>(
+    server: ServerId,
+    its_snapshots: impl IntoIterator<Item = &'a SnapshotRecord>,
+) -> Result<()> {
+    let n = its_snapshots.into_iter().filter(|s| counted(s)).count();
+    if n >= MAX_SNAPSHOTS_PER_SERVER {
+        return Err(Error::SnapshotLimit {
+            server,
+            limit: MAX_SNAPSHOTS_PER_SERVER,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::SnapshotId;
+
+    fn snap(id: u64, status: SnapshotStatus) -> SnapshotRecord {
+        SnapshotRecord {
+            id: SnapshotId(id),
+            server_id: ServerId(1),
+            name: format!("s{id}"),
+            description: String::new(),
+            status,
+            created_at: "2026-01-01T00:00:00Z".into(),
+            stats: None,
+            error: None,
+            kind: SnapshotKind::Regular,
+        }
+    }
+
+    #[test]
+    fn names_follow_the_api_rule() {
+        for ok in ["a", "pre-update_2", &"x".repeat(64)] {
+            assert!(check_snapshot_name(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            &"x".repeat(65),
+            "has space",
+            "../x",
+            "héllo",
+            "a/b",
+            "a.b",
+        ] {
+            assert!(
+                matches!(check_snapshot_name(bad), Err(Error::InvalidName { .. })),
+                "{bad}"
+            );
+        }
+        assert!(check_description(&"d".repeat(1024)).is_ok());
+        assert!(check_description(&"d".repeat(1025)).is_err());
+    }
+
+    #[test]
+    fn cap_counts_in_progress_and_completed_but_not_failed() {
+        let mut v: Vec<_> = (1..=4)
+            .map(|i| snap(i, SnapshotStatus::Completed))
+            .collect();
+        v.push(snap(5, SnapshotStatus::Failed));
+        assert!(check_cap(ServerId(1), &v).is_ok());
+        v.push(snap(6, SnapshotStatus::InProgress));
+        assert!(matches!(
+            check_cap(ServerId(1), &v),
+            Err(Error::SnapshotLimit { limit: 5, .. })
+        ));
+    }
+}
