@@ -6,8 +6,14 @@
 # worktree with the same example copied in), so both figures come from
 # one run on the same machine. Fills docs/BENCHMARKS.md (record-write).
 #
+# Each is run twice: with the reporting thread at SCHED_FIFO (as a vCPU
+# thread may be; the figures then show waits on the engine) and at normal
+# priority (on 2 cores the capture's threads then preempt it for
+# milliseconds, whatever the engine does).
+#
 # Usage: [BASELINE=17cb583] bench/record_write.sh [SECONDS [ROUNDS]]
-#        (default 20 s, 2 rounds alternating baseline and this tree)
+#        (default 20 s, 2 rounds alternating baseline and this tree; root
+#        for SCHED_FIFO)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-20}
@@ -28,10 +34,13 @@ fi
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
 for round in $(seq "$rounds"); do
-    if [[ -n $base_bin ]]; then
-        echo "baseline $BASELINE $($base_bin "$seconds")" | tee -a "$out"
-    fi
-    echo "this-tree $(git rev-parse --short HEAD) $($ours "$seconds")" | tee -a "$out"
+    for sched in fifo normal; do
+        rt=""; [[ $sched == fifo ]] && rt=1
+        if [[ -n $base_bin ]]; then
+            echo "baseline $BASELINE $sched $(BLOCKSNAP_RT=$rt $base_bin "$seconds")" | tee -a "$out"
+        fi
+        echo "this-tree $(git rev-parse --short HEAD) $sched $(BLOCKSNAP_RT=$rt $ours "$seconds")" | tee -a "$out"
+    done
 done
 python3 - "$out" "$seconds" <<'EOF'
 import json, sys
@@ -39,12 +48,12 @@ sys.path.insert(0, "bench")
 from doc_table import write_table
 rows = []
 for line in open(sys.argv[1]):
-    who, rev, js = line.split(" ", 2)
+    who, rev, sched, js = line.split(" ", 3)
     r = json.loads(js)
-    rows.append(f"| {who} ({rev}) | {r['writes']:,} | {r['p50_us']:.2f} | {r['p99_us']:.2f} | "
+    rows.append(f"| {who} ({rev}) | {sched} | {r['writes']:,} | {r['p50_us']:.2f} | {r['p99_us']:.2f} | "
                 f"{r['p999_us']:.2f} | {r['max_us']:.1f} | {r['background_loops']} |")
-lines = ["| engine | writes | p50 µs | p99 µs | p99.9 µs | max µs | capture+delete+GC loops |",
-         "|---|---|---|---|---|---|---|"] + rows
+lines = ["| engine | reporting thread | writes | p50 µs | p99 µs | p99.9 µs | max µs | capture+delete+GC loops |",
+         "|---|---|---|---|---|---|---|---|"] + rows
 write_table("docs/BENCHMARKS.md", "record-write", lines,
             heading="## record_write latency under capture, delete and GC")
 EOF

@@ -53,6 +53,17 @@ fn main() -> blocksnap::Result<()> {
         })
     };
 
+    // BLOCKSNAP_RT=1: the reporting thread runs SCHED_FIFO, as a vCPU
+    // thread may, so that its figures show waits on the engine rather
+    // than the scheduler giving both cores to the capture.
+    if std::env::var("BLOCKSNAP_RT").is_ok_and(|v| v == "1") {
+        let param = libc::sched_param { sched_priority: 10 };
+        // SAFETY: plain syscall on the calling thread with a valid param.
+        let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
+        if rc != 0 {
+            eprintln!("SCHED_FIFO refused: {}", std::io::Error::last_os_error());
+        }
+    }
     let mut rng = blocksnap::sample::Rng::new(42);
     let mut nanos: Vec<u64> = Vec::new();
     let started = Instant::now();
