@@ -215,6 +215,7 @@ fn group_window(
 
 /// Stage 2 for one window: classifies its blocks and records them in
 /// `blocks` and `stats` (all but the append counts).
+#[cfg(feature = "testing")]
 fn classify_window(
     store: &ChunkStore,
     window: &[u8],
@@ -239,6 +240,7 @@ fn classify_window(
 }
 
 /// Adds classified blocks to the manifest entries and the stats.
+#[cfg(feature = "testing")]
 fn record(
     classified: &[Block],
     window: &[u8],
@@ -293,6 +295,7 @@ fn add(stats: &mut CaptureStats, a: Appended) {
 
 /// The hot core for one window held in memory, without the reader and
 /// writer threads (benches): classify, then append.
+#[cfg(feature = "testing")]
 pub fn ingest_window(
     store: &ChunkStore,
     window: &[u8],
@@ -661,7 +664,7 @@ pub fn sample_check(
         let k = dirty.partition_point(|r| r.end <= i);
         k < dirty.len() && dirty[k].start <= i
     };
-    let mut rng = crate::sample::Rng::new(seed);
+    let mut rng = crate::rng::Rng::new(seed);
     let mut picked = std::collections::BTreeSet::new();
     // Random probes; a mostly dirty disk may need a few per clean block.
     for _ in 0..want.saturating_mul(8) {

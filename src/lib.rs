@@ -32,6 +32,12 @@
 //! # }
 //! ```
 
+#[cfg(not(target_os = "linux"))]
+compile_error!(
+    "blocksnap targets Linux: it relies on SEEK_DATA/SEEK_HOLE, hole punching, flock and \
+     Linux's fsync semantics"
+);
+
 // The README's example runs as a doctest, so it cannot go stale.
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
@@ -45,8 +51,10 @@ pub mod disk;
 mod engine;
 mod error;
 pub mod fsio;
+#[cfg(feature = "testing")]
 #[doc(hidden)]
 pub mod fuzzing;
+#[cfg(feature = "testing")]
 #[doc(hidden)]
 pub mod hotcore;
 #[cfg(feature = "server")]
@@ -59,6 +67,8 @@ mod options;
 mod policy;
 mod refs;
 mod restore;
+mod rng;
+#[cfg(feature = "sample")]
 pub mod sample;
 mod store;
 mod tracking;
@@ -85,3 +95,19 @@ pub use types::{
     ServerState, Snapshot, SnapshotKind, SnapshotStatus, StoreStats,
 };
 pub use verify::{BadChunk, BadManifest, VerifyReport};
+
+// What an embedder shares between threads, checked at compile time.
+const _: fn() = || {
+    fn shared<T: Send + Sync>() {}
+    shared::<Engine>();
+    shared::<CaptureJob>();
+    shared::<RestoreJob>();
+    shared::<Error>();
+    shared::<Snapshot>();
+    shared::<RestoreReport>();
+    shared::<RestorePlanReport>();
+    shared::<GcReport>();
+    shared::<VerifyReport>();
+    shared::<StoreStats>();
+    shared::<OpenReport>();
+};

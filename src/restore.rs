@@ -20,7 +20,7 @@ use serde::Serialize;
 
 use crate::disk::{Disk, is_zero};
 use crate::error::{Error, Result};
-use crate::ids::{ChunkId, SnapshotId};
+use crate::ids::{ChunkId, ServerId, SnapshotId};
 use crate::job::Progress;
 use crate::manifest::Manifest;
 use crate::store::ChunkStore;
@@ -58,9 +58,10 @@ pub enum RestoreMethod {
 
 /// What a restore did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct RestoreReport {
-    pub snapshot_id: u64,
-    pub server_id: u64,
+    pub snapshot_id: SnapshotId,
+    pub server_id: ServerId,
     pub method: RestoreMethod,
     pub blocks_total: u64,
     pub blocks_rewritten: u64,
@@ -72,7 +73,7 @@ pub struct RestoreReport {
     pub blocks_verified: u64,
     /// The safety snapshot taken before writing, which
     /// [`crate::Engine::undo_restore`] restores.
-    pub safety_snapshot: Option<u64>,
+    pub safety_snapshot: Option<SnapshotId>,
     /// Wall time in all, and of planning, writing (with the fsync) and
     /// verifying; a safety snapshot's time is in `micros` only.
     pub micros: u64,
@@ -336,8 +337,8 @@ pub fn restore(
     }
     let micros = |d: std::time::Duration| d.as_micros() as u64;
     Ok(RestoreReport {
-        snapshot_id: manifest.snapshot.0,
-        server_id: manifest.server.0,
+        snapshot_id: manifest.snapshot,
+        server_id: manifest.server,
         method,
         blocks_total: plan.blocks_total,
         blocks_rewritten: plan.rewrite.len() as u64,

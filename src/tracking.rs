@@ -49,6 +49,7 @@ pub(crate) struct Tracker {
 
 /// What an embedder sees of a server's change tracking.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct TrackingStatus {
     /// The snapshot the disk equals, plus the dirty blocks.
     pub base: SnapshotId,

@@ -36,6 +36,7 @@ impl ServerState {
 
 /// A registered server.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct Server {
     pub id: ServerId,
     pub name: String,
@@ -48,6 +49,7 @@ pub struct Server {
 
 /// A server as a snapshot names it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct ServerRef {
     pub id: ServerId,
     pub name: String,
@@ -56,6 +58,7 @@ pub struct ServerRef {
 /// A snapshot. Serializes to exactly the snapshot object of the Snapshots
 /// API (SEED_API.md); the extra fields are for library users.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct Snapshot {
     pub id: SnapshotId,
     pub server: ServerRef,
@@ -83,6 +86,7 @@ pub struct Snapshot {
 
 /// What `open` found and repaired.
 #[derive(Clone, Debug, Default)]
+#[non_exhaustive]
 pub struct OpenReport {
     /// Captures a crash interrupted, now `failed`.
     pub failed_captures: Vec<SnapshotId>,
@@ -130,6 +134,7 @@ pub type RestoreJob = Job<RestoreReport>;
 
 /// Sizes and ratios of a whole store ([`Engine::stats`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+#[non_exhaustive]
 pub struct StoreStats {
     /// Completed snapshots.
     pub snapshots: u64,
@@ -220,6 +225,7 @@ impl FullReason {
 /// What a completed capture found and stored.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
+#[non_exhaustive]
 pub struct CaptureStats {
     pub kind: CaptureKind,
     /// The snapshot an incremental capture took its clean blocks from.

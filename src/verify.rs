@@ -15,6 +15,7 @@ use crate::store::ChunkStore;
 
 /// A chunk that failed its checks, and who needs it.
 #[derive(Clone, Debug, Serialize)]
+#[non_exhaustive]
 pub struct BadChunk {
     /// The chunk's id, hex.
     pub chunk: String,
@@ -22,18 +23,20 @@ pub struct BadChunk {
     pub location: Option<String>,
     pub error: String,
     /// Completed snapshots whose manifest references it.
-    pub snapshots: Vec<u64>,
+    pub snapshots: Vec<SnapshotId>,
 }
 
 /// A manifest that could not be read.
 #[derive(Clone, Debug, Serialize)]
+#[non_exhaustive]
 pub struct BadManifest {
-    pub snapshot: u64,
+    pub snapshot: SnapshotId,
     pub error: String,
 }
 
 /// What verification found.
 #[derive(Clone, Debug, Default, Serialize)]
+#[non_exhaustive]
 pub struct VerifyReport {
     pub snapshots_checked: u64,
     pub chunks_checked: u64,
@@ -53,8 +56,8 @@ impl VerifyReport {
     }
 
     /// Snapshots that cannot be restored intact, ascending.
-    pub fn damaged_snapshots(&self) -> Vec<u64> {
-        let mut v: Vec<u64> = self
+    pub fn damaged_snapshots(&self) -> Vec<SnapshotId> {
+        let mut v: Vec<SnapshotId> = self
             .bad_chunks
             .iter()
             .flat_map(|c| c.snapshots.iter().copied())
@@ -69,17 +72,17 @@ impl VerifyReport {
 /// Checks every chunk the given manifests reference, once each.
 pub fn verify(store: &ChunkStore, manifests: Vec<(SnapshotId, Result<Manifest>)>) -> VerifyReport {
     let mut report = VerifyReport::default();
-    let mut users: HashMap<ChunkId, Vec<u64>> = HashMap::new();
+    let mut users: HashMap<ChunkId, Vec<SnapshotId>> = HashMap::new();
     for (id, m) in manifests {
         report.snapshots_checked += 1;
         match m {
             Ok(m) => {
                 for c in m.unique_chunks() {
-                    users.entry(c).or_default().push(id.0);
+                    users.entry(c).or_default().push(id);
                 }
             }
             Err(e) => report.bad_manifests.push(BadManifest {
-                snapshot: id.0,
+                snapshot: id,
                 error: e.to_string(),
             }),
         }

@@ -474,10 +474,9 @@ fn snapshot(engine: &Engine, cmd: SnapshotCmd) -> blocksnap::Result<i32> {
                 };
                 engine.adopt_dirty_bitmap(server, current, &dirty)?;
             }
-            let options = RestoreOptions {
-                safety_snapshot: !no_safety_snapshot,
-                verify: !no_verify,
-            };
+            let options = RestoreOptions::default()
+                .safety_snapshot(!no_safety_snapshot)
+                .verify(!no_verify);
             if dry_run {
                 output::restore_plan(&engine.plan_restore(id, options)?, json);
                 return Ok(0);
@@ -492,7 +491,7 @@ fn snapshot(engine: &Engine, cmd: SnapshotCmd) -> blocksnap::Result<i32> {
         }
         SnapshotCmd::UndoRestore { server_id, json } => {
             let report = engine.undo_restore(ServerId(server_id))?;
-            output::restore(engine, SnapshotId(report.snapshot_id), &report, json)?;
+            output::restore(engine, report.snapshot_id, &report, json)?;
         }
         SnapshotCmd::Delete { snapshot_id } => {
             engine.delete_snapshot(SnapshotId(snapshot_id))?;

@@ -2,8 +2,8 @@
 //! scripts.
 
 use blocksnap::{
-    CaptureKind, Engine, FullReason, GcReport, RestorePlanReport, RestoreReport, Server, ServerId,
-    Snapshot, SnapshotId, StoreStats,
+    CaptureKind, Engine, FullReason, GcReport, RestorePlanReport, RestoreReport, Server, Snapshot,
+    SnapshotId, StoreStats,
 };
 use serde::Serialize;
 use serde_json::json;
@@ -163,7 +163,7 @@ pub fn restore(
         Ok(s) => (s.name, s.created_at),
         Err(_) => ("(safety snapshot, now replaced)".to_string(), String::new()),
     };
-    let server = engine.server(ServerId(r.server_id))?;
+    let server = engine.server(r.server_id)?;
     let secs = r.micros as f64 / 1e6;
     if json {
         print_json(&json!({

@@ -38,6 +38,7 @@ const RATE_MIN_BYTES: u64 = 64 << 20;
 
 /// How one restore runs. The default is the careful one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RestoreOptions {
     /// Capture the disk as it is first, as a safety snapshot that
     /// [`Engine::undo_restore`] restores. Default: on. If the capture
@@ -46,6 +47,20 @@ pub struct RestoreOptions {
     /// Read back every written block after the fsync and check it against
     /// the snapshot. Default: on.
     pub verify: bool,
+}
+
+impl RestoreOptions {
+    /// Whether to take a safety snapshot first (default: on).
+    pub fn safety_snapshot(mut self, on: bool) -> Self {
+        self.safety_snapshot = on;
+        self
+    }
+
+    /// Whether to read back and check every written block (default: on).
+    pub fn verify(mut self, on: bool) -> Self {
+        self.verify = on;
+        self
+    }
 }
 
 impl Default for RestoreOptions {
@@ -59,9 +74,10 @@ impl Default for RestoreOptions {
 
 /// What a restore would do ([`Engine::plan_restore`]), without doing it.
 #[derive(Clone, Debug, PartialEq, Serialize)]
+#[non_exhaustive]
 pub struct RestorePlanReport {
-    pub snapshot_id: u64,
-    pub server_id: u64,
+    pub snapshot_id: SnapshotId,
+    pub server_id: ServerId,
     pub method: RestoreMethod,
     pub blocks_total: u64,
     pub blocks_to_rewrite: u64,
@@ -136,7 +152,7 @@ impl Engine {
                 // Once the restore is over (its own source may be the old
                 // safety snapshot, as in an undo), the new one replaces it.
                 if let Some(new) = outcome.as_ref().ok().and_then(|r| r.safety_snapshot) {
-                    finisher.replace_safety_snapshots(server_id, SnapshotId(new));
+                    finisher.replace_safety_snapshots(server_id, new);
                 }
                 outcome
             },
@@ -212,8 +228,8 @@ impl Engine {
             method == RestoreMethod::Compare && !safety,
         )?;
         Ok(RestorePlanReport {
-            snapshot_id: id.0,
-            server_id: server.id.0,
+            snapshot_id: id,
+            server_id: server.id,
             method,
             blocks_total: plan.blocks_total,
             blocks_to_rewrite: plan.rewrite.len() as u64,
@@ -371,7 +387,7 @@ impl Engine {
             self.set_restoring_from(server.id, None)?;
         }
         let mut report = outcome?;
-        report.safety_snapshot = safety.map(|s| s.0);
+        report.safety_snapshot = safety;
         report.micros = started.elapsed().as_micros() as u64;
         self.record_rates(&report);
         Ok(report)

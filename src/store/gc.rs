@@ -44,6 +44,7 @@ const TMP_SUFFIX: &str = ".tmp";
 
 /// What a garbage collection did (or, dry, would do).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct GcReport {
     pub dry_run: bool,
     /// Sealed packs looked at.

@@ -44,9 +44,9 @@ fn a_flipped_pack_byte_is_reported_and_never_restored() {
     assert_eq!(report.bad_chunks.len(), 1);
     let bad = &report.bad_chunks[0];
     assert_eq!(bad.chunk, ChunkId::of(block).to_hex());
-    assert_eq!(bad.snapshots, vec![snap.id.0]);
+    assert_eq!(bad.snapshots, vec![snap.id]);
     assert!(bad.error.contains("checksum"), "{}", bad.error);
-    assert_eq!(report.damaged_snapshots(), vec![snap.id.0]);
+    assert_eq!(report.damaged_snapshots(), vec![snap.id]);
     assert!(fx.engine.verify(Some(healthy.id)).unwrap().is_ok());
 
     // The disk's block 7 now differs; the restore must fail on it and
@@ -83,7 +83,7 @@ fn a_corrupt_manifest_is_reported_by_verify_and_refused_by_restore() {
     flip_byte(&manifest, 70);
     let report = fx.engine.verify(None).unwrap();
     assert_eq!(report.bad_manifests.len(), 1);
-    assert_eq!(report.damaged_snapshots(), vec![snap.id.0]);
+    assert_eq!(report.damaged_snapshots(), vec![snap.id]);
     let err = fx.engine.restore_snapshot(snap.id).unwrap_err();
     assert!(err.is_corruption(), "{err}");
 }
@@ -226,16 +226,15 @@ fn random_damage_trials(options: blocksnap::EngineOptions) {
             }
         };
         let report = engine.verify(None).unwrap();
-        let damaged: Vec<u64> = report.damaged_snapshots();
+        let damaged: Vec<u64> = report.damaged_snapshots().iter().map(|s| s.0).collect();
         if damaged.is_empty() && report.catalog_error.is_none() {
             harmless += 1;
         } else {
             reported += 1;
         }
-        let bare = RestoreOptions {
-            safety_snapshot: false,
-            verify: true,
-        };
+        let bare = RestoreOptions::default()
+            .safety_snapshot(false)
+            .verify(true);
         for (id, s, bytes) in &expected {
             let disk = dir.path().join(format!("disk{s}.img"));
             let Ok(snap) = engine.snapshot(*id) else {

@@ -267,10 +267,9 @@ pub fn check_invariants(layout: &Layout, ledger: &Ledger, what: &str) -> Engine 
         );
         engine.restore_snapshot(snap).unwrap();
     }
-    let bare = RestoreOptions {
-        safety_snapshot: false,
-        verify: true,
-    };
+    let bare = RestoreOptions::default()
+        .safety_snapshot(false)
+        .verify(true);
     for (id, h) in &ledger.completed {
         let snap = engine
             .snapshot(SnapshotId(*id))

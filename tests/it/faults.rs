@@ -189,10 +189,9 @@ fn check(root: &Path, ledger: &Ledger, ctx: &str) {
     for (_, snap) in engine.open_report().interrupted_restores.clone() {
         engine.restore_snapshot(snap).unwrap();
     }
-    let bare = RestoreOptions {
-        safety_snapshot: false,
-        verify: true,
-    };
+    let bare = RestoreOptions::default()
+        .safety_snapshot(false)
+        .verify(true);
     for s in all.iter().filter(|s| s.status == SnapshotStatus::Completed) {
         if s.kind == SnapshotKind::Safety {
             continue;
@@ -416,7 +415,7 @@ fn crash_at_random_store_io_calls(group: u32) {
                         if let Ok(r) = engine.restore_snapshot(id) {
                             assert!(std::fs::read(&disk).unwrap() == want);
                             if let Some(s) = r.safety_snapshot {
-                                ledger.insert(SnapshotId(s), (server, before));
+                                ledger.insert(s, (server, before));
                             }
                         }
                     }
@@ -442,10 +441,9 @@ fn crash_at_random_store_io_calls(group: u32) {
         for (_, snap) in engine.open_report().interrupted_restores.clone() {
             engine.restore_snapshot(snap).unwrap();
         }
-        let bare = RestoreOptions {
-            safety_snapshot: false,
-            verify: true,
-        };
+        let bare = RestoreOptions::default()
+            .safety_snapshot(false)
+            .verify(true);
         for (id, (server, bytes)) in &ledger {
             let snap = engine
                 .snapshot(*id)

@@ -38,10 +38,9 @@ fn check_all(engine: &Engine, expected: &HashMap<SnapshotId, Vec<u8>>) {
         assert_eq!(snap.status, SnapshotStatus::Completed, "{id}");
         let disk = engine.server(snap.server.id).unwrap().disk;
         std::fs::write(&disk, b"scribbled").unwrap();
-        let bare = blocksnap::RestoreOptions {
-            safety_snapshot: false,
-            verify: true,
-        };
+        let bare = blocksnap::RestoreOptions::default()
+            .safety_snapshot(false)
+            .verify(true);
         engine.restore_snapshot_with(*id, bare).unwrap();
         assert!(std::fs::read(&disk).unwrap() == *bytes, "snapshot {id}");
     }
@@ -436,7 +435,7 @@ fn a_damaged_needed_record_keeps_its_pack_and_gc_goes_on() {
     assert_eq!(report.packs_damaged, 1, "{report:?}");
     assert!(pack.exists(), "the damaged pack is kept");
     let verify = fx.engine.verify(None).unwrap();
-    assert_eq!(verify.damaged_snapshots(), vec![b.id.0]);
+    assert_eq!(verify.damaged_snapshots(), vec![b.id]);
     let leftovers: Vec<_> = std::fs::read_dir(fx.store().join("packs"))
         .unwrap()
         .flatten()

@@ -352,10 +352,9 @@ fn a_restore_without_tracking_removes_the_saved_tracker() {
     assert_eq!(fx.engine.tracking_status(ServerId(1)).unwrap(), None);
     let v3 = fx.engine.create_snapshot(ServerId(1), "v3", "").unwrap();
     assert_eq!(v3.stats.unwrap().kind, CaptureKind::Full);
-    let bare = RestoreOptions {
-        safety_snapshot: false,
-        verify: true,
-    };
+    let bare = RestoreOptions::default()
+        .safety_snapshot(false)
+        .verify(true);
     write_at(&path, 0, b"garbage");
     fx.engine.record_write(ServerId(1), 0, 7).unwrap();
     fx.engine.restore_snapshot_with(v3.id, bare).unwrap();

@@ -35,10 +35,9 @@ fn a_dry_run_plans_exactly_what_the_restore_then_rewrites() {
     std::fs::write(&path, &v2).unwrap();
     for options in [
         RestoreOptions::default(),
-        RestoreOptions {
-            safety_snapshot: false,
-            verify: false,
-        },
+        RestoreOptions::default()
+            .safety_snapshot(false)
+            .verify(false),
     ] {
         let safety_before = safety_snapshots(&fx, 1);
         let plan = fx.engine.plan_restore(snap.id, options).unwrap();
@@ -78,7 +77,7 @@ fn undo_brings_back_the_disk_as_it_was_before_the_restore() {
     std::fs::write(&path, &work).unwrap();
 
     let report = fx.engine.restore_snapshot(snap.id).unwrap();
-    let safety = SnapshotId(report.safety_snapshot.unwrap());
+    let safety = report.safety_snapshot.unwrap();
     assert!(std::fs::read(&path).unwrap() == v1);
     let s = fx.engine.snapshot(safety).unwrap();
     assert_eq!(
@@ -87,7 +86,7 @@ fn undo_brings_back_the_disk_as_it_was_before_the_restore() {
     );
 
     let undo = fx.engine.undo_restore(ServerId(1)).unwrap();
-    assert_eq!(undo.snapshot_id, safety.0);
+    assert_eq!(undo.snapshot_id, safety);
     assert!(
         std::fs::read(&path).unwrap() == work,
         "back to the work, length and all"
@@ -96,7 +95,7 @@ fn undo_brings_back_the_disk_as_it_was_before_the_restore() {
     // undoing again redoes the restore.
     assert_eq!(
         safety_snapshots(&fx, 1),
-        vec![SnapshotId(undo.safety_snapshot.unwrap())]
+        vec![undo.safety_snapshot.unwrap()]
     );
     fx.engine.undo_restore(ServerId(1)).unwrap();
     assert!(std::fs::read(&path).unwrap() == v1);
@@ -126,10 +125,9 @@ fn safety_snapshots_do_not_count_and_are_replaced_by_the_next_restore() {
     ));
     let second = fx.engine.restore_snapshot(ids[3]).unwrap();
     let safety = safety_snapshots(&fx, 1);
-    assert_eq!(safety, vec![SnapshotId(second.safety_snapshot.unwrap())]);
+    assert_eq!(safety, vec![second.safety_snapshot.unwrap()]);
     assert!(matches!(
-        fx.engine
-            .snapshot(SnapshotId(first.safety_snapshot.unwrap())),
+        fx.engine.snapshot(first.safety_snapshot.unwrap()),
         Err(Error::SnapshotNotFound(_))
     ));
     // A restore without one keeps the last, and cannot be undone further.
@@ -137,10 +135,9 @@ fn safety_snapshots_do_not_count_and_are_replaced_by_the_next_restore() {
         .engine
         .restore_snapshot_with(
             ids[1],
-            RestoreOptions {
-                safety_snapshot: false,
-                verify: true,
-            },
+            RestoreOptions::default()
+                .safety_snapshot(false)
+                .verify(true),
         )
         .unwrap();
     assert_eq!(third.safety_snapshot, None);
