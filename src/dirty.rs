@@ -9,6 +9,7 @@
 //! 8b + k; the last byte's unused high bits are zero.
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::{Error, Result};
 
@@ -213,6 +214,63 @@ impl DirtyBitmap {
     }
 }
 
+/// A [`DirtyBitmap`]'s shape with atomic words: marked by many threads at
+/// once without a lock (`Engine::record_write`), then folded into a
+/// `DirtyBitmap` with [`DirtyBitmap::union_with_atomic`]. Bits are only
+/// ever set, so a fold at any moment is a lower bound of the final set.
+pub(crate) struct AtomicBits {
+    disk_len: u64,
+    granularity: u64,
+    words: Box<[AtomicU64]>,
+}
+
+impl AtomicBits {
+    /// All clean, for a disk shaped as `like`.
+    pub fn shaped_as(like: &DirtyBitmap) -> Self {
+        AtomicBits {
+            disk_len: like.disk_len,
+            granularity: like.granularity,
+            words: (0..like.words.len()).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// Marks the regions `len` bytes at `offset` touch, a word at a time.
+    /// `false` (and nothing marked) for a range past the end of the disk.
+    pub fn mark(&self, offset: u64, len: u64) -> bool {
+        if len == 0 {
+            return true;
+        }
+        let Some(end) = offset.checked_add(len).filter(|&e| e <= self.disk_len) else {
+            return false;
+        };
+        let (first, last) = (offset / self.granularity, (end - 1) / self.granularity);
+        for w in first / 64..=last / 64 {
+            let lo = if w == first / 64 { first % 64 } else { 0 };
+            let hi = if w == last / 64 { last % 64 } else { 63 };
+            let mask = (u64::MAX >> (63 - hi)) & (u64::MAX << lo);
+            if let Some(word) = self.words.get(w as usize) {
+                word.fetch_or(mask, Ordering::Relaxed);
+            }
+        }
+        true
+    }
+}
+
+impl DirtyBitmap {
+    /// Marks every region `live` marks (same disk and granularity).
+    pub(crate) fn union_with_atomic(&mut self, live: &AtomicBits) -> Result<()> {
+        if live.disk_len != self.disk_len || live.granularity != self.granularity {
+            return Err(Error::InvalidParameter(
+                "dirty bitmaps of different disks cannot be merged".into(),
+            ));
+        }
+        for (a, b) in self.words.iter_mut().zip(live.words.iter()) {
+            *a |= b.load(Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -273,5 +331,24 @@ mod tests {
         assert_eq!(a.runs(), vec![0..1, 2..3]);
         let c = DirtyBitmap::new(2 << 20, 4096).unwrap();
         assert!(a.union_with(&c).is_err());
+    }
+
+    /// The lock-free marking sets exactly the bits the plain one does.
+    #[test]
+    fn atomic_marks_match_plain_marks() {
+        let mut rng = crate::rng::Rng::new(5);
+        for _ in 0..200 {
+            let disk_len = 1 + rng.below(1 << 22);
+            let mut plain = DirtyBitmap::new(disk_len, 4096).unwrap();
+            let live = AtomicBits::shaped_as(&plain);
+            for _ in 0..rng.below(20) {
+                let offset = rng.below(disk_len + 8192);
+                let len = rng.below(1 << 20);
+                assert_eq!(live.mark(offset, len), plain.mark(offset, len).is_ok());
+            }
+            let mut folded = DirtyBitmap::new(disk_len, 4096).unwrap();
+            folded.union_with_atomic(&live).unwrap();
+            assert_eq!(folded, plain);
+        }
     }
 }

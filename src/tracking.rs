@@ -75,7 +75,9 @@ impl Tracker {
     }
 
     /// Records a guest write. A write past the tracked length (the disk
-    /// grew) makes the tracker untrusted: the next capture reads all.
+    /// grew) makes the tracker untrusted: the next capture reads all. (The
+    /// engine records through `engine::live`, without a lock.)
+    #[cfg(test)]
     pub fn record(&mut self, offset: u64, len: u64) {
         if self.dirty.mark(offset, len).is_err() {
             self.trusted = false;

@@ -318,19 +318,18 @@ impl Engine {
         let server = rec.server_id;
         {
             let mut tracking = self.inner.tracking.lock();
-            let trackers = &mut tracking.trackers;
-            let ours = trackers.get(&server).is_some_and(|t| t.base == id);
+            let ours = tracking.get(server).is_some_and(|t| t.base == id);
             if ours && outcome.is_ok() {
-                if let Some(t) = trackers.get_mut(&server) {
+                if let Some(t) = tracking.get(server) {
                     t.pending = false;
                 }
-            } else if let (true, Some(current)) = (ours, trackers.remove(&server)) {
+            } else if let (true, Some(current)) = (ours, tracking.remove(server)) {
                 // Not captured: the writes since count from the previous base.
                 if let Some(mut p) = previous.filter(|p| !p.pending)
                     && p.dirty.union_with(&current.dirty).is_ok()
                 {
                     p.trusted &= current.trusted;
-                    trackers.insert(server, p);
+                    tracking.insert(server, p);
                 }
             }
         }

@@ -37,6 +37,7 @@ use crate::types::{OpenReport, Server, Snapshot, SnapshotStatus};
 use crate::verify::{self, VerifyReport};
 
 mod captures;
+mod live;
 mod recovery;
 mod restores;
 mod space;
@@ -45,9 +46,10 @@ mod tracking;
 
 pub use restores::{RestoreOptions, RestorePlanReport};
 
+use live::Tracking;
 use recovery::{lock_store, recover};
 use state::State;
-use tracking::{Tracking, load_tracking};
+use tracking::load_tracking;
 
 const LOCK_FILE: &str = "LOCK";
 const CATALOG_FILE: &str = "catalog";
@@ -71,7 +73,7 @@ struct Inner {
     catalog: Catalog,
     store: ChunkStore,
     state: Mutex<State>,
-    tracking: Mutex<Tracking>,
+    tracking: Tracking,
     report: OpenReport,
     last_auto_gc: Mutex<Option<std::result::Result<GcReport, String>>>,
     /// Set once the store was closed ([`Engine::close`] or drop).
@@ -179,7 +181,7 @@ impl Engine {
                 catalog,
                 store,
                 state: Mutex::new(state),
-                tracking: Mutex::new(tracking),
+                tracking,
                 report,
                 last_auto_gc: Mutex::new(None),
                 closed: false,
@@ -296,7 +298,7 @@ impl Engine {
         self.inner.catalog.commit(&[Change::PutServer(&rec)])?;
         let view = state.server_view(&rec);
         state.servers.insert(id, rec);
-        self.inner.tracking.lock().servers.insert(id);
+        self.inner.tracking.lock().add_server(id);
         Ok(view)
     }
 
@@ -410,7 +412,7 @@ impl Inner {
         }
         let sealed = self.store.close();
         let handed = if self.options.change_tracking {
-            let rows = self.tracking.get_mut().hand_over();
+            let rows = self.tracking.lock().hand_over();
             let changes: Vec<Change<'_>> = rows
                 .iter()
                 .map(|(server, row)| match row {

@@ -194,7 +194,7 @@ impl Engine {
             let state = self.inner.state.lock();
             let server = restorable(&state, id)?;
             let resuming = state.server(server.id)?.restoring_from.is_some();
-            let tracker = self.inner.tracking.lock().trackers.get(&server.id).cloned();
+            let tracker = self.inner.tracking.lock().get(server.id).cloned();
             (server, tracker, resuming)
         };
         let manifest = self.restore_manifest(&server, id)?;
@@ -265,14 +265,12 @@ impl Engine {
     pub(super) fn end_restore(&self, server: ServerId, id: SnapshotId, ok: bool) {
         let mut state = self.inner.state.lock();
         state.live_restores.remove(&server);
-        let trackers = &mut self.inner.tracking.lock().trackers;
-        if trackers.get(&server).is_some_and(|t| t.base == id) {
+        let mut tracking = self.inner.tracking.lock();
+        if let Some(t) = tracking.get(server).filter(|t| t.base == id) {
             if ok {
-                if let Some(t) = trackers.get_mut(&server) {
-                    t.pending = false;
-                }
+                t.pending = false;
             } else {
-                trackers.remove(&server);
+                tracking.remove(server);
             }
         }
     }

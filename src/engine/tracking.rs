@@ -12,6 +12,7 @@ use crate::types::{FullReason, SnapshotStatus};
 
 use super::Engine;
 use super::captures::CaptureMode;
+use super::live::Tracking;
 use super::state::{State, check_parent};
 
 /// How a snapshot without an explicit parent captures, from the server's
@@ -39,43 +40,9 @@ pub(super) fn tracked_mode(state: &State, tracker: Option<&Tracker>, disk_len: u
     }
 }
 
-/// Change tracking's own state, behind its own lock (`Inner::tracking`):
-/// taken after `state` when both are needed, held only for in-memory work
-/// (never across a catalog commit, a manifest read, a GC or a capture), so
-/// that a guest write reported with [`Engine::record_write`] never waits
-/// on the disk.
-#[derive(Default)]
-pub(super) struct Tracking {
-    /// The registered servers, so that a write to an unknown one is
-    /// refused without the state lock.
-    pub(super) servers: HashSet<ServerId>,
-    /// Per server (with `EngineOptions::change_tracking` on).
-    pub(super) trackers: HashMap<ServerId, Tracker>,
-}
-
-impl Tracking {
-    /// Starts tracking `server` from `fresh` (a capture or restore of its
-    /// base just starting), in the next generation; returns the tracker it
-    /// replaces. Writes reported from now on count from the new base.
-    pub(super) fn begin(&mut self, server: ServerId, mut fresh: Tracker) -> Option<Tracker> {
-        let previous = self.trackers.remove(&server);
-        fresh.generation = previous.as_ref().map_or(1, |p| p.generation + 1);
-        self.trackers.insert(server, fresh);
-        previous
-    }
-
-    /// The catalog rows that hand the trackers over cleanly (on close).
-    pub(super) fn hand_over(&self) -> Vec<(ServerId, Option<Vec<u8>>)> {
-        self.trackers
-            .iter()
-            .map(|(server, t)| (*server, (!t.pending).then(|| t.encode(true))))
-            .collect()
-    }
-}
-
 /// A tracker for a capture or restore of `base` just starting (no writes
-/// yet); its generation is set by [`Tracking::begin`]. Allocated before
-/// any lock is taken.
+/// yet); its generation is set when it begins
+/// ([`super::live::Guard::begin`]). Allocated before any lock is taken.
 pub(super) fn new_tracker(base: SnapshotId, disk_len: u64, block_size: u32) -> Result<Tracker> {
     Ok(Tracker {
         base,
@@ -96,29 +63,27 @@ pub(super) fn load_tracking(
     servers: impl IntoIterator<Item = ServerId>,
     on: bool,
 ) -> Result<Tracking> {
-    let mut tracking = Tracking {
-        servers: servers.into_iter().collect(),
-        trackers: HashMap::new(),
+    let servers: HashSet<ServerId> = servers.into_iter().collect();
+    let mut trackers = HashMap::new();
+    let rows = if on {
+        catalog.load_tracking()?
+    } else {
+        Vec::new()
     };
-    if !on {
-        return Ok(tracking);
-    }
-    let rows = catalog.load_tracking()?;
-    if rows.is_empty() {
-        return Ok(tracking);
-    }
-    let mut changes = Vec::new();
-    for (server, bytes) in rows {
-        match Tracker::decode(&bytes).filter(|_| tracking.servers.contains(&server)) {
-            Some(t) => {
-                changes.push(Change::PutTracking(server, t.encode(false)));
-                tracking.trackers.insert(server, t);
+    if !rows.is_empty() {
+        let mut changes = Vec::new();
+        for (server, bytes) in rows {
+            match Tracker::decode(&bytes).filter(|_| servers.contains(&server)) {
+                Some(t) => {
+                    changes.push(Change::PutTracking(server, t.encode(false)));
+                    trackers.insert(server, t);
+                }
+                None => changes.push(Change::RemoveTracking(server)),
             }
-            None => changes.push(Change::RemoveTracking(server)),
         }
+        catalog.commit(&changes)?;
     }
-    catalog.commit(&changes)?;
-    Ok(tracking)
+    Ok(Tracking::new(servers, trackers))
 }
 
 impl Engine {
@@ -140,14 +105,7 @@ impl Engine {
                     .into(),
             ));
         }
-        let mut tracking = self.inner.tracking.lock();
-        if !tracking.servers.contains(&server) {
-            return Err(Error::ServerNotFound(server));
-        }
-        if let Some(t) = tracking.trackers.get_mut(&server) {
-            t.record(offset, len);
-        }
-        Ok(())
+        self.inner.tracking.record(server, offset, len)
     }
 
     /// Hands over a change tracker's bitmap the embedder vouches for (for
@@ -189,17 +147,17 @@ impl Engine {
         tracker.pending = false;
         let mut tracking = inner.tracking.lock();
         tracking.begin(server, tracker);
-        let status = tracking.trackers.get(&server).map(Tracker::status);
+        let status = tracking.get(server).map(|t| t.status());
         status.ok_or(Error::ServerNotFound(server))
     }
 
     /// The change tracking of `server`: `None` when off or not started (no
     /// snapshot or restore since it was turned on).
     pub fn tracking_status(&self, server: ServerId) -> Result<Option<TrackingStatus>> {
-        let tracking = self.inner.tracking.lock();
-        if !tracking.servers.contains(&server) {
+        let mut tracking = self.inner.tracking.lock();
+        if !tracking.has_server(server) {
             return Err(Error::ServerNotFound(server));
         }
-        Ok(tracking.trackers.get(&server).map(Tracker::status))
+        Ok(tracking.get(server).map(|t| t.status()))
     }
 }
