@@ -10,7 +10,7 @@
 # Work directory: $BLOCKSNAP_BENCH_DIR (default /var/tmp/blocksnap-peers);
 # the workload images are kept there and reused by later runs.
 #
-# Workload (as MEASUREMENTS.md): v1 is an ext4 image made with
+# Workload (as the team's reference measurements): v1 is an ext4 image made with
 # `mke2fs -t ext4 -d` from about 1.0 GB of real files from /usr/share and
 # /usr/lib; v2 is v1 with 1% of the image rewritten by random 4 KiB-aligned
 # 4 KiB writes (seeded).

@@ -78,7 +78,7 @@ mod window;
 
 pub use compression::Compression;
 pub use dirty::DirtyBitmap;
-pub use engine::{Engine, RestoreOptions, RestorePlanReport};
+pub use engine::{Engine, RestoreJob, RestoreOptions, RestorePlanReport};
 pub use error::{Error, ErrorClass, Result};
 pub use ids::{ChunkId, ServerId, SnapshotId};
 pub use job::{Job, Progress};
@@ -91,8 +91,8 @@ pub use restore::{RestoreMethod, RestoreReport};
 pub use store::gc::GcReport;
 pub use tracking::TrackingStatus;
 pub use types::{
-    CaptureJob, CaptureKind, CaptureStats, FullReason, OpenReport, RestoreJob, Server, ServerRef,
-    ServerState, Snapshot, SnapshotKind, SnapshotStatus, StoreStats,
+    CaptureJob, CaptureKind, CaptureStats, FullReason, OpenReport, Server, ServerRef, ServerState,
+    Snapshot, SnapshotKind, SnapshotStatus, StoreStats,
 };
 pub use verify::{BadChunk, BadManifest, VerifyReport};
 

@@ -10,7 +10,6 @@ use crate::error::Result;
 use crate::ids::{ServerId, SnapshotId};
 use crate::job::{Job, Progress};
 
-use crate::restore::RestoreReport;
 use serde::{Deserialize, Serialize};
 
 /// What a server is doing.
@@ -56,7 +55,7 @@ pub struct ServerRef {
 }
 
 /// A snapshot. Serializes to exactly the snapshot object of the Snapshots
-/// API (SEED_API.md); the extra fields are for library users.
+/// API (docs/openapi.yaml); the extra fields are for library users.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub struct Snapshot {
@@ -128,9 +127,6 @@ impl CaptureJob {
         self.job.wait()
     }
 }
-
-/// A restore running in the background.
-pub type RestoreJob = Job<RestoreReport>;
 
 /// Sizes and ratios of a whole store ([`Engine::stats`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]

@@ -44,7 +44,7 @@ mod space;
 mod state;
 mod tracking;
 
-pub use restores::{RestoreOptions, RestorePlanReport};
+pub use restores::{RestoreJob, RestoreOptions, RestorePlanReport};
 
 use live::Tracking;
 use recovery::{lock_store, recover};

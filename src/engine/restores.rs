@@ -25,7 +25,7 @@ use crate::job::{Job, Progress};
 use crate::manifest::Manifest;
 use crate::restore::{self, RestoreMethod, RestorePlan, RestoreReport};
 use crate::tracking::Tracker;
-use crate::types::{RestoreJob, Server};
+use crate::types::Server;
 use crate::types::{SnapshotKind, SnapshotStatus};
 
 /// Catalog `meta` keys of the rates measured by restores, for estimates.
@@ -35,6 +35,9 @@ const META_COMPARE_RATE: &str = "restore_compare_bytes_per_sec";
 const DEFAULT_WRITE_RATE: u64 = 400 << 20;
 const DEFAULT_COMPARE_RATE: u64 = 1 << 30;
 const RATE_MIN_BYTES: u64 = 64 << 20;
+
+/// A restore running in the background.
+pub type RestoreJob = Job<RestoreReport>;
 
 /// How one restore runs. The default is the careful one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

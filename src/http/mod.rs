@@ -1,4 +1,4 @@
-//! `blocksnap serve`: the provider's Snapshots REST API (SEED_API.md) over
+//! `blocksnap serve`: the provider's Snapshots REST API (docs/openapi.yaml) over
 //! the engine, exactly: same paths (with and without the trailing slash),
 //! JSON shapes, status codes and bearer-token auth. Described for clients in
 //! docs/openapi.yaml; [`ROUTES`] is the list the spec is tested against.
@@ -22,9 +22,9 @@ use parking_lot::Mutex;
 
 pub use auth::Tokens;
 
-use crate::engine::Engine;
+use crate::engine::{Engine, RestoreJob};
 use crate::error::{Error, IoContext, Result};
-use crate::types::{CaptureJob, RestoreJob};
+use crate::types::CaptureJob;
 
 /// Largest request body accepted; larger ones get 413.
 pub const MAX_BODY_LEN: usize = 64 << 10;

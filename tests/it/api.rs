@@ -1,4 +1,4 @@
-//! The Snapshots REST API contract (SEED_API.md), over real HTTP on
+//! The Snapshots REST API contract (docs/openapi.yaml), over real HTTP on
 //! 127.0.0.1 with a real client.
 
 use std::net::SocketAddr;
@@ -189,7 +189,7 @@ fn keys_of(v: &Value) -> Vec<&str> {
     v.as_object().unwrap().keys().map(String::as_str).collect()
 }
 
-/// The fields of a snapshot object, in SEED_API.md's order.
+/// The fields of a snapshot object, in the API's documented order.
 fn check_snapshot(s: &Value, extra: &[&str]) {
     let keys = keys_of(s);
     let mut want = vec![

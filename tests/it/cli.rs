@@ -37,7 +37,7 @@ fn fails_with(store: &Path, args: &[&str], code: i32, stderr_has: &str) {
     assert_eq!(err.trim().lines().count(), 1, "one clear line: {err}");
 }
 
-/// Checks one snapshot object against the shape of SEED_API.md.
+/// Checks one snapshot object against the shape of the Snapshots API (docs/openapi.yaml).
 fn check_snapshot_shape(s: &Value) {
     let obj = s.as_object().unwrap();
     let mut keys: Vec<&str> = obj.keys().map(String::as_str).collect();

@@ -1,4 +1,4 @@
-//! Integration tests, one binary (see STYLE.md): each module a topic.
+//! Integration tests, one binary (to keep link time down): each module a topic.
 
 mod api;
 mod blockdev;
