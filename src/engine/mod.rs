@@ -15,7 +15,6 @@
 //! commit leaves the snapshot `in_progress` in the catalog; `open` turns it
 //! into `failed` and removes its manifest.
 
-use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -98,43 +97,19 @@ impl Engine {
     }
 
     pub(crate) fn open_with(root: &Path, options: EngineOptions) -> Result<Engine> {
-        let catalog_path = root.join(CATALOG_FILE);
         let read_only = options.read_only;
-        if !catalog_path.exists() && (!options.create || read_only) {
-            return Err(Error::NoStore {
-                path: root.to_path_buf(),
-            });
-        }
-        if read_only && options.change_tracking {
-            return Err(Error::InvalidParameter(
-                "change tracking records writes in the store; a read-only open cannot have it"
-                    .into(),
-            ));
-        }
-        let create_with = options.block_size.unwrap_or(DEFAULT_BLOCK_SIZE);
-        // A new store's settings are checked before anything is made (an
-        // existing store's once its block size is known, below).
-        if !catalog_path.exists() {
-            options.validate(create_with)?;
-        }
-        let compression = options.compression.unwrap_or_default();
+        let exists = check_request(root, &options)?;
         if !read_only {
             fs::create_dir_all(root).at(root)?;
         }
         let lock = lock_store(root, read_only)?;
-        let new_store = !catalog_path.exists();
         // Read-only, nothing can write, whatever path the code takes.
         let store_fs: Arc<dyn StoreFs> = if read_only {
             Arc::new(ReadOnlyFs(options.store_fs.clone()))
         } else {
             options.store_fs.clone()
         };
-        let (catalog, loaded) = if read_only {
-            Catalog::open_read_only(&catalog_path, store_fs.clone())?
-        } else {
-            let create = (create_with, compression.level(), compression.group_len());
-            Catalog::open(&catalog_path, Some(create), store_fs.clone())?
-        };
+        let (catalog, loaded) = open_catalog(root, &options, store_fs.clone())?;
         check_fixed_settings(&options, &loaded)?;
         options.validate(loaded.block_size)?;
         let manifests = Manifests::open(root.join(MANIFEST_DIR), store_fs.clone())?;
@@ -144,7 +119,7 @@ impl Engine {
         } else {
             ChunkStore::open(&packs, store_fs.clone())?
         };
-        if new_store {
+        if !exists {
             sync_dir(store_fs.as_ref(), root)?;
         }
         let mut report = OpenReport {
@@ -153,23 +128,10 @@ impl Engine {
             unreadable_packs: recovery.unreadable,
             ..OpenReport::default()
         };
-        let mut state = State {
-            servers: loaded.servers,
-            snapshots: loaded.snapshots,
-            next_snapshot_id: loaded.next_snapshot_id,
-            live_restores: HashMap::new(),
-            progress: HashMap::new(),
-            refs: None,
-            capture_parents: HashMap::new(),
-            in_doubt: HashSet::new(),
-            restoring_in_doubt: HashSet::new(),
-        };
+        let mut state = State::new(loaded.servers, loaded.snapshots, loaded.next_snapshot_id);
         recover(&catalog, &manifests, &mut state, &mut report, !read_only)?;
-        let tracking = load_tracking(
-            &catalog,
-            state.servers.keys().copied(),
-            options.change_tracking,
-        )?;
+        let servers = state.servers.keys().copied();
+        let tracking = load_tracking(&catalog, servers, options.change_tracking)?;
         Ok(Engine {
             inner: Arc::new(Inner {
                 root: root.to_path_buf(),
@@ -377,6 +339,43 @@ impl Engine {
         report.catalog_error = self.inner.catalog.check().err().map(|e| e.to_string());
         Ok(report)
     }
+}
+
+/// Refuses what cannot be opened as asked, before anything is made or
+/// locked; returns whether the store exists. A new store's settings are
+/// checked here, an existing store's once its block size is known.
+fn check_request(root: &Path, options: &EngineOptions) -> Result<bool> {
+    let exists = root.join(CATALOG_FILE).exists();
+    if !exists && (!options.create || options.read_only) {
+        return Err(Error::NoStore {
+            path: root.to_path_buf(),
+        });
+    }
+    if options.read_only && options.change_tracking {
+        return Err(Error::InvalidParameter(
+            "change tracking records writes in the store; a read-only open cannot have it".into(),
+        ));
+    }
+    if !exists {
+        options.validate(options.block_size.unwrap_or(DEFAULT_BLOCK_SIZE))?;
+    }
+    Ok(exists)
+}
+
+/// The catalog, created with the options' settings when new.
+fn open_catalog(
+    root: &Path,
+    options: &EngineOptions,
+    fs: Arc<dyn StoreFs>,
+) -> Result<(Catalog, Loaded)> {
+    let path = root.join(CATALOG_FILE);
+    if options.read_only {
+        return Catalog::open_read_only(&path, fs);
+    }
+    let compression = options.compression.unwrap_or_default();
+    let block_size = options.block_size.unwrap_or(DEFAULT_BLOCK_SIZE);
+    let create = (block_size, compression.level(), compression.group_len());
+    Catalog::open(&path, Some(create), fs)
 }
 
 /// Settings made when the store was created: asking an existing store for

@@ -38,6 +38,25 @@ pub(super) struct State {
 }
 
 impl State {
+    /// The state of a store just read from its catalog.
+    pub(super) fn new(
+        servers: BTreeMap<ServerId, ServerRecord>,
+        snapshots: BTreeMap<SnapshotId, SnapshotRecord>,
+        next_snapshot_id: u64,
+    ) -> Self {
+        State {
+            servers,
+            snapshots,
+            next_snapshot_id,
+            live_restores: HashMap::new(),
+            progress: HashMap::new(),
+            refs: None,
+            capture_parents: HashMap::new(),
+            in_doubt: HashSet::new(),
+            restoring_in_doubt: HashSet::new(),
+        }
+    }
+
     pub(super) fn server(&self, id: ServerId) -> Result<&ServerRecord> {
         self.servers.get(&id).ok_or(Error::ServerNotFound(id))
     }

@@ -110,3 +110,39 @@ fn a_capture_interrupted_by_a_crash_is_failed_on_open() {
             .unwrap();
     }
 }
+
+/// `Engine::close` reports what dropping the engine swallows (here the
+/// open pack's seal failing), refuses while another handle holds the
+/// store, and the store opens after either.
+#[test]
+fn close_reports_what_drop_swallows_and_waits_for_other_handles() {
+    use blocksnap::fsio::{Fault, FaultFs, FaultFsHandle};
+    use std::sync::Arc;
+
+    let fx = Fixture::new();
+    let disk = fx.server(1, "web", &disk_bytes(16 * BS, 4));
+    let snap = fx.engine.create_snapshot(ServerId(1), "v1", "").unwrap();
+    let Fixture { dir, engine } = fx;
+    let clone = engine.clone();
+    assert!(matches!(
+        engine.close(),
+        Err(blocksnap::Error::WrongState(_))
+    ));
+    // The clone still works, and closes the store.
+    assert_eq!(clone.snapshots(None).unwrap().len(), 1);
+    clone.close().unwrap();
+
+    let fs = FaultFs::new();
+    let engine = EngineOptions::new()
+        .store_fs(Arc::new(FaultFsHandle(fs.clone())))
+        .open(dir.path().join("store"))
+        .unwrap();
+    std::fs::write(&disk, disk_bytes(16 * BS, 5)).unwrap();
+    engine.create_snapshot(ServerId(1), "v2", "").unwrap();
+    fs.fail(0, Fault::Eio); // the seal of the open pack
+    assert!(engine.close().is_err(), "a failed seal is reported");
+    let engine = EngineOptions::new().open(dir.path().join("store")).unwrap();
+    assert!(engine.verify(None).unwrap().is_ok());
+    engine.restore_snapshot(snap.id).unwrap();
+    assert!(std::fs::read(&disk).unwrap() == disk_bytes(16 * BS, 4));
+}
