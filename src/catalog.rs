@@ -346,6 +346,19 @@ impl Catalog {
         Ok(out)
     }
 
+    /// True when a change-tracking record of `server` is persisted.
+    pub fn has_tracking(&self, server: ServerId) -> Result<bool> {
+        no_panic(&self.path, || {
+            let tx = self.db.read().begin_read()?;
+            let table = match tx.open_table(TRACKING) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(false),
+                Err(e) => return Err(e.into()),
+            };
+            Ok(table.get(server.0)?.is_some())
+        })
+    }
+
     /// Checks the whole catalog file (redb's integrity check, which also
     /// repairs what it can). `Err` with what is wrong when it is damaged.
     pub fn check(&self) -> Result<()> {

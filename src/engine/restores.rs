@@ -360,7 +360,9 @@ impl Engine {
         } else {
             // Tracked by no one in this process, the disk is about to change
             // behind the tracker a tracking process saved: it goes first.
-            inner.catalog.commit(&[Change::RemoveTracking(server.id)])?;
+            if inner.catalog.has_tracking(server.id)? {
+                inner.catalog.commit(&[Change::RemoveTracking(server.id)])?;
+            }
             None
         };
         self.set_restoring_from(server.id, Some(id))?;
