@@ -176,6 +176,7 @@ impl SnapshotStatus {
 /// How a capture found the disk's blocks.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum CaptureKind {
     /// Every block read and hashed (holes of a sparse image excepted).
     #[default]
@@ -189,6 +190,7 @@ pub enum CaptureKind {
 /// incremental.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum FullReason {
     /// No change tracking for the server yet (no snapshot or restore since
     /// the store was opened, or the first snapshot).
