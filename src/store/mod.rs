@@ -17,10 +17,12 @@
 //! `sync` has that chunk durable, whichever capture wrote it.
 
 pub mod gc;
+mod groups;
 mod index;
 pub mod pack;
+mod recovery;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::hash::Hasher;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,10 +35,10 @@ use index::ChunkIndex;
 use crate::error::{Error, IoContext, Result};
 use crate::fsio::{OpenMode, StoreFile, StoreFs};
 use crate::ids::ChunkId;
-use pack::{
-    ChunkRecord, GroupRecord, IndexEntry, PACK_HEADER_LEN, RECORD_HEADER_LEN, RecordKind,
-    TRAILER_LEN,
-};
+use groups::{DecodedGroup, GroupCache};
+use pack::{ChunkRecord, GroupRecord, IndexEntry, PACK_HEADER_LEN, RECORD_HEADER_LEN, RecordKind};
+pub use recovery::Recovery;
+use recovery::{list_packs, load_pack};
 
 /// A pack is sealed once it grows past this many bytes.
 pub const PACK_TARGET_LEN: u64 = 256 << 20;
@@ -90,59 +92,6 @@ pub(crate) fn write_record(
     Ok((entries, (RECORD_HEADER_LEN + payload.len()) as u64))
 }
 
-/// Group records decompressed recently, shared by the threads of a restore
-/// or a verification so that each group is decompressed once, not once per
-/// member. A slot is filled by the first thread that needs it; others wait
-/// on the slot's lock instead of decompressing it again.
-#[derive(Default)]
-struct GroupCache {
-    slots: Mutex<VecDeque<((u32, u32), GroupSlot)>>,
-    /// Buffers of evicted groups, reused: a fresh 4 MiB buffer per group
-    /// would cost more in page faults than decompressing it.
-    spare: Mutex<Vec<Vec<u8>>>,
-}
-
-/// One cached group: empty until the first reader has decoded it.
-type GroupSlot = Arc<Mutex<Option<Arc<DecodedGroup>>>>;
-
-/// A group record's members (id, byte range) and their bytes.
-struct DecodedGroup {
-    members: pack::Members,
-    data: Vec<u8>,
-}
-
-/// Groups kept decompressed: at most 4 MiB each.
-const GROUP_CACHE_SLOTS: usize = 8;
-
-impl GroupCache {
-    /// The slot of the group at `key` (pack, offset), most recently used last.
-    fn slot(&self, key: (u32, u32)) -> GroupSlot {
-        let mut slots = self.slots.lock();
-        if let Some(pos) = slots.iter().position(|(k, _)| *k == key)
-            && let Some(hit) = slots.remove(pos)
-        {
-            let slot = hit.1.clone();
-            slots.push_back(hit);
-            return slot;
-        }
-        let slot = Arc::new(Mutex::new(None));
-        slots.push_back((key, slot.clone()));
-        if slots.len() > GROUP_CACHE_SLOTS
-            && let Some((_, old)) = slots.pop_front()
-            && let Some(mut old) = old.try_lock()
-            && let Some(group) = old.take()
-            && let Ok(group) = Arc::try_unwrap(group)
-        {
-            self.spare.lock().push(group.data);
-        }
-        slot
-    }
-
-    fn buffer(&self) -> Vec<u8> {
-        self.spare.lock().pop().unwrap_or_default()
-    }
-}
-
 /// Hashes a [`ChunkId`] by the one `u64` its `Hash` impl feeds: no rehashing.
 #[derive(Default)]
 pub struct PrefixHasher(u64);
@@ -175,18 +124,6 @@ struct Writer {
     next_seq: u32,
     /// A pack file was created since the last directory fsync.
     dir_dirty: bool,
-}
-
-/// What the store did while opening.
-#[derive(Clone, Debug, Default)]
-pub struct Recovery {
-    /// Unsealed packs found (left by a crash) and sealed now.
-    pub packs_sealed: u64,
-    /// Bytes of torn tails cut from them.
-    pub bytes_cut: u64,
-    /// Packs that could not be read at all, with the reason; their chunks
-    /// are missing from the index and `verify` reports them.
-    pub unreadable: Vec<String>,
 }
 
 /// Outcome of appending a batch of chunks.
@@ -753,374 +690,10 @@ fn pack_path(dir: &Path, seq: u32) -> PathBuf {
     dir.join(format!("{seq:08}{PACK_SUFFIX}"))
 }
 
-fn list_packs(fs: &dyn StoreFs, dir: &Path) -> Result<Vec<(u32, PathBuf)>> {
-    let mut packs = Vec::new();
-    for path in fs.list(dir).at(dir)? {
-        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
-            continue;
-        };
-        if let Some(seq) = name
-            .strip_suffix(PACK_SUFFIX)
-            .and_then(|s| s.parse::<u32>().ok())
-        {
-            packs.push((seq, path));
-        }
-    }
-    packs.sort();
-    Ok(packs)
-}
-
-/// Reads a pack's index: from its trailer when sealed, else by a forward scan
-/// that cuts the torn tail and seals the pack (`read_only`: only scans).
-fn load_pack(
-    fs: &dyn StoreFs,
-    path: &Path,
-    recovery: &mut Recovery,
-    read_only: bool,
-) -> Result<Vec<IndexEntry>> {
-    let mode = if read_only {
-        OpenMode::Read
-    } else {
-        OpenMode::ReadWrite
-    };
-    let file = fs.open(path, mode).at(path)?;
-    let file = file.as_ref();
-    let len = file.len().at(path)?;
-    if len >= (PACK_HEADER_LEN + TRAILER_LEN) as u64 {
-        let mut t = [0u8; TRAILER_LEN];
-        file.read_exact_at(&mut t, len - TRAILER_LEN as u64)
-            .at(path)?;
-        if let Some(tr) = pack::decode_trailer(&t, len) {
-            let mut bytes = vec![0u8; tr.count as usize * pack::INDEX_ENTRY_LEN];
-            file.read_exact_at(&mut bytes, tr.index_offset).at(path)?;
-            match pack::decode_index(&bytes, &tr) {
-                Ok(entries) => return Ok(entries),
-                // A damaged index: the records themselves are still readable.
-                Err(_) => return scan_records(file, path, tr.index_offset).map(|(e, _)| e),
-            }
-        }
-    }
-    let mut header = [0u8; PACK_HEADER_LEN];
-    if read_only {
-        if len < PACK_HEADER_LEN as u64 {
-            return Ok(Vec::new());
-        }
-        file.read_exact_at(&mut header, 0).at(path)?;
-        pack::check_pack_header(&header).map_err(|w| Error::corrupt(path, w))?;
-        return scan_records(file, path, len).map(|(entries, _)| entries);
-    }
-    if len < PACK_HEADER_LEN as u64 {
-        // Created by a crash before its header reached the disk: empty.
-        file.set_len(0).at(path)?;
-        file.write_all_at(&pack::encode_pack_header(), 0).at(path)?;
-    } else {
-        file.read_exact_at(&mut header, 0).at(path)?;
-        pack::check_pack_header(&header).map_err(|w| Error::corrupt(path, w))?;
-    }
-    let (entries, end) = scan_records(file, path, len)?;
-    recovery.bytes_cut += len.saturating_sub(end);
-    file.set_len(end).at(path)?;
-    file.write_all_at(&pack::encode_index(&entries, end), end)
-        .at(path)?;
-    file.sync().at(path)?;
-    recovery.packs_sealed += 1;
-    Ok(entries)
-}
-
-/// Walks records from the pack header up to `limit`, stopping at the first
-/// record that is incomplete or fails a check. Returns the entries found and
-/// the offset where valid records end.
-fn scan_records(file: &dyn StoreFile, path: &Path, limit: u64) -> Result<(Vec<IndexEntry>, u64)> {
-    let mut entries = Vec::new();
-    let mut at = PACK_HEADER_LEN as u64;
-    let mut header = [0u8; RECORD_HEADER_LEN];
-    let mut payload = Vec::new();
-    while at + RECORD_HEADER_LEN as u64 <= limit {
-        file.read_exact_at(&mut header, at).at(path)?;
-        let Ok(h) = pack::RecordHeader::decode(&header) else {
-            break;
-        };
-        if at + h.record_len() > limit {
-            break;
-        }
-        payload.resize(h.stored_len as usize, 0);
-        file.read_exact_at(&mut payload, at + RECORD_HEADER_LEN as u64)
-            .at(path)?;
-        if crc32fast::hash(&payload) != h.payload_crc {
-            break;
-        }
-        if h.kind == RecordKind::Group {
-            let Ok((members, _)) = pack::decode_group_table(&payload, h.raw_len) else {
-                break;
-            };
-            let members: Vec<(ChunkId, u32)> = members
-                .into_iter()
-                .map(|(id, r)| (id, (r.end - r.start) as u32))
-                .collect();
-            entries.extend(pack::member_entries(at, h.stored_len, &members));
-        } else {
-            entries.push(IndexEntry {
-                id: h.id,
-                offset: at,
-                stored_len: h.stored_len,
-                raw_len: h.raw_len,
-            });
-        }
-        at += h.record_len();
-    }
-    Ok((entries, at))
-}
-
 /// fsyncs a directory, making the creation or rename of its entries durable.
 pub(crate) fn sync_dir(fs: &dyn StoreFs, dir: &Path) -> Result<()> {
     fs.sync_dir(dir).at(dir)
 }
 
 #[cfg(test)]
-mod tests {
-    use std::fs::{self, OpenOptions};
-    use std::os::unix::fs::FileExt;
-
-    use super::*;
-    use crate::fsio::StdFs;
-
-    fn open(dir: &Path) -> Result<(ChunkStore, Recovery)> {
-        ChunkStore::open(dir, Arc::new(StdFs))
-    }
-
-    /// Inserts each of `datas` as a chunk.
-    fn put(s: &ChunkStore, datas: &[&[u8]]) -> Appended {
-        let compressed: Vec<Option<Vec<u8>>> = datas
-            .iter()
-            .map(|d| pack::compress(d, 1).unwrap())
-            .collect();
-        let records: Vec<ChunkRecord<'_>> = datas
-            .iter()
-            .zip(&compressed)
-            .map(|(d, c)| ChunkRecord {
-                id: ChunkId::of(d),
-                raw: d,
-                compressed: c.as_deref(),
-            })
-            .collect();
-        s.insert(&records).unwrap()
-    }
-
-    #[test]
-    fn chunks_survive_a_clean_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        let ids: Vec<ChunkId> = {
-            let (s, _) = open(dir.path()).unwrap();
-            let data: Vec<Vec<u8>> = (0..10u8).map(|i| vec![i; 5000]).collect();
-            let refs: Vec<&[u8]> = data.iter().map(|d| d.as_slice()).collect();
-            let n = put(&s, &refs);
-            assert_eq!(n.chunks, 10);
-            s.sync().unwrap();
-            data.iter().map(|d| ChunkId::of(d)).collect()
-        };
-        let (s, rec) = open(dir.path()).unwrap();
-        assert_eq!(rec.packs_sealed, 0);
-        for (i, id) in ids.iter().enumerate() {
-            assert_eq!(s.read(id).unwrap(), vec![i as u8; 5000]);
-        }
-    }
-
-    fn group_of(datas: &[Vec<u8>]) -> GroupRecord {
-        let members: Vec<(ChunkId, &[u8])> = datas
-            .iter()
-            .map(|d| (ChunkId::of(d), d.as_slice()))
-            .collect();
-        GroupRecord::compress(&members, 3).unwrap().unwrap()
-    }
-
-    fn texts(from: u32, n: u32) -> Vec<Vec<u8>> {
-        (from..from + n)
-            .map(|i| {
-                format!("member {i} of a group, text that compresses; ")
-                    .repeat(200)
-                    .into_bytes()
-            })
-            .collect()
-    }
-
-    #[test]
-    fn group_members_are_read_back_before_and_after_a_reopen_or_a_crash() {
-        let dir = tempfile::tempdir().unwrap();
-        let (a, b) = (texts(0, 5), texts(5, 3));
-        let check = |s: &ChunkStore| {
-            for d in a.iter().chain(&b) {
-                let id = ChunkId::of(d);
-                assert_eq!(&s.read(&id).unwrap(), d);
-                let mut out = vec![0u8; d.len()];
-                s.read_into(&id, &mut out).unwrap();
-                assert_eq!(&out, d);
-                let mut wrong = vec![0u8; d.len() + 1];
-                assert!(s.read_into(&id, &mut wrong).unwrap_err().is_corruption());
-            }
-        };
-        {
-            let (s, _) = open(dir.path()).unwrap();
-            let (ga, gb) = (group_of(&a), group_of(&b));
-            let n = s
-                .append([NewRecord::Group(&ga), NewRecord::Group(&gb)])
-                .unwrap();
-            assert_eq!(n.chunks, 8);
-            // Held already: skipped whole.
-            assert_eq!(s.append([NewRecord::Group(&ga)]).unwrap().chunks, 0);
-            assert!(s.locate(&ChunkId::of(&a[2])).unwrap().is_member());
-            check(&s);
-        }
-        // Sealed: the members come back from the pack's index.
-        let (s, rec) = open(dir.path()).unwrap();
-        assert_eq!(rec.packs_sealed, 0);
-        assert_eq!(s.chunk_count(), 8);
-        check(&s);
-        // A crash before sealing: the members come back from a scan.
-        let c = texts(8, 4);
-        s.append([NewRecord::Group(&group_of(&c))]).unwrap();
-        s.sync().unwrap();
-        std::mem::forget(s);
-        let (s, rec) = open(dir.path()).unwrap();
-        assert_eq!(rec.packs_sealed, 1);
-        assert_eq!(s.chunk_count(), 12);
-        check(&s);
-        for d in &c {
-            assert_eq!(&s.read(&ChunkId::of(d)).unwrap(), d);
-        }
-    }
-
-    #[test]
-    fn a_group_with_a_member_already_stored_indexes_only_the_others() {
-        let dir = tempfile::tempdir().unwrap();
-        let (s, _) = open(dir.path()).unwrap();
-        let a = texts(0, 3);
-        let refs: Vec<&[u8]> = a.iter().map(|d| d.as_slice()).collect();
-        put(&s, &refs[..1]);
-        let first = s.locate(&ChunkId::of(&a[0])).unwrap();
-        let n = s.append([NewRecord::Group(&group_of(&a))]).unwrap();
-        assert_eq!(n.chunks, 2);
-        assert_eq!(s.locate(&ChunkId::of(&a[0])).unwrap(), first);
-        for d in &a {
-            assert_eq!(&s.read(&ChunkId::of(d)).unwrap(), d);
-        }
-    }
-
-    #[test]
-    fn a_damaged_group_is_corruption_for_every_member() {
-        let dir = tempfile::tempdir().unwrap();
-        let a = texts(0, 4);
-        {
-            let (s, _) = open(dir.path()).unwrap();
-            s.append([NewRecord::Group(&group_of(&a))]).unwrap();
-        }
-        let path = pack_path(dir.path(), 1);
-        let mut bytes = fs::read(&path).unwrap();
-        let at = PACK_HEADER_LEN + RECORD_HEADER_LEN + 4 + 4 * 36 + 10;
-        bytes[at] ^= 0x10;
-        fs::write(&path, bytes).unwrap();
-        let (s, _) = open(dir.path()).unwrap();
-        for d in &a {
-            let id = ChunkId::of(d);
-            assert!(s.read(&id).unwrap_err().is_corruption());
-            let mut out = vec![0u8; d.len()];
-            assert!(s.read_into(&id, &mut out).unwrap_err().is_corruption());
-        }
-    }
-
-    /// A failed fsync may have lost what it was to make durable, even if
-    /// a later one succeeds: the records since the last good fsync leave
-    /// the index (a later capture stores them again), and a capture that
-    /// ran across the failure cannot complete.
-    #[test]
-    fn records_a_failed_fsync_may_have_lost_leave_the_index() {
-        use crate::fsio::{Fault, FaultFs, FaultFsHandle};
-        let dir = tempfile::tempdir().unwrap();
-        let fs = FaultFs::new();
-        let (s, _) = ChunkStore::open(dir.path(), Arc::new(FaultFsHandle(fs.clone()))).unwrap();
-        let durable: &[u8] = &[1u8; 4096];
-        let doubtful: &[u8] = &[2u8; 4096];
-        put(&s, &[durable]);
-        s.sync().unwrap();
-        let across = s.pin_scope();
-        put(&s, &[doubtful]);
-        fs.fail(0, Fault::Eio); // the pack's fsync
-        assert!(s.sync().is_err());
-        fs.heal();
-        assert!(s.contains(&ChunkId::of(durable)));
-        assert!(!s.contains(&ChunkId::of(doubtful)));
-        assert!(s.sync_pinned(&across).is_err());
-        let after = s.pin_scope();
-        assert_eq!(put(&s, &[doubtful]).chunks, 1, "stored again");
-        s.sync_pinned(&after).unwrap();
-        assert_eq!(s.read(&ChunkId::of(doubtful)).unwrap(), doubtful);
-        drop(s);
-        let (s, _) = open(dir.path()).unwrap();
-        assert_eq!(s.read(&ChunkId::of(durable)).unwrap(), durable);
-        assert_eq!(s.read(&ChunkId::of(doubtful)).unwrap(), doubtful);
-    }
-
-    #[test]
-    fn a_chunk_is_stored_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let (s, _) = open(dir.path()).unwrap();
-        let n = put(&s, &[b"same", b"same"]);
-        assert_eq!(n.chunks, 1);
-        assert_eq!(put(&s, &[b"same"]).chunks, 0);
-        assert_eq!(s.chunk_count(), 1);
-    }
-
-    #[test]
-    fn torn_pack_tail_is_cut_on_open() {
-        let dir = tempfile::tempdir().unwrap();
-        let (s, _) = open(dir.path()).unwrap();
-        put(&s, &[&[1u8; 3000], &[2u8; 3000]]);
-        s.sync().unwrap();
-        // Simulate a crash: no seal, then a half-written third record.
-        std::mem::forget(s);
-        let path = pack_path(dir.path(), 1);
-        let good_len = fs::metadata(&path).unwrap().len();
-        let third_raw = [3u8; 3000];
-        let third_z = pack::compress(&third_raw, 1).unwrap();
-        let third = ChunkRecord {
-            id: ChunkId::of(&third_raw),
-            raw: &third_raw,
-            compressed: third_z.as_deref(),
-        };
-        let mut torn = third.header().to_vec();
-        torn.extend_from_slice(&third.payload()[..third.payload().len() / 2]);
-        let f = OpenOptions::new().write(true).open(&path).unwrap();
-        FileExt::write_all_at(&f, &torn, good_len).unwrap();
-        drop(f);
-
-        let (s, rec) = open(dir.path()).unwrap();
-        assert_eq!(rec.packs_sealed, 1);
-        assert_eq!(rec.bytes_cut, torn.len() as u64);
-        assert_eq!(s.chunk_count(), 2);
-        assert_eq!(s.read(&ChunkId::of(&[2u8; 3000])).unwrap(), vec![2u8; 3000]);
-        assert!(matches!(
-            s.read(&ChunkId::of(&[3u8; 3000])),
-            Err(Error::ChunkMissing { .. })
-        ));
-        // New chunks go to a new pack; the recovered one is sealed.
-        put(&s, &[&[4u8; 10]]);
-        assert_eq!(s.locate(&ChunkId::of(&[4u8; 10])).unwrap().pack, 2);
-    }
-
-    #[test]
-    fn a_flipped_payload_byte_is_corruption_not_a_panic() {
-        let dir = tempfile::tempdir().unwrap();
-        let data = b"some text that compresses ".repeat(200);
-        let id = ChunkId::of(&data);
-        {
-            let (s, _) = open(dir.path()).unwrap();
-            put(&s, &[&data]);
-        }
-        let path = pack_path(dir.path(), 1);
-        let mut bytes = fs::read(&path).unwrap();
-        bytes[PACK_HEADER_LEN + RECORD_HEADER_LEN + 3] ^= 0x40;
-        fs::write(&path, bytes).unwrap();
-        let (s, _) = open(dir.path()).unwrap();
-        let err = s.read(&id).unwrap_err();
-        assert!(err.is_corruption(), "{err}");
-    }
-}
+mod tests;
