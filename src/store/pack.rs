@@ -189,8 +189,11 @@ fn compress_paying(data: &[u8], level: i32, out: &mut Vec<u8>) -> Result<Option<
     COMPRESSOR.with(|cell| {
         let mut slot = cell.borrow_mut();
         if slot.as_ref().map(|(l, _)| *l) != Some(level) {
-            let c = zstd::bulk::Compressor::new(level)
-                .map_err(|e| Error::io("<zstd compressor>", e))?;
+            let c = zstd::bulk::Compressor::new(level).map_err(|e| {
+                Error::Internal(format!(
+                    "cannot make a zstd compressor at level {level}: {e}"
+                ))
+            })?;
             *slot = Some((level, c));
         }
         let Some((_, c)) = slot.as_mut() else {
