@@ -4,7 +4,7 @@
 
 use crate::catalog::SnapshotRecord;
 use crate::error::{Error, Result};
-use crate::ids::ServerId;
+use crate::ids::{ServerId, SnapshotId};
 use crate::types::{SnapshotKind, SnapshotStatus};
 
 /// At most this many counted (in-progress or completed) snapshots per server.
@@ -76,11 +76,17 @@ pub fn counted(s: &SnapshotRecord) -> bool {
 }
 
 /// The cap rule: may `server` take one more snapshot, given its snapshots?
+/// A snapshot whose completion is `in_doubt` (its commit reported an error
+/// but may have landed) counts as if completed.
 pub fn check_cap<'a>(
     server: ServerId,
     its_snapshots: impl IntoIterator<Item = &'a SnapshotRecord>,
+    in_doubt: impl Fn(SnapshotId) -> bool,
 ) -> Result<()> {
-    let n = its_snapshots.into_iter().filter(|s| counted(s)).count();
+    let n = its_snapshots
+        .into_iter()
+        .filter(|s| counted(s) || (s.kind == SnapshotKind::Regular && in_doubt(s.id)))
+        .count();
     if n >= MAX_SNAPSHOTS_PER_SERVER {
         return Err(Error::SnapshotLimit {
             server,
@@ -93,7 +99,6 @@ pub fn check_cap<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ids::SnapshotId;
 
     fn snap(id: u64, status: SnapshotStatus) -> SnapshotRecord {
         SnapshotRecord {
@@ -138,10 +143,12 @@ mod tests {
             .map(|i| snap(i, SnapshotStatus::Completed))
             .collect();
         v.push(snap(5, SnapshotStatus::Failed));
-        assert!(check_cap(ServerId(1), &v).is_ok());
+        assert!(check_cap(ServerId(1), &v, |_| false).is_ok());
+        // A snapshot whose completion is in doubt counts as completed.
+        assert!(check_cap(ServerId(1), &v, |id| id == SnapshotId(5)).is_err());
         v.push(snap(6, SnapshotStatus::InProgress));
         assert!(matches!(
-            check_cap(ServerId(1), &v),
+            check_cap(ServerId(1), &v, |_| false),
             Err(Error::SnapshotLimit { limit: 5, .. })
         ));
     }

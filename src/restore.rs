@@ -183,7 +183,8 @@ struct Batch<'p> {
 }
 
 /// Rewrites the planned blocks. `written` counts bytes written so far, even
-/// on error, so the caller knows whether the disk was touched.
+/// on error, so the caller knows whether the disk was touched (at least 1
+/// once a write was tried: a failed write may have landed in part).
 pub fn apply(
     store: &ChunkStore,
     manifest: &Manifest,
@@ -198,6 +199,7 @@ pub fn apply(
         crate::capture::blocks_per_window(plan.rewrite.len() as u64, batch_len, bs) as usize;
     progress.start(plan.bytes_to_write);
     let done = AtomicU64::new(0);
+    let tried = std::sync::atomic::AtomicBool::new(false);
     let (to_writer, for_writer) = sync_channel::<Batch<'_>>(1);
     // Batch buffers are reused: no page faults or zeroing per batch.
     let (recycle, recycled) = channel::<Vec<u8>>();
@@ -207,6 +209,7 @@ pub fn apply(
     let (fetched, wrote) = std::thread::scope(|scope| {
         let writer = scope.spawn(|| -> Result<()> {
             for batch in for_writer {
+                tried.store(true, Ordering::Relaxed);
                 write_batch(manifest, disk, &batch, &done, progress)?;
                 let _ = recycle.send(batch.bytes);
             }
@@ -241,7 +244,7 @@ pub fn apply(
             .unwrap_or_else(|_| Err(Error::Internal("the restore writer panicked".into())));
         (fetched, wrote)
     });
-    *written += done.into_inner();
+    *written += done.into_inner().max(u64::from(tried.into_inner()));
     wrote?;
     fetched
 }
@@ -327,8 +330,8 @@ pub fn restore(
     let planned = started.elapsed();
     apply(store, manifest, disk, &plan, window_len, progress, written)?;
     if !disk.is_block_device() && disk.len()? != manifest.image_len {
-        disk.set_len(manifest.image_len)?;
         *written += 1;
+        disk.set_len(manifest.image_len)?;
     }
     disk.sync()?;
     let wrote = started.elapsed();

@@ -148,7 +148,9 @@ impl Engine {
             // engine's own: neither the restore nor the cap stops it.
             if kind == SnapshotKind::Regular {
                 state.check_not_restoring(srv)?;
-                check_cap(server, state.snapshots_of(server))?;
+                check_cap(server, state.snapshots_of(server), |id| {
+                    state.in_doubt.contains(&id)
+                })?;
             }
             if let Some((parent, dirty)) = &explicit {
                 check_parent(&state, server, *parent, dirty, disk_len, inner.block_size)?;
@@ -323,13 +325,27 @@ impl Engine {
                 if let Some(t) = tracking.get(server) {
                     t.pending = false;
                 }
-            } else if let (true, Some(current)) = (ours, tracking.remove(server)) {
-                // Not captured: the writes since count from the previous base.
-                if let Some(mut p) = previous.filter(|p| !p.pending)
-                    && p.dirty.union_with(&current.dirty).is_ok()
-                {
-                    p.trusted &= current.trusted;
-                    tracking.insert(server, p);
+            } else if ours {
+                // Not captured: the writes since count from the previous
+                // base, which takes over first, so that no write falls in
+                // between.
+                match previous.filter(|p| !p.pending) {
+                    Some(p) => {
+                        let current = tracking.swap(server, p);
+                        let merged = match (current, tracking.get(server)) {
+                            (Some(c), Some(p)) => {
+                                p.trusted &= c.trusted;
+                                p.dirty.union_with(&c.dirty).is_ok()
+                            }
+                            _ => true,
+                        };
+                        if !merged {
+                            tracking.remove(server);
+                        }
+                    }
+                    None => {
+                        tracking.remove(server);
+                    }
                 }
             }
         }

@@ -221,10 +221,13 @@ impl Guard<'_> {
         Some(slot.retire())
     }
 
-    /// Tracks `server` from `tracker` (writes from now on add to it).
-    pub(super) fn insert(&mut self, server: ServerId, tracker: Tracker) {
-        self.slots.slots.insert(server, Slot::new(tracker));
+    /// Tracks `server` from `tracker`, as it is (its generation kept);
+    /// returns the tracker it replaces, with every write made to it. No
+    /// write falls between the two: the new one is published first.
+    pub(super) fn swap(&mut self, server: ServerId, tracker: Tracker) -> Option<Tracker> {
+        let old = self.slots.slots.insert(server, Slot::new(tracker));
         self.publish();
+        old.map(Slot::retire)
     }
 
     /// The catalog rows that hand the trackers over cleanly (on close):
@@ -304,7 +307,7 @@ mod tests {
         tracking.record(ServerId(1), 0, 1).unwrap();
         tracking.lock().add_server(ServerId(2));
         tracking.record(ServerId(2), 0, 1).unwrap();
-        tracking.lock().insert(ServerId(2), tracker(1));
+        tracking.lock().swap(ServerId(2), tracker(1));
         tracking.record(ServerId(2), 1 << 40, 1).unwrap();
         assert!(!tracking.lock().get(ServerId(2)).unwrap().trusted);
     }

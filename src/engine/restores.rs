@@ -196,7 +196,8 @@ impl Engine {
         let (server, tracker, resuming) = {
             let state = self.inner.state.lock();
             let server = restorable(&state, id)?;
-            let resuming = state.server(server.id)?.restoring_from.is_some();
+            let resuming = state.server(server.id)?.restoring_from.is_some()
+                && !state.restoring_in_doubt.contains(&server.id);
             let tracker = self.inner.tracking.lock().get(server.id).cloned();
             (server, tracker, resuming)
         };
@@ -338,12 +339,13 @@ impl Engine {
         // A restore that was interrupted after it began writing resumes: the
         // disk is half-restored, and a safety snapshot of it would replace
         // the one taken before the first attempt.
-        let resuming = inner
-            .state
-            .lock()
-            .server(server.id)?
-            .restoring_from
-            .is_some();
+        // (A mark whose commit failed, in doubt, was never acted on: no
+        // write followed it, so this is no resumption.)
+        let resuming = {
+            let state = inner.state.lock();
+            state.server(server.id)?.restoring_from.is_some()
+                && !state.restoring_in_doubt.contains(&server.id)
+        };
         let safety = if options.safety_snapshot && !resuming {
             self.take_safety_snapshot(server, id)
                 .map_err(|e| Error::SafetySnapshot {
@@ -386,7 +388,10 @@ impl Engine {
                 &mut written,
             )
         })();
-        if outcome.is_ok() || written == 0 {
+        // A failure before anything was written (or tried: a torn write
+        // counts) leaves the disk as it was, unless an earlier attempt had
+        // already half-restored it.
+        if outcome.is_ok() || (written == 0 && !resuming) {
             self.set_restoring_from(server.id, None)?;
         }
         let mut report = outcome?;

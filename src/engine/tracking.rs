@@ -146,7 +146,13 @@ impl Engine {
         }
         tracker.pending = false;
         let mut tracking = inner.tracking.lock();
-        tracking.begin(server, tracker);
+        // Writes reported to the tracker it replaces happened too: keeping
+        // them only ever reads more (when the shapes agree).
+        if let Some(old) = tracking.begin(server, tracker)
+            && let Some(new) = tracking.get(server)
+        {
+            let _ = new.dirty.union_with(&old.dirty);
+        }
         let status = tracking.get(server).map(|t| t.status());
         status.ok_or(Error::ServerNotFound(server))
     }

@@ -162,6 +162,13 @@ impl ChunkIndex {
         left
     }
 
+    /// Drops every entry pointing into pack `pack` at `offset` or later.
+    pub fn drop_from(&mut self, pack: u32, offset: u32) {
+        let gone = |p: u32, o: u32| p == pack && o >= offset;
+        self.sorted.retain(|e| !gone(e.pack, e.offset));
+        self.recent.retain(|_, l| !gone(l.pack, l.offset));
+    }
+
     pub fn len(&self) -> usize {
         self.sorted.len() + self.recent.len()
     }

@@ -351,19 +351,21 @@ impl ChunkStore {
         let (file, dir_dirty) = {
             let mut w = self.writer.lock();
             let dirty = std::mem::take(&mut w.dir_dirty);
+            let active = w.active.as_ref();
             (
-                w.active.as_ref().map(|a| (a.file.clone(), a.seq, a.len)),
+                active.map(|a| (a.file.clone(), a.seq, a.len, a.synced_len)),
                 dirty,
             )
         };
-        if let Some((file, seq, len)) = file {
+        if let Some((file, seq, len, synced_len)) = file {
             if let Err(e) = file.sync() {
                 let mut w = self.writer.lock();
-                if let Some(active) = w.active.take_if(|a| a.seq == seq) {
-                    self.abandon(active);
-                } else {
-                    self.sync_failures.fetch_add(1, Ordering::SeqCst);
-                }
+                // A directory fsync still owed stays owed.
+                w.dir_dirty |= dir_dirty;
+                // Sealed meanwhile or not, its fsync may have reported OK
+                // for this lost writeback: the pack is cut back either way.
+                w.active.take_if(|a| a.seq == seq);
+                self.abandon(seq, file.as_ref(), synced_len);
                 return Err(Error::io(pack_path(&self.dir, seq), e));
             }
             if let Some(a) = self.writer.lock().active.as_mut().filter(|a| a.seq == seq) {
@@ -408,17 +410,19 @@ impl ChunkStore {
     /// durable leave the index (a capture needing them stores them again,
     /// in a new pack), and the pack is left unsealed for the next open to
     /// scan. Call with the writer lock held.
-    fn abandon(&self, active: ActivePack) {
+    ///
+    /// The pack is cut back to what was durable (best effort), so no
+    /// trailer covers records that may be lost: the next open scans it and
+    /// keeps only records that pass their checks, and takes the copies
+    /// later captures stored again instead of lost ones. The failure is
+    /// counted only once the index no longer offers those records, so a
+    /// capture that sees the old count cannot have found them.
+    fn abandon(&self, seq: u32, file: &dyn StoreFile, synced_len: u64) {
+        self.index
+            .write()
+            .drop_from(seq, u32::try_from(synced_len).unwrap_or(u32::MAX));
+        let _ = file.set_len(synced_len.max(PACK_HEADER_LEN as u64));
         self.sync_failures.fetch_add(1, Ordering::SeqCst);
-        let moves: index::Moves = active
-            .entries
-            .iter()
-            .filter(|e| e.offset >= active.synced_len)
-            .map(|e| (index::move_key(e.offset, &e.id), None))
-            .collect();
-        if !moves.is_empty() {
-            self.index.write().relocate(active.seq, active.seq, &moves);
-        }
     }
 
     /// Reads one chunk and checks it end to end (record CRCs, decompression,
@@ -672,7 +676,7 @@ impl ChunkStore {
         if let Err(e) = sealed {
             // Its records since the last good fsync may not be durable, and
             // no later `sync` would cover them: they leave the index.
-            self.abandon(active);
+            self.abandon(active.seq, active.file.as_ref(), active.synced_len);
             return Err(Error::io(path, e));
         }
         Ok(())

@@ -172,6 +172,8 @@ pub struct Faults {
     pub fail_reads: bool,
     /// Writes at this byte offset are silently dropped (a lying disk).
     pub drop_write_at: Option<u64>,
+    /// Every write lands its first half, then fails (a torn write).
+    pub tear_writes: bool,
 }
 
 /// A disk opener over image files that misbehaves as `faults` says.
@@ -208,6 +210,13 @@ impl Disk for FaultyDisk {
             && (offset..offset + buf.len() as u64).contains(&at)
         {
             return Ok(());
+        }
+        if self.faults.tear_writes {
+            self.inner.write_at(&buf[..buf.len() / 2], offset)?;
+            return Err(blocksnap::Error::io(
+                self.inner.path(),
+                std::io::Error::other("injected torn write"),
+            ));
         }
         self.inner.write_at(buf, offset)
     }

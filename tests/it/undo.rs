@@ -172,6 +172,39 @@ fn a_failed_safety_snapshot_stops_the_restore_before_any_write() {
     );
 }
 
+/// A write that failed may have landed in part: the server stays marked
+/// restoring (never idle with a disk that may be half-written), and running
+/// the restore again finishes it.
+#[test]
+fn a_restore_whose_first_write_tears_leaves_the_server_restoring() {
+    let fx = Fixture::new();
+    let v1 = disk_bytes(16 * BS, 9);
+    let path = fx.server(1, "web", &v1);
+    let snap = fx.engine.create_snapshot(ServerId(1), "v1", "").unwrap();
+    let fx = fx.reopen(EngineOptions::new().disk_opener(faulty_opener(Faults {
+        tear_writes: true,
+        ..Faults::default()
+    })));
+    std::fs::write(&path, disk_bytes(16 * BS, 10)).unwrap();
+    let bare = RestoreOptions::default().safety_snapshot(false);
+    let err = fx.engine.restore_snapshot_with(snap.id, bare).unwrap_err();
+    assert!(err.to_string().contains("torn"), "{err}");
+    let server = fx.engine.server(ServerId(1)).unwrap();
+    assert_eq!(server.state, ServerState::Restoring);
+    assert_eq!(server.restoring_from, Some(snap.id));
+    let fx = fx.reopen(EngineOptions::new());
+    assert_eq!(
+        fx.engine.open_report().interrupted_restores,
+        vec![(ServerId(1), snap.id)]
+    );
+    fx.engine.restore_snapshot(snap.id).unwrap();
+    assert!(std::fs::read(&path).unwrap() == v1);
+    assert_eq!(
+        fx.engine.server(ServerId(1)).unwrap().state,
+        ServerState::Idle
+    );
+}
+
 #[test]
 fn a_disk_that_loses_a_write_fails_the_restore_loudly() {
     let fx = Fixture::with(
