@@ -292,17 +292,26 @@ pub fn gc(r: &GcReport, json: bool) {
         "gave back"
     };
     println!(
-        "gc {verb} {} ({} chunks): {} of {} packs dropped, {} rewritten; {} stored{}, {} unused left; {:.2} s",
+        "gc {verb} {} ({} chunks): {} of {} packs dropped, {} cut short, {} rewritten; {} stored{}, {} unused left; {:.2} s",
         human_bytes(r.bytes_reclaimed),
         r.chunks_reclaimed,
         r.packs_dropped,
         r.packs_examined,
+        r.packs_cut,
         r.packs_rewritten,
         human_bytes(r.bytes_stored),
         if r.dry_run { " after" } else { "" },
         human_bytes(r.bytes_unused),
         r.micros as f64 / 1e6
     );
+    if r.packs_short_of_space > 0 {
+        println!(
+            "gc left {} packs as they are for want of free space: their rewrite needs {} free; \
+             free that much (or delete more snapshots) and run gc again",
+            r.packs_short_of_space,
+            human_bytes(r.bytes_needed)
+        );
+    }
 }
 
 /// Prints the store's sizes and ratios.

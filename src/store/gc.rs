@@ -66,6 +66,14 @@ pub struct GcReport {
     /// Group records (compact setting) compressed again because some of
     /// their members were garbage.
     pub groups_recompressed: u64,
+    /// Packs whose garbage at the end was cut off in place (no room
+    /// needed: how a full disk gives back a failed capture's data).
+    pub packs_cut: u64,
+    /// Packs worth rewriting that were left as they are for want of free
+    /// space, and the free bytes their rewrites would need: free that much
+    /// (or delete more) and collect again.
+    pub packs_short_of_space: u64,
+    pub bytes_needed: u64,
     pub micros: u64,
 }
 
@@ -122,6 +130,14 @@ pub(super) fn remove_leftovers(fs: &dyn StoreFs, dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// An unsealed pack's records, by a forward scan, and its length.
+fn scan_unsealed(fs: &dyn StoreFs, path: &Path) -> Result<(u64, Vec<IndexEntry>)> {
+    let file = fs.open(path, OpenMode::Read).at(path)?;
+    let len = file.len().at(path)?;
+    let (entries, _) = super::recovery::scan_records(file.as_ref(), path, len)?;
+    Ok((len, entries))
+}
+
 /// A sealed pack's index and length; `None` for an unsealed pack.
 fn read_sealed(fs: &dyn StoreFs, path: &Path) -> Result<Option<(u64, Vec<IndexEntry>)>> {
     let file = fs.open(path, OpenMode::Read).at(path)?;
@@ -169,15 +185,18 @@ impl ChunkStore {
             .map(|a| (a.seq, a.len, a.entries.clone()));
         let active = open.as_ref().map(|(seq, _, _)| *seq);
         let mut packs = Vec::new();
-        let info = |seq, path, file_len, entries: Vec<IndexEntry>| PackInfo {
-            live: entries
-                .iter()
-                .map(|e| self.record_live(seq, e, needed))
-                .collect(),
-            seq,
-            path,
-            file_len,
-            entries,
+        let info = |seq, path, file_len, mut entries: Vec<IndexEntry>| {
+            entries.sort_by_key(|e| e.offset);
+            PackInfo {
+                live: entries
+                    .iter()
+                    .map(|e| self.record_live(seq, e, needed))
+                    .collect(),
+                seq,
+                path,
+                file_len,
+                entries,
+            }
         };
         if let (true, Some((seq, len, entries))) = (include_open, open) {
             let sealed_len = len + (entries.len() * pack::INDEX_ENTRY_LEN + TRAILER_LEN) as u64;
@@ -187,7 +206,14 @@ impl ChunkStore {
             if Some(seq) == active {
                 continue;
             }
-            let Ok(Some((file_len, entries))) = read_sealed(self.fs.as_ref(), &path) else {
+            // An unsealed pack that is not the open one (its seal failed,
+            // or a failed fsync cut it back) is collected by its records.
+            let found = match read_sealed(self.fs.as_ref(), &path) {
+                Ok(Some(sealed)) => Some(sealed),
+                Ok(None) => scan_unsealed(self.fs.as_ref(), &path).ok(),
+                Err(_) => None,
+            };
+            let Some((file_len, entries)) = found else {
                 continue;
             };
             packs.push(info(seq, path, file_len, entries));
@@ -231,16 +257,28 @@ impl ChunkStore {
         let _one_at_a_time = self.gc_lock.lock();
         if !dry_run {
             // Seal the open pack so that its garbage can be collected too;
-            // new chunks go to a new one.
+            // new chunks go to a new one. A seal that fails (a full disk)
+            // has cut the pack back to what was durable, unsealed: it is
+            // collected like any other (a scan gives its records).
             let mut w = self.writer.lock();
-            self.seal(&mut w)?;
+            let _ = self.seal(&mut w);
         }
-        let packs = self.survey(needed, dry_run)?;
+        let mut packs = self.survey(needed, dry_run)?;
         let mut report = GcReport {
             dry_run,
             packs_examined: packs.len() as u64,
             ..GcReport::default()
         };
+        // Garbage at the end of a pack is cut off in place first: it needs
+        // no room, so a full disk can always give back the data of a
+        // capture that failed for want of it.
+        for p in packs.iter_mut() {
+            if let Some(freed) = self.cut_dead_tail(p, needed, dry_run)? {
+                report.packs_cut += 1;
+                report.chunks_reclaimed += freed.0;
+                report.bytes_reclaimed += freed.1;
+            }
+        }
         let live_total: u64 = packs.iter().map(PackInfo::live_bytes).sum();
         let (empty, mut partial): (Vec<&PackInfo>, Vec<&PackInfo>) =
             packs.iter().partition(|p| p.live.iter().all(|l| !l));
@@ -281,6 +319,15 @@ impl ChunkStore {
                         report.packs_damaged += 1;
                         None
                     }
+                    // No room for the copy: the pack stays, and the report
+                    // says how much room its rewrite needs.
+                    Err(Error::Io { source, .. })
+                        if source.raw_os_error() == Some(libc::ENOSPC) =>
+                    {
+                        report.packs_short_of_space += 1;
+                        report.bytes_needed += estimate_rewritten_len(p);
+                        None
+                    }
                     Err(e) => return Err(e),
                 }
             };
@@ -304,6 +351,53 @@ impl ChunkStore {
         report.bytes_stored = before.saturating_sub(report.bytes_reclaimed);
         report.micros = started.elapsed().as_micros() as u64;
         Ok(report)
+    }
+
+    /// Cuts off the records at the end of `p` that nothing needs (after its
+    /// last live record), in place: under the guard, re-checks that none
+    /// became live and takes them out of the index; then shortens the file
+    /// and writes the index and trailer of what is left, and fsyncs. A
+    /// crash in between leaves the pack unsealed, which the next open
+    /// scans. Returns the chunks and bytes given back, `None` when the pack
+    /// has no dead tail (or all of it is dead: it is dropped instead).
+    fn cut_dead_tail(
+        &self,
+        p: &mut PackInfo,
+        needed: &dyn Fn(&ChunkId) -> bool,
+        dry_run: bool,
+    ) -> Result<Option<(u64, u64)>> {
+        let Some(cut) = dead_tail(p) else {
+            return Ok(None);
+        };
+        let keep = p.entries.iter().take_while(|e| e.offset < cut).count();
+        let new_len = cut + (keep * pack::INDEX_ENTRY_LEN + TRAILER_LEN) as u64;
+        let freed = (
+            (p.entries.len() - keep) as u64,
+            p.file_len.saturating_sub(new_len),
+        );
+        if !dry_run {
+            let moves: Moves = p.entries[keep..]
+                .iter()
+                .map(|e| (move_key(e.offset, &e.id), None))
+                .collect();
+            {
+                let _guard = self.gc_guard.write();
+                let tail = &p.entries[keep..];
+                if tail.iter().any(|e| self.record_live(p.seq, e, needed)) {
+                    return Ok(None);
+                }
+                self.index.write().relocate(p.seq, p.seq, &moves);
+            }
+            let file = self.fs.open(&p.path, OpenMode::ReadWrite).at(&p.path)?;
+            file.set_len(cut).at(&p.path)?;
+            let tail = pack::encode_index(&p.entries[..keep], cut);
+            file.write_all_at(&tail, cut).at(&p.path)?;
+            file.sync().at(&p.path)?;
+        }
+        p.entries.truncate(keep);
+        p.live.truncate(keep);
+        p.file_len = new_len;
+        Ok(Some(freed))
     }
 
     /// Deletes a pack with no live record, unless one became live since
@@ -402,6 +496,24 @@ impl ChunkStore {
         self.fs.remove(&p.path).at(&p.path)?;
         Ok(true)
     }
+}
+
+/// Where `p`'s dead tail starts: the offset of the first record after its
+/// last live one, if there is such a record and the pack has a live one
+/// (records are contiguous, a group's members share its offset).
+fn dead_tail(p: &PackInfo) -> Option<u64> {
+    let last_live = p
+        .entries
+        .iter()
+        .zip(&p.live)
+        .filter(|(_, l)| **l)
+        .map(|(e, _)| e.offset)
+        .max()?;
+    p.entries
+        .iter()
+        .map(|e| e.offset)
+        .filter(|&o| o > last_live)
+        .min()
 }
 
 /// What a rewritten pack would measure: header, live records, index, trailer.

@@ -17,6 +17,9 @@ pub struct Recovery {
     pub packs_sealed: u64,
     /// Bytes of torn tails cut from them.
     pub bytes_cut: u64,
+    /// Unsealed packs that could not be sealed (no room for their index):
+    /// read by a scan, and sealed by a later open.
+    pub left_unsealed: u64,
     /// Packs that could not be read at all, with the reason; their chunks
     /// are missing from the index and `verify` reports them.
     pub unreadable: Vec<String>,
@@ -89,17 +92,30 @@ pub(super) fn load_pack(
     let (entries, end) = scan_records(file, path, len)?;
     recovery.bytes_cut += len.saturating_sub(end);
     file.set_len(end).at(path)?;
-    file.write_all_at(&pack::encode_index(&entries, end), end)
-        .at(path)?;
-    file.sync().at(path)?;
-    recovery.packs_sealed += 1;
+    // A seal that fails (no room for the index on a full disk) leaves the
+    // pack unsealed, its records indexed from the scan: the store opens,
+    // GC can give its garbage back, and a later open seals it.
+    let sealed = file
+        .write_all_at(&pack::encode_index(&entries, end), end)
+        .and_then(|()| file.sync());
+    match sealed {
+        Ok(()) => recovery.packs_sealed += 1,
+        Err(_) => {
+            let _ = file.set_len(end);
+            recovery.left_unsealed += 1;
+        }
+    }
     Ok(entries)
 }
 
 /// Walks records from the pack header up to `limit`, stopping at the first
 /// record that is incomplete or fails a check. Returns the entries found and
 /// the offset where valid records end.
-fn scan_records(file: &dyn StoreFile, path: &Path, limit: u64) -> Result<(Vec<IndexEntry>, u64)> {
+pub(super) fn scan_records(
+    file: &dyn StoreFile,
+    path: &Path,
+    limit: u64,
+) -> Result<(Vec<IndexEntry>, u64)> {
     let mut entries = Vec::new();
     let mut at = PACK_HEADER_LEN as u64;
     let mut header = [0u8; RECORD_HEADER_LEN];

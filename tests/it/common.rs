@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::{Arc, Condvar, Mutex};
 
 use blocksnap::disk::{Disk, DiskOpener, FileDisk};
@@ -301,5 +303,106 @@ pub fn copy_tree(from: &Path, to: &Path) {
         } else {
             std::fs::copy(e.path(), &target).unwrap();
         }
+    }
+}
+
+pub fn run(cmd: &str, args: &[&str]) -> Result<String, String> {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .map_err(|e| format!("{cmd}: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(format!(
+            "{cmd} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// `EXT4_IOC_SHUTDOWN`: `_IOR('X', 125, __u32)`.
+const EXT4_IOC_SHUTDOWN: libc::c_ulong = 0x8004_587D;
+/// Shut down without flushing the journal: a power cut.
+const EXT4_GOING_FLAGS_NOLOGFLUSH: u32 = 2;
+
+/// An ext4 file system on a loop device, mounted; unmounted and detached
+/// on drop.
+pub struct Ext4 {
+    device: String,
+    pub mnt: PathBuf,
+}
+
+impl Ext4 {
+    /// A mounted ext4 of `len` bytes for the test `what`. A machine that
+    /// cannot make one (not root, no loop devices) fails the test, unless
+    /// `BLOCKSNAP_NO_LOOP_DEVICES=1` says it has none: then `None`, said
+    /// loudly.
+    pub fn for_test(dir: &Path, len: u64, what: &str) -> Option<Self> {
+        match Ext4::new(dir, len) {
+            Ok(fs) => Some(fs),
+            Err(why) if std::env::var("BLOCKSNAP_NO_LOOP_DEVICES").is_ok_and(|v| v == "1") => {
+                eprintln!(
+                    "\n!!! NOT RUN ({what}): no loop-mounted ext4 ({why}), as BLOCKSNAP_NO_LOOP_DEVICES=1 says\n"
+                );
+                None
+            }
+            Err(why) => panic!(
+                "{what} need a loop-mounted ext4 (root, loop devices): {why}; \
+                 set BLOCKSNAP_NO_LOOP_DEVICES=1 only on a machine that has none"
+            ),
+        }
+    }
+
+    fn new(dir: &Path, len: u64) -> Result<Self, String> {
+        // SAFETY: geteuid reads the caller's effective user id; no memory.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err("not root".into());
+        }
+        let image = dir.join("fs.img");
+        std::fs::File::create(&image)
+            .and_then(|f| f.set_len(len))
+            .map_err(|e| e.to_string())?;
+        run("mkfs.ext4", &["-q", "-F", image.to_str().unwrap()])?;
+        let device = run("losetup", &["--find", "--show", image.to_str().unwrap()])?;
+        let mnt = dir.join("mnt");
+        std::fs::create_dir_all(&mnt).map_err(|e| e.to_string())?;
+        let fs = Ext4 { device, mnt };
+        fs.mount()?;
+        Ok(fs)
+    }
+
+    pub fn mount(&self) -> Result<(), String> {
+        run(
+            "mount",
+            &["-t", "ext4", &self.device, self.mnt.to_str().unwrap()],
+        )
+        .map(|_| ())
+    }
+
+    pub fn umount(&self) -> Result<(), String> {
+        run("umount", &[self.mnt.to_str().unwrap()]).map(|_| ())
+    }
+
+    /// Cuts the power: the file system stops, dropping whatever the journal
+    /// has not committed.
+    pub fn cut(&self) {
+        let dir = std::fs::File::open(&self.mnt).unwrap();
+        let flags = EXT4_GOING_FLAGS_NOLOGFLUSH;
+        // SAFETY: the ioctl reads one u32 from a pointer to a live local.
+        let rc = unsafe { libc::ioctl(dir.as_raw_fd(), EXT4_IOC_SHUTDOWN, &flags) };
+        assert_eq!(
+            rc,
+            0,
+            "EXT4_IOC_SHUTDOWN: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+impl Drop for Ext4 {
+    fn drop(&mut self) {
+        let _ = self.umount();
+        let _ = run("losetup", &["-d", &self.device]);
     }
 }

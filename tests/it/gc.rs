@@ -423,6 +423,10 @@ fn a_damaged_needed_record_keeps_its_pack_and_gc_goes_on() {
     let b = fx.engine.create_snapshot(ServerId(1), "b", "").unwrap();
     std::fs::write(&path, disk_bytes(32 * BS, 42)).unwrap();
     let a = fx.engine.create_snapshot(ServerId(1), "a", "").unwrap();
+    // A live snapshot after the garbage, so that the pack must be rewritten
+    // (garbage at a pack's end is cut off in place instead).
+    std::fs::write(&path, disk_bytes(32 * BS, 43)).unwrap();
+    fx.engine.create_snapshot(ServerId(1), "c", "").unwrap();
     fx.engine.delete_snapshot(a.id).unwrap();
     // Flip a byte inside b's first record (right after the pack header
     // and the record header).

@@ -9,6 +9,7 @@ mod corruption;
 mod crash;
 mod errors;
 mod faults;
+mod full_disk;
 mod fuzz_corpus;
 mod gc;
 mod incremental;
