@@ -1,8 +1,9 @@
 //! Helpers shared by the integration tests.
 
+use std::io::{BufRead, BufReader, Read};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 
 use blocksnap::disk::{Disk, DiskOpener, FileDisk};
@@ -404,5 +405,79 @@ impl Drop for Ext4 {
     fn drop(&mut self) {
         let _ = self.umount();
         let _ = run("losetup", &["-d", &self.device]);
+    }
+}
+
+/// A child of the harness, its output collected on threads.
+pub struct Victim {
+    child: Child,
+    stdout: std::thread::JoinHandle<Vec<String>>,
+    stderr: std::thread::JoinHandle<String>,
+}
+
+impl Victim {
+    /// Fails the test, with the child's stderr, unless it is still running.
+    pub fn assert_alive(&mut self, what: &str) {
+        if let Some(status) = self.child.try_wait().unwrap() {
+            let err = std::mem::replace(&mut self.stderr, std::thread::spawn(String::new));
+            panic!(
+                "{what}: the child died on its own before the kill ({status}):\n{}",
+                err.join().unwrap_or_default()
+            );
+        }
+    }
+
+    /// Runs the test `test` of this binary as a child with `env`, and
+    /// returns once it printed `opened` (failing the test if it does not).
+    pub fn spawn(test: &str, env: &[(&str, String)]) -> Victim {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", test, "--nocapture"])
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let err = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stdout = std::thread::spawn(move || {
+            let mut lines = Vec::new();
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if line == "opened" {
+                    let _ = tx.send(());
+                }
+                lines.push(line);
+            }
+            lines
+        });
+        let stderr = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = BufReader::new(err).read_to_string(&mut s);
+            s
+        });
+        let mut victim = Victim {
+            child,
+            stdout,
+            stderr,
+        };
+        if rx.recv_timeout(std::time::Duration::from_secs(60)).is_err() {
+            victim.assert_alive(&format!("{test} never opened its store"));
+            panic!("{test} never opened its store in 60 s");
+        }
+        victim
+    }
+
+    /// Checks the child is alive, SIGKILLs it, and returns its output.
+    pub fn kill(mut self, what: &str) -> Vec<String> {
+        self.assert_alive(what);
+        self.kill_any()
+    }
+
+    /// SIGKILLs the child, alive or not (after a power cut it may have died
+    /// of the errors), and returns its output.
+    pub fn kill_any(mut self) -> Vec<String> {
+        let _ = self.child.kill();
+        self.child.wait().unwrap();
+        self.stdout.join().unwrap()
     }
 }

@@ -8,9 +8,7 @@
 //! power cuts in `powercut.rs`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use blocksnap::sample::Rng;
@@ -18,7 +16,7 @@ use blocksnap::{
     Engine, EngineOptions, RestoreOptions, ServerId, SnapshotId, SnapshotKind, SnapshotStatus,
 };
 
-use crate::common::{BS, disk_bytes};
+use crate::common::{BS, Victim, disk_bytes};
 
 pub const SERVERS: u64 = 3;
 pub const DISK_LEN: usize = 48 * BS;
@@ -77,7 +75,9 @@ fn hash(bytes: &[u8]) -> String {
 
 /// Not a test on its own: the child of the crash harness. Prints each
 /// snapshot it saw complete (`completed ID HASH`, its disk's bytes saved
-/// under `HASH` first) and each delete it starts (`deleting ID`).
+/// under `HASH` first), each delete it starts (`deleting ID`), and each
+/// operation's start and end (`begin KIND`, `end KIND`). Any unexpected
+/// error panics: the parent then finds it dead before the kill and fails.
 #[test]
 fn child_runs_random_operations() {
     let (Ok(root), Ok(expected), Ok(seed)) = (
@@ -107,7 +107,16 @@ fn child_runs_random_operations() {
     loop {
         let server = 1 + rng.below(SERVERS);
         let disk = layout.disk(server);
-        match rng.below(10) {
+        let op = rng.below(10);
+        let kind = match op {
+            0..=2 => "write",
+            3..=5 => "create",
+            6 => "delete",
+            7..=8 => "restore",
+            _ => "gc",
+        };
+        println!("begin {kind}");
+        match op {
             // A guest write, reported to the engine.
             0..=2 => {
                 let mut buf = vec![0u8; (1 + rng.below(3 * BS as u64)) as usize];
@@ -168,6 +177,7 @@ fn child_runs_random_operations() {
                 engine.gc(false).unwrap();
             }
         }
+        println!("end {kind}");
     }
 }
 
@@ -180,10 +190,14 @@ pub struct Ledger {
     /// Every id ever reported completed, with its hash.
     seen: HashMap<u64, String>,
     pub kills: u64,
+    /// Operations that ended, by kind, and kills that landed inside one.
+    pub ended: BTreeMap<String, u64>,
+    pub killed_inside: BTreeMap<String, u64>,
 }
 
 impl Ledger {
     pub fn read(&mut self, lines: Vec<String>) {
+        let mut running: Option<String> = None;
         for line in lines {
             if std::env::var("BLOCKSNAP_CRASH_TRACE").is_ok() {
                 println!("child: {line}");
@@ -200,42 +214,65 @@ impl Ledger {
                 ["deleting", id] => {
                     self.completed.remove(&id.parse().unwrap());
                 }
+                ["begin", kind] => running = Some(kind.to_string()),
+                ["end", kind] => {
+                    *self.ended.entry(kind.to_string()).or_default() += 1;
+                    running = None;
+                }
                 _ => {}
             }
+        }
+        if let Some(kind) = running {
+            *self.killed_inside.entry(kind).or_default() += 1;
+        }
+    }
+
+    /// What the conclusion "nothing was lost" rests on: operations that
+    /// completed and kills that landed inside them. Every run must have
+    /// completed snapshots; a long run (`min_kinds` > 0) must have completed
+    /// every kind and been killed inside `min_kinds` kinds.
+    pub fn assert_coverage(&self, what: &str, min_kinds: usize) {
+        println!(
+            "{what}: {} kills; operations ended {:?}; kills inside {:?}",
+            self.kills, self.ended, self.killed_inside
+        );
+        assert!(
+            !self.seen.is_empty(),
+            "{what}: the child never completed a snapshot"
+        );
+        if min_kinds > 0 {
+            for kind in ["write", "create", "delete", "restore", "gc"] {
+                assert!(
+                    self.ended.get(kind).is_some_and(|n| *n > 0),
+                    "{what}: no {kind} ever completed"
+                );
+            }
+            assert!(
+                self.killed_inside.len() >= min_kinds,
+                "{what}: kills landed inside only {:?}",
+                self.killed_inside
+            );
         }
     }
 }
 
 /// Starts the child on `layout` with `seed`; returns it once it opened the
-/// store, with a thread collecting its output.
-pub fn spawn_child(layout: &Layout, seed: u64) -> (Child, std::thread::JoinHandle<Vec<String>>) {
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "crash::child_runs_random_operations",
-            "--nocapture",
-        ])
-        .env("BLOCKSNAP_TEST_CRASH_ROOT", &layout.root)
-        .env("BLOCKSNAP_TEST_CRASH_EXPECTED", &layout.expected)
-        .env("BLOCKSNAP_TEST_CRASH_SEED", seed.to_string())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let out = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        let mut lines = Vec::new();
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            if line == "opened" {
-                let _ = tx.send(());
-            }
-            lines.push(line);
-        }
-        lines
-    });
-    let _ = rx.recv_timeout(Duration::from_secs(30));
-    (child, reader)
+/// store (failing the test if it does not), its output collected.
+pub fn spawn_child(layout: &Layout, seed: u64) -> Victim {
+    Victim::spawn(
+        "crash::child_runs_random_operations",
+        &[
+            (
+                "BLOCKSNAP_TEST_CRASH_ROOT",
+                layout.root.to_string_lossy().into(),
+            ),
+            (
+                "BLOCKSNAP_TEST_CRASH_EXPECTED",
+                layout.expected.to_string_lossy().into(),
+            ),
+            ("BLOCKSNAP_TEST_CRASH_SEED", seed.to_string()),
+        ],
+    )
 }
 
 /// Every invariant, on the store as a crash left it.
@@ -313,25 +350,20 @@ fn kill_anywhere(group: u32) {
     let mut rng = Rng::new(seed);
     let mut ledger = Ledger::default();
     for kill in 0..crate::common::env_count("BLOCKSNAP_CRASH_KILLS", 8) {
-        let (mut child, reader) = spawn_child(&layout, seed.wrapping_add(kill));
+        let what = format!("kill {kill} (seed {seed})");
+        let child = spawn_child(&layout, seed.wrapping_add(kill));
         std::thread::sleep(Duration::from_millis(rng.below(400)));
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
-        ledger.read(reader.join().unwrap());
+        ledger.read(child.kill(&what)); // SIGKILL
         ledger.kills += 1;
-        drop(check_invariants(
-            &layout,
-            &ledger,
-            &format!("kill {kill} (seed {seed})"),
-        ));
+        drop(check_invariants(&layout, &ledger, &what));
     }
     println!(
         "{} kills survived, {} snapshots checked at the end",
         ledger.kills,
         ledger.completed.len()
     );
-    assert!(
-        !ledger.seen.is_empty(),
-        "the child never completed a snapshot"
-    );
+    // Long runs (thousands of kills) must have landed kills inside at
+    // least four kinds of operation.
+    let min_kinds = if ledger.kills >= 200 { 4 } else { 0 };
+    ledger.assert_coverage(&format!("seed {seed}"), min_kinds);
 }

@@ -339,6 +339,15 @@ fn a_crash_at_any_store_io_call_in_a_grouped_store_keeps_every_snapshot() {
     crash_at_random_store_io_calls(GROUP);
 }
 
+/// An operation failed: only the crash or the injected fsync failure may
+/// explain it.
+fn unexplained(fs: &blocksnap::fsio::CrashFs, op: &str, e: &blocksnap::Error) {
+    assert!(
+        fs.crashed() || fs.sync_failed(),
+        "{op} failed with no crash or injected fault to explain it: {e}"
+    );
+}
+
 fn crash_at_random_store_io_calls(group: u32) {
     use blocksnap::fsio::{CrashFs, CrashFsHandle};
     use blocksnap::sample::Rng;
@@ -367,6 +376,8 @@ fn crash_at_random_store_io_calls(group: u32) {
     // Snapshot -> (server, bytes) of every operation that returned Ok.
     let mut ledger: BTreeMap<SnapshotId, (u64, Vec<u8>)> = BTreeMap::new();
     let (mut crashes, mut failed_syncs) = (0, 0);
+    // Creates, deletes, restores and collections that completed.
+    let mut done = [0u64; 4];
     for trial in 0..crate::common::env_count("BLOCKSNAP_CRASHFS_TRIALS", 30) {
         let engine = options().open(dir.path().join("store")).unwrap();
         fs.arm(rng.below(400));
@@ -391,8 +402,13 @@ fn crash_at_random_store_io_calls(group: u32) {
                     let created = engine
                         .create_snapshot(ServerId(server), "c", "")
                         .or_else(|_| engine.create_snapshot(ServerId(server), "c", ""));
-                    if let Ok(s) = created {
-                        ledger.insert(s.id, (server, bytes));
+                    match created {
+                        Ok(s) => {
+                            ledger.insert(s.id, (server, bytes));
+                            done[0] += 1;
+                        }
+                        Err(blocksnap::Error::SnapshotLimit { .. }) => {}
+                        Err(e) => unexplained(&fs, "a create", &e),
                     }
                 }
                 2 => {
@@ -404,7 +420,10 @@ fn crash_at_random_store_io_calls(group: u32) {
                     if mine.len() > 2 {
                         let id = mine[rng.below(mine.len() as u64) as usize];
                         ledger.remove(&id);
-                        let _ = engine.delete_snapshot(id);
+                        match engine.delete_snapshot(id) {
+                            Ok(()) => done[1] += 1,
+                            Err(e) => unexplained(&fs, "a delete", &e),
+                        }
                     }
                 }
                 3 => {
@@ -422,17 +441,22 @@ fn crash_at_random_store_io_calls(group: u32) {
                             }
                         }
                         let before = std::fs::read(&disk).unwrap();
-                        if let Ok(r) = engine.restore_snapshot(id) {
-                            assert!(std::fs::read(&disk).unwrap() == want);
-                            if let Some(s) = r.safety_snapshot {
-                                ledger.insert(s, (server, before));
+                        match engine.restore_snapshot(id) {
+                            Ok(r) => {
+                                assert!(std::fs::read(&disk).unwrap() == want);
+                                if let Some(s) = r.safety_snapshot {
+                                    ledger.insert(s, (server, before));
+                                }
+                                done[2] += 1;
                             }
+                            Err(e) => unexplained(&fs, "a restore", &e),
                         }
                     }
                 }
-                _ => {
-                    let _ = engine.gc(false);
-                }
+                _ => match engine.gc(false) {
+                    Ok(_) => done[3] += 1,
+                    Err(e) => unexplained(&fs, "a GC", &e),
+                },
             }
         }
         if !fs.crashed() {
@@ -477,7 +501,16 @@ fn crash_at_random_store_io_calls(group: u32) {
     }
     println!(
         "{crashes} crashes at random store I/O calls survived ({failed_syncs} after an fsync \
-         that failed, landed or not, with operations going on after it), {} snapshots checked",
-        ledger.len()
+         that failed, landed or not, with operations going on after it), {} snapshots checked; \
+         completed: {} creates, {} deletes, {} restores, {} collections",
+        ledger.len(),
+        done[0],
+        done[1],
+        done[2],
+        done[3]
+    );
+    assert!(
+        done.iter().all(|n| *n > 0),
+        "every kind of operation must complete at least once: {done:?}"
     );
 }

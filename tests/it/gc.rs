@@ -2,16 +2,14 @@
 //! captures, restores and deletes go on, and across crashes.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use blocksnap::sample::Rng;
 use blocksnap::{Engine, EngineOptions, ServerId, SnapshotId, SnapshotStatus};
 
-use crate::common::{BS, Fixture, disk_bytes, tree_size};
+use crate::common::{BS, Fixture, Victim, disk_bytes, tree_size};
 
 fn options() -> EngineOptions {
     EngineOptions::new().block_size(BS as u32)
@@ -321,6 +319,7 @@ fn child_collects_garbage_until_killed() {
         .parse()
         .unwrap();
     let engine = options().gc_max_unused(0.0).open(store).unwrap();
+    println!("opened");
     let disk = engine.server(ServerId(1)).unwrap().disk;
     let mut rng = Rng::new(seed);
     loop {
@@ -342,6 +341,7 @@ fn child_collects_garbage_until_killed() {
         let snap = engine.create_snapshot(ServerId(1), "c", "").unwrap();
         println!("completed {} {content}", snap.id);
         engine.gc(false).unwrap();
+        println!("collected");
     }
 }
 
@@ -360,29 +360,23 @@ fn a_crash_anywhere_in_gc_loses_no_completed_snapshot() {
     // id -> content seed of every snapshot reported completed and not
     // (being) deleted.
     let mut completed: HashMap<u64, u64> = HashMap::new();
+    let mut collections = 0;
     for kill in 0..crate::common::env_count("BLOCKSNAP_GC_CRASH_KILLS", 6) {
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "gc::child_collects_garbage_until_killed",
-                "--nocapture",
-            ])
-            .env("BLOCKSNAP_TEST_GC_CHILD_STORE", &store)
-            .env("BLOCKSNAP_TEST_GC_CHILD_SEED", (seed + kill).to_string())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let out = child.stdout.take().unwrap();
-        let reader = std::thread::spawn(move || {
-            BufReader::new(out)
-                .lines()
-                .map_while(Result::ok)
-                .collect::<Vec<String>>()
-        });
+        let what = format!("GC kill {kill} (seed {seed})");
+        let child = Victim::spawn(
+            "gc::child_collects_garbage_until_killed",
+            &[
+                (
+                    "BLOCKSNAP_TEST_GC_CHILD_STORE",
+                    store.to_string_lossy().into(),
+                ),
+                ("BLOCKSNAP_TEST_GC_CHILD_SEED", (seed + kill).to_string()),
+            ],
+        );
         std::thread::sleep(std::time::Duration::from_millis(150 + rng.below(600)));
-        child.kill().unwrap(); // SIGKILL: nothing is flushed or closed
-        child.wait().unwrap();
-        for line in reader.join().unwrap() {
+        let lines = child.kill(&what); // SIGKILL: nothing is flushed or closed
+        collections += lines.iter().filter(|l| *l == "collected").count();
+        for line in lines {
             let words: Vec<&str> = line.split_whitespace().collect();
             match words.as_slice() {
                 ["completed", id, content] => {
@@ -413,6 +407,8 @@ fn a_crash_anywhere_in_gc_loses_no_completed_snapshot() {
         !completed.is_empty(),
         "the child never completed a snapshot"
     );
+    assert!(collections > 0, "the child never completed a collection");
+    println!("{collections} collections completed between the kills");
 }
 
 #[test]

@@ -32,12 +32,11 @@ fn a_power_cut_anywhere_loses_no_completed_snapshot() {
     let mut rng = Rng::new(seed);
     let mut ledger = Ledger::default();
     for cut in 0..crate::common::env_count("BLOCKSNAP_POWERCUT_CYCLES", 3) {
-        let (mut child, reader) = spawn_child(&layout, seed.wrapping_add(cut));
+        let mut child = spawn_child(&layout, seed.wrapping_add(cut));
         std::thread::sleep(Duration::from_millis(rng.below(500)));
+        child.assert_alive(&format!("power cut {cut} (seed {seed})"));
         fs.cut();
-        child.kill().unwrap();
-        child.wait().unwrap();
-        ledger.read(reader.join().unwrap());
+        ledger.read(child.kill_any());
         ledger.kills += 1;
         fs.umount().unwrap();
         fs.mount().unwrap();
@@ -50,4 +49,6 @@ fn a_power_cut_anywhere_loses_no_completed_snapshot() {
         ledger.kills,
         ledger.completed.len()
     );
+    let min_kinds = if ledger.kills >= 100 { 3 } else { 0 };
+    ledger.assert_coverage(&format!("power cuts, seed {seed}"), min_kinds);
 }
