@@ -228,6 +228,25 @@ macro_rules! catalog_error {
                         path: PathBuf::from("catalog"),
                         what: format!("the catalog database is damaged: {what}"),
                     },
+                    // A read past the end of the file (its own structures
+                    // point outside it), or tables that are not what this
+                    // code made (a table's name or types damaged): only
+                    // damage does that to a catalog this crate wrote.
+                    redb::Error::Io(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                        Error::Corruption {
+                            path: PathBuf::from("catalog"),
+                            what: format!("the catalog database is damaged: {e}"),
+                        }
+                    }
+                    e @ (redb::Error::TableTypeMismatch { .. }
+                    | redb::Error::TypeDefinitionChanged { .. }
+                    | redb::Error::TableIsMultimap { .. }
+                    | redb::Error::TableIsNotMultimap { .. }
+                    | redb::Error::TableDoesNotExist { .. }
+                    | redb::Error::UpgradeRequired { .. }) => Error::Corruption {
+                        path: PathBuf::from("catalog"),
+                        what: format!("the catalog database is damaged: {e}"),
+                    },
                     other => Error::Catalog(other.to_string()),
                 }
             }

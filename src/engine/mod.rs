@@ -345,7 +345,20 @@ impl Engine {
 /// locked; returns whether the store exists. A new store's settings are
 /// checked here, an existing store's once its block size is known.
 fn check_request(root: &Path, options: &EngineOptions) -> Result<bool> {
-    let exists = root.join(CATALOG_FILE).exists();
+    let catalog = root.join(CATALOG_FILE);
+    let exists = catalog.exists();
+    // Packs or manifests without a catalog: a store that lost its catalog,
+    // not an empty directory. Making a new one here would hide them.
+    let holds =
+        |dir: &str| fs::read_dir(root.join(dir)).is_ok_and(|mut entries| entries.next().is_some());
+    if !exists && (holds(PACK_DIR) || holds(MANIFEST_DIR)) {
+        return Err(Error::corrupt(
+            catalog,
+            "it is missing, but the store holds packs or manifests: the list of its \
+             snapshots is lost; put the catalog file back (from a backup) rather than make \
+             a new store here",
+        ));
+    }
     if !exists && (!options.create || options.read_only) {
         return Err(Error::NoStore {
             path: root.to_path_buf(),

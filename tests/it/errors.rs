@@ -361,3 +361,27 @@ fn the_chunk_index_stays_under_32_bytes_per_chunk() {
     let per_chunk = fx.engine.index_bytes() as f64 / 20_000.0;
     assert!(per_chunk <= 32.0, "{per_chunk:.1} bytes per chunk");
 }
+
+/// A store that lost its catalog is not an empty directory: opening it (or
+/// making a new store there) is refused as corruption naming the catalog,
+/// so its packs and manifests are never hidden under a fresh catalog.
+#[test]
+fn a_store_without_its_catalog_is_corruption_not_a_new_store() {
+    let fx = Fixture::new();
+    fx.server(1, "web", &disk_bytes(8 * BS, 3));
+    fx.engine.create_snapshot(ServerId(1), "v1", "").unwrap();
+    let Fixture { dir, engine } = fx;
+    engine.close().unwrap();
+    let store = dir.path().join("store");
+    std::fs::remove_file(store.join("catalog")).unwrap();
+    for create in [false, true] {
+        let err = EngineOptions::new()
+            .create(create)
+            .open(&store)
+            .err()
+            .expect("refused");
+        assert!(err.is_corruption(), "{err}");
+        assert!(err.to_string().contains("catalog"), "{err}");
+    }
+    assert!(!store.join("catalog").exists(), "no new catalog was made");
+}
