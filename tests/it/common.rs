@@ -431,7 +431,7 @@ impl Victim {
     /// returns once it printed `opened` (failing the test if it does not).
     pub fn spawn(test: &str, env: &[(&str, String)]) -> Victim {
         let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", test, "--nocapture"])
+            .args(["--exact", "--ignored", test, "--nocapture"])
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

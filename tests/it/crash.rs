@@ -79,6 +79,7 @@ fn hash(bytes: &[u8]) -> String {
 /// operation's start and end (`begin KIND`, `end KIND`). Any unexpected
 /// error panics: the parent then finds it dead before the kill and fails.
 #[test]
+#[ignore = "the child process of a harness: the harness runs it"]
 fn child_runs_random_operations() {
     let (Ok(root), Ok(expected), Ok(seed)) = (
         std::env::var("BLOCKSNAP_TEST_CRASH_ROOT"),

@@ -310,6 +310,7 @@ fn stress() {
 /// seeded loop of captures, deletes and collections on a store, printing
 /// what completed, until the parent kills it.
 #[test]
+#[ignore = "the child process of a harness: the harness runs it"]
 fn child_collects_garbage_until_killed() {
     let Ok(store) = std::env::var("BLOCKSNAP_TEST_GC_CHILD_STORE") else {
         return;

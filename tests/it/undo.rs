@@ -251,6 +251,7 @@ fn a_restore_of_a_disk_that_does_not_exist_needs_no_safety_snapshot() {
 /// Not a test on its own: the child process of the restore crash test.
 /// Restores slowly (each write waits) until the parent kills it.
 #[test]
+#[ignore = "the child process of a harness: the harness runs it"]
 fn child_restores_slowly_until_killed() {
     let Ok(store) = std::env::var("BLOCKSNAP_TEST_RESTORE_CHILD_STORE") else {
         return;
@@ -295,6 +296,7 @@ fn a_restore_killed_anywhere_is_finished_by_running_it_again() {
         let mut child = Command::new(std::env::current_exe().unwrap())
             .args([
                 "--exact",
+                "--ignored",
                 "undo::child_restores_slowly_until_killed",
                 "--nocapture",
             ])
