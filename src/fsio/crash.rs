@@ -26,6 +26,9 @@ pub struct CrashFs {
     syncs: AtomicU64,
     sync_fails_at: AtomicU64,
     sync_fail_lands: std::sync::atomic::AtomicBool,
+    /// With a seed: a crash keeps a random subset of each file's unsynced
+    /// writes, torn at 512-byte sectors (see `keep_unsynced_subsets`).
+    subsets: parking_lot::Mutex<Option<crate::rng::Rng>>,
 }
 
 #[derive(Default)]
@@ -47,11 +50,53 @@ struct Inode {
     /// Linux does, the pages count as clean, so later fsyncs do not write
     /// them (they keep their durable bytes) until they are written again.
     lost: Vec<std::ops::Range<usize>>,
+    /// Writes and length changes since the last fsync, in order.
+    pending: Vec<Pending>,
 }
 
+/// A change not yet made durable.
+#[derive(Clone)]
+enum Pending {
+    Write(usize, Vec<u8>),
+    Len(usize),
+}
+
+/// Sectors a disk writes whole: a torn write keeps some of its sectors.
+const SECTOR: usize = 512;
+
 impl Inode {
+    /// What a crash leaves when the disk wrote back any subset of the
+    /// unsynced writes (each torn at sector boundaries, some sectors kept),
+    /// in their order, and kept the old or the new length.
+    fn crash_subset(&mut self, rng: &mut crate::rng::Rng) {
+        let mut out = self.durable.clone();
+        for op in &self.pending {
+            match op {
+                Pending::Len(len) if rng.below(2) == 0 => out.resize(*len, 0),
+                Pending::Len(_) => {}
+                Pending::Write(offset, data) => {
+                    let end = offset + data.len();
+                    let mut at = *offset;
+                    while at < end {
+                        let piece_end = ((at / SECTOR + 1) * SECTOR).min(end);
+                        if rng.below(2) == 0 {
+                            if out.len() < piece_end {
+                                out.resize(piece_end, 0);
+                            }
+                            out[at..piece_end]
+                                .copy_from_slice(&data[at - offset..piece_end - offset]);
+                        }
+                        at = piece_end;
+                    }
+                }
+            }
+        }
+        self.durable = out;
+    }
+
     /// A successful fsync: everything becomes durable except lost pages.
     fn sync(&mut self) {
+        self.pending.clear();
         let mut durable = self.live.clone();
         for r in &self.lost {
             for (i, b) in durable.iter_mut().enumerate().take(r.end).skip(r.start) {
@@ -64,6 +109,7 @@ impl Inode {
     /// An fsync that reported EIO without landing: what it was to write
     /// is lost for good (unless written again).
     fn fail_sync(&mut self) {
+        self.pending.clear();
         let (live, durable) = (&self.live, &self.durable);
         let mut start = None;
         for i in 0..=live.len() {
@@ -146,11 +192,29 @@ impl CrashFs {
     pub fn crash(&self) {
         let mut s = self.state.lock();
         s.live = s.durable.clone();
-        for inode in s.inodes.values_mut() {
+        let mut subsets = self.subsets.lock();
+        let mut ids: Vec<u64> = s.inodes.keys().copied().collect();
+        ids.sort_unstable();
+        for id in ids {
+            let Some(inode) = s.inodes.get_mut(&id) else {
+                continue;
+            };
+            if let Some(rng) = subsets.as_mut() {
+                inode.crash_subset(rng);
+            }
             inode.live = inode.durable.clone();
             inode.lost.clear();
+            inode.pending.clear();
         }
         s.crashed = true;
+    }
+
+    /// From now on a crash keeps, of each file's writes since its last
+    /// fsync, a random subset (drawn from `seed`), each write torn at
+    /// 512-byte sectors, as a disk's write cache may (redb's and SQLite's
+    /// crash tests do the same); without it, a crash keeps none of them.
+    pub fn keep_unsynced_subsets(&self, seed: u64) {
+        *self.subsets.lock() = Some(crate::rng::Rng::new(seed));
     }
 
     /// True once crashed (and not restarted).
@@ -210,6 +274,9 @@ impl StoreFile for CrashFile {
         }
         inode.live[offset as usize..end].copy_from_slice(buf);
         inode.rewritten(offset as usize..end);
+        inode
+            .pending
+            .push(Pending::Write(offset as usize, buf.to_vec()));
         Ok(buf.len())
     }
     fn sync(&self) -> io::Result<()> {
@@ -233,11 +300,9 @@ impl StoreFile for CrashFile {
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.fs.call()?;
         let mut s = self.fs.state.lock();
-        s.inodes
-            .get_mut(&self.inode)
-            .expect("open inode")
-            .live
-            .resize(len as usize, 0);
+        let inode = s.inodes.get_mut(&self.inode).expect("open inode");
+        inode.live.resize(len as usize, 0);
+        inode.pending.push(Pending::Len(len as usize));
         Ok(())
     }
     fn len(&self) -> io::Result<u64> {
@@ -317,5 +382,43 @@ impl StoreFs for CrashFsHandle {
     }
     fn create_dir_all(&self, _dir: &Path) -> io::Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A crash in subset mode keeps, of an unsynced write, any subset of its
+    /// sectors: none, some (torn) or all, over enough seeds.
+    #[test]
+    fn a_crash_keeps_any_subset_of_unsynced_sectors() {
+        let mut seen = std::collections::BTreeSet::new();
+        for seed in 0..64 {
+            let fs = CrashFs::new();
+            fs.keep_unsynced_subsets(seed);
+            let handle = CrashFsHandle(fs.clone());
+            let dir = Path::new("/d");
+            let path = dir.join("f");
+            let f = handle.open(&path, OpenMode::CreateNew).unwrap();
+            f.write_all_at(&[1u8; 512], 0).unwrap();
+            f.sync().unwrap();
+            handle.sync_dir(dir).unwrap();
+            f.write_all_at(&[2u8; 1024], 0).unwrap(); // two sectors, unsynced
+            fs.crash();
+            fs.restart();
+            let after = handle.read_all(&path).unwrap();
+            let kept: Vec<bool> = [0, 512].iter().map(|&o| after.get(o) == Some(&2)).collect();
+            assert!(
+                after[..512].iter().all(|b| *b == after[0]),
+                "sectors stay whole"
+            );
+            seen.insert(kept);
+        }
+        assert_eq!(
+            seen.len(),
+            4,
+            "none, either one, or both sectors kept: {seen:?}"
+        );
     }
 }

@@ -330,13 +330,26 @@ fn fail_every_store_io_call_once(group: u32) {
 /// operation that returned Ok before the crash is durable.
 #[test]
 fn a_crash_at_any_store_io_call_keeps_every_completed_snapshot() {
-    crash_at_random_store_io_calls(0);
+    crash_at_random_store_io_calls(0, false);
 }
 
 /// The same over a store of group records.
 #[test]
 fn a_crash_at_any_store_io_call_in_a_grouped_store_keeps_every_snapshot() {
-    crash_at_random_store_io_calls(GROUP);
+    crash_at_random_store_io_calls(GROUP, false);
+}
+
+/// The same with a crash that keeps any subset of the unsynced writes,
+/// torn at 512-byte sectors, as a disk's write cache may.
+#[test]
+fn a_crash_keeping_any_torn_subset_of_unsynced_writes_keeps_every_snapshot() {
+    crash_at_random_store_io_calls(0, true);
+}
+
+/// The same over a store of group records.
+#[test]
+fn a_crash_keeping_torn_unsynced_writes_in_a_grouped_store_keeps_every_snapshot() {
+    crash_at_random_store_io_calls(GROUP, true);
 }
 
 /// An operation failed: only the crash or the injected fsync failure may
@@ -348,7 +361,7 @@ fn unexplained(fs: &blocksnap::fsio::CrashFs, op: &str, e: &blocksnap::Error) {
     );
 }
 
-fn crash_at_random_store_io_calls(group: u32) {
+fn crash_at_random_store_io_calls(group: u32, torn_subsets: bool) {
     use blocksnap::fsio::{CrashFs, CrashFsHandle};
     use blocksnap::sample::Rng;
 
@@ -373,6 +386,9 @@ fn crash_at_random_store_io_calls(group: u32) {
     }
     let seed = crate::common::seed("BLOCKSNAP_CRASHFS_SEED");
     let mut rng = Rng::new(seed);
+    if torn_subsets {
+        fs.keep_unsynced_subsets(seed ^ 0x5eed);
+    }
     // Snapshot -> (server, bytes) of every operation that returned Ok.
     let mut ledger: BTreeMap<SnapshotId, (u64, Vec<u8>)> = BTreeMap::new();
     let (mut crashes, mut failed_syncs) = (0, 0);
