@@ -89,8 +89,12 @@ pub fn tree_size(dir: &Path) -> u64 {
 }
 
 /// A gate that holds disk reads until opened, to keep a capture in progress.
+/// It counts the reads that reached it, so a test can wait for them.
 #[derive(Clone, Default)]
-pub struct Gate(Arc<(Mutex<bool>, Condvar)>);
+pub struct Gate(
+    Arc<(Mutex<bool>, Condvar)>,
+    Arc<std::sync::atomic::AtomicUsize>,
+);
 
 /// Opens its gate when dropped: declared after what waits on the gate's
 /// reads, it is dropped first, so a failing test reports its failure
@@ -114,7 +118,15 @@ impl Gate {
         self.0.1.notify_all();
     }
 
+    /// Blocks until a read waits at the gate.
+    pub fn wait_for_a_reader(&self) {
+        while self.1.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
     fn wait(&self) {
+        self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let mut open = self.0.0.lock().unwrap();
         while !*open {
             open = self.0.1.wait(open).unwrap();
@@ -123,11 +135,18 @@ impl Gate {
 
     /// A disk opener whose reads wait for the gate.
     pub fn opener(&self) -> DiskOpener {
+        self.opener_from(0)
+    }
+
+    /// A disk opener whose reads of bytes at `from` or later wait for the
+    /// gate (those before it go through).
+    pub fn opener_from(&self, from: u64) -> DiskOpener {
         let gate = self.clone();
         Arc::new(move |path: &Path, writable: bool| {
             Ok(Box::new(GatedDisk {
                 inner: FileDisk::open(path, writable)?,
                 gate: gate.clone(),
+                from,
             }) as Box<dyn Disk>)
         })
     }
@@ -136,6 +155,7 @@ impl Gate {
 struct GatedDisk {
     inner: FileDisk,
     gate: Gate,
+    from: u64,
 }
 
 impl Disk for GatedDisk {
@@ -143,7 +163,9 @@ impl Disk for GatedDisk {
         self.inner.len()
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> blocksnap::Result<usize> {
-        self.gate.wait();
+        if offset + buf.len() as u64 > self.from {
+            self.gate.wait();
+        }
         self.inner.read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> blocksnap::Result<()> {

@@ -444,3 +444,52 @@ fn a_damaged_needed_record_keeps_its_pack_and_gc_goes_on() {
         .collect();
     assert!(leftovers.is_empty());
 }
+
+/// A capture that found a chunk stored (and pinned it) while nothing else
+/// needs it: a GC meanwhile must keep it, or the capture completes with a
+/// chunk the store no longer has.
+#[test]
+fn gc_keeps_the_chunks_a_running_capture_found_stored() {
+    let gate = crate::common::Gate::default();
+    let half = 32 * BS as u64;
+    let fx = Fixture::with(
+        options()
+            .gc_max_unused(0.0)
+            .window_len(4 * BS)
+            .disk_opener(gate.opener_from(half)),
+    );
+    let _opens = gate.open_on_drop();
+    let bytes = disk_bytes(64 * BS, 61);
+    let path = fx.server(1, "web", &bytes);
+    std::fs::write(&path, &bytes[..half as usize]).unwrap();
+    // Stored, then garbage: the first half's chunks, needed by nothing.
+    let old = fx.engine.create_snapshot(ServerId(1), "old", "").unwrap();
+    fx.engine.delete_snapshot(old.id).unwrap();
+    std::fs::write(&path, &bytes).unwrap();
+    // The capture finds the first half's chunks stored, pins them, and
+    // waits at the second half.
+    let job = fx.engine.start_snapshot(ServerId(1), "new", "").unwrap();
+    gate.wait_for_a_reader();
+    // The GC may wait for the capture's look-ups to end (it takes their
+    // guard exclusively to drop anything): give it a while, then let the
+    // capture go on either way.
+    let gc = {
+        let engine = fx.engine.clone();
+        std::thread::spawn(move || engine.gc(false))
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    while !gc.is_finished() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    gate.open();
+    gc.join().unwrap().unwrap();
+    let snap = job.wait().unwrap();
+    assert!(
+        fx.engine.verify(None).unwrap().is_ok(),
+        "a pinned chunk was collected"
+    );
+    std::fs::write(&path, b"broken").unwrap();
+    let bare = blocksnap::RestoreOptions::default().safety_snapshot(false);
+    fx.engine.restore_snapshot_with(snap.id, bare).unwrap();
+    assert!(std::fs::read(&path).unwrap() == bytes);
+}
