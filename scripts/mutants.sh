@@ -38,6 +38,10 @@ MUTANTS = {
     "pack-append-without-fsync": ("src/store/mod.rs",
         "if let Err(e) = file.sync() {",
         "if let Err(e) = std::io::Result::Ok(()) {"),
+    # Equivalent (listed so that it stays so): the rename is durable only
+    # with the directory fsync that follows both, and the catalog commit
+    # that makes the snapshot completed comes after that; a crash before it
+    # fails the snapshot and removes the manifest, whatever the order.
     "manifest-renamed-before-fsync": ("src/manifest.rs",
         "            f.sync().at(&tmp)?;\n            self.fs.rename(&tmp, &path).at(&path)\n",
         "            self.fs.rename(&tmp, &path).at(&path)?;\n            f.sync().at(&path)\n"),
@@ -67,6 +71,7 @@ MUTANTS = {
         "rec.status == SnapshotStatus::Completed || self.in_doubt.contains(&rec.id)",
         "rec.status == SnapshotStatus::Completed"),
 }
+EQUIVALENT = {"manifest-renamed-before-fsync"}
 names = [n for n in MUTANTS if not wanted or n in wanted]
 caught = 0
 for name in names:
@@ -91,8 +96,11 @@ for name in names:
                   if l.startswith("test ") and l.endswith("FAILED")]
         print(f"caught   {name} ({secs:.0f} s): {', '.join(failed[:4]) or 'a test binary failed'}",
               flush=True)
+    elif name in EQUIVALENT:
+        print(f"equiv.   {name} ({secs:.0f} s): every test passed, as expected", flush=True)
     else:
         print(f"MISSED   {name} ({secs:.0f} s): every test passed", flush=True)
-print(f"caught {caught} of {len(names)}")
-sys.exit(0 if caught == len(names) else 1)
+equivalent = len([n for n in names if n in EQUIVALENT])
+print(f"caught {caught} of {len(names) - equivalent} ({equivalent} equivalent, documented)")
+sys.exit(0 if caught == len(names) - equivalent else 1)
 EOF

@@ -54,3 +54,6 @@ if command -v cargo-fuzz >/dev/null; then
 else
   echo "cargo-fuzz is not installed: cargo install cargo-fuzz (fuzzing skipped)" | tee -a "$summary"
 fi
+
+# Targeted mutants: cargo test must fail for each (docs/RELIABILITY.md).
+scripts/mutants.sh 2>&1 | tee "$out/mutants.log" | tail -1 | tee -a "$summary"
