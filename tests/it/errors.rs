@@ -142,6 +142,22 @@ fn a_second_open_of_a_store_is_refused_as_locked() {
     assert!(err.to_string().contains("locked"));
 }
 
+/// A lock let go of within the patience window (as when a process forked
+/// while the store was open lets its inherited descriptor go) is taken:
+/// the open waits for it rather than report the store locked.
+#[test]
+fn a_lock_released_within_the_patience_window_is_taken() {
+    let Fixture { dir, engine } = Fixture::new();
+    let store = dir.path().join("store");
+    let holder = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(150));
+        drop(engine);
+    });
+    let second = EngineOptions::new().open(&store);
+    holder.join().unwrap();
+    assert!(second.is_ok(), "{:?}", second.err());
+}
+
 #[test]
 fn bad_options_are_refused() {
     let dir = tempfile::tempdir().unwrap();
