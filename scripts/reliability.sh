@@ -10,11 +10,15 @@
 #   BLOCKSNAP_RESTORE_CRASH_KILLS 100 x SCALE  SIGKILLs during restores
 #   BLOCKSNAP_CORRUPTION_TRIALS 1000 x SCALE   damaged store files
 #   BLOCKSNAP_CRASHFS_TRIALS    1000 x SCALE   in-process crashes at a store I/O call
-#   (and every store I/O call of a create, delete, restore and GC failed once)
+#   (and every store I/O call of a create, delete, restore and GC failed,
+#   the torn-subset CrashFs mode, the full disk, and scripts/mutants.sh)
+# The summary is written into docs/RELIABILITY.md between its
+# reliability-run markers.
 #   fuzz: 10,000,000 runs per decoder target, engine_ops for 300 s x SCALE
 # Logs go to $BLOCKSNAP_RELIABILITY_DIR (default /var/tmp/blocksnap-reliability).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+root=$PWD
 scale=${1:-1}
 out=${BLOCKSNAP_RELIABILITY_DIR:-/var/tmp/blocksnap-reliability}
 mkdir -p "$out"
@@ -36,6 +40,11 @@ t restore-crash BLOCKSNAP_RESTORE_CRASH_KILLS=$((100 * scale)) undo::a_restore_k
 t corruption BLOCKSNAP_CORRUPTION_TRIALS=$((1000 * scale)) corruption::random_damage_to_any_store_file_is_reported_and_never_restored
 t crashfs BLOCKSNAP_CRASHFS_TRIALS=$((1000 * scale)) faults::a_crash_at_any_store_io_call_keeps_every_completed_snapshot
 t faults BLOCKSNAP_FAULTS=1 faults::every_store_io_call_of_each_operation_failed_once
+t crashfs-torn BLOCKSNAP_CRASHFS_TRIALS=$((1000 * scale)) faults::a_crash_keeping_any_torn_subset_of_unsynced_writes_keeps_every_snapshot
+t full-disk BLOCKSNAP_FULL_DISK=1 full_disk::a_store_recovers_from_a_full_disk_by_itself
+
+# Targeted mutants: cargo test must fail for each (docs/RELIABILITY.md).
+scripts/mutants.sh 2>&1 | tee "$out/mutants.log" | tail -1 | sed 's/^/mutants: /' | tee -a "$summary"
 
 if command -v cargo-fuzz >/dev/null; then
   cd fuzz
@@ -55,5 +64,13 @@ else
   echo "cargo-fuzz is not installed: cargo install cargo-fuzz (fuzzing skipped)" | tee -a "$summary"
 fi
 
-# Targeted mutants: cargo test must fail for each (docs/RELIABILITY.md).
-scripts/mutants.sh 2>&1 | tee "$out/mutants.log" | tail -1 | tee -a "$summary"
+cd "$root"
+# The figures, written between RELIABILITY.md's run markers.
+python3 - "$summary" "$scale" <<'EOF2'
+import sys, datetime
+sys.path.insert(0, "bench")
+from doc_table import write_table
+lines = [f"Last `scripts/reliability.sh {sys.argv[2]}`, {datetime.date.today()}:", ""]
+lines += [f"- {l.strip()}" for l in open(sys.argv[1]) if l.strip()]
+write_table("docs/RELIABILITY.md", "reliability-run", lines, heading="## The last long run")
+EOF2
