@@ -513,23 +513,27 @@ fn no_panic<T>(path: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
     })
 }
 
+/// A regular snapshot of server 1 named `s{id}`, for unit tests.
+#[cfg(test)]
+pub(crate) fn test_record(id: u64, status: SnapshotStatus) -> SnapshotRecord {
+    SnapshotRecord {
+        id: SnapshotId(id),
+        server_id: ServerId(1),
+        name: format!("s{id}"),
+        description: String::new(),
+        status,
+        created_at: "2026-01-01T00:00:00Z".into(),
+        stats: None,
+        error: None,
+        kind: SnapshotKind::Regular,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn snap(id: u64, status: SnapshotStatus) -> SnapshotRecord {
-        SnapshotRecord {
-            id: SnapshotId(id),
-            server_id: ServerId(1),
-            name: format!("s{id}"),
-            description: String::new(),
-            status,
-            created_at: "2026-01-01T00:00:00Z".into(),
-            stats: None,
-            error: None,
-            kind: SnapshotKind::Regular,
-        }
-    }
+    use crate::catalog::test_record as snap;
 
     #[test]
     fn catalog_commits_survive_reopen() {

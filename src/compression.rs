@@ -68,6 +68,11 @@ impl Compression {
         }
     }
 
+    /// The same setting in its named form when it has one.
+    pub fn canonical(self) -> Self {
+        Compression::new(self.level(), self.group_len())
+    }
+
     /// Refuses a level outside 1 to 19 and a group length outside two
     /// blocks (of `block_size` bytes) to 4 MiB.
     pub(crate) fn check(self, block_size: u32) -> Result<()> {
@@ -92,7 +97,7 @@ impl Compression {
     /// `level-9`, `level-5-group-1048576`), as `--compression` and the
     /// figures show it.
     pub fn name(self) -> String {
-        match Compression::new(self.level(), self.group_len()) {
+        match self.canonical() {
             Compression::Fast => "fast".into(),
             Compression::Balanced => "balanced".into(),
             Compression::Compact => "compact".into(),

@@ -100,19 +100,7 @@ pub fn check_cap<'a>(
 mod tests {
     use super::*;
 
-    fn snap(id: u64, status: SnapshotStatus) -> SnapshotRecord {
-        SnapshotRecord {
-            id: SnapshotId(id),
-            server_id: ServerId(1),
-            name: format!("s{id}"),
-            description: String::new(),
-            status,
-            created_at: "2026-01-01T00:00:00Z".into(),
-            stats: None,
-            error: None,
-            kind: SnapshotKind::Regular,
-        }
-    }
+    use crate::catalog::test_record as snap;
 
     #[test]
     fn names_follow_the_api_rule() {

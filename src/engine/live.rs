@@ -207,11 +207,20 @@ impl Guard<'_> {
         old.map(Slot::retire)
     }
 
-    /// The server's tracker, with the writes so far.
+    /// The server's tracker, for its base, generation and flags: its
+    /// dirty bitmap may lack the latest writes (see [`Guard::folded`]).
     pub(super) fn get(&mut self, server: ServerId) -> Option<&mut Tracker> {
+        self.slots
+            .slots
+            .get_mut(&server)
+            .map(|slot| &mut slot.tracker)
+    }
+
+    /// The server's tracker with every write reported so far in its bitmap.
+    pub(super) fn folded(&mut self, server: ServerId) -> Option<&Tracker> {
         let slot = self.slots.slots.get_mut(&server)?;
         slot.fold();
-        Some(&mut slot.tracker)
+        Some(&slot.tracker)
     }
 
     /// Stops tracking `server`; returns its tracker with every write.
@@ -309,6 +318,6 @@ mod tests {
         tracking.record(ServerId(2), 0, 1).unwrap();
         tracking.lock().swap(ServerId(2), tracker(1));
         tracking.record(ServerId(2), 1 << 40, 1).unwrap();
-        assert!(!tracking.lock().get(ServerId(2)).unwrap().trusted);
+        assert!(!tracking.lock().folded(ServerId(2)).unwrap().trusted);
     }
 }

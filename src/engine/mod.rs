@@ -404,7 +404,7 @@ fn check_fixed_settings(options: &EngineOptions, loaded: &Loaded) -> Result<()> 
     }
     let has = Compression::new(loaded.compression_level, loaded.group_len);
     if let Some(asked) = options.compression
-        && Compression::new(asked.level(), asked.group_len()) != has
+        && asked.canonical() != has
     {
         return Err(Error::InvalidParameter(format!(
             "the store compresses new chunks as {has}, set at creation; {asked} was asked for \

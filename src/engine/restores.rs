@@ -198,7 +198,7 @@ impl Engine {
             let server = restorable(&state, id)?;
             let resuming = state.server(server.id)?.restoring_from.is_some()
                 && !state.restoring_in_doubt.contains(&server.id);
-            let tracker = self.inner.tracking.lock().get(server.id).cloned();
+            let tracker = self.inner.tracking.lock().folded(server.id).cloned();
             (server, tracker, resuming)
         };
         let manifest = self.restore_manifest(&server, id)?;

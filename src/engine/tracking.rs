@@ -153,7 +153,7 @@ impl Engine {
         {
             let _ = new.dirty.union_with(&old.dirty);
         }
-        let status = tracking.get(server).map(|t| t.status());
+        let status = tracking.folded(server).map(|t| t.status());
         status.ok_or(Error::ServerNotFound(server))
     }
 
@@ -164,6 +164,6 @@ impl Engine {
         if !tracking.has_server(server) {
             return Err(Error::ServerNotFound(server));
         }
-        Ok(tracking.get(server).map(|t| t.status()))
+        Ok(tracking.folded(server).map(|t| t.status()))
     }
 }

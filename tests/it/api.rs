@@ -118,47 +118,25 @@ impl Api {
         self.call("DELETE", path, Some(&format!("Bearer {TOKEN}")), None)
     }
 
-    /// Polls the listing until snapshot `id` is no longer in progress.
-    fn wait_done(&self, id: u64) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let list = self.get("/api/v1/snapshots/");
-            let found = list.body["results"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|s| s["id"] == id);
-            if !found {
-                // A safety snapshot is listed only when asked for.
-                return self.wait_done_safety(id);
-            }
-            let snap = list.body["results"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|s| s["id"] == id)
-                .cloned()
-                .unwrap();
-            if snap["status"] != "in_progress" {
-                return snap;
-            }
-            assert!(Instant::now() < deadline, "snapshot {id} never finished");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+    /// Snapshot `id` as listing `path` shows it, if it does.
+    fn listed(&self, path: &str, id: u64) -> Option<Value> {
+        let list = self.get(path);
+        let results = list.body["results"].as_array().unwrap();
+        results.iter().find(|s| s["id"] == id).cloned()
     }
 
-    /// [`Api::wait_done`] for a safety snapshot: it carries its `kind`.
-    fn wait_done_safety(&self, id: u64) -> Value {
+    /// Polls the listing until snapshot `id` is no longer in progress (a
+    /// safety snapshot, listed only when asked for, then carries its `kind`).
+    fn wait_done(&self, id: u64) -> Value {
+        let plain = "/api/v1/snapshots/";
+        let path = if self.listed(plain, id).is_some() {
+            plain
+        } else {
+            "/api/v1/snapshots/?include_safety=true"
+        };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let list = self.get("/api/v1/snapshots/?include_safety=true");
-            let snap = list.body["results"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|s| s["id"] == id)
-                .cloned()
-                .unwrap();
+            let snap = self.listed(path, id).unwrap();
             if snap["status"] != "in_progress" {
                 return snap;
             }
