@@ -47,6 +47,12 @@ pub trait Disk: Send + Sync {
     fn data_ranges(&self) -> Result<Option<Vec<Range<u64>>>> {
         Ok(None)
     }
+    /// True when one large read does better than many small ones, as
+    /// over a network (NBD pipelines it): capture then reads each window
+    /// with one call before hashing it in parallel. Default: false.
+    fn reads_best_in_bulk(&self) -> bool {
+        false
+    }
     /// Where the disk is, for messages.
     fn path(&self) -> &Path;
 }
@@ -54,9 +60,15 @@ pub trait Disk: Send + Sync {
 /// How the engine opens a server's disk: `writable` for restore.
 pub type DiskOpener = Arc<dyn Fn(&Path, bool) -> Result<Box<dyn Disk>> + Send + Sync>;
 
-/// The default opener: [`FileDisk::open`].
+/// The default opener: an NBD URI ([`crate::nbd::NbdDisk`]) or a path
+/// ([`FileDisk::open`]).
 pub fn default_opener() -> DiskOpener {
-    Arc::new(|path, writable| Ok(Box::new(FileDisk::open(path, writable)?) as Box<dyn Disk>))
+    Arc::new(|path, writable| {
+        if let Some(uri) = path.to_str().filter(|s| crate::nbd::is_uri(s)) {
+            return Ok(Box::new(crate::nbd::NbdDisk::open(uri, writable)?) as Box<dyn Disk>);
+        }
+        Ok(Box::new(FileDisk::open(path, writable)?) as Box<dyn Disk>)
+    })
 }
 
 /// A raw image file or a block device.

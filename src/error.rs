@@ -132,6 +132,10 @@ pub enum Error {
     },
 
     /// The catalog database failed.
+    /// An NBD server broke the protocol, refused the export, or went away.
+    #[error("NBD server {peer}: {what}")]
+    Nbd { peer: String, what: String },
+
     #[error("catalog error: {0}")]
     Catalog(String),
 }
@@ -174,6 +178,7 @@ impl Error {
             | Error::StopHook { .. }
             | Error::Io { .. }
             | Error::Catalog(_)
+            | Error::Nbd { .. }
             | Error::DiskChanged(_)
             | Error::Internal(_) => ErrorClass::Fault,
         }

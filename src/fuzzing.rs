@@ -126,8 +126,38 @@ pub fn targets() -> Vec<(&'static str, Target)> {
     ];
     #[cfg(feature = "server")]
     t.push(("create_body", create_body));
+    t.push(("nbd_client", nbd_client));
     t.push(("engine_ops", engine_ops));
     t
+}
+
+/// The bytes an NBD server sends (untrusted): negotiation asking for
+/// `base:allocation`, then the replies to a read, a block status, a write
+/// and a flush, as [`crate::nbd::NbdClient`] makes them. True when all of
+/// them succeeded.
+pub fn nbd_client(bytes: &[u8]) -> bool {
+    use crate::nbd::script::{Replay, Script};
+    let script = Script(bytes.to_vec());
+    let Ok(c) = crate::nbd::NbdClient::handshake(
+        Replay::boxed(script),
+        "fuzz",
+        "guest",
+        &[crate::nbd::BASE_ALLOCATION],
+    ) else {
+        return false;
+    };
+    let size = c.info().size;
+    let mut buf = vec![0u8; size.min(3 << 18) as usize];
+    let read = c.read(&mut buf, 0).is_ok();
+    let status = c
+        .block_status(crate::nbd::BASE_ALLOCATION, 0..size.min(1 << 20))
+        .is_ok_and(|extents| {
+            // What the client hands back covers the range, in order.
+            extents.first().is_none_or(|(r, _)| r.start == 0)
+                && extents.windows(2).all(|w| w[0].0.end == w[1].0.start)
+        });
+    let wrote = c.write(&buf[..buf.len().min(4096)], 0).is_ok();
+    read && status && wrote && c.flush().is_ok()
 }
 
 /// Runs the operations the input encodes (three bytes each: operation,
@@ -397,5 +427,21 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
             0, 0, 1, 1, 0, 0, 0, 0, 5, 0x81, 0, 0, 0x83, 0, 0, 2, 0, 0, 5, 0, 0,
         ],
     ));
+    // An NBD server answering a 64 KiB read with data then a hole, a block
+    // status, a write and a flush.
+    {
+        use crate::nbd::{proto, script::Script};
+        let s = Script::negotiated(
+            &[(1, crate::nbd::BASE_ALLOCATION)],
+            65536,
+            proto::TFLAG_SEND_FLUSH,
+        )
+        .data(1, 0, &text[..1000], false)
+        .hole(1, 1000, 64536, true)
+        .status(2, 1, &[(4096, 0), (61440, 3)], true)
+        .simple(3, 0)
+        .none(4);
+        out.push(("nbd_client", s.0));
+    }
     out
 }

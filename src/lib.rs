@@ -63,6 +63,7 @@ mod ids;
 mod job;
 mod le;
 mod manifest;
+pub mod nbd;
 mod options;
 mod policy;
 mod refs;

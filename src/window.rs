@@ -25,6 +25,19 @@ pub fn read_and_process<T: Send>(
     task_len: usize,
     work: impl Fn(u64, &[u8], usize) -> Result<T> + Sync,
 ) -> Result<Vec<T>> {
+    if disk.reads_best_in_bulk() {
+        let read = disk.read_at(buf, offset)?;
+        buf[read..].fill(0);
+        return buf
+            .par_chunks(task_len)
+            .enumerate()
+            .map(|(t, slice)| {
+                let start = t * task_len;
+                let got = read.saturating_sub(start).min(slice.len());
+                work(offset + start as u64, slice, got)
+            })
+            .collect();
+    }
     buf.par_chunks_mut(task_len)
         .enumerate()
         .map(|(t, slice)| {

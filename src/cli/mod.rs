@@ -94,14 +94,20 @@ enum Command {
 
 #[derive(Subcommand)]
 enum ServerCmd {
-    /// Register a server and the path of its disk (image file or block device).
+    /// Register a server and its disk: the path of an image file or block
+    /// device (--disk), or an NBD export (--nbd).
     Add {
         #[arg(long)]
         id: u64,
         #[arg(long)]
         name: String,
-        #[arg(long)]
-        disk: PathBuf,
+        #[arg(long, required_unless_present = "nbd", conflicts_with = "nbd")]
+        disk: Option<PathBuf>,
+        /// An NBD export: nbd+unix:///EXPORT?socket=PATH or
+        /// nbd://HOST[:PORT]/EXPORT (qemu-nbd, qemu-storage-daemon, a VM's
+        /// NBD server). Captures skip what base:allocation calls zero.
+        #[arg(long, value_name = "URI")]
+        nbd: Option<String>,
     },
     /// List registered servers.
     List {
@@ -122,13 +128,17 @@ enum SnapshotCmd {
         description: String,
         /// Incremental: the completed snapshot of this server that the
         /// disk equalled but for the blocks the dirty bitmap marks.
-        #[arg(long, requires = "dirty_bitmap")]
+        #[arg(long)]
         parent: Option<u64>,
         /// A raw bitset, one bit per block of the store's block size: bit k
         /// (least significant first) of byte b marks block 8b+k as written
         /// since the parent.
-        #[arg(long, requires = "parent")]
+        #[arg(long, requires = "parent", conflicts_with = "nbd_bitmap")]
         dirty_bitmap: Option<PathBuf>,
+        /// For a server on NBD: the export's meta context that marks what
+        /// changed since the parent, e.g. qemu:dirty-bitmap:cp3.
+        #[arg(long, requires = "parent", value_name = "CONTEXT")]
+        nbd_bitmap: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -184,6 +194,28 @@ fn read_dirty_bitmap(
     let len = completed_len(engine, parent)?;
     let bytes = std::fs::read(file).map_err(|e| blocksnap::Error::io(file, e))?;
     DirtyBitmap::from_bytes(len, u64::from(engine.block_size()), &bytes)
+}
+
+/// The dirty bitmap meta context `context` of a server's NBD export marks,
+/// for an incremental snapshot of `parent`.
+fn nbd_dirty_bitmap(
+    engine: &Engine,
+    server: ServerId,
+    parent: SnapshotId,
+    context: &str,
+) -> blocksnap::Result<DirtyBitmap> {
+    let len = completed_len(engine, parent)?;
+    let disk = engine.server(server)?.disk;
+    let uri = disk
+        .to_str()
+        .filter(|s| blocksnap::nbd::is_uri(s))
+        .ok_or_else(|| {
+            blocksnap::Error::InvalidParameter(format!(
+                "server {server}'s disk {} is not on NBD; --nbd-bitmap is for servers added with --nbd",
+                disk.display()
+            ))
+        })?;
+    blocksnap::nbd::dirty_bitmap(uri, context, len, u64::from(engine.block_size()))
 }
 
 /// The disk length of a completed snapshot, which a bitmap must cover.
@@ -402,7 +434,28 @@ fn init(
 
 fn server(engine: &Engine, cmd: ServerCmd) -> blocksnap::Result<i32> {
     match cmd {
-        ServerCmd::Add { id, name, disk } => {
+        ServerCmd::Add {
+            id,
+            name,
+            disk,
+            nbd,
+        } => {
+            let disk = match (disk, nbd) {
+                (Some(path), None) => path,
+                (None, Some(uri)) => {
+                    if !blocksnap::nbd::is_uri(&uri) {
+                        return Err(blocksnap::nbd::NbdUri::parse(&uri).err().unwrap_or_else(
+                            || {
+                                blocksnap::Error::InvalidParameter(format!(
+                                    "{uri:?} is not an NBD URI"
+                                ))
+                            },
+                        ));
+                    }
+                    PathBuf::from(uri)
+                }
+                _ => unreachable!("clap requires exactly one of --disk and --nbd"),
+            };
             let s = engine.add_server(ServerId(id), &name, &disk)?;
             println!(
                 "registered server {} ({}) with disk {}",
@@ -424,14 +477,27 @@ fn snapshot(engine: &Engine, cmd: SnapshotCmd) -> blocksnap::Result<i32> {
             description,
             parent,
             dirty_bitmap,
+            nbd_bitmap,
             json,
         } => {
             let server = ServerId(server);
-            let job = match (parent, dirty_bitmap) {
-                (Some(parent), Some(file)) => {
+            let job = match (parent, dirty_bitmap, nbd_bitmap) {
+                (Some(parent), Some(file), None) => {
                     let parent = SnapshotId(parent);
                     let dirty = read_dirty_bitmap(engine, parent, &file)?;
                     engine.start_incremental(server, &name, &description, parent, dirty)?
+                }
+                (Some(parent), None, Some(context)) => {
+                    let parent = SnapshotId(parent);
+                    let dirty = nbd_dirty_bitmap(engine, server, parent, &context)?;
+                    engine.start_incremental(server, &name, &description, parent, dirty)?
+                }
+                (Some(_), None, None) => {
+                    return Err(blocksnap::Error::InvalidParameter(
+                        "--parent needs --dirty-bitmap FILE or --nbd-bitmap CONTEXT: what \
+                         changed since the parent"
+                            .into(),
+                    ));
                 }
                 _ => engine.start_snapshot(server, &name, &description)?,
             };
@@ -443,7 +509,7 @@ fn snapshot(engine: &Engine, cmd: SnapshotCmd) -> blocksnap::Result<i32> {
             let summary = output::capture_summary(&snap);
             if json {
                 eprintln!("{summary}");
-                print_json(&snap);
+                print_json(&output::created_json(&snap));
             } else {
                 println!("{summary}");
             }

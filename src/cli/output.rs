@@ -41,6 +41,29 @@ fn ratio(a: u64, b: u64) -> String {
 }
 
 /// One line saying what a capture read, stored and how fast.
+/// A created snapshot for `snapshot create --json`: the API's fields and
+/// beside them a `capture` object saying what the capture read and stored.
+pub fn created_json(snap: &Snapshot) -> serde_json::Value {
+    let mut v = serde_json::to_value(snap).unwrap_or_else(|_| json!({}));
+    if let (Some(s), Some(obj)) = (snap.stats, v.as_object_mut()) {
+        obj.insert(
+            "capture".into(),
+            json!({
+                "kind": s.kind,
+                "parent": s.parent,
+                "full_reason": s.full_reason,
+                "blocks_read": s.blocks_read,
+                "bytes_read": s.bytes_read,
+                "bytes_stored": s.new_stored_bytes,
+                "new_chunks": s.new_chunks,
+                "sample_checked": s.sample_checked,
+                "seconds": s.micros as f64 / 1e6,
+            }),
+        );
+    }
+    v
+}
+
 pub fn capture_summary(snap: &Snapshot) -> String {
     let Some(s) = snap.stats else {
         return format!("snapshot {} is {}", snap.id, snap.status.as_str());

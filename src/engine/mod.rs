@@ -237,8 +237,10 @@ impl Engine {
         self.inner.store.index_bytes()
     }
 
-    /// Registers a server and its disk (an image file or a block device; it
-    /// need not exist yet). The path is stored absolute.
+    /// Registers a server and its disk: an image file or a block device (it
+    /// need not exist yet), stored absolute; or an NBD URI
+    /// (`nbd+unix:///EXPORT?socket=PATH`, `nbd://HOST[:PORT]/EXPORT`), its
+    /// socket path stored absolute.
     pub fn add_server(&self, id: ServerId, name: &str, disk: impl AsRef<Path>) -> Result<Server> {
         policy::check_server_name(name)?;
         self.writable("adding a server")?;
@@ -246,7 +248,10 @@ impl Engine {
         if disk.as_os_str().is_empty() {
             return Err(Error::InvalidParameter("the disk path is empty".into()));
         }
-        let disk = std::path::absolute(disk).at(disk)?;
+        let disk = match disk.to_str().filter(|s| crate::nbd::is_uri(s)) {
+            Some(uri) => PathBuf::from(crate::nbd::NbdUri::parse(uri)?.absolute()?.to_string()),
+            None => std::path::absolute(disk).at(disk)?,
+        };
         let mut state = self.inner.state.lock();
         if state.servers.contains_key(&id) {
             return Err(Error::ServerExists(id));

@@ -299,7 +299,7 @@ fn fail_every_store_io_call_once(group: u32) {
         // each operation's first included, to fit a thousand builds.
         let trials = trials
             .enumerate()
-            .filter(|(i, _)| *i as u64 % stride == 0)
+            .filter(|(i, _)| (*i as u64).is_multiple_of(stride))
             .map(|(_, t)| t);
         for (n, fault) in trials {
             let ctx = format!("{op:?}, call {n} of {count} failed with {fault:?}");
