@@ -136,6 +136,10 @@ pub enum Error {
     #[error("NBD server {peer}: {what}")]
     Nbd { peer: String, what: String },
 
+    /// QEMU's monitor refused a command, broke the protocol, or went away.
+    #[error("QEMU monitor {peer}: {what}")]
+    Qmp { peer: String, what: String },
+
     #[error("catalog error: {0}")]
     Catalog(String),
 }
@@ -179,6 +183,7 @@ impl Error {
             | Error::Io { .. }
             | Error::Catalog(_)
             | Error::Nbd { .. }
+            | Error::Qmp { .. }
             | Error::DiskChanged(_)
             | Error::Internal(_) => ErrorClass::Fault,
         }

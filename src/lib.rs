@@ -62,6 +62,7 @@ pub mod http;
 mod ids;
 mod job;
 mod le;
+pub mod live;
 mod manifest;
 pub mod nbd;
 mod options;

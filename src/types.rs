@@ -205,6 +205,12 @@ pub enum FullReason {
     /// Rehashing a sample of the blocks the bitmap called clean found some
     /// changed: the bitmap missed writes.
     SampleMismatch,
+    /// A live capture of a QEMU disk: the parent snapshot has no checkpoint
+    /// bitmap on the node (the first live snapshot, or it was removed).
+    NoCheckpoint,
+    /// A live capture of a QEMU disk: the parent's checkpoint bitmap is
+    /// marked inconsistent (QEMU did not exit cleanly since).
+    CheckpointInconsistent,
 }
 
 impl FullReason {
@@ -216,6 +222,10 @@ impl FullReason {
             FullReason::BaseGone => "the tracked snapshot is gone",
             FullReason::DiskResized => "the disk changed length",
             FullReason::SampleMismatch => "a sample of blocks the bitmap called clean had changed",
+            FullReason::NoCheckpoint => "no QEMU checkpoint bitmap for the parent snapshot",
+            FullReason::CheckpointInconsistent => {
+                "the QEMU checkpoint bitmap is inconsistent (QEMU did not exit cleanly)"
+            }
         }
     }
 }
@@ -256,6 +266,9 @@ pub struct CaptureStats {
     /// Of which making it durable: the pack fsync and the manifest's
     /// write, fsync, rename and directory fsync.
     pub sync_micros: u64,
+    /// A live capture of a QEMU disk: how long the freeze (the QMP
+    /// transaction) took.
+    pub freeze_micros: Option<u64>,
 }
 
 /// What a snapshot is for.

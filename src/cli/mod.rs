@@ -101,13 +101,27 @@ enum ServerCmd {
         id: u64,
         #[arg(long)]
         name: String,
-        #[arg(long, required_unless_present = "nbd", conflicts_with = "nbd")]
+        #[arg(long, required_unless_present_any = ["nbd", "qemu"], conflicts_with_all = ["nbd", "qemu"])]
         disk: Option<PathBuf>,
         /// An NBD export: nbd+unix:///EXPORT?socket=PATH or
         /// nbd://HOST[:PORT]/EXPORT (qemu-nbd, qemu-storage-daemon, a VM's
         /// NBD server). Captures skip what base:allocation calls zero.
-        #[arg(long, value_name = "URI")]
+        #[arg(long, value_name = "URI", conflicts_with = "qemu")]
         nbd: Option<String>,
+        /// A disk of a running QEMU (VM or qemu-storage-daemon): the QMP
+        /// monitor socket blocksnap may use (give it its own). Snapshots
+        /// are then live, point in time and incremental from QEMU's
+        /// dirty bitmaps.
+        #[arg(long, value_name = "QMP_SOCKET", requires = "node")]
+        qemu: Option<PathBuf>,
+        /// With --qemu: the disk's block node name in that process.
+        #[arg(long, requires = "qemu")]
+        node: Option<String>,
+        /// With --qemu: the socket of the NBD server the process already
+        /// runs (one per process); without it blocksnap starts one on a
+        /// private socket for each operation and stops it after.
+        #[arg(long, value_name = "PATH", requires = "qemu")]
+        nbd_socket: Option<PathBuf>,
     },
     /// List registered servers.
     List {
@@ -439,10 +453,21 @@ fn server(engine: &Engine, cmd: ServerCmd) -> blocksnap::Result<i32> {
             name,
             disk,
             nbd,
+            qemu,
+            node,
+            nbd_socket,
         } => {
-            let disk = match (disk, nbd) {
-                (Some(path), None) => path,
-                (None, Some(uri)) => {
+            let disk = match (disk, nbd, qemu) {
+                (None, None, Some(qmp)) => {
+                    let q = blocksnap::live::QemuDisk {
+                        qmp,
+                        node: node.unwrap_or_default(),
+                        nbd_socket,
+                    };
+                    PathBuf::from(q.to_uri()?)
+                }
+                (Some(path), None, None) => path,
+                (None, Some(uri), None) => {
                     if !blocksnap::nbd::is_uri(&uri) {
                         return Err(blocksnap::nbd::NbdUri::parse(&uri).err().unwrap_or_else(
                             || {
@@ -454,7 +479,7 @@ fn server(engine: &Engine, cmd: ServerCmd) -> blocksnap::Result<i32> {
                     }
                     PathBuf::from(uri)
                 }
-                _ => unreachable!("clap requires exactly one of --disk and --nbd"),
+                _ => unreachable!("clap requires exactly one of --disk, --nbd and --qemu"),
             };
             let s = engine.add_server(ServerId(id), &name, &disk)?;
             println!(

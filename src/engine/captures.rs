@@ -132,18 +132,40 @@ impl Engine {
         self.writable("taking a snapshot")?;
         let inner = &self.inner;
         let disk_path = inner.state.lock().server(server)?.disk.clone();
-        let disk = (inner.options.disk_opener)(&disk_path, false)?;
-        let disk_len = disk.len()?;
+        // A QEMU disk is frozen and opened by the job itself, once the
+        // snapshot's id (its checkpoint's name) is known.
+        let live = crate::live::disk_of(&disk_path)?;
+        if live.is_some() && explicit.is_some() {
+            return Err(Error::InvalidParameter(format!(
+                "server {server} is a QEMU disk: its snapshots are incremental from QEMU's own \
+                 checkpoint bitmaps, so a dirty bitmap cannot be given"
+            )));
+        }
+        let disk = match live {
+            Some(_) => None,
+            None => Some((inner.options.disk_opener)(&disk_path, false)?),
+        };
+        let disk_len = match &disk {
+            Some(d) => d.len()?,
+            None => 0,
+        };
         let progress = Arc::new(Progress::default());
         // Allocated before any lock; its base is set once the id is known.
-        let fresh = if inner.options.change_tracking {
+        let fresh = if inner.options.change_tracking && live.is_none() {
             Some(new_tracker(SnapshotId(0), disk_len, inner.block_size)?)
         } else {
             None
         };
-        let (record, mode, previous, snapshot) = {
+        let (record, mode, previous, snapshot, live_parent) = {
             let mut state = inner.state.lock();
             let srv = state.server(server)?;
+            // A live capture is incremental from the newest completed
+            // snapshot, when its checkpoint is on the node.
+            let live_parent = state
+                .snapshots_of(server)
+                .filter(|s| s.status == SnapshotStatus::Completed)
+                .filter_map(|s| Some((s.id, s.stats?.image_len)))
+                .max();
             // A safety snapshot is the first step of a restore, and the
             // engine's own: neither the restore nor the cap stops it.
             if kind == SnapshotKind::Regular {
@@ -193,7 +215,7 @@ impl Engine {
                 state.capture_parents.insert(id, *parent);
             }
             let view = state.snapshot_view(&record);
-            (record, mode, previous, view)
+            (record, mode, previous, view, live_parent)
         };
         let engine = self.clone();
         let job_progress = progress.clone();
@@ -205,7 +227,15 @@ impl Engine {
         let job = Job::spawn(
             format!("capture-{id}"),
             progress,
-            move || engine.run_capture(&record, disk.as_ref(), mode, &job_pins, &job_progress),
+            move || match (live, disk) {
+                (Some(q), _) => {
+                    engine.run_live_capture(&record, &q, live_parent, &job_pins, &job_progress)
+                }
+                (None, Some(disk)) => {
+                    engine.run_capture(&record, disk.as_ref(), mode, &job_pins, &job_progress)
+                }
+                (None, None) => Err(Error::Internal("a capture without a disk".into())),
+            },
             move |outcome| {
                 let done = finisher.finish_capture(id, outcome, previous);
                 drop(pins);
@@ -216,6 +246,43 @@ impl Engine {
             let _ = self.finish_capture(id, Err(Error::Internal(e.to_string())), None);
         })?;
         Ok(CaptureJob { snapshot, job })
+    }
+
+    /// A live capture of a QEMU disk: freeze, read the frozen view (only
+    /// what changed since `parent` when its checkpoint allows), tear down.
+    fn run_live_capture(
+        &self,
+        rec: &SnapshotRecord,
+        disk: &crate::live::QemuDisk,
+        parent: Option<(SnapshotId, u64)>,
+        pins: &Pins,
+        progress: &Progress,
+    ) -> Result<(CaptureStats, Vec<ChunkId>)> {
+        let session = crate::live::Session::open(disk, &self.live_dir())?;
+        let frozen = session.freeze(rec.id, parent, u64::from(self.inner.block_size))?;
+        let mode = match &frozen.since_parent {
+            Ok((p, dirty)) => CaptureMode::Incremental {
+                parent: *p,
+                dirty: dirty.clone(),
+                generation: None,
+            },
+            Err(reason) => CaptureMode::Full(Some(*reason)),
+        };
+        let freeze = frozen.freeze_micros;
+        match self.run_capture(rec, frozen.disk(), mode, pins, progress) {
+            Ok((stats, chunks)) => {
+                frozen.finish(true)?;
+                let stats = CaptureStats {
+                    freeze_micros: Some(freeze),
+                    ..stats
+                };
+                Ok((stats, chunks))
+            }
+            Err(e) => {
+                let _ = frozen.finish(false);
+                Err(e)
+            }
+        }
     }
 
     /// Reads the disk and writes chunks and the manifest (steps 1 and 2 of
@@ -296,6 +363,7 @@ impl Engine {
             sample_checked: how.sample_checked,
             sample_mismatches: how.sample_mismatches,
             tracking_generation: how.tracking_generation,
+            freeze_micros: None,
             ..captured.stats
         };
         Ok((stats, chunks))

@@ -248,9 +248,14 @@ impl Engine {
         if disk.as_os_str().is_empty() {
             return Err(Error::InvalidParameter("the disk path is empty".into()));
         }
-        let disk = match disk.to_str().filter(|s| crate::nbd::is_uri(s)) {
-            Some(uri) => PathBuf::from(crate::nbd::NbdUri::parse(uri)?.absolute()?.to_string()),
-            None => std::path::absolute(disk).at(disk)?,
+        let disk = match disk.to_str() {
+            Some(uri) if crate::nbd::is_uri(uri) => {
+                PathBuf::from(crate::nbd::NbdUri::parse(uri)?.absolute()?.to_string())
+            }
+            Some(uri) if crate::live::is_uri(uri) => {
+                PathBuf::from(crate::live::QemuDisk::parse(uri)?.to_uri()?)
+            }
+            _ => std::path::absolute(disk).at(disk)?,
         };
         let mut state = self.inner.state.lock();
         if state.servers.contains_key(&id) {
@@ -267,6 +272,30 @@ impl Engine {
         state.servers.insert(id, rec);
         self.inner.tracking.lock().add_server(id);
         Ok(view)
+    }
+
+    /// Opens a server's disk: a QEMU disk through a writable export of its
+    /// node (for restores and their planning), anything else with the
+    /// disk opener.
+    pub(super) fn open_disk(
+        &self,
+        path: &Path,
+        writable: bool,
+    ) -> Result<Box<dyn crate::disk::Disk>> {
+        match crate::live::disk_of(path)? {
+            Some(q) => Ok(Box::new(crate::live::Writable::open(
+                &q,
+                &self.live_dir(),
+                path,
+                writable,
+            )?)),
+            None => (self.inner.options.disk_opener)(path, writable),
+        }
+    }
+
+    /// Where live captures keep scratch files and private sockets.
+    pub(super) fn live_dir(&self) -> PathBuf {
+        self.root().join("live")
     }
 
     /// All servers, by id.

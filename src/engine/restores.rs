@@ -202,7 +202,7 @@ impl Engine {
             (server, tracker, resuming)
         };
         let manifest = self.restore_manifest(&server, id)?;
-        let disk = match (self.inner.options.disk_opener)(&server.disk, false) {
+        let disk = match self.open_disk(&server.disk, false) {
             Ok(d) => d,
             // A disk that does not exist yet is restored whole.
             Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
@@ -370,7 +370,7 @@ impl Engine {
         self.set_restoring_from(server.id, Some(id))?;
         let mut written = 0;
         let outcome = (|| {
-            let disk = (inner.options.disk_opener)(&server.disk, true)?;
+            let disk = self.open_disk(&server.disk, true)?;
             // Just captured with the guest stopped, the safety snapshot is
             // exactly the disk: plan by difference, without reading it again.
             let known = match safety {
@@ -531,7 +531,15 @@ fn restorable(state: &State, id: SnapshotId) -> Result<Server> {
     Ok(state.server_view(srv))
 }
 
+/// True for an image file that does not exist; a disk reached over NBD or
+/// QEMU is never missing (its export fails to open instead).
 fn is_missing(path: &Path) -> bool {
+    if path
+        .to_str()
+        .is_some_and(|s| crate::nbd::is_uri(s) || crate::live::is_uri(s))
+    {
+        return false;
+    }
     matches!(std::fs::metadata(path), Err(e) if e.kind() == std::io::ErrorKind::NotFound)
 }
 

@@ -196,7 +196,7 @@ impl std::fmt::Display for NbdUri {
 }
 
 /// %-decoding of a URI component.
-fn decode(s: &str) -> Option<String> {
+pub(crate) fn decode(s: &str) -> Option<String> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -214,7 +214,7 @@ fn decode(s: &str) -> Option<String> {
 }
 
 /// %-encoding of what a URI component cannot hold as is.
-fn encode(s: &str) -> String {
+pub(crate) fn encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || b"-._~/:@".contains(&b) {
@@ -276,6 +276,14 @@ impl NbdDisk {
             client,
             path: PathBuf::from(uri),
         })
+    }
+
+    /// A disk over a client already connected; `name` for messages.
+    pub fn from_client(client: NbdClient, name: String) -> Self {
+        NbdDisk {
+            client,
+            path: PathBuf::from(name),
+        }
     }
 
     pub fn client(&self) -> &NbdClient {
@@ -383,7 +391,17 @@ pub fn dirty_bitmap(
              disk (qemu: block-export-add ... bitmaps=[NAME], context qemu:dirty-bitmap:NAME)"
         )));
     }
-    let extents = client.block_status(context, 0..size)?;
+    bitmap_of(&client, context, disk_len, granularity)
+}
+
+/// The dirty bitmap meta context `context` of `client`'s export marks.
+pub fn bitmap_of(
+    client: &NbdClient,
+    context: &str,
+    disk_len: u64,
+    granularity: u64,
+) -> Result<DirtyBitmap> {
+    let extents = client.block_status(context, 0..client.info().size)?;
     let ranges = marked(&extents, |flags| flags & proto::STATE_DIRTY != 0);
     let mut bitmap = DirtyBitmap::new(disk_len, granularity)?;
     for r in ranges {

@@ -13,6 +13,7 @@ mod full_disk;
 mod fuzz_corpus;
 mod gc;
 mod incremental;
+mod live;
 mod nbd;
 mod persistence;
 mod powercut;

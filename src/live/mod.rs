@@ -1,0 +1,629 @@
+//! Live snapshots of a running QEMU guest's disk (a VM or
+//! qemu-storage-daemon), through its QMP monitor and NBD server, as
+//! libvirt's pull-mode backup does it:
+//!
+//! 1. a scratch qcow2 backed by the disk node is added, and one QMP
+//!    `transaction` freezes the point in time: a new persistent checkpoint
+//!    bitmap (`blocksnap-cp-ID`, which records every write from now on), a
+//!    frozen copy of the parent snapshot's checkpoint on the scratch node,
+//!    and a `blockdev-backup sync=none` job that copies each block the
+//!    guest overwrites into the scratch node first (fleecing);
+//! 2. the scratch node is exported over NBD, read-only, with the frozen
+//!    bitmap; the capture reads it like any NBD disk, and only the dirty
+//!    extents when the parent's checkpoint was there and consistent;
+//! 3. everything is torn down (export, job, scratch node and file, the NBD
+//!    server when blocksnap started it); on success the parent's
+//!    checkpoint is removed (the new one replaces it), on failure the new
+//!    one is. At most one checkpoint per server, plus one while a capture
+//!    runs.
+//!
+//! Everything blocksnap creates in QEMU is named `blocksnap-...`; the next
+//! operation on the server removes what a crashed one left
+//! ([`Session::clean_up_leftovers`]).
+//!
+//! A server on QEMU has a disk "path" that is a URI:
+//! `qemu:///NODE?qmp=PATH[&nbd=PATH]` (the QMP monitor socket, and the NBD
+//! server's socket when the process already runs one).
+
+pub mod qmp;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde_json::{Value, json};
+
+use crate::dirty::DirtyBitmap;
+use crate::error::{Error, Result};
+use crate::ids::SnapshotId;
+use crate::nbd::{BASE_ALLOCATION, NbdDisk};
+use crate::types::FullReason;
+use qmp::Qmp;
+
+const PREFIX: &str = "blocksnap-";
+
+/// True when `s` names a disk of a QEMU process.
+pub fn is_uri(s: &str) -> bool {
+    s.starts_with("qemu://")
+}
+
+/// The QEMU disk a server's disk path names, if it is one.
+pub fn disk_of(path: &Path) -> Result<Option<QemuDisk>> {
+    match path.to_str() {
+        Some(s) if is_uri(s) => Ok(Some(QemuDisk::parse(s)?)),
+        _ => Ok(None),
+    }
+}
+
+/// A disk node of a QEMU process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QemuDisk {
+    pub qmp: PathBuf,
+    pub node: String,
+    /// The socket of the NBD server the process already runs, if any.
+    pub nbd_socket: Option<PathBuf>,
+}
+
+impl QemuDisk {
+    /// Parses `qemu:///NODE?qmp=PATH[&nbd=PATH]`.
+    pub fn parse(s: &str) -> Result<QemuDisk> {
+        let bad = |why: &str| {
+            Error::InvalidParameter(format!(
+                "{s:?} is not a QEMU disk ({why}); use qemu:///NODE?qmp=PATH[&nbd=PATH]"
+            ))
+        };
+        let rest = s
+            .strip_prefix("qemu:///")
+            .ok_or_else(|| bad("no qemu:/// prefix"))?;
+        let (node, query) = rest.split_once('?').ok_or_else(|| bad("no ?qmp="))?;
+        let node = crate::nbd::decode(node).ok_or_else(|| bad("bad %-escape"))?;
+        if node.is_empty() || node.len() > 127 {
+            return Err(bad("the node name must be 1 to 127 characters"));
+        }
+        let (mut qmp, mut nbd) = (None, None);
+        for pair in query.split('&') {
+            let (k, v) = pair
+                .split_once('=')
+                .ok_or_else(|| bad("a parameter without ="))?;
+            let v = crate::nbd::decode(v)
+                .filter(|v| !v.is_empty())
+                .ok_or_else(|| bad("an empty or badly escaped path"))?;
+            match k {
+                "qmp" => qmp = Some(PathBuf::from(v)),
+                "nbd" => nbd = Some(PathBuf::from(v)),
+                _ => return Err(bad("the parameters are qmp= and nbd=")),
+            }
+        }
+        Ok(QemuDisk {
+            qmp: qmp.ok_or_else(|| bad("no qmp="))?,
+            node,
+            nbd_socket: nbd,
+        })
+    }
+
+    /// The URI, with its socket paths made absolute.
+    pub fn to_uri(&self) -> Result<String> {
+        let abs = |p: &Path| std::path::absolute(p).map_err(|e| Error::io(p, e));
+        let mut s = format!(
+            "qemu:///{}?qmp={}",
+            crate::nbd::encode(&self.node),
+            crate::nbd::encode(&abs(&self.qmp)?.to_string_lossy())
+        );
+        if let Some(n) = &self.nbd_socket {
+            s += &format!("&nbd={}", crate::nbd::encode(&abs(n)?.to_string_lossy()));
+        }
+        Ok(s)
+    }
+}
+
+/// What blocksnap knows of a checkpoint bitmap on the node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Bitmap {
+    name: String,
+    inconsistent: bool,
+}
+
+/// The names blocksnap gives what it creates for capture `id`.
+fn checkpoint(id: SnapshotId) -> String {
+    format!("{PREFIX}cp-{}", id.0)
+}
+fn scratch_node(id: SnapshotId) -> String {
+    format!("{PREFIX}scratch-{}", id.0)
+}
+fn fleece_job(id: SnapshotId) -> String {
+    format!("{PREFIX}fleece-{}", id.0)
+}
+fn export_id(id: SnapshotId) -> String {
+    format!("{PREFIX}export-{}", id.0)
+}
+fn frozen_bitmap(id: SnapshotId) -> String {
+    format!("{PREFIX}frozen-{}", id.0)
+}
+
+/// A monitor connection to the process that holds a server's disk.
+pub struct Session {
+    qmp: Qmp,
+    disk: QemuDisk,
+    /// Where scratch files and private sockets go.
+    work_dir: PathBuf,
+}
+
+/// A frozen point in time, exported over NBD; torn down by
+/// [`Frozen::finish`] (or, best effort, on drop).
+pub struct Frozen {
+    session: Session,
+    id: SnapshotId,
+    parent: Option<SnapshotId>,
+    scratch_file: PathBuf,
+    /// The private NBD socket when blocksnap started the server.
+    own_server: Option<PathBuf>,
+    disk: Option<NbdDisk>,
+    /// The dirty extents since the parent, or why there are none.
+    pub since_parent: std::result::Result<(SnapshotId, DirtyBitmap), FullReason>,
+    /// How long the guest's I/O was held for the freeze.
+    pub freeze_micros: u64,
+    finished: bool,
+}
+
+impl Session {
+    /// Connects to the monitor of `disk`'s process; scratch files go to
+    /// `work_dir`.
+    pub fn open(disk: &QemuDisk, work_dir: &Path) -> Result<Session> {
+        std::fs::create_dir_all(work_dir).map_err(|e| Error::io(work_dir, e))?;
+        Ok(Session {
+            qmp: Qmp::connect(&disk.qmp)?,
+            disk: disk.clone(),
+            work_dir: work_dir.to_path_buf(),
+        })
+    }
+
+    /// The node's size and its bitmaps.
+    fn node(&mut self) -> Result<(u64, Vec<Bitmap>)> {
+        let nodes = self
+            .qmp
+            .execute("query-named-block-nodes", json!({"flat": true}))?;
+        let node = nodes
+            .as_array()
+            .and_then(|a| a.iter().find(|n| n["node-name"] == self.disk.node.as_str()))
+            .ok_or_else(|| {
+                Error::InvalidParameter(format!(
+                    "QEMU at {} has no block node {:?}; `query-named-block-nodes` lists them",
+                    self.qmp.peer(),
+                    self.disk.node
+                ))
+            })?;
+        let size = node["image"]["virtual-size"]
+            .as_u64()
+            .ok_or_else(|| self.bad("the node's image has no virtual-size"))?;
+        let bitmaps = node["dirty-bitmaps"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|b| {
+                        Some(Bitmap {
+                            name: b["name"].as_str()?.to_string(),
+                            inconsistent: b["inconsistent"].as_bool().unwrap_or(false),
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok((size, bitmaps))
+    }
+
+    fn bad(&self, what: &str) -> Error {
+        Error::Qmp {
+            peer: self.qmp.peer().to_string(),
+            what: what.to_string(),
+        }
+    }
+
+    /// Removes whatever a blocksnap operation that crashed or failed left
+    /// in QEMU or in the work directory: exports, fleecing jobs, scratch
+    /// nodes and files, and checkpoint bitmaps other than `keep`'s.
+    pub fn clean_up_leftovers(&mut self, keep: &[SnapshotId]) -> Result<()> {
+        let exports = self.qmp.execute("query-block-exports", json!({}))?;
+        for e in names(&exports, "id") {
+            if e.starts_with(PREFIX) {
+                self.del_export(&e)?;
+            }
+        }
+        let jobs = self.qmp.execute("query-block-jobs", json!({}))?;
+        for j in names(&jobs, "device") {
+            if j.starts_with(PREFIX) {
+                self.cancel_job(&j)?;
+            }
+        }
+        let nodes = self
+            .qmp
+            .execute("query-named-block-nodes", json!({"flat": true}))?;
+        for n in names(&nodes, "node-name") {
+            if n.starts_with(&format!("{PREFIX}scratch-")) {
+                self.qmp.execute("blockdev-del", json!({"node-name": n}))?;
+            }
+        }
+        let keep: Vec<String> = keep.iter().map(|&id| checkpoint(id)).collect();
+        let (_, bitmaps) = self.node()?;
+        for b in bitmaps {
+            if b.name.starts_with(PREFIX) && !keep.contains(&b.name) {
+                self.remove_bitmap(&b.name)?;
+            }
+        }
+        // A private NBD server left running: its socket file is still here.
+        let entries =
+            std::fs::read_dir(&self.work_dir).map_err(|e| Error::io(&self.work_dir, e))?;
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().to_string();
+            if name.starts_with("nbd-") && name.ends_with(".sock") && self.disk.nbd_socket.is_none()
+            {
+                let _ = self.qmp.try_execute("nbd-server-stop", json!({}))?;
+            }
+            if name.starts_with("scratch-") || name.starts_with("nbd-") {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        Ok(())
+    }
+
+    fn del_export(&mut self, id: &str) -> Result<()> {
+        let _ = self
+            .qmp
+            .try_execute("block-export-del", json!({"id": id, "mode": "hard"}))?;
+        self.wait_gone("query-block-exports", "id", id)
+    }
+
+    fn cancel_job(&mut self, id: &str) -> Result<()> {
+        let _ = self
+            .qmp
+            .try_execute("block-job-cancel", json!({"device": id, "force": true}))?;
+        self.wait_gone("query-block-jobs", "device", id)
+    }
+
+    fn remove_bitmap(&mut self, name: &str) -> Result<()> {
+        self.qmp.execute(
+            "block-dirty-bitmap-remove",
+            json!({"node": self.disk.node, "name": name}),
+        )?;
+        Ok(())
+    }
+
+    /// Polls `query` until no entry has `key` = `value` (at most 30 s).
+    fn wait_gone(&mut self, query: &str, key: &str, value: &str) -> Result<()> {
+        let deadline = Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let list = self.qmp.execute(query, json!({}))?;
+            if !names(&list, key).iter().any(|n| n == value) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(self.bad(&format!("{value} still listed by {query} after 30 s")));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    /// Freezes the disk's point in time for capture `id`, incremental from
+    /// `parent` (the server's newest completed snapshot) when its
+    /// checkpoint is on the node and consistent and the size unchanged.
+    pub fn freeze(
+        mut self,
+        id: SnapshotId,
+        parent: Option<(SnapshotId, u64)>,
+        granularity: u64,
+    ) -> Result<Frozen> {
+        let mut keep: Vec<SnapshotId> = parent.iter().map(|&(p, _)| p).collect();
+        keep.push(id);
+        self.clean_up_leftovers(&keep)?;
+        let (size, bitmaps) = self.node()?;
+        let from = match parent {
+            None => Err(FullReason::NoCheckpoint),
+            Some((p, len)) => match bitmaps.iter().find(|b| b.name == checkpoint(p)) {
+                None => Err(FullReason::NoCheckpoint),
+                Some(b) if b.inconsistent => Err(FullReason::CheckpointInconsistent),
+                Some(_) if len != size => Err(FullReason::DiskResized),
+                Some(_) => Ok(p),
+            },
+        };
+        let scratch_file = self.work_dir.join(format!("scratch-{}.qcow2", id.0));
+        let mut frozen = Frozen {
+            session: self,
+            id,
+            parent: from.ok(),
+            scratch_file: scratch_file.clone(),
+            own_server: None,
+            disk: None,
+            since_parent: Err(FullReason::NoCheckpoint),
+            freeze_micros: 0,
+            finished: false,
+        };
+        frozen.set_up(size, from, granularity)?;
+        Ok(frozen)
+    }
+}
+
+/// The `key` strings of a list QEMU returned.
+fn names(list: &Value, key: &str) -> Vec<String> {
+    list.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|e| e[key].as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+impl Frozen {
+    fn set_up(
+        &mut self,
+        size: u64,
+        from: std::result::Result<SnapshotId, FullReason>,
+        granularity: u64,
+    ) -> Result<()> {
+        let id = self.id;
+        let node = self.session.disk.node.clone();
+        let out = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&self.scratch_file)
+            .arg(size.to_string())
+            .output()
+            .map_err(|e| {
+                Error::io(
+                    "qemu-img",
+                    std::io::Error::new(
+                        e.kind(),
+                        format!("{e}: live snapshots need qemu-img (qemu-utils)"),
+                    ),
+                )
+            })?;
+        if !out.status.success() {
+            return Err(Error::Io {
+                path: self.scratch_file.clone(),
+                source: std::io::Error::other(format!(
+                    "qemu-img create: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )),
+            });
+        }
+        let qmp = &mut self.session.qmp;
+        qmp.execute(
+            "blockdev-add",
+            json!({"driver": "qcow2", "node-name": scratch_node(id), "backing": node,
+                   "file": {"driver": "file", "filename": self.scratch_file}}),
+        )?;
+        let mut actions = vec![json!({"type": "block-dirty-bitmap-add",
+            "data": {"node": node, "name": checkpoint(id), "persistent": true}})];
+        if let Ok(p) = from {
+            actions.push(json!({"type": "block-dirty-bitmap-add",
+                "data": {"node": scratch_node(id), "name": frozen_bitmap(id), "disabled": true}}));
+            actions.push(json!({"type": "block-dirty-bitmap-merge",
+                "data": {"node": scratch_node(id), "target": frozen_bitmap(id),
+                         "bitmaps": [{"node": node, "name": checkpoint(p)}]}}));
+        }
+        actions.push(json!({"type": "blockdev-backup",
+            "data": {"job-id": fleece_job(id), "device": node, "target": scratch_node(id), "sync": "none"}}));
+        let started = Instant::now();
+        qmp.execute("transaction", json!({"actions": actions}))?;
+        self.freeze_micros = started.elapsed().as_micros() as u64;
+
+        let socket = match &self.session.disk.nbd_socket {
+            Some(s) => s.clone(),
+            None => {
+                let s = self.session.work_dir.join(format!("nbd-{}.sock", id.0));
+                let _ = std::fs::remove_file(&s);
+                qmp.execute(
+                    "nbd-server-start",
+                    json!({"addr": {"type": "unix", "data": {"path": s}}}),
+                )
+                .map_err(|e| match e {
+                    Error::Qmp { peer, what } if what.contains("already running") => Error::Qmp {
+                        peer,
+                        what: format!("{what}: this QEMU runs an NBD server; add the server with --nbd-socket naming its socket"),
+                    },
+                    e => e,
+                })?;
+                self.own_server = Some(s.clone());
+                s
+            }
+        };
+        let name = format!("{PREFIX}{}", id.0);
+        let mut export = json!({"type": "nbd", "id": export_id(id), "node-name": scratch_node(id),
+                                "name": name, "writable": false});
+        if from.is_ok() {
+            export["bitmaps"] = json!([frozen_bitmap(id)]);
+        }
+        qmp.execute("block-export-add", export)?;
+        let uri = crate::nbd::NbdUri {
+            address: crate::nbd::NbdAddress::Unix(socket),
+            export: name,
+        };
+        let context = format!("qemu:dirty-bitmap:{}", frozen_bitmap(id));
+        let client = uri.connect(&[BASE_ALLOCATION, &context])?;
+        self.since_parent = match from {
+            Ok(p) => Ok((
+                p,
+                crate::nbd::bitmap_of(&client, &context, size, granularity)?,
+            )),
+            Err(reason) => Err(reason),
+        };
+        self.disk = Some(NbdDisk::from_client(client, uri.to_string()));
+        Ok(())
+    }
+
+    /// The frozen view, to read.
+    pub fn disk(&self) -> &NbdDisk {
+        self.disk.as_ref().expect("set up before it is handed out")
+    }
+
+    /// Tears everything down; `completed` keeps the new checkpoint (and
+    /// drops the parent's, which it replaces), otherwise drops the new one.
+    pub fn finish(mut self, completed: bool) -> Result<()> {
+        self.finished = true;
+        self.tear_down(completed)
+    }
+
+    fn tear_down(&mut self, completed: bool) -> Result<()> {
+        self.disk = None; // disconnects
+        let id = self.id;
+        let s = &mut self.session;
+        s.del_export(&export_id(id))?;
+        s.cancel_job(&fleece_job(id))?;
+        let nodes = s
+            .qmp
+            .execute("query-named-block-nodes", json!({"flat": true}))?;
+        if names(&nodes, "node-name").contains(&scratch_node(id)) {
+            s.qmp
+                .execute("blockdev-del", json!({"node-name": scratch_node(id)}))?;
+        }
+        if let Some(sock) = self.own_server.take() {
+            s.qmp.execute("nbd-server-stop", json!({}))?;
+            let _ = std::fs::remove_file(sock);
+        }
+        let _ = std::fs::remove_file(&self.scratch_file);
+        let (_, bitmaps) = s.node()?;
+        let drop = if completed {
+            self.parent.map(checkpoint)
+        } else {
+            Some(checkpoint(id))
+        };
+        if let Some(name) = drop.filter(|n| bitmaps.iter().any(|b| &b.name == n)) {
+            s.remove_bitmap(&name)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = self.tear_down(false);
+        }
+    }
+}
+
+/// A writable NBD export of a QEMU server's disk node, for a restore:
+/// removed (and the NBD server stopped, when blocksnap started it) when
+/// dropped. A running VM is paused first (`stop`) and left paused.
+pub struct Writable {
+    session: Session,
+    own_server: Option<PathBuf>,
+    disk: Option<NbdDisk>,
+    path: PathBuf,
+    pub paused: bool,
+}
+
+const RESTORE_EXPORT: &str = "blocksnap-restore";
+
+impl Writable {
+    /// Exports the node (writable when `writable`, which also pauses a
+    /// running VM; a restore's planning only reads).
+    pub fn open(disk: &QemuDisk, work_dir: &Path, uri: &Path, writable: bool) -> Result<Writable> {
+        let mut session = Session::open(disk, work_dir)?;
+        // Nothing of a crashed operation stays; checkpoints do (a restore
+        // writes through QEMU, so they record it).
+        let (_, bitmaps) = session.node()?;
+        let keep: Vec<SnapshotId> = bitmaps
+            .iter()
+            .filter_map(|b| b.name.strip_prefix(&format!("{PREFIX}cp-"))?.parse().ok())
+            .map(SnapshotId)
+            .collect();
+        session.clean_up_leftovers(&keep)?;
+        let mut paused = false;
+        if writable
+            && let Ok(status) = session.qmp.try_execute("query-status", json!({}))?
+            && status["running"].as_bool() == Some(true)
+        {
+            session.qmp.execute("stop", json!({}))?;
+            paused = true;
+        }
+        let mut w = Writable {
+            session,
+            own_server: None,
+            disk: None,
+            path: uri.to_path_buf(),
+            paused,
+        };
+        let socket = match &w.session.disk.nbd_socket {
+            Some(s) => s.clone(),
+            None => {
+                let s = w.session.work_dir.join("nbd-restore.sock");
+                let _ = std::fs::remove_file(&s);
+                w.session.qmp.execute(
+                    "nbd-server-start",
+                    json!({"addr": {"type": "unix", "data": {"path": s}}}),
+                )?;
+                w.own_server = Some(s.clone());
+                s
+            }
+        };
+        let node = w.session.disk.node.clone();
+        w.session.qmp.execute(
+            "block-export-add",
+            json!({"type": "nbd", "id": format!("{PREFIX}export-restore"), "node-name": node,
+                   "name": RESTORE_EXPORT, "writable": writable}),
+        )?;
+        let uri = crate::nbd::NbdUri {
+            address: crate::nbd::NbdAddress::Unix(socket),
+            export: RESTORE_EXPORT.into(),
+        };
+        w.disk = Some(NbdDisk::from_client(
+            uri.connect(&[BASE_ALLOCATION])?,
+            uri.to_string(),
+        ));
+        Ok(w)
+    }
+
+    fn close(&mut self) -> Result<()> {
+        if self.disk.take().is_none() {
+            return Ok(());
+        }
+        self.session
+            .del_export(&format!("{PREFIX}export-restore"))?;
+        if let Some(sock) = self.own_server.take() {
+            self.session.qmp.execute("nbd-server-stop", json!({}))?;
+            let _ = std::fs::remove_file(sock);
+        }
+        Ok(())
+    }
+
+    fn nbd(&self) -> &NbdDisk {
+        self.disk.as_ref().expect("open until dropped")
+    }
+}
+
+impl Drop for Writable {
+    fn drop(&mut self) {
+        let _ = self.close();
+    }
+}
+
+impl crate::disk::Disk for Writable {
+    fn len(&self) -> Result<u64> {
+        self.nbd().len()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
+        self.nbd().read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.nbd().write_at(buf, offset)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.nbd().write_zeroes(offset, len)
+    }
+    fn set_len(&self, len: u64) -> Result<()> {
+        self.nbd().set_len(len)
+    }
+    fn is_block_device(&self) -> bool {
+        true
+    }
+    fn sync(&self) -> Result<()> {
+        self.nbd().sync()
+    }
+    fn data_ranges(&self) -> Result<Option<Vec<std::ops::Range<u64>>>> {
+        self.nbd().data_ranges()
+    }
+    fn reads_best_in_bulk(&self) -> bool {
+        true
+    }
+    fn path(&self) -> &Path {
+        &self.path
+    }
+}
