@@ -74,6 +74,9 @@ pub struct RestoreReport {
     /// The safety snapshot taken before writing, which
     /// [`crate::Engine::undo_restore`] restores.
     pub safety_snapshot: Option<SnapshotId>,
+    /// A running QEMU VM was paused (QMP `stop`) before the restore and is
+    /// left paused: the agent resumes it (`cont`) when it is ready.
+    pub vm_paused: bool,
     /// Wall time in all, and of planning, writing (with the fsync) and
     /// verifying; a safety snapshot's time is in `micros` only.
     pub micros: u64,
@@ -353,6 +356,7 @@ pub fn restore(
         plan_micros: micros(planned),
         write_micros: micros(wrote - planned),
         verify_micros: micros(started.elapsed() - wrote),
+        vm_paused: false,
     })
 }
 

@@ -89,6 +89,11 @@ enum Command {
         /// Size of the sample disk image.
         #[arg(long, default_value = "256M", value_parser = parse_size)]
         size: u64,
+        /// Live snapshots of a running QEMU disk instead (needs
+        /// qemu-storage-daemon and qemu-img): a guest keeps writing while
+        /// two are taken, each restored and checked to be one point in time.
+        #[arg(long)]
+        live: bool,
     },
 }
 
@@ -287,8 +292,12 @@ pub fn run() -> i32 {
 }
 
 fn dispatch(cli: Cli) -> blocksnap::Result<i32> {
-    if let Command::Demo { size } = cli.command {
-        return demo::run(size);
+    if let Command::Demo { size, live } = cli.command {
+        return if live {
+            demo::run_live(size)
+        } else {
+            demo::run(size)
+        };
     }
     let Some(store) = cli.store else {
         return Err(Error::InvalidParameter(

@@ -197,6 +197,7 @@ pub fn restore(
             "blocks_total": r.blocks_total,
             "method": r.method,
             "safety_snapshot": r.safety_snapshot,
+            "vm_paused": r.vm_paused,
             "blocks_verified": r.blocks_verified,
             "blocks_rewritten": r.blocks_rewritten,
             "bytes_written": r.bytes_written,
@@ -222,6 +223,11 @@ pub fn restore(
                 server.id
             ),
             None => println!("no safety snapshot was taken: this restore cannot be undone"),
+        }
+        if r.vm_paused {
+            println!(
+                "the VM was paused for the restore and is still paused: resume it (QMP `cont`) when ready"
+            );
         }
     }
     Ok(())

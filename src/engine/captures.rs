@@ -258,7 +258,7 @@ impl Engine {
         pins: &Pins,
         progress: &Progress,
     ) -> Result<(CaptureStats, Vec<ChunkId>)> {
-        let session = crate::live::Session::open(disk, &self.live_dir())?;
+        let session = crate::live::Session::open(disk, &self.live_dir(), self.live_names()?)?;
         let frozen = session.freeze(rec.id, parent, u64::from(self.inner.block_size))?;
         let mode = match &frozen.since_parent {
             Ok((p, dirty)) => CaptureMode::Incremental {

@@ -286,11 +286,32 @@ impl Engine {
             Some(q) => Ok(Box::new(crate::live::Writable::open(
                 &q,
                 &self.live_dir(),
+                self.live_names()?,
                 path,
                 writable,
             )?)),
             None => (self.inner.options.disk_opener)(path, writable),
         }
+    }
+
+    /// How this store names what it creates in QEMU: with a tag of its
+    /// own, made at first use and kept in the catalog.
+    pub(super) fn live_names(&self) -> Result<crate::live::Names> {
+        const KEY: &str = "live_tag";
+        if let Some(tag) = self.inner.catalog.meta(KEY)? {
+            return Ok(crate::live::Names { tag: tag as u32 });
+        }
+        let seed = format!(
+            "{:?} {} {}",
+            std::time::SystemTime::now(),
+            std::process::id(),
+            self.root().display()
+        );
+        let hash = blake3::hash(seed.as_bytes());
+        let b = hash.as_bytes();
+        let tag = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        self.inner.catalog.set_meta(KEY, u64::from(tag))?;
+        Ok(crate::live::Names { tag })
     }
 
     /// Where live captures keep scratch files and private sockets.

@@ -335,6 +335,13 @@ impl Engine {
                 reason,
             })?;
         }
+        // A running VM is paused before its disk is captured (the safety
+        // snapshot, which the restore then plans from, must be the disk as
+        // it will be written) and left paused.
+        let vm_paused = match crate::live::disk_of(&server.disk)? {
+            Some(q) => crate::live::pause(&q)?,
+            None => false,
+        };
         let manifest = self.restore_manifest(server, id)?;
         // A restore that was interrupted after it began writing resumes: the
         // disk is half-restored, and a safety snapshot of it would replace
@@ -396,6 +403,7 @@ impl Engine {
         }
         let mut report = outcome?;
         report.safety_snapshot = safety;
+        report.vm_paused = vm_paused;
         report.micros = started.elapsed().as_micros() as u64;
         self.record_rates(&report);
         Ok(report)

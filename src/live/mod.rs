@@ -26,6 +26,8 @@
 //! server's socket when the process already runs one).
 
 pub mod qmp;
+#[cfg(feature = "sample")]
+pub mod testbed;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -122,27 +124,48 @@ struct Bitmap {
     inconsistent: bool,
 }
 
-/// The names blocksnap gives what it creates for capture `id`.
-fn checkpoint(id: SnapshotId) -> String {
-    format!("{PREFIX}cp-{}", id.0)
+/// The names a store gives what it creates in QEMU:
+/// `blocksnap-TAG-KIND-ID`, TAG the store's own (so that two stores, or
+/// a store made again at the same path, never take each other's
+/// checkpoints for their own).
+#[derive(Debug, Clone, Copy)]
+pub struct Names {
+    pub tag: u32,
 }
-fn scratch_node(id: SnapshotId) -> String {
-    format!("{PREFIX}scratch-{}", id.0)
-}
-fn fleece_job(id: SnapshotId) -> String {
-    format!("{PREFIX}fleece-{}", id.0)
-}
-fn export_id(id: SnapshotId) -> String {
-    format!("{PREFIX}export-{}", id.0)
-}
-fn frozen_bitmap(id: SnapshotId) -> String {
-    format!("{PREFIX}frozen-{}", id.0)
+
+impl Names {
+    fn of(&self, kind: &str, id: SnapshotId) -> String {
+        format!("{}{kind}-{}", self.prefix(), id.0)
+    }
+    fn prefix(&self) -> String {
+        format!("{PREFIX}{:08x}-", self.tag)
+    }
+    /// The checkpoint bitmap a completed snapshot keeps on the node.
+    pub fn checkpoint(&self, id: SnapshotId) -> String {
+        self.of("cp", id)
+    }
+    fn scratch_node(&self, id: SnapshotId) -> String {
+        self.of("scratch", id)
+    }
+    fn fleece_job(&self, id: SnapshotId) -> String {
+        self.of("fleece", id)
+    }
+    fn export_id(&self, id: SnapshotId) -> String {
+        self.of("export", id)
+    }
+    fn frozen_bitmap(&self, id: SnapshotId) -> String {
+        self.of("frozen", id)
+    }
+    fn restore_export(&self) -> String {
+        format!("{}restore", self.prefix())
+    }
 }
 
 /// A monitor connection to the process that holds a server's disk.
 pub struct Session {
     qmp: Qmp,
     disk: QemuDisk,
+    names: Names,
     /// Where scratch files and private sockets go.
     work_dir: PathBuf,
 }
@@ -166,12 +189,13 @@ pub struct Frozen {
 
 impl Session {
     /// Connects to the monitor of `disk`'s process; scratch files go to
-    /// `work_dir`.
-    pub fn open(disk: &QemuDisk, work_dir: &Path) -> Result<Session> {
+    /// `work_dir`; what it creates is named with `names`.
+    pub fn open(disk: &QemuDisk, work_dir: &Path, names: Names) -> Result<Session> {
         std::fs::create_dir_all(work_dir).map_err(|e| Error::io(work_dir, e))?;
         Ok(Session {
             qmp: Qmp::connect(&disk.qmp)?,
             disk: disk.clone(),
+            names,
             work_dir: work_dir.to_path_buf(),
         })
     }
@@ -221,30 +245,32 @@ impl Session {
     /// in QEMU or in the work directory: exports, fleecing jobs, scratch
     /// nodes and files, and checkpoint bitmaps other than `keep`'s.
     pub fn clean_up_leftovers(&mut self, keep: &[SnapshotId]) -> Result<()> {
+        let names = self.names;
+        let ours = names.prefix();
         let exports = self.qmp.execute("query-block-exports", json!({}))?;
-        for e in names(&exports, "id") {
-            if e.starts_with(PREFIX) {
+        for e in strings_of(&exports, "id") {
+            if e.starts_with(&ours) {
                 self.del_export(&e)?;
             }
         }
         let jobs = self.qmp.execute("query-block-jobs", json!({}))?;
-        for j in names(&jobs, "device") {
-            if j.starts_with(PREFIX) {
+        for j in strings_of(&jobs, "device") {
+            if j.starts_with(&ours) {
                 self.cancel_job(&j)?;
             }
         }
         let nodes = self
             .qmp
             .execute("query-named-block-nodes", json!({"flat": true}))?;
-        for n in names(&nodes, "node-name") {
-            if n.starts_with(&format!("{PREFIX}scratch-")) {
+        for n in strings_of(&nodes, "node-name") {
+            if n.starts_with(&format!("{ours}scratch-")) {
                 self.qmp.execute("blockdev-del", json!({"node-name": n}))?;
             }
         }
-        let keep: Vec<String> = keep.iter().map(|&id| checkpoint(id)).collect();
+        let keep: Vec<String> = keep.iter().map(|&id| names.checkpoint(id)).collect();
         let (_, bitmaps) = self.node()?;
         for b in bitmaps {
-            if b.name.starts_with(PREFIX) && !keep.contains(&b.name) {
+            if b.name.starts_with(&ours) && !keep.contains(&b.name) {
                 self.remove_bitmap(&b.name)?;
             }
         }
@@ -291,7 +317,7 @@ impl Session {
         let deadline = Instant::now() + std::time::Duration::from_secs(30);
         loop {
             let list = self.qmp.execute(query, json!({}))?;
-            if !names(&list, key).iter().any(|n| n == value) {
+            if !strings_of(&list, key).iter().any(|n| n == value) {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -310,13 +336,15 @@ impl Session {
         parent: Option<(SnapshotId, u64)>,
         granularity: u64,
     ) -> Result<Frozen> {
-        let mut keep: Vec<SnapshotId> = parent.iter().map(|&(p, _)| p).collect();
-        keep.push(id);
+        // A checkpoint named for the new id is a leftover too (of a store
+        // made again at the same path, say).
+        let keep: Vec<SnapshotId> = parent.iter().map(|&(p, _)| p).collect();
         self.clean_up_leftovers(&keep)?;
+        let names = self.names;
         let (size, bitmaps) = self.node()?;
         let from = match parent {
             None => Err(FullReason::NoCheckpoint),
-            Some((p, len)) => match bitmaps.iter().find(|b| b.name == checkpoint(p)) {
+            Some((p, len)) => match bitmaps.iter().find(|b| b.name == names.checkpoint(p)) {
                 None => Err(FullReason::NoCheckpoint),
                 Some(b) if b.inconsistent => Err(FullReason::CheckpointInconsistent),
                 Some(_) if len != size => Err(FullReason::DiskResized),
@@ -341,7 +369,7 @@ impl Session {
 }
 
 /// The `key` strings of a list QEMU returned.
-fn names(list: &Value, key: &str) -> Vec<String> {
+fn strings_of(list: &Value, key: &str) -> Vec<String> {
     list.as_array()
         .map(|a| {
             a.iter()
@@ -359,6 +387,7 @@ impl Frozen {
         granularity: u64,
     ) -> Result<()> {
         let id = self.id;
+        let names = self.session.names;
         let node = self.session.disk.node.clone();
         let out = std::process::Command::new("qemu-img")
             .args(["create", "-q", "-f", "qcow2"])
@@ -386,20 +415,20 @@ impl Frozen {
         let qmp = &mut self.session.qmp;
         qmp.execute(
             "blockdev-add",
-            json!({"driver": "qcow2", "node-name": scratch_node(id), "backing": node,
+            json!({"driver": "qcow2", "node-name": names.scratch_node(id), "backing": node,
                    "file": {"driver": "file", "filename": self.scratch_file}}),
         )?;
         let mut actions = vec![json!({"type": "block-dirty-bitmap-add",
-            "data": {"node": node, "name": checkpoint(id), "persistent": true}})];
+            "data": {"node": node, "name": names.checkpoint(id), "persistent": true}})];
         if let Ok(p) = from {
             actions.push(json!({"type": "block-dirty-bitmap-add",
-                "data": {"node": scratch_node(id), "name": frozen_bitmap(id), "disabled": true}}));
+                "data": {"node": names.scratch_node(id), "name": names.frozen_bitmap(id), "disabled": true}}));
             actions.push(json!({"type": "block-dirty-bitmap-merge",
-                "data": {"node": scratch_node(id), "target": frozen_bitmap(id),
-                         "bitmaps": [{"node": node, "name": checkpoint(p)}]}}));
+                "data": {"node": names.scratch_node(id), "target": names.frozen_bitmap(id),
+                         "bitmaps": [{"node": node, "name": names.checkpoint(p)}]}}));
         }
         actions.push(json!({"type": "blockdev-backup",
-            "data": {"job-id": fleece_job(id), "device": node, "target": scratch_node(id), "sync": "none"}}));
+            "data": {"job-id": names.fleece_job(id), "device": node, "target": names.scratch_node(id), "sync": "none"}}));
         let started = Instant::now();
         qmp.execute("transaction", json!({"actions": actions}))?;
         self.freeze_micros = started.elapsed().as_micros() as u64;
@@ -424,18 +453,18 @@ impl Frozen {
                 s
             }
         };
-        let name = format!("{PREFIX}{}", id.0);
-        let mut export = json!({"type": "nbd", "id": export_id(id), "node-name": scratch_node(id),
+        let name = names.export_id(id);
+        let mut export = json!({"type": "nbd", "id": names.export_id(id), "node-name": names.scratch_node(id),
                                 "name": name, "writable": false});
         if from.is_ok() {
-            export["bitmaps"] = json!([frozen_bitmap(id)]);
+            export["bitmaps"] = json!([names.frozen_bitmap(id)]);
         }
         qmp.execute("block-export-add", export)?;
         let uri = crate::nbd::NbdUri {
             address: crate::nbd::NbdAddress::Unix(socket),
             export: name,
         };
-        let context = format!("qemu:dirty-bitmap:{}", frozen_bitmap(id));
+        let context = format!("qemu:dirty-bitmap:{}", names.frozen_bitmap(id));
         let client = uri.connect(&[BASE_ALLOCATION, &context])?;
         self.since_parent = match from {
             Ok(p) => Ok((
@@ -463,15 +492,16 @@ impl Frozen {
     fn tear_down(&mut self, completed: bool) -> Result<()> {
         self.disk = None; // disconnects
         let id = self.id;
+        let names = self.session.names;
         let s = &mut self.session;
-        s.del_export(&export_id(id))?;
-        s.cancel_job(&fleece_job(id))?;
+        s.del_export(&names.export_id(id))?;
+        s.cancel_job(&names.fleece_job(id))?;
         let nodes = s
             .qmp
             .execute("query-named-block-nodes", json!({"flat": true}))?;
-        if names(&nodes, "node-name").contains(&scratch_node(id)) {
+        if strings_of(&nodes, "node-name").contains(&names.scratch_node(id)) {
             s.qmp
-                .execute("blockdev-del", json!({"node-name": scratch_node(id)}))?;
+                .execute("blockdev-del", json!({"node-name": names.scratch_node(id)}))?;
         }
         if let Some(sock) = self.own_server.take() {
             s.qmp.execute("nbd-server-stop", json!({}))?;
@@ -480,9 +510,9 @@ impl Frozen {
         let _ = std::fs::remove_file(&self.scratch_file);
         let (_, bitmaps) = s.node()?;
         let drop = if completed {
-            self.parent.map(checkpoint)
+            self.parent.map(|p| names.checkpoint(p))
         } else {
-            Some(checkpoint(id))
+            Some(names.checkpoint(id))
         };
         if let Some(name) = drop.filter(|n| bitmaps.iter().any(|b| &b.name == n)) {
             s.remove_bitmap(&name)?;
@@ -510,30 +540,45 @@ pub struct Writable {
     pub paused: bool,
 }
 
-const RESTORE_EXPORT: &str = "blocksnap-restore";
+/// Pauses the VM whose disk `disk` is (QMP `stop`), when it runs; true if
+/// it was paused now. qemu-storage-daemon, which has no guest, has nothing
+/// to pause.
+pub fn pause(disk: &QemuDisk) -> Result<bool> {
+    pause_with(&mut Qmp::connect(&disk.qmp)?)
+}
+
+fn pause_with(qmp: &mut Qmp) -> Result<bool> {
+    match qmp.try_execute("query-status", json!({}))? {
+        Ok(status) if status["running"].as_bool() == Some(true) => {
+            qmp.execute("stop", json!({}))?;
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
+}
 
 impl Writable {
     /// Exports the node (writable when `writable`, which also pauses a
     /// running VM; a restore's planning only reads).
-    pub fn open(disk: &QemuDisk, work_dir: &Path, uri: &Path, writable: bool) -> Result<Writable> {
-        let mut session = Session::open(disk, work_dir)?;
+    pub fn open(
+        disk: &QemuDisk,
+        work_dir: &Path,
+        names: Names,
+        uri: &Path,
+        writable: bool,
+    ) -> Result<Writable> {
+        let mut session = Session::open(disk, work_dir, names)?;
         // Nothing of a crashed operation stays; checkpoints do (a restore
         // writes through QEMU, so they record it).
         let (_, bitmaps) = session.node()?;
+        let cp = format!("{}cp-", names.prefix());
         let keep: Vec<SnapshotId> = bitmaps
             .iter()
-            .filter_map(|b| b.name.strip_prefix(&format!("{PREFIX}cp-"))?.parse().ok())
+            .filter_map(|b| b.name.strip_prefix(&cp)?.parse().ok())
             .map(SnapshotId)
             .collect();
         session.clean_up_leftovers(&keep)?;
-        let mut paused = false;
-        if writable
-            && let Ok(status) = session.qmp.try_execute("query-status", json!({}))?
-            && status["running"].as_bool() == Some(true)
-        {
-            session.qmp.execute("stop", json!({}))?;
-            paused = true;
-        }
+        let paused = writable && pause_with(&mut session.qmp)?;
         let mut w = Writable {
             session,
             own_server: None,
@@ -557,12 +602,12 @@ impl Writable {
         let node = w.session.disk.node.clone();
         w.session.qmp.execute(
             "block-export-add",
-            json!({"type": "nbd", "id": format!("{PREFIX}export-restore"), "node-name": node,
-                   "name": RESTORE_EXPORT, "writable": writable}),
+            json!({"type": "nbd", "id": names.restore_export(), "node-name": node,
+                   "name": names.restore_export(), "writable": writable}),
         )?;
         let uri = crate::nbd::NbdUri {
             address: crate::nbd::NbdAddress::Unix(socket),
-            export: RESTORE_EXPORT.into(),
+            export: names.restore_export(),
         };
         w.disk = Some(NbdDisk::from_client(
             uri.connect(&[BASE_ALLOCATION])?,
@@ -575,8 +620,8 @@ impl Writable {
         if self.disk.take().is_none() {
             return Ok(());
         }
-        self.session
-            .del_export(&format!("{PREFIX}export-restore"))?;
+        let export = self.session.names.restore_export();
+        self.session.del_export(&export)?;
         if let Some(sock) = self.own_server.take() {
             self.session.qmp.execute("nbd-server-stop", json!({}))?;
             let _ = std::fs::remove_file(sock);
