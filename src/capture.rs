@@ -615,6 +615,9 @@ fn read_and_classify(
             at = end;
         }
     }
+    if disk.reads_best_in_bulk() {
+        return read_in_bulk_and_classify(store, disk, settings, pieces);
+    }
     let per_piece = pieces
         .into_par_iter()
         .map(|(offset, piece)| {
@@ -632,6 +635,59 @@ fn read_and_classify(
         })
         .collect::<Result<Vec<Vec<Block>>>>()?;
     Ok(per_piece.into_iter().flatten().collect())
+}
+
+/// [`read_and_classify`] for a disk that reads best in bulk (NBD): the
+/// pieces are read in batches of about [`crate::window::BULK_PIECE`]
+/// bytes, each batch one pipelined call, and each batch's read overlaps the
+/// classification of the batch before it.
+fn read_in_bulk_and_classify(
+    store: &ChunkStore,
+    disk: &dyn Disk,
+    settings: &CaptureSettings,
+    pieces: Vec<(u64, &mut [u8])>,
+) -> Result<Vec<Block>> {
+    let mut batches: Vec<Vec<(u64, &mut [u8])>> = Vec::new();
+    let mut bytes = usize::MAX;
+    for piece in pieces {
+        if bytes >= crate::window::BULK_PIECE {
+            batches.push(Vec::new());
+            bytes = 0;
+        }
+        bytes += piece.1.len();
+        if let Some(batch) = batches.last_mut() {
+            batch.push(piece);
+        }
+    }
+    let classify_batch = |batch: &[(u64, &mut [u8])]| -> Result<Vec<Block>> {
+        let per_piece = batch
+            .par_iter()
+            .map(|(_, piece)| {
+                piece
+                    .chunks(settings.block_size as usize)
+                    .map(|b| classify(store, b, settings))
+                    .collect::<Result<Vec<Block>>>()
+            })
+            .collect::<Result<Vec<Vec<Block>>>>()?;
+        Ok(per_piece.into_iter().flatten().collect())
+    };
+    let mut out = Vec::new();
+    if let Some(first) = batches.first_mut() {
+        disk.read_many_at(first)?;
+    }
+    for i in 0..batches.len() {
+        let (done, rest) = batches.split_at_mut(i + 1);
+        let (next, classified) = rayon::join(
+            || match rest.first_mut() {
+                Some(next) => disk.read_many_at(next),
+                None => Ok(()),
+            },
+            || classify_batch(&done[i]),
+        );
+        out.extend(classified?);
+        next?;
+    }
+    Ok(out)
 }
 
 /// What rehashing a sample of the blocks a dirty bitmap calls clean found.

@@ -47,6 +47,21 @@ pub trait Disk: Send + Sync {
     fn data_ranges(&self) -> Result<Option<Vec<Range<u64>>>> {
         Ok(None)
     }
+    /// Fills each `(offset, buffer)`, all inside the disk. A disk that
+    /// reads best in bulk serves them in one pipelined call. Default: one
+    /// [`Disk::read_at`] each; a short read is [`Error::DiskChanged`].
+    fn read_many_at(&self, parts: &mut [(u64, &mut [u8])]) -> Result<()> {
+        for (offset, buf) in parts.iter_mut() {
+            let n = self.read_at(buf, *offset)?;
+            if n < buf.len() {
+                return Err(Error::DiskChanged(format!(
+                    "it ended at byte {} while read",
+                    *offset + n as u64
+                )));
+            }
+        }
+        Ok(())
+    }
     /// True when one large read does better than many small ones, as
     /// over a network (NBD pipelines it): capture then reads each window
     /// with one call before hashing it in parallel. Default: false.

@@ -26,17 +26,7 @@ pub fn read_and_process<T: Send>(
     work: impl Fn(u64, &[u8], usize) -> Result<T> + Sync,
 ) -> Result<Vec<T>> {
     if disk.reads_best_in_bulk() {
-        let read = disk.read_at(buf, offset)?;
-        buf[read..].fill(0);
-        return buf
-            .par_chunks(task_len)
-            .enumerate()
-            .map(|(t, slice)| {
-                let start = t * task_len;
-                let got = read.saturating_sub(start).min(slice.len());
-                work(offset + start as u64, slice, got)
-            })
-            .collect();
+        return read_ahead_and_process(disk, buf, offset, task_len, &work);
     }
     buf.par_chunks_mut(task_len)
         .enumerate()
@@ -47,6 +37,59 @@ pub fn read_and_process<T: Send>(
             work(at, slice, read)
         })
         .collect()
+}
+
+/// Bytes read per call from a disk that reads best in bulk (NBD): large
+/// enough to pipeline many requests, small enough that reading the next
+/// piece overlaps hashing this one several times a window.
+pub const BULK_PIECE: usize = 4 << 20;
+
+/// [`read_and_process`] for a disk that reads best in large calls: the
+/// window is read piece by piece, each piece's read overlapping the work on
+/// the piece before it.
+fn read_ahead_and_process<T: Send>(
+    disk: &dyn Disk,
+    buf: &mut [u8],
+    offset: u64,
+    task_len: usize,
+    work: &(impl Fn(u64, &[u8], usize) -> Result<T> + Sync),
+) -> Result<Vec<T>> {
+    let piece = BULK_PIECE.max(task_len) / task_len * task_len;
+    let read = |slice: &mut [u8], at: u64| -> Result<usize> {
+        let n = disk.read_at(slice, at)?;
+        slice[n..].fill(0);
+        Ok(n)
+    };
+    let process = |slice: &[u8], at: u64, got: usize| -> Result<Vec<T>> {
+        slice
+            .par_chunks(task_len)
+            .enumerate()
+            .map(|(t, s)| {
+                let start = t * task_len;
+                work(at + start as u64, s, got.saturating_sub(start).min(s.len()))
+            })
+            .collect()
+    };
+    let mut pieces: Vec<&mut [u8]> = buf.chunks_mut(piece).collect();
+    let mut out = Vec::new();
+    let Some(first) = pieces.first_mut() else {
+        return Ok(out);
+    };
+    let mut got = read(first, offset)?;
+    for i in 0..pieces.len() {
+        let (done, rest) = pieces.split_at_mut(i + 1);
+        let at = offset + (i * piece) as u64;
+        let (next, results) = rayon::join(
+            || match rest.first_mut() {
+                Some(next) => read(next, at + piece as u64),
+                None => Ok(0),
+            },
+            || process(&done[i][..], at, got),
+        );
+        out.extend(results?);
+        got = next?;
+    }
+    Ok(out)
 }
 
 /// The task length for a block size: whole blocks, at least one.

@@ -647,6 +647,9 @@ impl crate::disk::Disk for Writable {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
         self.nbd().read_at(buf, offset)
     }
+    fn read_many_at(&self, parts: &mut [(u64, &mut [u8])]) -> Result<()> {
+        self.nbd().read_many_at(parts)
+    }
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.nbd().write_at(buf, offset)
     }

@@ -125,7 +125,8 @@ impl Pending {
 
 /// What a call does with the replies to its requests.
 enum Kind<'a> {
-    Read(&'a mut [u8]),
+    /// Where each piece's bytes go.
+    Read(Vec<&'a mut [u8]>),
     /// Write, write zeroes, flush: no data comes back.
     Ack,
 }
@@ -273,13 +274,28 @@ impl NbdClient {
 
     /// Reads `buf.len()` bytes at `offset`, all inside the export.
     pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.check_range(offset, buf.len() as u64)?;
-        let len = buf.len();
+        self.read_many(&mut [(offset, buf)])
+    }
+
+    /// Reads each `(offset, buffer)` in one pipelined call, all inside the
+    /// export.
+    pub fn read_many(&self, parts: &mut [(u64, &mut [u8])]) -> Result<()> {
         let step = self.info.max_request as usize;
-        let pieces = (0..len)
-            .step_by(step.max(1))
-            .map(|at| (offset + at as u64, (len - at).min(step) as u32));
-        self.call(proto::CMD_READ, pieces, Kind::Read(buf), |_| &[])
+        let mut pieces = Vec::new();
+        let mut dests = Vec::new();
+        for (offset, buf) in parts.iter_mut() {
+            self.check_range(*offset, buf.len() as u64)?;
+            for (i, dest) in buf.chunks_mut(step.max(1)).enumerate() {
+                pieces.push((*offset + (i * step) as u64, dest.len() as u32));
+                dests.push(dest);
+            }
+        }
+        self.call(
+            proto::CMD_READ,
+            pieces.into_iter(),
+            Kind::Read(dests),
+            |_| &[],
+        )
     }
 
     /// Writes all of `buf` at `offset`, inside the export.
@@ -510,16 +526,13 @@ impl NbdClient {
                         .get_or_insert_with(|| proto::errno_name(error).to_string());
                     return Ok(true);
                 }
-                if let Kind::Read(buf) = kind {
+                if let Kind::Read(dests) = kind {
                     if self.info.structured {
                         return Err(bad(
                             "a simple reply to a read after structured replies were agreed".into(),
                         ));
                     }
-                    let at = self.piece_at(p);
-                    stream
-                        .read_exact(&mut buf[at..at + p.len as usize])
-                        .map_err(io)?;
+                    stream.read_exact(dests[p.piece]).map_err(io)?;
                     p.cover(0, u64::from(p.len)).map_err(bad)?;
                 }
                 return Ok(true);
@@ -539,7 +552,7 @@ impl NbdClient {
                     )));
                 }
             }
-            (proto::REPLY_TYPE_OFFSET_DATA, Kind::Read(buf)) => {
+            (proto::REPLY_TYPE_OFFSET_DATA, Kind::Read(dests)) => {
                 if chunk.len < 9 || chunk.len - 8 > p.len {
                     return Err(bad(format!(
                         "a data chunk of {} bytes for a read of {}",
@@ -551,12 +564,12 @@ impl NbdClient {
                 let rel = u64::from_be_bytes(off).wrapping_sub(p.offset);
                 let n = u64::from(chunk.len - 8);
                 p.cover(rel, n).map_err(bad)?;
-                let at = self.piece_at(p) + rel as usize;
+                let at = rel as usize;
                 stream
-                    .read_exact(&mut buf[at..at + n as usize])
+                    .read_exact(&mut dests[p.piece][at..at + n as usize])
                     .map_err(io)?;
             }
-            (proto::REPLY_TYPE_OFFSET_HOLE, Kind::Read(buf)) => {
+            (proto::REPLY_TYPE_OFFSET_HOLE, Kind::Read(dests)) => {
                 if chunk.len != 12 {
                     return Err(bad(format!("a hole chunk of {} bytes", chunk.len)));
                 }
@@ -567,8 +580,8 @@ impl NbdClient {
                 let rel = u64::from_be_bytes(off).wrapping_sub(p.offset);
                 let n = u64::from(u32::from_be_bytes([b[8], b[9], b[10], b[11]]));
                 p.cover(rel, n).map_err(bad)?;
-                let at = self.piece_at(p) + rel as usize;
-                buf[at..at + n as usize].fill(0);
+                let at = rel as usize;
+                dests[p.piece][at..at + n as usize].fill(0);
             }
             (k, _) if k & proto::REPLY_TYPE_ERROR_BIT != 0 => {
                 let payload = read_payload(stream, peer, &chunk)?;
@@ -587,17 +600,12 @@ impl NbdClient {
             }
             (k, _) => {
                 return Err(bad(format!(
-                    "a reply chunk of type {k} to command {}",
-                    p.piece
+                    "a reply chunk of type {k} to request {}",
+                    p.handle
                 )));
             }
         }
         Ok(done)
-    }
-
-    /// Where piece `p` starts in the call's buffer.
-    fn piece_at(&self, p: &Pending) -> usize {
-        p.piece * self.info.max_request as usize
     }
 
     /// One BLOCK_STATUS request: the extents of context `id` from `at`,

@@ -305,6 +305,10 @@ impl Disk for NbdDisk {
         Ok(n)
     }
 
+    fn read_many_at(&self, parts: &mut [(u64, &mut [u8])]) -> Result<()> {
+        self.client.read_many(parts)
+    }
+
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.client.write(buf, offset)
     }
