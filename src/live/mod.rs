@@ -368,6 +368,34 @@ impl Session {
     }
 }
 
+/// Reserves `len` bytes for `path` (fallocate: allocated, nothing written).
+fn reserve(path: &Path, len: u64) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
+    // SAFETY: fallocate(2) on a descriptor we own.
+    let r = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len as libc::off_t) };
+    if r != 0 {
+        return Err(Error::io(path, std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// Bytes free to an unprivileged writer on the file system of `dir`.
+fn free_bytes(dir: &Path) -> Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| Error::InvalidParameter(format!("{} has a NUL byte", dir.display())))?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid C string and `st` a valid out-pointer.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(Error::io(dir, std::io::Error::last_os_error()));
+    }
+    Ok(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
 /// The `key` strings of a list QEMU returned.
 fn strings_of(list: &Value, key: &str) -> Vec<String> {
     list.as_array()
@@ -389,8 +417,35 @@ impl Frozen {
         let id = self.id;
         let names = self.session.names;
         let node = self.session.disk.node.clone();
+        // The scratch image's data is reserved whole: with `blockdev-backup`
+        // fleecing, QEMU fails the guest's write when a copy-before-write
+        // cannot land, so the copies must never meet a full file system.
+        // Each cluster is copied at most once, so the disk's size is enough
+        // whatever the guest writes. The qcow2 keeps its data in an external
+        // file (`data_file`, guest offset = file offset) that is fallocated
+        // (space reserved, nothing written), while its own metadata still
+        // says which clusters were copied (the rest reads from the disk
+        // through the backing link); a preallocated qcow2 would instead
+        // read zeros for every cluster not copied. Given back at the end.
+        let need = size + size / 1024 + (16 << 20);
+        let free = free_bytes(&self.session.work_dir)?;
+        if free < need {
+            return Err(Error::Io {
+                path: self.session.work_dir.clone(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::StorageFull,
+                    format!(
+                        "a live capture reserves scratch space the size of the disk, so that the \
+                         guest's writes never fail: {need} bytes needed, {free} free; free space \
+                         there or stop the guest and capture its disk as a file"
+                    ),
+                ),
+            });
+        }
+        let data_file = self.scratch_file.with_extension("data");
         let out = std::process::Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2"])
+            .args(["create", "-q", "-f", "qcow2", "-o"])
+            .arg(format!("data_file={}", data_file.display()))
             .arg(&self.scratch_file)
             .arg(size.to_string())
             .output()
@@ -412,11 +467,13 @@ impl Frozen {
                 )),
             });
         }
+        reserve(&data_file, size)?;
         let qmp = &mut self.session.qmp;
         qmp.execute(
             "blockdev-add",
             json!({"driver": "qcow2", "node-name": names.scratch_node(id), "backing": node,
-                   "file": {"driver": "file", "filename": self.scratch_file}}),
+                   "file": {"driver": "file", "filename": self.scratch_file},
+                   "data-file": {"driver": "file", "filename": data_file}}),
         )?;
         let mut actions = vec![json!({"type": "block-dirty-bitmap-add",
             "data": {"node": node, "name": names.checkpoint(id), "persistent": true}})];
@@ -508,6 +565,7 @@ impl Frozen {
             let _ = std::fs::remove_file(sock);
         }
         let _ = std::fs::remove_file(&self.scratch_file);
+        let _ = std::fs::remove_file(self.scratch_file.with_extension("data"));
         let (_, bitmaps) = s.node()?;
         let drop = if completed {
             self.parent.map(|p| names.checkpoint(p))

@@ -290,3 +290,57 @@ fn two_stores_on_one_qemu_disk_keep_their_own_checkpoints() {
     assert_eq!(bitmaps.len(), 2, "one checkpoint per store: {bitmaps:?}");
     vm.stop().unwrap();
 }
+
+/// The scratch space fills up while the guest writes during a capture.
+#[test]
+fn a_full_scratch_space_fails_the_snapshot_never_the_guest() {
+    let dir = tempfile::tempdir().unwrap();
+    let len = 64 * MIB;
+    let first = first_disk(len);
+    let Some((vm, _)) = vm(dir.path(), &first) else {
+        return;
+    };
+    let store = dir.path().join("store");
+    let engine = EngineOptions::new().open(&store).unwrap();
+    engine
+        .add_server(ServerId(1), "vm-1", vm.qemu_uri())
+        .unwrap();
+    let live = store.join("live");
+    std::fs::create_dir_all(&live).unwrap();
+    crate::common::run(
+        "mount",
+        &[
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=1M",
+            "tmpfs",
+            live.to_str().unwrap(),
+        ],
+    )
+    .unwrap();
+    struct Umount(PathBuf);
+    impl Drop for Umount {
+        fn drop(&mut self) {
+            let _ = crate::common::run("umount", &[self.0.to_str().unwrap()]);
+        }
+    }
+    let _umount = Umount(live.clone());
+    let guest = Guest::start(&vm.guest_uri(), len, Duration::from_micros(200)).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let err = engine
+        .create_snapshot(ServerId(1), "squeezed", "")
+        .unwrap_err();
+    assert!(err.to_string().contains("scratch space"), "{err}");
+    std::thread::sleep(Duration::from_millis(100));
+    let log = guest.stop().expect("the guest's writes never failed");
+    assert!(!log.writes.is_empty());
+    let failed = engine.snapshots(Some(ServerId(1))).unwrap();
+    assert_eq!(failed[0].status, blocksnap::SnapshotStatus::Failed);
+    assert_nothing_left(&vm);
+    drop(_umount);
+    // With room, the next one works.
+    let ok = engine.create_snapshot(ServerId(1), "roomy", "").unwrap();
+    assert_eq!(ok.status, blocksnap::SnapshotStatus::Completed);
+    vm.stop().unwrap();
+}
