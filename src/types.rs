@@ -269,6 +269,9 @@ pub struct CaptureStats {
     /// A live capture of a QEMU disk: how long the freeze (the QMP
     /// transaction) took.
     pub freeze_micros: Option<u64>,
+    /// A live capture: bytes the fleecing copied into its scratch image
+    /// (what the guest overwrote while it ran).
+    pub scratch_bytes: Option<u64>,
 }
 
 /// What a snapshot is for.

@@ -59,6 +59,7 @@ pub fn created_json(snap: &Snapshot) -> serde_json::Value {
                 "sample_checked": s.sample_checked,
                 "seconds": s.micros as f64 / 1e6,
                 "freeze_ms": s.freeze_micros.map(|us| us as f64 / 1e3),
+                "scratch_bytes": s.scratch_bytes,
             }),
         );
     }

@@ -271,9 +271,11 @@ impl Engine {
         let freeze = frozen.freeze_micros;
         match self.run_capture(rec, frozen.disk(), mode, pins, progress) {
             Ok((stats, chunks)) => {
+                let scratch = frozen.scratch_bytes();
                 frozen.finish(true)?;
                 let stats = CaptureStats {
                     freeze_micros: Some(freeze),
+                    scratch_bytes: scratch,
                     ..stats
                 };
                 Ok((stats, chunks))
@@ -364,6 +366,7 @@ impl Engine {
             sample_mismatches: how.sample_mismatches,
             tracking_generation: how.tracking_generation,
             freeze_micros: None,
+            scratch_bytes: None,
             ..captured.stats
         };
         Ok((stats, chunks))

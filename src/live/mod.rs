@@ -42,6 +42,9 @@ use crate::types::FullReason;
 use qmp::Qmp;
 
 const PREFIX: &str = "blocksnap-";
+/// QEMU's meta context of how deep in a backing chain each extent lives:
+/// depth 1 on the scratch node is what the fleecing copied there.
+const ALLOCATION_DEPTH: &str = "qemu:allocation-depth";
 
 /// True when `s` names a disk of a QEMU process.
 pub fn is_uri(s: &str) -> bool {
@@ -512,7 +515,7 @@ impl Frozen {
         };
         let name = names.export_id(id);
         let mut export = json!({"type": "nbd", "id": names.export_id(id), "node-name": names.scratch_node(id),
-                                "name": name, "writable": false});
+                                "name": name, "writable": false, "allocation-depth": true});
         if from.is_ok() {
             export["bitmaps"] = json!([names.frozen_bitmap(id)]);
         }
@@ -522,7 +525,7 @@ impl Frozen {
             export: name,
         };
         let context = format!("qemu:dirty-bitmap:{}", names.frozen_bitmap(id));
-        let client = uri.connect(&[BASE_ALLOCATION, &context])?;
+        let client = uri.connect(&[BASE_ALLOCATION, &context, ALLOCATION_DEPTH])?;
         self.since_parent = match from {
             Ok(p) => Ok((
                 p,
@@ -532,6 +535,23 @@ impl Frozen {
         };
         self.disk = Some(NbdDisk::from_client(client, uri.to_string()));
         Ok(())
+    }
+
+    /// Bytes the fleecing copied into the scratch image so far (the
+    /// guest's overwrites of not yet read data), when QEMU tells.
+    pub fn scratch_bytes(&self) -> Option<u64> {
+        let client = self.disk.as_ref()?.client();
+        client.info().context_id(ALLOCATION_DEPTH)?;
+        let extents = client
+            .block_status(ALLOCATION_DEPTH, 0..client.info().size)
+            .ok()?;
+        Some(
+            extents
+                .iter()
+                .filter(|(_, depth)| *depth == 1)
+                .map(|(r, _)| r.end - r.start)
+                .sum(),
+        )
     }
 
     /// The frozen view, to read.
