@@ -565,4 +565,54 @@ mod tests {
             SnapshotStatus::Completed
         );
     }
+
+    fn open_at(path: &Path) -> Result<(Catalog, Loaded)> {
+        Catalog::open(path, None, Arc::new(crate::fsio::StdFs))
+    }
+
+    fn create_at(path: &Path) -> Catalog {
+        Catalog::open(path, Some((65536, 3, 0)), Arc::new(crate::fsio::StdFs))
+            .unwrap()
+            .0
+    }
+
+    #[test]
+    fn meta_values_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog");
+        create_at(&path).set_meta("live_tag", 0xfeed).unwrap();
+        let (c, _) = open_at(&path).unwrap();
+        assert_eq!(c.meta("live_tag").unwrap(), Some(0xfeed));
+        assert_eq!(c.meta("absent").unwrap(), None);
+    }
+
+    #[test]
+    fn an_unknown_format_is_refused_and_format_1_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog");
+        create_at(&path).set_meta(META_FORMAT, 3).unwrap();
+        let err = open_at(&path).err().unwrap();
+        assert!(
+            err.to_string().contains("unsupported catalog format 3"),
+            "{err}"
+        );
+
+        // Format 1: values without their CRC.
+        let path = dir.path().join("legacy");
+        {
+            let c = create_at(&path);
+            c.set_meta(META_FORMAT, 1).unwrap();
+            c.set_meta(META_NEXT_SNAPSHOT, 5).unwrap();
+            let rec = snap(4, SnapshotStatus::Completed);
+            let json = serde_json::to_vec(&rec).unwrap();
+            let tx = c.db.read().begin_write(&c.path).unwrap();
+            tx.open_table(SNAPSHOTS)
+                .unwrap()
+                .insert(4, json.as_slice())
+                .unwrap();
+            tx.commit().unwrap();
+        }
+        let (_, loaded) = open_at(&path).unwrap();
+        assert_eq!(loaded.snapshots[&SnapshotId(4)].name, "s4");
+    }
 }

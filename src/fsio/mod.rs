@@ -186,3 +186,30 @@ impl StoreFs for StdFs {
         fs::create_dir_all(dir)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every call that could change the store fails with EROFS and
+    /// changes nothing; reads go through.
+    #[test]
+    fn the_read_only_seam_refuses_every_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::write(&a, b"kept").unwrap();
+        let ro = ReadOnlyFs(Arc::new(StdFs));
+        let erofs = |r: io::Result<()>| r.unwrap_err().raw_os_error() == Some(libc::EROFS);
+        assert!(erofs(ro.rename(&a, &b)));
+        assert!(erofs(ro.remove(&a)));
+        assert!(erofs(ro.sync_dir(dir.path())));
+        // A no-op: an existing store's directories exist.
+        ro.create_dir_all(&dir.path().join("d")).unwrap();
+        for mode in [OpenMode::ReadWrite, OpenMode::CreateNew] {
+            assert!(erofs(ro.open(&b, mode).map(|_| ())));
+        }
+        assert_eq!(std::fs::read(&a).unwrap(), b"kept");
+        assert!(!b.exists() && !dir.path().join("d").exists());
+        assert_eq!(ro.read_all(&a).unwrap(), b"kept");
+    }
+}

@@ -246,3 +246,50 @@ fn a_flipped_payload_byte_is_corruption_not_a_panic() {
     let err = s.read(&id).unwrap_err();
     assert!(err.is_corruption(), "{err}");
 }
+
+/// A pack cut short under a chunk that the index (built before the cut)
+/// still places there is corruption naming the pack, not a plain I/O error.
+#[test]
+fn a_pack_cut_short_after_open_is_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    let (s, _) = open(dir.path()).unwrap();
+    let data: Vec<Vec<u8>> = (0..4u8).map(|i| vec![i; 5000]).collect();
+    let refs: Vec<&[u8]> = data.iter().map(|d| d.as_slice()).collect();
+    put(&s, &refs);
+    s.sync().unwrap();
+    let last = ChunkId::of(&data[3]);
+    let loc = s.locate(&last).unwrap();
+    let path = s.pack_path_of(&loc);
+    let f = OpenOptions::new().write(true).open(&path).unwrap();
+    f.set_len(u64::from(loc.offset) + 10).unwrap();
+    let err = s.read(&last).unwrap_err();
+    assert!(err.is_corruption(), "{err}");
+    assert!(
+        err.to_string().contains(&path.display().to_string()),
+        "{err}"
+    );
+}
+
+/// A pack removed from under an open store (by hand, or a file system
+/// that lost it) is corruption naming it: never a hang, never a panic.
+#[test]
+fn a_pack_removed_after_open_is_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    let (s, _) = open(dir.path()).unwrap();
+    put(&s, &[&[1u8; 5000][..]]);
+    s.close().unwrap();
+    let (s, _) = open(dir.path()).unwrap();
+    let id = ChunkId::of(&[1u8; 5000]);
+    let path = s.pack_path_of(&s.locate(&id).unwrap());
+    fs::remove_file(&path).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(s.read(&id).map(|_| ()));
+    });
+    let err = rx
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("reading a chunk of a removed pack returned")
+        .unwrap_err();
+    assert!(err.is_corruption(), "{err}");
+    assert!(err.to_string().contains("missing"), "{err}");
+}

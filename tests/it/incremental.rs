@@ -434,3 +434,76 @@ fn a_sparse_image_is_captured_without_reading_its_holes_and_restored_sparse() {
         meta.blocks() * 512
     );
 }
+
+/// A tracked capture that fails (the disk cannot be read) hands its writes
+/// back to the tracking it took over from: the next capture is still
+/// incremental from the last good snapshot, and exact.
+#[test]
+fn a_failed_tracked_capture_leaves_the_next_one_incremental_and_exact() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    struct Flaky(blocksnap::disk::FileDisk, Arc<AtomicBool>);
+    impl blocksnap::disk::Disk for Flaky {
+        fn len(&self) -> blocksnap::Result<u64> {
+            self.0.len()
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> blocksnap::Result<usize> {
+            if self.1.load(Ordering::Relaxed) {
+                return Err(Error::io(self.0.path(), std::io::Error::other("injected")));
+            }
+            self.0.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> blocksnap::Result<()> {
+            self.0.write_at(buf, offset)
+        }
+        fn write_zeroes(&self, offset: u64, len: u64) -> blocksnap::Result<()> {
+            self.0.write_zeroes(offset, len)
+        }
+        fn set_len(&self, len: u64) -> blocksnap::Result<()> {
+            self.0.set_len(len)
+        }
+        fn is_block_device(&self) -> bool {
+            false
+        }
+        fn sync(&self) -> blocksnap::Result<()> {
+            self.0.sync()
+        }
+        fn path(&self) -> &Path {
+            self.0.path()
+        }
+    }
+    let failing = Arc::new(AtomicBool::new(false));
+    let flag = failing.clone();
+    let opener: blocksnap::disk::DiskOpener = Arc::new(move |path: &Path, writable: bool| {
+        Ok(Box::new(Flaky(
+            blocksnap::disk::FileDisk::open(path, writable)?,
+            flag.clone(),
+        )) as Box<dyn blocksnap::disk::Disk>)
+    });
+    let fx = Fixture::with(tracking().disk_opener(opener).clean_sample_rate(0.0));
+    let v1 = disk_bytes(LEN, 1);
+    let disk = fx.server(1, "web", &v1);
+    let s1 = fx.engine.create_snapshot(ServerId(1), "v1", "").unwrap();
+    guest_writes(&fx, 1, &disk, &[(3 * BS, &[7u8; 100][..])]);
+    failing.store(true, Ordering::Relaxed);
+    assert!(fx.engine.create_snapshot(ServerId(1), "lost", "").is_err());
+    failing.store(false, Ordering::Relaxed);
+    guest_writes(&fx, 1, &disk, &[(9 * BS, &[8u8; 100][..])]);
+    let s3 = fx.engine.create_snapshot(ServerId(1), "v3", "").unwrap();
+    let st = s3.stats.unwrap();
+    assert_eq!(st.kind, CaptureKind::Incremental, "{st:?}");
+    assert_eq!(st.parent, Some(s1.id));
+    assert_eq!(st.blocks_read, 2, "the writes before and after the failure");
+    let expected = std::fs::read(&disk).unwrap();
+    guest_writes(
+        &fx,
+        1,
+        &disk,
+        &[(0, &[1u8; 3 * BS][..]), (9 * BS, &[2u8; 50][..])],
+    );
+    fx.engine
+        .restore_snapshot_with(s3.id, RestoreOptions::default().safety_snapshot(false))
+        .unwrap();
+    assert!(std::fs::read(&disk).unwrap() == expected);
+}

@@ -162,3 +162,22 @@ fn a_store_left_by_a_crash_is_refused_untouched() {
         "a read-only open changed the store"
     );
 }
+
+/// A read-only open where there is no store says so (the command's
+/// `snapshot list` on a wrong --store), for a missing directory and for
+/// an empty one alike.
+#[test]
+fn a_read_only_open_of_no_store_says_there_is_none() {
+    let dir = tempfile::tempdir().unwrap();
+    for path in [dir.path().join("absent"), dir.path().to_path_buf()] {
+        let err = blocksnap::EngineOptions::new()
+            .read_only(true)
+            .open(&path)
+            .err()
+            .unwrap();
+        assert!(
+            matches!(err, blocksnap::Error::NoStore { .. }),
+            "{path:?}: {err}"
+        );
+    }
+}

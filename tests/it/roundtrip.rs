@@ -166,3 +166,34 @@ fn size_mb_counts_non_zero_data() {
     assert_eq!(st.data_blocks, 49);
     assert_eq!(st.zero_blocks, 128 - 49);
 }
+
+/// Each group record is appended once: the packs hold the new chunks'
+/// compressed bytes once, with their framing, and no more.
+#[test]
+fn a_grouped_capture_stores_each_group_once() {
+    let bs = 4096u32;
+    let fx = Fixture::with(EngineOptions::new().block_size(bs).compression(
+        blocksnap::Compression::Grouped {
+            level: 3,
+            group_len: 32 * bs,
+        },
+    ));
+    // Half random, half zeros: all distinct, compressing about 2:1.
+    let mut bytes = Vec::new();
+    for i in 0..256u64 {
+        let mut block = random_bytes(bs as usize / 2, i);
+        block.resize(bs as usize, 0);
+        bytes.extend_from_slice(&block);
+    }
+    fx.server(1, "web", &bytes);
+    let snap = fx.engine.create_snapshot(ServerId(1), "s", "").unwrap();
+    let st = snap.stats.unwrap();
+    assert_eq!(st.new_chunks, 256);
+    let packs = crate::common::tree_size(&fx.store().join("packs"));
+    assert!(
+        st.new_stored_bytes < st.new_raw_bytes * 6 / 10 && packs < st.new_stored_bytes + 64 * 1024,
+        "{} raw bytes stored as {}, packs {packs} bytes",
+        st.new_raw_bytes,
+        st.new_stored_bytes
+    );
+}
