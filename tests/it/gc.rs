@@ -493,3 +493,26 @@ fn gc_keeps_the_chunks_a_running_capture_found_stored() {
     fx.engine.restore_snapshot_with(snap.id, bare).unwrap();
     assert!(std::fs::read(&path).unwrap() == bytes);
 }
+
+/// The figures count the open (unsealed) pack as it will be once sealed:
+/// everything in it dead after a delete is reclaimable, and no more than
+/// the packs hold; a GC then gives back just that.
+#[test]
+fn reclaimable_bytes_of_the_open_pack_are_its_own() {
+    let fx = Fixture::new();
+    fx.server(1, "web", &crate::common::random_bytes(64 * BS, 4));
+    let snap = fx.engine.create_snapshot(ServerId(1), "s", "").unwrap();
+    fx.engine.delete_snapshot(snap.id).unwrap();
+    let stats = fx.engine.stats().unwrap();
+    let packs = packs_size(&fx.store());
+    assert!(
+        stats.reclaimable_bytes > packs * 9 / 10 && stats.reclaimable_bytes <= packs + 4096,
+        "reclaimable {} of packs {packs}",
+        stats.reclaimable_bytes
+    );
+    let report = fx.engine.gc(false).unwrap();
+    assert!(
+        report.bytes_reclaimed >= stats.reclaimable_bytes * 9 / 10,
+        "{report:?}"
+    );
+}
