@@ -687,6 +687,21 @@ pub fn decode_index(bytes: &[u8], tr: &Trailer) -> Result<Vec<IndexEntry>, Strin
 mod tests {
     use super::*;
 
+    /// Compression must save at least 1/32 of a chunk to be kept: a chunk
+    /// of random bytes with a 2% run of zeros is stored raw, one with 10%
+    /// compressed.
+    #[test]
+    fn compression_is_kept_only_when_it_saves_a_32nd() {
+        let chunk = |zeros: usize| {
+            let mut c = vec![0u8; 65536];
+            crate::rng::Rng::new(3).fill(&mut c[zeros..]);
+            c
+        };
+        assert!(compress(&chunk(65536 / 50), 1).unwrap().is_none());
+        let some = compress(&chunk(65536 / 10), 1).unwrap().unwrap();
+        assert!(some.len() <= 65536 - 65536 / 32);
+    }
+
     fn record_bytes(data: &[u8]) -> Vec<u8> {
         let compressed = compress(data, 3).unwrap();
         let rec = ChunkRecord {
