@@ -112,7 +112,14 @@ fn the_command_drives_the_whole_cycle() {
         ],
     ))
     .unwrap();
-    check_snapshot_shape(&created);
+    // The API's fields, and beside them what the capture did.
+    let mut api = created.clone();
+    let capture = api.as_object_mut().unwrap().remove("capture").unwrap();
+    check_snapshot_shape(&api);
+    assert_eq!(capture["kind"], "full");
+    assert!(capture["bytes_read"].as_u64().unwrap() > 0, "{capture}");
+    assert!(capture["bytes_stored"].as_u64().unwrap() > 0, "{capture}");
+    assert!(capture["seconds"].as_f64().is_some() && capture["freeze_ms"].is_null());
     assert_eq!(created["status"], "completed");
     assert_eq!(created["server"]["name"], "web-server-01");
     assert_eq!(created["description"], "Before major migration");

@@ -103,11 +103,15 @@ fn collect_after_deleting_one_server(options: impl Fn() -> EngineOptions) -> blo
     let report = fx.engine.gc(false).unwrap();
     assert_eq!(report.chunks_reclaimed, dry.chunks_reclaimed);
     assert!(report.bytes_reclaimed > 0);
-    // Its estimate of each rewrite is exact for records of single chunks.
-    assert_eq!(
-        report.bytes_reclaimed, dry.bytes_reclaimed,
-        "{dry:?} then {report:?}"
-    );
+    // Its estimate of each rewrite is exact for records of single chunks
+    // (groups with garbage are compressed again, to a size not known
+    // before).
+    if report.groups_recompressed == 0 {
+        assert_eq!(
+            report.bytes_reclaimed, dry.bytes_reclaimed,
+            "{dry:?} then {report:?}"
+        );
+    }
     assert_eq!(packs_size(&fx.store()), report.bytes_stored);
 
     // Within 5% of a fresh store holding only the remaining snapshots.
