@@ -29,6 +29,7 @@ rm -rf "$work"; mkdir -p "$work"; cd "$work"
 
 mkfs.ext4 -q -F -d /usr/share stopped.raw "$size"
 qemu-img convert -f raw -O qcow2 stopped.raw disk.qcow2
+sync # the images' own writeback is not the capture's
 
 qsd_pid=
 start_qsd() {
@@ -50,12 +51,14 @@ uri="nbd+unix:///guest?socket=$work/guest.sock"
 # A capture while the guest writes: prints the capture's JSON, then the
 # guest's.
 live_capture() { # NAME
+  # Warm first: a cold read of the image would stall the guest's writes
+  # behind it, which is the page cache's doing, not the capture's.
+  cat disk.qcow2 >/dev/null
   mkfifo gate
   "$guest" "$uri" 200 <gate >guest.json &
   local gpid=$!
   exec 3>gate
   sleep 0.5
-  cat disk.qcow2 >/dev/null
   "$bs" --store store snapshot create --server 1 --name "$1" --json >capture.json 2>/dev/null
   sleep 0.5
   exec 3>&-; wait "$gpid"; rm -f gate

@@ -131,7 +131,10 @@ impl EngineOptions {
 
     /// Share (0 to 1) of the blocks a dirty bitmap calls clean that an
     /// incremental capture rehashes to check the bitmap; any changed block
-    /// among them switches the capture to a full rehash. Default: 0.01.
+    /// among them switches the capture to a full rehash. Default: 0.01,
+    /// and below 1 at most a quarter of the blocks the capture reads (at
+    /// least 64), so that the check's cost follows what changed rather
+    /// than the disk's size.
     /// Outside 0 to 1, opening fails.
     pub fn clean_sample_rate(mut self, rate: f64) -> Self {
         self.clean_sample_rate = rate;

@@ -258,6 +258,9 @@ impl Engine {
         pins: &Pins,
         progress: &Progress,
     ) -> Result<(CaptureStats, Vec<ChunkId>)> {
+        // The whole of it counts: the freeze and the teardown are part of
+        // what a live capture costs.
+        let started = std::time::Instant::now();
         let session = crate::live::Session::open(disk, &self.live_dir(), self.live_names()?)?;
         let frozen = session.freeze(rec.id, parent, u64::from(self.inner.block_size))?;
         let mode = match &frozen.since_parent {
@@ -276,6 +279,7 @@ impl Engine {
                 let stats = CaptureStats {
                     freeze_micros: Some(freeze),
                     scratch_bytes: scratch,
+                    micros: started.elapsed().as_micros() as u64,
                     ..stats
                 };
                 Ok((stats, chunks))

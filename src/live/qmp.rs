@@ -77,7 +77,12 @@ impl Qmp {
 
     /// Runs `cmd` with `args`; its `return` value, or an error.
     pub fn execute(&mut self, cmd: &str, args: Value) -> Result<Value> {
-        match self.try_execute(cmd, args)? {
+        let t = std::time::Instant::now();
+        let r = self.try_execute(cmd, args);
+        if std::env::var_os("BLOCKSNAP_QMP_TRACE").is_some() {
+            eprintln!("qmp {cmd}: {:?}", t.elapsed());
+        }
+        match r? {
             Ok(v) => Ok(v),
             Err(r) => Err(bad(&self.peer, format!("{cmd}: {} ({})", r.desc, r.class))),
         }
