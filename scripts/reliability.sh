@@ -48,7 +48,7 @@ scripts/mutants.sh 2>&1 | tee "$out/mutants.log" | tail -1 | sed 's/^/mutants: /
 
 if command -v cargo-fuzz >/dev/null; then
   cd fuzz
-  for target in manifest pack_record group_payload pack_tail pack_header dirty_bitmap tracker create_body nbd_client; do
+  for target in manifest pack_record group_payload pack_tail pack_header dirty_bitmap tracker create_body nbd_client qmp_client; do
     mkdir -p "$out/corpus/$target"
     cp corpus/$target/* "$out/corpus/$target/"
     cargo fuzz run -s none "$target" "$out/corpus/$target" -- -runs=$((10000000 * scale)) -max_len=4096 \

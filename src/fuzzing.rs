@@ -127,6 +127,7 @@ pub fn targets() -> Vec<(&'static str, Target)> {
     #[cfg(feature = "server")]
     t.push(("create_body", create_body));
     t.push(("nbd_client", nbd_client));
+    t.push(("qmp_client", qmp_client));
     t.push(("engine_ops", engine_ops));
     t
 }
@@ -158,6 +159,36 @@ pub fn nbd_client(bytes: &[u8]) -> bool {
         });
     let wrote = c.write(&buf[..buf.len().min(4096)], 0).is_ok();
     read && status && wrote && c.flush().is_ok()
+}
+
+/// The bytes a QEMU monitor sends (untrusted): the greeting, the reply
+/// to `qmp_capabilities`, then replies to `query-named-block-nodes` and
+/// `query-block-exports` as blocksnap reads them. True when both queries
+/// were answered and the node was found.
+pub fn qmp_client(bytes: &[u8]) -> bool {
+    use crate::live::qmp::Qmp;
+    struct Sink;
+    impl std::io::Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let reader = std::io::Cursor::new(bytes.to_vec());
+    let Ok(mut qmp) = Qmp::over(Box::new(reader), Box::new(Sink), "fuzz") else {
+        return false;
+    };
+    let nodes = qmp.execute("query-named-block-nodes", serde_json::json!({"flat": true}));
+    let node = nodes
+        .as_ref()
+        .ok()
+        .map(|n| crate::live::node_info(n, "disk0"));
+    let exports = qmp
+        .execute("query-block-exports", serde_json::json!({}))
+        .map(|e| crate::live::strings_of(&e, "id"));
+    matches!(node, Some(Ok(_))) && exports.is_ok()
 }
 
 /// Runs the operations the input encodes (three bytes each: operation,
@@ -443,5 +474,24 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         .none(4);
         out.push(("nbd_client", s.0));
     }
+    // A monitor: greeting, capabilities, a node list and an export list
+    // (an event in between, as QEMU sends them).
+    out.push((
+        "qmp_client",
+        concat!(
+            r#"{"QMP": {"version": {"qemu": {"major": 10, "minor": 0, "micro": 2}}, "capabilities": ["oob"]}}"#,
+            "\n",
+            r#"{"return": {}, "id": 1}"#,
+            "\n",
+            r#"{"event": "JOB_STATUS_CHANGE", "data": {"status": "running", "id": "j"}}"#,
+            "\n",
+            r#"{"return": [{"node-name": "disk0", "image": {"virtual-size": 67108864}, "dirty-bitmaps": [{"name": "cp", "inconsistent": false}]}], "id": 2}"#,
+            "\n",
+            r#"{"return": [{"id": "guest", "node-name": "disk0"}], "id": 3}"#,
+            "\n"
+        )
+        .as_bytes()
+        .to_vec(),
+    ));
     out
 }

@@ -120,11 +120,11 @@ impl QemuDisk {
     }
 }
 
-/// What blocksnap knows of a checkpoint bitmap on the node.
+/// What blocksnap knows of a bitmap on the node.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Bitmap {
-    name: String,
-    inconsistent: bool,
+pub struct Bitmap {
+    pub name: String,
+    pub inconsistent: bool,
 }
 
 /// The names a store gives what it creates in QEMU:
@@ -208,33 +208,14 @@ impl Session {
         let nodes = self
             .qmp
             .execute("query-named-block-nodes", json!({"flat": true}))?;
-        let node = nodes
-            .as_array()
-            .and_then(|a| a.iter().find(|n| n["node-name"] == self.disk.node.as_str()))
-            .ok_or_else(|| {
-                Error::InvalidParameter(format!(
-                    "QEMU at {} has no block node {:?}; `query-named-block-nodes` lists them",
-                    self.qmp.peer(),
-                    self.disk.node
-                ))
-            })?;
-        let size = node["image"]["virtual-size"]
-            .as_u64()
-            .ok_or_else(|| self.bad("the node's image has no virtual-size"))?;
-        let bitmaps = node["dirty-bitmaps"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|b| {
-                        Some(Bitmap {
-                            name: b["name"].as_str()?.to_string(),
-                            inconsistent: b["inconsistent"].as_bool().unwrap_or(false),
-                        })
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        Ok((size, bitmaps))
+        node_info(&nodes, &self.disk.node).map_err(|e| match e {
+            NodeError::Missing => Error::InvalidParameter(format!(
+                "QEMU at {} has no block node {:?}; `query-named-block-nodes` lists them",
+                self.qmp.peer(),
+                self.disk.node
+            )),
+            NodeError::NoSize => self.bad("the node's image has no virtual-size"),
+        })
     }
 
     fn bad(&self, what: &str) -> Error {
@@ -399,8 +380,42 @@ fn free_bytes(dir: &Path) -> Result<u64> {
     Ok(st.f_bavail as u64 * st.f_frsize as u64)
 }
 
+/// Why a node's information could not be read.
+#[derive(Debug, PartialEq, Eq)]
+pub enum NodeError {
+    Missing,
+    NoSize,
+}
+
+/// A node's size and its named bitmaps, from what
+/// `query-named-block-nodes` returned (untrusted: anything missing or of
+/// the wrong type is an error or left out, never a panic).
+pub fn node_info(nodes: &Value, node: &str) -> std::result::Result<(u64, Vec<Bitmap>), NodeError> {
+    let info = nodes
+        .as_array()
+        .and_then(|a| a.iter().find(|n| n["node-name"] == node))
+        .ok_or(NodeError::Missing)?;
+    let size = info["image"]["virtual-size"]
+        .as_u64()
+        .ok_or(NodeError::NoSize)?;
+    let bitmaps = info["dirty-bitmaps"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|b| {
+                    Some(Bitmap {
+                        name: b["name"].as_str()?.to_string(),
+                        inconsistent: b["inconsistent"].as_bool().unwrap_or(false),
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok((size, bitmaps))
+}
+
 /// The `key` strings of a list QEMU returned.
-fn strings_of(list: &Value, key: &str) -> Vec<String> {
+pub fn strings_of(list: &Value, key: &str) -> Vec<String> {
     list.as_array()
         .map(|a| {
             a.iter()

@@ -23,8 +23,8 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A connected monitor.
 pub struct Qmp {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
+    reader: BufReader<Box<dyn Read + Send + Sync>>,
+    writer: Box<dyn Write + Send + Sync>,
     next_id: u64,
     peer: String,
 }
@@ -58,11 +58,21 @@ impl Qmp {
             .set_read_timeout(Some(REPLY_TIMEOUT))
             .map_err(|e| bad(&peer, e.to_string()))?;
         let writer = stream.try_clone().map_err(|e| bad(&peer, e.to_string()))?;
+        Qmp::over(Box::new(stream), Box::new(writer), &peer)
+    }
+
+    /// The greeting and capabilities negotiation over any byte streams
+    /// (a socket's two halves; the fuzz target's bytes).
+    pub fn over(
+        reader: Box<dyn Read + Send + Sync>,
+        writer: Box<dyn Write + Send + Sync>,
+        peer: &str,
+    ) -> Result<Qmp> {
         let mut qmp = Qmp {
-            reader: BufReader::new(stream),
+            reader: BufReader::new(reader),
             writer,
             next_id: 1,
-            peer,
+            peer: peer.to_string(),
         };
         let greeting = qmp.line()?;
         if greeting.get("QMP").is_none() {
