@@ -30,7 +30,10 @@ t() { # NAME VAR=VALUE TEST: runs one integration test at length
   start=$(date +%s)
   env "$setting" cargo test --release --test it -- --exact --nocapture "$test" >"$out/$name.log" 2>&1 || {
     echo "$name FAILED (see $out/$name.log)" | tee -a "$summary"; return 1; }
-  echo "$name: $(grep -E 'survived|trials:|seed ' "$out/$name.log" | tr '\n' ' ') ($(( $(date +%s) - start )) s)" | tee -a "$summary"
+  local mid
+  mid=$(grep -c 'interrupted while writing' "$out/$name.log" || true)
+  [ "$mid" -gt 0 ] && mid="$mid kills landed mid-write" || mid=
+  echo "$name: $(grep -E 'survived|trials:|seed |collections completed|faults injected|crashes|failed once' "$out/$name.log" | tr '\n' ' ')$mid ($(( $(date +%s) - start )) s)" | tee -a "$summary"
 }
 cargo build --release --tests --quiet
 t crash BLOCKSNAP_CRASH_KILLS=$((2000 * scale)) crash::a_process_killed_anywhere_loses_no_completed_snapshot
