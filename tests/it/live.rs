@@ -351,3 +351,86 @@ fn a_full_scratch_space_fails_the_snapshot_never_the_guest() {
     assert_eq!(ok.status, blocksnap::SnapshotStatus::Completed);
     vm.stop().unwrap();
 }
+
+/// `blocksnap serve` on a store with a QEMU server: the API's create takes
+/// a live snapshot, its restore writes through QEMU, and nothing stays.
+#[test]
+fn the_api_takes_live_snapshots_of_a_qemu_server() {
+    use blocksnap::http::{Tokens, start};
+    const TOKEN: &str = "live-token-0123456789";
+    let dir = tempfile::tempdir().unwrap();
+    let len = 16 * MIB;
+    let first = first_disk(len);
+    let Some((vm, _)) = vm(dir.path(), &first) else {
+        return;
+    };
+    let engine = EngineOptions::new().open(dir.path().join("store")).unwrap();
+    engine
+        .add_server(ServerId(7), "vm-7", vm.qemu_uri())
+        .unwrap();
+    let running = start(
+        engine,
+        "127.0.0.1:0".parse().unwrap(),
+        Tokens::new([TOKEN]).unwrap(),
+    )
+    .unwrap();
+    let base = format!("http://{}", running.addr());
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let auth = format!("Bearer {TOKEN}");
+    let post = |path: &str, body: Value| {
+        let mut r = agent
+            .post(&format!("{base}{path}"))
+            .header("Authorization", &auth)
+            .send_json(body)
+            .unwrap();
+        (
+            r.status().as_u16(),
+            r.body_mut().read_json::<Value>().unwrap_or(Value::Null),
+        )
+    };
+    let (status, created) = post(
+        "/api/v1/snapshots/",
+        serde_json::json!({"server_id": 7, "name": "live-api"}),
+    );
+    assert_eq!(status, 201, "{created}");
+    let id = created["id"].as_u64().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut r = agent
+            .get(&format!("{base}/api/v1/snapshots/?server_id=7"))
+            .header("Authorization", &auth)
+            .call()
+            .unwrap();
+        let list: Value = r.body_mut().read_json().unwrap();
+        if list["results"][0]["status"] == "completed" {
+            break;
+        }
+        assert_ne!(list["results"][0]["status"], "failed", "{list}");
+        assert!(Instant::now() < deadline, "{list}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The guest scribbles; the API's restore brings the snapshot back.
+    let guest = Guest::start(&vm.guest_uri(), len, Duration::from_millis(1)).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(!guest.stop().unwrap().writes.is_empty());
+    let (status, body) = post(
+        &format!("/api/v1/snapshots/{id}/restore"),
+        serde_json::json!({}),
+    );
+    assert_eq!(status, 200, "{body}");
+    // The restore runs on (the server shows `restoring`): done when the
+    // disk is the snapshot again and its export is gone.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while read_export(&vm.guest_uri()).unwrap() != first || !vm.leftovers().unwrap().0.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the API's restore never finished"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    running.shutdown().unwrap();
+    vm.stop().unwrap();
+}
