@@ -3,7 +3,8 @@
 # restore-crash and corruption tests at length, then every fuzz target.
 # Each test prints its seed; a failure replays with the seed's variable.
 #
-# Usage: scripts/reliability.sh [SCALE]     (SCALE 1: ~25 minutes on 2 cores)
+# Usage: scripts/reliability.sh [SCALE]     (SCALE 1: ~50 minutes on 2 cores)
+#        scripts/reliability.sh --summarize [SCALE]   (the summary again from the logs)
 #   BLOCKSNAP_CRASH_KILLS       2000 x SCALE   SIGKILLs during random operations
 #   BLOCKSNAP_POWERCUT_CYCLES    200 x SCALE   ext4 power cuts (root, loop devices)
 #   BLOCKSNAP_GC_CRASH_KILLS     200 x SCALE   SIGKILLs during GC loops
@@ -19,21 +20,43 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
-scale=${1:-1}
 out=${BLOCKSNAP_RELIABILITY_DIR:-/var/tmp/blocksnap-reliability}
 mkdir -p "$out"
 summary=$out/summary.txt
+tests="crash powercut gc-crash restore-crash corruption crashfs faults crashfs-torn full-disk"
+figures() { # NAME: the figures its log holds
+  local log=$out/$1.log mid secs
+  mid=$(grep -c 'interrupted while writing' "$log" || true)
+  [ "$mid" -gt 0 ] && mid=" $mid kills landed mid-write" || mid=
+  secs=$(grep -oE 'finished in [0-9.]+s' "$log" | tail -1 | grep -oE '[0-9.]+' || true)
+  echo "$1: $(grep -E 'survived|trials:|seed |collections completed|faults injected|crashes|failed once' "$log" | tr '\n' ' ')$mid (${secs:-?} s)"
+}
+write_doc() { # SCALE: the summary between RELIABILITY.md's run markers
+  python3 - "$summary" "$1" <<'EOF2'
+import sys, datetime
+sys.path.insert(0, "bench")
+from doc_table import write_table
+lines = [f"Last `scripts/reliability.sh {sys.argv[2]}`, {datetime.date.today()}:", ""]
+lines += [f"- {l.strip()}" for l in open(sys.argv[1]) if l.strip()]
+write_table("docs/RELIABILITY.md", "reliability-run", lines, heading="## The last long run")
+EOF2
+}
+# --summarize: the summary again from the logs of the last run (after the
+# figures a test prints changed), mutants' and fuzzing's lines kept.
+if [ "${1:-}" = --summarize ]; then
+  kept=$(grep -E '^(mutants|fuzz|cargo-fuzz)' "$summary" || true)
+  { for n in $tests; do [ -f "$out/$n.log" ] && figures "$n"; done; echo "$kept"; } >"$summary.new"
+  mv "$summary.new" "$summary"
+  write_doc "${2:-1}"
+  exit 0
+fi
+scale=${1:-1}
 : >"$summary"
 t() { # NAME VAR=VALUE TEST: runs one integration test at length
   local name=$1 setting=$2 test=$3
-  local start
-  start=$(date +%s)
   env "$setting" cargo test --release --test it -- --exact --nocapture "$test" >"$out/$name.log" 2>&1 || {
     echo "$name FAILED (see $out/$name.log)" | tee -a "$summary"; return 1; }
-  local mid
-  mid=$(grep -c 'interrupted while writing' "$out/$name.log" || true)
-  [ "$mid" -gt 0 ] && mid="$mid kills landed mid-write" || mid=
-  echo "$name: $(grep -E 'survived|trials:|seed |collections completed|faults injected|crashes|failed once' "$out/$name.log" | tr '\n' ' ')$mid ($(( $(date +%s) - start )) s)" | tee -a "$summary"
+  figures "$name" | tee -a "$summary"
 }
 cargo build --release --tests --quiet
 t crash BLOCKSNAP_CRASH_KILLS=$((2000 * scale)) crash::a_process_killed_anywhere_loses_no_completed_snapshot
@@ -69,11 +92,4 @@ fi
 
 cd "$root"
 # The figures, written between RELIABILITY.md's run markers.
-python3 - "$summary" "$scale" <<'EOF2'
-import sys, datetime
-sys.path.insert(0, "bench")
-from doc_table import write_table
-lines = [f"Last `scripts/reliability.sh {sys.argv[2]}`, {datetime.date.today()}:", ""]
-lines += [f"- {l.strip()}" for l in open(sys.argv[1]) if l.strip()]
-write_table("docs/RELIABILITY.md", "reliability-run", lines, heading="## The last long run")
-EOF2
+write_doc "$scale"
