@@ -211,6 +211,9 @@ pub enum FullReason {
     /// A live capture of a QEMU disk: the parent's checkpoint bitmap is
     /// marked inconsistent (QEMU did not exit cleanly since).
     CheckpointInconsistent,
+    /// A live capture of a QEMU disk: the parent's checkpoint bitmap was
+    /// disabled (by hand, or another tool), so it may miss writes.
+    CheckpointNotRecording,
 }
 
 impl FullReason {
@@ -225,6 +228,9 @@ impl FullReason {
             FullReason::NoCheckpoint => "no QEMU checkpoint bitmap for the parent snapshot",
             FullReason::CheckpointInconsistent => {
                 "the QEMU checkpoint bitmap is inconsistent (QEMU did not exit cleanly)"
+            }
+            FullReason::CheckpointNotRecording => {
+                "the QEMU checkpoint bitmap was disabled, so it may miss writes"
             }
         }
     }

@@ -261,7 +261,8 @@ impl Engine {
         // The whole of it counts: the freeze and the teardown are part of
         // what a live capture costs.
         let started = std::time::Instant::now();
-        let session = crate::live::Session::open(disk, &self.live_dir(), self.live_names()?)?;
+        let session =
+            crate::live::Session::open(disk, &self.live_dir(rec.server_id), self.live_names()?)?;
         let frozen = session.freeze(rec.id, parent, u64::from(self.inner.block_size))?;
         let mode = match &frozen.since_parent {
             Ok((p, dirty)) => CaptureMode::Incremental {

@@ -279,13 +279,14 @@ impl Engine {
     /// disk opener.
     pub(super) fn open_disk(
         &self,
+        server: ServerId,
         path: &Path,
         writable: bool,
     ) -> Result<Box<dyn crate::disk::Disk>> {
         match crate::live::disk_of(path)? {
             Some(q) => Ok(Box::new(crate::live::Writable::open(
                 &q,
-                &self.live_dir(),
+                &self.live_dir(server),
                 self.live_names()?,
                 path,
                 writable,
@@ -314,9 +315,11 @@ impl Engine {
         Ok(crate::live::Names { tag })
     }
 
-    /// Where live captures keep scratch files and private sockets.
-    pub(super) fn live_dir(&self) -> PathBuf {
-        self.root().join("live")
+    /// Where live operations on `server` keep scratch files and private
+    /// sockets (one directory a server, so that each cleans up only its
+    /// own leftovers).
+    pub(super) fn live_dir(&self, server: ServerId) -> PathBuf {
+        self.root().join("live").join(server.0.to_string())
     }
 
     /// All servers, by id.

@@ -202,7 +202,7 @@ impl Engine {
             (server, tracker, resuming)
         };
         let manifest = self.restore_manifest(&server, id)?;
-        let disk = match self.open_disk(&server.disk, false) {
+        let disk = match self.open_disk(server.id, &server.disk, false) {
             Ok(d) => d,
             // A disk that does not exist yet is restored whole.
             Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
@@ -377,7 +377,7 @@ impl Engine {
         self.set_restoring_from(server.id, Some(id))?;
         let mut written = 0;
         let outcome = (|| {
-            let disk = self.open_disk(&server.disk, true)?;
+            let disk = self.open_disk(server.id, &server.disk, true)?;
             // Just captured with the guest stopped, the safety snapshot is
             // exactly the disk: plan by difference, without reading it again.
             let known = match safety {

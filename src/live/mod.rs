@@ -125,6 +125,8 @@ impl QemuDisk {
 pub struct Bitmap {
     pub name: String,
     pub inconsistent: bool,
+    /// False for a bitmap someone disabled: it misses writes since.
+    pub recording: bool,
 }
 
 /// The names a store gives what it creates in QEMU:
@@ -331,6 +333,7 @@ impl Session {
             Some((p, len)) => match bitmaps.iter().find(|b| b.name == names.checkpoint(p)) {
                 None => Err(FullReason::NoCheckpoint),
                 Some(b) if b.inconsistent => Err(FullReason::CheckpointInconsistent),
+                Some(b) if !b.recording => Err(FullReason::CheckpointNotRecording),
                 Some(_) if len != size => Err(FullReason::DiskResized),
                 Some(_) => Ok(p),
             },
@@ -406,6 +409,7 @@ pub fn node_info(nodes: &Value, node: &str) -> std::result::Result<(u64, Vec<Bit
                     Some(Bitmap {
                         name: b["name"].as_str()?.to_string(),
                         inconsistent: b["inconsistent"].as_bool().unwrap_or(false),
+                        recording: b["recording"].as_bool().unwrap_or(false),
                     })
                 })
                 .collect()
@@ -540,7 +544,11 @@ impl Frozen {
             export: name,
         };
         let context = format!("qemu:dirty-bitmap:{}", names.frozen_bitmap(id));
-        let client = uri.connect(&[BASE_ALLOCATION, &context, ALLOCATION_DEPTH])?;
+        // No `base:allocation` on the frozen view: for a cluster not copied
+        // yet, QEMU answers it from the live disk, where a guest's discard
+        // racing the query could call zero what the frozen view still
+        // holds. Holes come back cheaply as hole chunks of the reads.
+        let client = uri.connect(&[&context, ALLOCATION_DEPTH])?;
         self.since_parent = match from {
             Ok(p) => Ok((
                 p,
@@ -581,36 +589,57 @@ impl Frozen {
         self.tear_down(completed)
     }
 
+    /// Every step is tried even when one before it failed (a job left
+    /// running would copy on every guest write until the next
+    /// operation); the first error is returned.
     fn tear_down(&mut self, completed: bool) -> Result<()> {
         self.disk = None; // disconnects
         let id = self.id;
         let names = self.session.names;
         let s = &mut self.session;
-        s.del_export(&names.export_id(id))?;
-        s.cancel_job(&names.fleece_job(id))?;
-        let nodes = s
-            .qmp
-            .execute("query-named-block-nodes", json!({"flat": true}))?;
-        if strings_of(&nodes, "node-name").contains(&names.scratch_node(id)) {
+        let mut first = None;
+        keep_first(&mut first, s.del_export(&names.export_id(id)));
+        keep_first(&mut first, s.cancel_job(&names.fleece_job(id)));
+        let nodes = keep_first(
+            &mut first,
             s.qmp
-                .execute("blockdev-del", json!({"node-name": names.scratch_node(id)}))?;
+                .execute("query-named-block-nodes", json!({"flat": true})),
+        );
+        if nodes.is_some_and(|n| strings_of(&n, "node-name").contains(&names.scratch_node(id))) {
+            keep_first(
+                &mut first,
+                s.qmp
+                    .execute("blockdev-del", json!({"node-name": names.scratch_node(id)})),
+            );
         }
         if let Some(sock) = self.own_server.take() {
-            s.qmp.execute("nbd-server-stop", json!({}))?;
+            keep_first(&mut first, s.qmp.execute("nbd-server-stop", json!({})));
             let _ = std::fs::remove_file(sock);
         }
         let _ = std::fs::remove_file(&self.scratch_file);
         let _ = std::fs::remove_file(self.scratch_file.with_extension("data"));
-        let (_, bitmaps) = s.node()?;
         let drop = if completed {
             self.parent.map(|p| names.checkpoint(p))
         } else {
             Some(names.checkpoint(id))
         };
-        if let Some(name) = drop.filter(|n| bitmaps.iter().any(|b| &b.name == n)) {
-            s.remove_bitmap(&name)?;
+        if let Some((_, bitmaps)) = keep_first(&mut first, s.node())
+            && let Some(name) = drop.filter(|n| bitmaps.iter().any(|b| &b.name == n))
+        {
+            keep_first(&mut first, s.remove_bitmap(&name));
         }
-        Ok(())
+        first.map_or(Ok(()), Err)
+    }
+}
+
+/// `r`'s value; its error kept in `first` unless one is there already.
+fn keep_first<T>(first: &mut Option<Error>, r: Result<T>) -> Option<T> {
+    match r {
+        Ok(v) => Some(v),
+        Err(e) => {
+            first.get_or_insert(e);
+            None
+        }
     }
 }
 
@@ -631,6 +660,7 @@ pub struct Writable {
     disk: Option<NbdDisk>,
     path: PathBuf,
     pub paused: bool,
+    closed: bool,
 }
 
 /// Pauses the VM whose disk `disk` is (QMP `stop`), when it runs; true if
@@ -678,6 +708,7 @@ impl Writable {
             disk: None,
             path: uri.to_path_buf(),
             paused,
+            closed: false,
         };
         let socket = match &w.session.disk.nbd_socket {
             Some(s) => s.clone(),
@@ -709,17 +740,24 @@ impl Writable {
         Ok(w)
     }
 
+    /// Removes the export and a server blocksnap started, whatever step
+    /// of `open` got there (a failed one included); every step tried.
     fn close(&mut self) -> Result<()> {
-        if self.disk.take().is_none() {
+        if std::mem::replace(&mut self.closed, true) {
             return Ok(());
         }
+        self.disk = None;
         let export = self.session.names.restore_export();
-        self.session.del_export(&export)?;
+        let mut first = None;
+        keep_first(&mut first, self.session.del_export(&export));
         if let Some(sock) = self.own_server.take() {
-            self.session.qmp.execute("nbd-server-stop", json!({}))?;
+            keep_first(
+                &mut first,
+                self.session.qmp.execute("nbd-server-stop", json!({})),
+            );
             let _ = std::fs::remove_file(sock);
         }
-        Ok(())
+        first.map_or(Ok(()), Err)
     }
 
     fn nbd(&self) -> &NbdDisk {

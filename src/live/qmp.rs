@@ -56,6 +56,7 @@ impl Qmp {
         })?;
         stream
             .set_read_timeout(Some(REPLY_TIMEOUT))
+            .and_then(|()| stream.set_write_timeout(Some(REPLY_TIMEOUT)))
             .map_err(|e| bad(&peer, e.to_string()))?;
         let writer = stream.try_clone().map_err(|e| bad(&peer, e.to_string()))?;
         Qmp::over(Box::new(stream), Box::new(writer), &peer)
@@ -115,6 +116,15 @@ impl Qmp {
         loop {
             let v = self.line()?;
             if v.get("event").is_some() {
+                continue;
+            }
+            // A reply to an earlier command whose wait timed out: skipped,
+            // so that one slow command does not put every later one out of
+            // step.
+            if v.get("id")
+                .and_then(Value::as_u64)
+                .is_some_and(|old| old < id)
+            {
                 continue;
             }
             if v.get("id").and_then(Value::as_u64) != Some(id) {

@@ -740,7 +740,12 @@ fn read_head(stream: &mut Box<dyn Stream>, peer: &str) -> Result<ReplyHead> {
 }
 
 fn read_payload(stream: &mut Box<dyn Stream>, peer: &str, chunk: &ChunkHead) -> Result<Vec<u8>> {
-    if chunk.len > proto::MAX_CHUNK_OVERHEAD {
+    let limit = if chunk.kind == proto::REPLY_TYPE_BLOCK_STATUS {
+        proto::MAX_STATUS_CHUNK
+    } else {
+        proto::MAX_CHUNK_OVERHEAD
+    };
+    if chunk.len > limit {
         return Err(violation(
             peer,
             format!("a reply chunk of {} bytes", chunk.len),
@@ -944,6 +949,15 @@ mod tests {
         let c = client(base(1 << 20)).unwrap();
         let e = c.block_status("qemu:dirty-bitmap:x", 0..4096).unwrap_err();
         assert!(e.to_string().contains("did not select"), "{e}");
+    }
+
+    /// QEMU sends up to 128 Ki extents in one chunk (1 MiB).
+    #[test]
+    fn a_block_status_chunk_of_a_mebibyte_is_taken() {
+        let extents: Vec<(u32, u32)> = (0..131_072u32).map(|i| (4096, i % 2 * 3)).collect();
+        let c = client(base(1 << 30).status(1, 5, &extents, true)).unwrap();
+        let got = c.block_status(CTX, 0..(131_072 * 4096)).unwrap();
+        assert_eq!(got.len(), 131_072);
     }
 
     #[test]

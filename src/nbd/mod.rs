@@ -145,6 +145,7 @@ impl NbdUri {
             NbdAddress::Unix(path) => {
                 let s = UnixStream::connect(path).map_err(|e| connect_error(&peer, e))?;
                 s.set_read_timeout(Some(REPLY_TIMEOUT))
+                    .and_then(|()| s.set_write_timeout(Some(REPLY_TIMEOUT)))
                     .map_err(|e| connect_error(&peer, e))?;
                 Box::new(s)
             }
@@ -153,6 +154,7 @@ impl NbdUri {
                     .map_err(|e| connect_error(&peer, e))?;
                 s.set_nodelay(true).map_err(|e| connect_error(&peer, e))?;
                 s.set_read_timeout(Some(REPLY_TIMEOUT))
+                    .and_then(|()| s.set_write_timeout(Some(REPLY_TIMEOUT)))
                     .map_err(|e| connect_error(&peer, e))?;
                 Box::new(s)
             }

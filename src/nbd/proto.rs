@@ -62,8 +62,11 @@ pub const STATE_DIRTY: u32 = 1;
 /// The longest option reply payload accepted (a description or a context
 /// name is far shorter).
 pub const MAX_OPTION_REPLY: u32 = 64 << 10;
-/// The longest structured reply chunk accepted beyond a read's data.
+/// The longest error chunk (or other small chunk) accepted.
 pub const MAX_CHUNK_OVERHEAD: u32 = 64 << 10;
+/// The longest block status chunk accepted: QEMU sends up to 128 Ki
+/// extents (1 MiB) in one; the protocol suggests no more than 32 MiB.
+pub const MAX_STATUS_CHUNK: u32 = 32 << 20;
 
 /// A protocol violation or a refusal, described for an error message.
 pub type Violation = String;

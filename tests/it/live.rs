@@ -243,11 +243,11 @@ fn a_blocksnap_killed_mid_capture_leaves_the_guest_writing_and_nothing_behind() 
     assert_eq!(v["capture"]["kind"], "full");
     assert!(v["capture"]["freeze_ms"].as_f64().is_some());
     only_checkpoint_of(&assert_nothing_left(&vm), &v["id"]);
-    let live: Vec<_> = std::fs::read_dir(store.join("live"))
+    let live: Vec<_> = std::fs::read_dir(store.join("live/1"))
         .unwrap()
         .flatten()
         .collect();
-    assert!(live.is_empty(), "left in the store's live/: {live:?}");
+    assert!(live.is_empty(), "left in the store's live/1/: {live:?}");
     vm.stop().unwrap();
 }
 
@@ -432,5 +432,34 @@ fn the_api_takes_live_snapshots_of_a_qemu_server() {
         std::thread::sleep(Duration::from_millis(20));
     }
     running.shutdown().unwrap();
+    vm.stop().unwrap();
+}
+
+/// A checkpoint someone disabled (it stops recording writes) is never
+/// trusted: the next snapshot is full and says why.
+#[test]
+fn a_disabled_checkpoint_gives_a_full_capture() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((vm, _)) = vm(dir.path(), &first_disk(16 * MIB)) else {
+        return;
+    };
+    let engine = EngineOptions::new().open(dir.path().join("store")).unwrap();
+    engine
+        .add_server(ServerId(1), "vm-1", vm.qemu_uri())
+        .unwrap();
+    engine.create_snapshot(ServerId(1), "one", "").unwrap();
+    let (_, bitmaps) = vm.leftovers().unwrap();
+    vm.qmp(&[(
+        "block-dirty-bitmap-disable",
+        serde_json::json!({"node": "disk0", "name": bitmaps[0]}),
+    )])
+    .unwrap();
+    let two = engine.create_snapshot(ServerId(1), "two", "").unwrap();
+    assert_eq!(
+        two.stats.unwrap().full_reason,
+        Some(FullReason::CheckpointNotRecording)
+    );
+    let three = engine.create_snapshot(ServerId(1), "three", "").unwrap();
+    assert_eq!(three.stats.unwrap().kind, CaptureKind::Incremental);
     vm.stop().unwrap();
 }
