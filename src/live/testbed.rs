@@ -60,8 +60,15 @@ pub fn qcow2_image(bytes: &[u8], image: &Path) -> Result<()> {
 }
 
 impl Daemon {
-    /// Starts one on `image`, its sockets in `dir`.
+    /// Starts one on `image`, its sockets in `dir`; the guest's export is
+    /// writable.
     pub fn start(dir: &Path, image: &Path) -> Result<Daemon> {
+        Self::start_with(dir, image, "writable=on")
+    }
+
+    /// [`Daemon::start`] with the guest export's options (`writable=off`,
+    /// `bitmaps.0=NAME`...).
+    pub fn start_with(dir: &Path, image: &Path, export: &str) -> Result<Daemon> {
         for s in ["guest.sock", "qmp-blocksnap.sock", "qmp-test.sock"] {
             let _ = std::fs::remove_file(dir.join(s));
         }
@@ -75,10 +82,10 @@ impl Daemon {
             .args(["--blockdev", "driver=qcow2,node-name=disk0,file=disk0-file"])
             .arg("--nbd-server")
             .arg(format!("addr.type=unix,addr.path={}", p("guest.sock")))
-            .args([
-                "--export",
-                "type=nbd,id=guest,node-name=disk0,name=guest,writable=on",
-            ])
+            .arg("--export")
+            .arg(format!(
+                "type=nbd,id=guest,node-name=disk0,name=guest,{export}"
+            ))
             .arg("--chardev")
             .arg(format!(
                 "socket,path={},server=on,wait=off,id=bs",

@@ -410,13 +410,22 @@ impl NbdClient {
         data: impl Fn(usize) -> &'d [u8],
     ) -> Result<()> {
         let mut conn = self.conn.lock();
+        self.guarded(&mut conn, |conn| {
+            self.call_locked(conn, cmd, pieces, &mut kind, data)
+        })
+    }
+
+    /// Runs `f` on the connection unless a protocol violation made it
+    /// unusable; a violation in `f` makes it so (the byte stream can no
+    /// longer be trusted to be in step).
+    fn guarded<T>(&self, conn: &mut Conn, f: impl FnOnce(&mut Conn) -> Result<T>) -> Result<T> {
         if let Some(why) = &conn.broken {
             return Err(violation(
                 &self.peer,
                 format!("the connection is unusable: {why}"),
             ));
         }
-        let outcome = self.call_locked(&mut conn, cmd, pieces, &mut kind, data);
+        let outcome = f(conn);
         if let Err(Error::Nbd { what, .. }) = &outcome {
             conn.broken.get_or_insert_with(|| what.clone());
         }
@@ -617,17 +626,7 @@ impl NbdClient {
         at: u64,
         len: u32,
     ) -> Result<Vec<(u32, u32)>> {
-        if let Some(why) = &conn.broken {
-            return Err(violation(
-                &self.peer,
-                format!("the connection is unusable: {why}"),
-            ));
-        }
-        let outcome = self.status_locked(conn, id, at, len);
-        if let Err(Error::Nbd { what, .. }) = &outcome {
-            conn.broken.get_or_insert_with(|| what.clone());
-        }
-        outcome
+        self.guarded(conn, |conn| self.status_locked(conn, id, at, len))
     }
 
     fn status_locked(

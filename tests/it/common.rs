@@ -503,3 +503,20 @@ impl Victim {
         self.stdout.join().unwrap()
     }
 }
+
+/// True when QEMU's qemu-storage-daemon and qemu-img can run here; false
+/// (said loudly) only where `BLOCKSNAP_NO_QEMU=1` says the machine has no
+/// QEMU; otherwise their absence fails the test.
+pub fn qemu_here() -> bool {
+    match blocksnap::live::testbed::qemu_available() {
+        Ok(()) => true,
+        Err(why) if std::env::var("BLOCKSNAP_NO_QEMU").is_ok_and(|v| v == "1") => {
+            eprintln!("\n!!! NOT RUN: no QEMU ({why}), as BLOCKSNAP_NO_QEMU=1 says\n");
+            false
+        }
+        Err(why) => panic!(
+            "this test needs QEMU ({why}): apt-get install qemu-utils, or set \
+             BLOCKSNAP_NO_QEMU=1 only on a machine that cannot have it"
+        ),
+    }
+}

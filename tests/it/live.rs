@@ -14,9 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use blocksnap::live::testbed::{
-    Daemon, Guest, point_in_time, qcow2_image, qemu_available, read_export,
-};
+use blocksnap::live::testbed::{Daemon, Guest, point_in_time, qcow2_image, read_export};
 use blocksnap::{CaptureKind, EngineOptions, FullReason, RestoreOptions, ServerId};
 use serde_json::Value;
 
@@ -27,14 +25,8 @@ const MIB: usize = 1 << 20;
 /// The daemon on a qcow2 image of `first`, or `None` (said loudly) where
 /// `BLOCKSNAP_NO_QEMU=1` says the machine has no QEMU.
 fn vm(dir: &Path, first: &[u8]) -> Option<(Daemon, PathBuf)> {
-    if let Err(why) = qemu_available() {
-        if std::env::var("BLOCKSNAP_NO_QEMU").is_ok_and(|v| v == "1") {
-            eprintln!("\n!!! NOT RUN: no QEMU ({why}), as BLOCKSNAP_NO_QEMU=1 says\n");
-            return None;
-        }
-        panic!(
-            "this test needs QEMU ({why}); set BLOCKSNAP_NO_QEMU=1 only on a machine without it"
-        );
+    if !crate::common::qemu_here() {
+        return None;
     }
     let image = dir.join("disk.qcow2");
     qcow2_image(first, &image).unwrap();

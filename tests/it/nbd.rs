@@ -8,11 +8,11 @@
 //! fail without them, unless `BLOCKSNAP_NO_QEMU=1` says the machine has no
 //! QEMU: then they say so loudly and pass.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::Command;
 
 use blocksnap::disk::Disk;
+use blocksnap::live::testbed::Daemon;
 use blocksnap::nbd::NbdDisk;
 use blocksnap::{EngineOptions, ServerId};
 
@@ -20,84 +20,11 @@ use crate::common::{random_bytes, run};
 
 const MIB: usize = 1 << 20;
 
-/// A qemu-storage-daemon serving one qcow2 image as NBD export `guest` on
-/// a Unix socket; killed on drop.
-struct Qsd {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl Qsd {
-    /// Starts it on `image`; `export` adds options to the export
-    /// (`writable=on`, `bitmaps.0=cp1`). `None` when the machine has no
-    /// QEMU and `BLOCKSNAP_NO_QEMU=1` says so.
-    fn start(dir: &Path, image: &Path, export: &str) -> Option<Qsd> {
-        if let Err(why) = run("qemu-storage-daemon", &["--version"]) {
-            if std::env::var("BLOCKSNAP_NO_QEMU").is_ok_and(|v| v == "1") {
-                eprintln!(
-                    "\n!!! NOT RUN: no qemu-storage-daemon ({why}), as BLOCKSNAP_NO_QEMU=1 says\n"
-                );
-                return None;
-            }
-            panic!(
-                "this test needs qemu-storage-daemon ({why}): apt-get install qemu-utils, or set \
-                 BLOCKSNAP_NO_QEMU=1 only on a machine that cannot have it"
-            );
-        }
-        let socket = dir.join("nbd.sock");
-        let _ = std::fs::remove_file(&socket);
-        let child = Command::new("qemu-storage-daemon")
-            .arg("--blockdev")
-            .arg(format!(
-                "driver=file,node-name=disk0-file,filename={}",
-                image.display()
-            ))
-            .args(["--blockdev", "driver=qcow2,node-name=disk0,file=disk0-file"])
-            .arg("--nbd-server")
-            .arg(format!("addr.type=unix,addr.path={}", socket.display()))
-            .arg("--export")
-            .arg(format!(
-                "type=nbd,id=guest,node-name=disk0,name=guest,{export}"
-            ))
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("qemu-storage-daemon starts");
-        let qsd = Qsd { child, socket };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::os::unix::net::UnixStream::connect(&qsd.socket).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "qemu-storage-daemon did not listen"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Some(qsd)
-    }
-
-    fn uri(&self) -> String {
-        format!("nbd+unix:///guest?socket={}", self.socket.display())
-    }
-
-    /// Stops it cleanly (SIGTERM: persistent bitmaps are saved and stay
-    /// consistent), so that its image can be read by qemu-img.
-    fn stop(mut self) {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let status = self.child.wait().unwrap();
-        assert!(status.success(), "qemu-storage-daemon exited with {status}");
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Qsd {
-    fn drop(&mut self) {
-        self.kill();
-    }
+/// qemu-storage-daemon serving `image` as NBD export `guest` with the
+/// export options `export` (`writable=on`, `bitmaps.0=cp1`), or `None`
+/// where the machine has no QEMU and says so.
+fn start_qsd(dir: &Path, image: &Path, export: &str) -> Option<Daemon> {
+    crate::common::qemu_here().then(|| Daemon::start_with(dir, image, export).unwrap())
 }
 
 /// A disk of `len` bytes: random data in some places, zeros written in
@@ -170,10 +97,10 @@ fn a_disk_on_nbd_is_captured_without_its_holes_and_restored_exactly() {
     let len = 32 * MIB;
     let v1 = first_disk(len);
     qcow2_of(dir.path(), &v1, &image);
-    let Some(qsd) = Qsd::start(dir.path(), &image, "writable=on") else {
+    let Some(qsd) = start_qsd(dir.path(), &image, "writable=on") else {
         return;
     };
-    let uri = qsd.uri();
+    let uri = qsd.guest_uri();
     let engine = EngineOptions::new().open(dir.path().join("store")).unwrap();
     let server = engine.add_server(ServerId(1), "vm-1", &uri).unwrap();
     assert_eq!(server.disk.to_str(), Some(uri.as_str()));
@@ -218,7 +145,7 @@ fn a_disk_on_nbd_is_captured_without_its_holes_and_restored_exactly() {
     );
     assert!(engine.verify(None).unwrap().is_ok());
     drop(engine);
-    qsd.stop();
+    qsd.stop().unwrap();
     assert_qemu_sees(dir.path(), &image, &v2, "after the restores");
 }
 
@@ -234,10 +161,10 @@ fn an_incremental_snapshot_reads_only_what_a_qemu_dirty_bitmap_marks() {
     let img = image.to_str().unwrap();
     // A persistent bitmap: every write from now on is marked in it.
     run("qemu-img", &["bitmap", "--add", img, "cp1"]).unwrap();
-    let Some(qsd) = Qsd::start(dir.path(), &image, "writable=on") else {
+    let Some(qsd) = start_qsd(dir.path(), &image, "writable=on") else {
         return;
     };
-    let uri = qsd.uri();
+    let uri = qsd.guest_uri();
     let bs = |args: &[&str]| {
         let out = Command::new(env!("CARGO_BIN_EXE_blocksnap"))
             .arg("--store")
@@ -264,9 +191,9 @@ fn an_incremental_snapshot_reads_only_what_a_qemu_dirty_bitmap_marks() {
         .map(|i| (i * 5 * MIB + 12345, random_bytes(80 << 10, 100 + i as u64)))
         .collect();
     guest_writes(&uri, &mut v2, &writes);
-    qsd.stop();
+    qsd.stop().unwrap();
     run("qemu-img", &["bitmap", "--disable", img, "cp1"]).unwrap();
-    let Some(qsd) = Qsd::start(dir.path(), &image, "writable=off,bitmaps.0=cp1") else {
+    let Some(qsd) = start_qsd(dir.path(), &image, "writable=off,bitmaps.0=cp1") else {
         return;
     };
     let out = bs(&[
@@ -294,20 +221,20 @@ fn an_incremental_snapshot_reads_only_what_a_qemu_dirty_bitmap_marks() {
         "the incremental read {read} bytes of {len}"
     );
     bs(&["verify"]);
-    qsd.stop();
+    qsd.stop().unwrap();
 
     // Restore it over a disk the guest scribbled on, and ask QEMU.
-    let Some(qsd) = Qsd::start(dir.path(), &image, "writable=on") else {
+    let Some(qsd) = start_qsd(dir.path(), &image, "writable=on") else {
         return;
     };
     let mut scribbled = v2.clone();
     guest_writes(
-        &qsd.uri(),
+        &qsd.guest_uri(),
         &mut scribbled,
         &[(3 * MIB, random_bytes(2 * MIB, 99))],
     );
     bs(&["snapshot", "restore", "2", "--no-safety-snapshot"]);
-    qsd.stop();
+    qsd.stop().unwrap();
     assert_qemu_sees(dir.path(), &image, &v2, "the incremental snapshot restored");
 }
 
