@@ -273,7 +273,7 @@ impl Engine {
             Err(reason) => CaptureMode::Full(Some(*reason)),
         };
         let freeze = frozen.freeze_micros;
-        match self.run_capture(rec, frozen.disk(), mode, pins, progress) {
+        match self.run_capture(rec, &frozen.disk(), mode, pins, progress) {
             Ok((stats, chunks)) => {
                 let scratch = frozen.scratch_bytes();
                 frozen.finish(true)?;

@@ -29,6 +29,7 @@ pub mod qmp;
 #[cfg(feature = "sample")]
 pub mod testbed;
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -139,7 +140,7 @@ pub struct Names {
 }
 
 impl Names {
-    fn of(&self, kind: &str, id: SnapshotId) -> String {
+    pub(crate) fn of(&self, kind: &str, id: SnapshotId) -> String {
         format!("{}{kind}-{}", self.prefix(), id.0)
     }
     fn prefix(&self) -> String {
@@ -185,6 +186,8 @@ pub struct Frozen {
     /// The private NBD socket when blocksnap started the server.
     own_server: Option<PathBuf>,
     disk: Option<NbdDisk>,
+    /// What may hold data in the frozen view.
+    data: Option<Vec<Range<u64>>>,
     /// The dirty extents since the parent, or why there are none.
     pub since_parent: std::result::Result<(SnapshotId, DirtyBitmap), FullReason>,
     /// How long the guest's I/O was held for the freeze.
@@ -346,6 +349,7 @@ impl Session {
             scratch_file: scratch_file.clone(),
             own_server: None,
             disk: None,
+            data: None,
             since_parent: Err(FullReason::NoCheckpoint),
             freeze_micros: 0,
             finished: false,
@@ -532,6 +536,27 @@ impl Frozen {
                 s
             }
         };
+        // What may hold data in the frozen view, without asking the frozen
+        // view (see below): the live disk's data now, then what the
+        // fleecing has copied. A cluster that held data at the freeze and
+        // was discarded since was copied to the scratch before the discard
+        // landed, so if the first look missed it the second sees it.
+        let live = names.of("alloc", id);
+        qmp.execute(
+            "block-export-add",
+            json!({"type": "nbd", "id": live, "node-name": node, "name": live, "writable": false}),
+        )?;
+        let live_data = {
+            let client = crate::nbd::NbdUri {
+                address: crate::nbd::NbdAddress::Unix(socket.clone()),
+                export: live.clone(),
+            }
+            .connect(&[BASE_ALLOCATION])?;
+            let extents = client.block_status(BASE_ALLOCATION, 0..size)?;
+            crate::nbd::marked(&extents, |f| f & crate::nbd::proto::STATE_ZERO == 0)
+        };
+        self.session.del_export(&live)?;
+        let qmp = &mut self.session.qmp;
         let name = names.export_id(id);
         let mut export = json!({"type": "nbd", "id": names.export_id(id), "node-name": names.scratch_node(id),
                                 "name": name, "writable": false, "allocation-depth": true});
@@ -547,8 +572,11 @@ impl Frozen {
         // No `base:allocation` on the frozen view: for a cluster not copied
         // yet, QEMU answers it from the live disk, where a guest's discard
         // racing the query could call zero what the frozen view still
-        // holds. Holes come back cheaply as hole chunks of the reads.
+        // holds.
         let client = uri.connect(&[&context, ALLOCATION_DEPTH])?;
+        let copied =
+            crate::nbd::marked(&client.block_status(ALLOCATION_DEPTH, 0..size)?, |d| d == 1);
+        self.data = Some(union(&live_data, &copied));
         self.since_parent = match from {
             Ok(p) => Ok((
                 p,
@@ -577,9 +605,13 @@ impl Frozen {
         )
     }
 
-    /// The frozen view, to read.
-    pub fn disk(&self) -> &NbdDisk {
-        self.disk.as_ref().expect("set up before it is handed out")
+    /// The frozen view, to read: an NBD disk whose data ranges are the
+    /// live disk's data when frozen plus what the fleecing copied.
+    pub fn disk(&self) -> FrozenView<'_> {
+        FrozenView {
+            nbd: self.disk.as_ref().expect("set up before it is handed out"),
+            data: self.data.as_deref(),
+        }
     }
 
     /// Tears everything down; `completed` keeps the new checkpoint (and
@@ -598,6 +630,7 @@ impl Frozen {
         let names = self.session.names;
         let s = &mut self.session;
         let mut first = None;
+        keep_first(&mut first, s.del_export(&names.of("alloc", id)));
         keep_first(&mut first, s.del_export(&names.export_id(id)));
         keep_first(&mut first, s.cancel_job(&names.fleece_job(id)));
         let nodes = keep_first(
@@ -629,6 +662,69 @@ impl Frozen {
             keep_first(&mut first, s.remove_bitmap(&name));
         }
         first.map_or(Ok(()), Err)
+    }
+}
+
+/// The union of two ascending lists of disjoint ranges.
+fn union(a: &[Range<u64>], b: &[Range<u64>]) -> Vec<Range<u64>> {
+    let mut all: Vec<Range<u64>> = a.iter().chain(b).cloned().collect();
+    all.sort_by_key(|r| r.start);
+    let mut out: Vec<Range<u64>> = Vec::new();
+    for r in all {
+        match out.last_mut() {
+            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+            _ => out.push(r),
+        }
+    }
+    out
+}
+
+/// The frozen view of a live capture: reads go to the NBD export; the
+/// data ranges are computed without asking it (see [`Frozen::disk`]).
+pub struct FrozenView<'a> {
+    nbd: &'a NbdDisk,
+    data: Option<&'a [Range<u64>]>,
+}
+
+impl crate::disk::Disk for FrozenView<'_> {
+    fn len(&self) -> Result<u64> {
+        self.nbd.len()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
+        self.nbd.read_at(buf, offset)
+    }
+    fn read_many_at(&self, parts: &mut [(u64, &mut [u8])]) -> Result<()> {
+        self.nbd.read_many_at(parts)
+    }
+    fn write_at(&self, _: &[u8], _: u64) -> Result<()> {
+        Err(Error::Internal(
+            "the frozen view of a live capture is read-only".into(),
+        ))
+    }
+    fn write_zeroes(&self, _: u64, _: u64) -> Result<()> {
+        Err(Error::Internal(
+            "the frozen view of a live capture is read-only".into(),
+        ))
+    }
+    fn set_len(&self, _: u64) -> Result<()> {
+        Err(Error::Internal(
+            "the frozen view of a live capture is read-only".into(),
+        ))
+    }
+    fn is_block_device(&self) -> bool {
+        true
+    }
+    fn sync(&self) -> Result<()> {
+        Ok(())
+    }
+    fn data_ranges(&self) -> Result<Option<Vec<Range<u64>>>> {
+        Ok(self.data.map(<[Range<u64>]>::to_vec))
+    }
+    fn reads_best_in_bulk(&self) -> bool {
+        true
+    }
+    fn path(&self) -> &Path {
+        self.nbd.path()
     }
 }
 

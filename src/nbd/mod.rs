@@ -360,7 +360,7 @@ impl Disk for NbdDisk {
 }
 
 /// The ranges of `extents` whose flags `keep` accepts, merged.
-fn marked(extents: &[(Range<u64>, u32)], keep: impl Fn(u32) -> bool) -> Vec<Range<u64>> {
+pub(crate) fn marked(extents: &[(Range<u64>, u32)], keep: impl Fn(u32) -> bool) -> Vec<Range<u64>> {
     let mut out: Vec<Range<u64>> = Vec::new();
     for (r, flags) in extents {
         if !keep(*flags) {
