@@ -541,21 +541,28 @@ impl Frozen {
         // fleecing has copied. A cluster that held data at the freeze and
         // was discarded since was copied to the scratch before the discard
         // landed, so if the first look missed it the second sees it.
+        // Only a full capture needs it: an incremental reads the dirty
+        // extents, whose holes come back as hole chunks anyway.
         let live = names.of("alloc", id);
-        qmp.execute(
-            "block-export-add",
-            json!({"type": "nbd", "id": live, "node-name": node, "name": live, "writable": false}),
-        )?;
-        let live_data = {
+        let live_data = if from.is_ok() {
+            None
+        } else {
+            qmp.execute(
+                "block-export-add",
+                json!({"type": "nbd", "id": live, "node-name": node, "name": live, "writable": false}),
+            )?;
             let client = crate::nbd::NbdUri {
                 address: crate::nbd::NbdAddress::Unix(socket.clone()),
                 export: live.clone(),
             }
             .connect(&[BASE_ALLOCATION])?;
             let extents = client.block_status(BASE_ALLOCATION, 0..size)?;
-            crate::nbd::marked(&extents, |f| f & crate::nbd::proto::STATE_ZERO == 0)
+            drop(client);
+            self.session.del_export(&live)?;
+            Some(crate::nbd::marked(&extents, |f| {
+                f & crate::nbd::proto::STATE_ZERO == 0
+            }))
         };
-        self.session.del_export(&live)?;
         let qmp = &mut self.session.qmp;
         let name = names.export_id(id);
         let mut export = json!({"type": "nbd", "id": names.export_id(id), "node-name": names.scratch_node(id),
@@ -574,9 +581,11 @@ impl Frozen {
         // racing the query could call zero what the frozen view still
         // holds.
         let client = uri.connect(&[&context, ALLOCATION_DEPTH])?;
-        let copied =
-            crate::nbd::marked(&client.block_status(ALLOCATION_DEPTH, 0..size)?, |d| d == 1);
-        self.data = Some(union(&live_data, &copied));
+        if let Some(live_data) = live_data {
+            let depth = client.block_status(ALLOCATION_DEPTH, 0..size)?;
+            let copied = crate::nbd::marked(&depth, |d| d == 1);
+            self.data = Some(union(&live_data, &copied));
+        }
         self.since_parent = match from {
             Ok(p) => Ok((
                 p,
