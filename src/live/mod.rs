@@ -359,6 +359,48 @@ impl Session {
     }
 }
 
+/// An empty qcow2 of `size` bytes at `qcow2` whose data lives in
+/// `data` (created empty). `qemu-img create` costs some 40 ms (a process
+/// and its libraries), a fifth of a small incremental capture, so its
+/// output is kept in `dir` as a template for the size and copied (the data
+/// file's name in the copy's header does not matter: the scratch node names
+/// its data file when it is added).
+fn new_scratch(dir: &Path, qcow2: &Path, data: &Path, size: u64) -> Result<()> {
+    let template = dir.join(format!("template-{size}.qcow2"));
+    if !template.exists() {
+        let partial = dir.join(format!("template-{size}.partial"));
+        let out = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-o"])
+            .arg(format!("data_file={}", dir.join("template.data").display()))
+            .arg(&partial)
+            .arg(size.to_string())
+            .output()
+            .map_err(|e| {
+                Error::io(
+                    "qemu-img",
+                    std::io::Error::new(
+                        e.kind(),
+                        format!("{e}: live snapshots need qemu-img (qemu-utils)"),
+                    ),
+                )
+            })?;
+        let _ = std::fs::remove_file(dir.join("template.data"));
+        if !out.status.success() {
+            return Err(Error::Io {
+                path: qcow2.to_path_buf(),
+                source: std::io::Error::other(format!(
+                    "qemu-img create: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )),
+            });
+        }
+        std::fs::rename(&partial, &template).map_err(|e| Error::io(&template, e))?;
+    }
+    std::fs::copy(&template, qcow2).map_err(|e| Error::io(qcow2, e))?;
+    std::fs::File::create(data).map_err(|e| Error::io(data, e))?;
+    Ok(())
+}
+
 /// Reserves `len` bytes for `path` (fallocate: allocated, nothing written).
 fn reserve(path: &Path, len: u64) -> Result<()> {
     use std::os::fd::AsRawFd;
@@ -469,30 +511,7 @@ impl Frozen {
             });
         }
         let data_file = self.scratch_file.with_extension("data");
-        let out = std::process::Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-o"])
-            .arg(format!("data_file={}", data_file.display()))
-            .arg(&self.scratch_file)
-            .arg(size.to_string())
-            .output()
-            .map_err(|e| {
-                Error::io(
-                    "qemu-img",
-                    std::io::Error::new(
-                        e.kind(),
-                        format!("{e}: live snapshots need qemu-img (qemu-utils)"),
-                    ),
-                )
-            })?;
-        if !out.status.success() {
-            return Err(Error::Io {
-                path: self.scratch_file.clone(),
-                source: std::io::Error::other(format!(
-                    "qemu-img create: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                )),
-            });
-        }
+        new_scratch(&self.session.work_dir, &self.scratch_file, &data_file, size)?;
         reserve(&data_file, size)?;
         let qmp = &mut self.session.qmp;
         qmp.execute(
