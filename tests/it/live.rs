@@ -33,6 +33,15 @@ fn vm(dir: &Path, first: &[u8]) -> Option<(Daemon, PathBuf)> {
     Some((Daemon::start(dir, &image).unwrap(), image))
 }
 
+/// A store at `dir/store` with server 1 ("vm-1") on `vm`'s disk.
+fn store_on(dir: &Path, vm: &Daemon) -> blocksnap::Engine {
+    let engine = EngineOptions::new().open(dir.join("store")).unwrap();
+    engine
+        .add_server(ServerId(1), "vm-1", vm.qemu_uri())
+        .unwrap();
+    engine
+}
+
 fn first_disk(len: usize) -> Vec<u8> {
     let mut v = vec![0u8; len];
     v[..len / 2].copy_from_slice(&random_bytes(len / 2, 5));
@@ -68,10 +77,7 @@ fn live_snapshots_of_a_writing_guest_are_points_in_time_and_incremental() {
     let Some((vm, _)) = vm(dir.path(), &first) else {
         return;
     };
-    let engine = EngineOptions::new().open(dir.path().join("store")).unwrap();
-    engine
-        .add_server(ServerId(1), "vm-1", vm.qemu_uri())
-        .unwrap();
+    let engine = store_on(dir.path(), &vm);
 
     let guest = Guest::start(&vm.guest_uri(), len, Duration::from_millis(3)).unwrap();
     std::thread::sleep(Duration::from_millis(200));
@@ -139,10 +145,7 @@ fn a_checkpoint_left_inconsistent_by_a_qemu_crash_gives_a_full_capture() {
     let Some((vm, image)) = vm(dir.path(), &first_disk(16 * MIB)) else {
         return;
     };
-    let engine = EngineOptions::new().open(dir.path().join("store")).unwrap();
-    engine
-        .add_server(ServerId(1), "vm-1", vm.qemu_uri())
-        .unwrap();
+    let engine = store_on(dir.path(), &vm);
     engine.create_snapshot(ServerId(1), "one", "").unwrap();
     let two = engine.create_snapshot(ServerId(1), "two", "").unwrap();
     assert_eq!(two.stats.unwrap().kind, CaptureKind::Incremental);
@@ -438,10 +441,7 @@ fn a_disabled_checkpoint_gives_a_full_capture() {
     let Some((vm, _)) = vm(dir.path(), &first_disk(16 * MIB)) else {
         return;
     };
-    let engine = EngineOptions::new().open(dir.path().join("store")).unwrap();
-    engine
-        .add_server(ServerId(1), "vm-1", vm.qemu_uri())
-        .unwrap();
+    let engine = store_on(dir.path(), &vm);
     engine.create_snapshot(ServerId(1), "one", "").unwrap();
     let (_, bitmaps) = vm.leftovers().unwrap();
     vm.qmp(&[(
