@@ -671,23 +671,11 @@ fn read_in_bulk_and_classify(
             .collect::<Result<Vec<Vec<Block>>>>()?;
         Ok(per_piece.into_iter().flatten().collect())
     };
-    let mut out = Vec::new();
-    if let Some(first) = batches.first_mut() {
-        disk.read_many_at(first)?;
-    }
-    for i in 0..batches.len() {
-        let (done, rest) = batches.split_at_mut(i + 1);
-        let (next, classified) = rayon::join(
-            || match rest.first_mut() {
-                Some(next) => disk.read_many_at(next),
-                None => Ok(()),
-            },
-            || classify_batch(&done[i]),
-        );
-        out.extend(classified?);
-        next?;
-    }
-    Ok(out)
+    crate::window::read_ahead(
+        &mut batches,
+        |batch| disk.read_many_at(batch),
+        |batch, ()| classify_batch(batch),
+    )
 }
 
 /// Clean blocks an incremental capture always samples (when the disk has

@@ -75,6 +75,13 @@ pub trait Disk: Send + Sync {
 /// How the engine opens a server's disk: `writable` for restore.
 pub type DiskOpener = Arc<dyn Fn(&Path, bool) -> Result<Box<dyn Disk>> + Send + Sync>;
 
+/// True for a disk reached through another program (an NBD or QEMU URI)
+/// rather than a path.
+pub fn is_remote(path: &Path) -> bool {
+    path.to_str()
+        .is_some_and(|s| crate::nbd::is_uri(s) || crate::live::is_uri(s))
+}
+
 /// The default opener: an NBD URI ([`crate::nbd::NbdDisk`]) or a path
 /// ([`FileDisk::open`]).
 pub fn default_opener() -> DiskOpener {

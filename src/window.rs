@@ -70,24 +70,42 @@ fn read_ahead_and_process<T: Send>(
             })
             .collect()
     };
-    let mut pieces: Vec<&mut [u8]> = buf.chunks_mut(piece).collect();
+    let mut pieces: Vec<(u64, &mut [u8])> = buf
+        .chunks_mut(piece)
+        .enumerate()
+        .map(|(i, slice)| (offset + (i * piece) as u64, slice))
+        .collect();
+    read_ahead(
+        &mut pieces,
+        |(at, slice)| read(slice, *at),
+        |(at, slice), got| process(slice, *at, got),
+    )
+}
+
+/// Reads `batches` in turn with `read`, each read overlapping `work` on
+/// the batch before it (rayon::join: the read mostly waits on the disk or
+/// the network while the work hashes); the work's results in order.
+pub fn read_ahead<B: Send + Sync, R: Send, T: Send>(
+    batches: &mut [B],
+    read: impl Fn(&mut B) -> Result<R> + Sync,
+    work: impl Fn(&B, R) -> Result<Vec<T>> + Sync,
+) -> Result<Vec<T>> {
     let mut out = Vec::new();
-    let Some(first) = pieces.first_mut() else {
+    let Some(first) = batches.first_mut() else {
         return Ok(out);
     };
-    let mut got = read(first, offset)?;
-    for i in 0..pieces.len() {
-        let (done, rest) = pieces.split_at_mut(i + 1);
-        let at = offset + (i * piece) as u64;
+    let mut got = read(first)?;
+    for i in 0..batches.len() {
+        let (done, rest) = batches.split_at_mut(i + 1);
         let (next, results) = rayon::join(
-            || match rest.first_mut() {
-                Some(next) => read(next, at + piece as u64),
-                None => Ok(0),
-            },
-            || process(&done[i][..], at, got),
+            || rest.first_mut().map(&read).transpose(),
+            || work(&done[i], got),
         );
         out.extend(results?);
-        got = next?;
+        match next? {
+            Some(n) => got = n,
+            None => break,
+        }
     }
     Ok(out)
 }

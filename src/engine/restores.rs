@@ -542,10 +542,7 @@ fn restorable(state: &State, id: SnapshotId) -> Result<Server> {
 /// True for an image file that does not exist; a disk reached over NBD or
 /// QEMU is never missing (its export fails to open instead).
 fn is_missing(path: &Path) -> bool {
-    if path
-        .to_str()
-        .is_some_and(|s| crate::nbd::is_uri(s) || crate::live::is_uri(s))
-    {
+    if crate::disk::is_remote(path) {
         return false;
     }
     matches!(std::fs::metadata(path), Err(e) if e.kind() == std::io::ErrorKind::NotFound)

@@ -364,7 +364,7 @@ impl NbdClient {
             (u64::from(u32::MAX) / u64::from(self.info.min_block)) * u64::from(self.info.min_block);
         while at < range.end {
             let ask = (range.end - at).min(cap) as u32;
-            let extents = self.status_request(&mut conn, id, at, ask)?;
+            let extents = self.guarded(&mut conn, |conn| self.status_locked(conn, id, at, ask))?;
             for (len, flags) in extents {
                 let end = (at + u64::from(len)).min(range.end);
                 match out.last_mut() {
@@ -619,16 +619,6 @@ impl NbdClient {
 
     /// One BLOCK_STATUS request: the extents of context `id` from `at`,
     /// at least one, none past the export's end.
-    fn status_request(
-        &self,
-        conn: &mut Conn,
-        id: u32,
-        at: u64,
-        len: u32,
-    ) -> Result<Vec<(u32, u32)>> {
-        self.guarded(conn, |conn| self.status_locked(conn, id, at, len))
-    }
-
     fn status_locked(
         &self,
         conn: &mut Conn,
