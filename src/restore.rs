@@ -51,8 +51,9 @@ pub enum RestoreMethod {
     /// Read every block of the disk and compared it with the snapshot.
     #[default]
     Compare,
-    /// Knew the disk's state from change tracking (a snapshot plus the
-    /// blocks written since) and compared manifests, reading nothing.
+    /// Knew the disk's state (a snapshot plus the blocks written since,
+    /// from the engine's change tracking or a QEMU checkpoint bitmap) and
+    /// compared manifests, reading nothing.
     Delta,
 }
 

@@ -161,11 +161,7 @@ impl Engine {
             let srv = state.server(server)?;
             // A live capture is incremental from the newest completed
             // snapshot, when its checkpoint is on the node.
-            let live_parent = state
-                .snapshots_of(server)
-                .filter(|s| s.status == SnapshotStatus::Completed)
-                .filter_map(|s| Some((s.id, s.stats?.image_len)))
-                .max();
+            let live_parent = state.newest_completed(server);
             // A safety snapshot is the first step of a restore, and the
             // engine's own: neither the restore nor the cap stops it.
             if kind == SnapshotKind::Regular {

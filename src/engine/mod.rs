@@ -50,6 +50,10 @@ use recovery::{lock_store, recover};
 use state::State;
 use tracking::load_tracking;
 
+/// A snapshot and the blocks of a disk written since it was taken: the
+/// disk's state, known without reading it.
+pub(super) type Changed = (SnapshotId, crate::dirty::DirtyBitmap);
+
 const LOCK_FILE: &str = "LOCK";
 const CATALOG_FILE: &str = "catalog";
 const MANIFEST_DIR: &str = "manifests";
@@ -274,24 +278,32 @@ impl Engine {
         Ok(view)
     }
 
-    /// Opens a server's disk: a QEMU disk through a writable export of its
-    /// node (for restores and their planning), anything else with the
-    /// disk opener.
+    /// Opens a server's disk for a restore or its planning: a QEMU disk
+    /// through an export of its node, with the blocks changed since the
+    /// server's newest completed snapshot when its checkpoint tells;
+    /// anything else with the disk opener.
     pub(super) fn open_disk(
         &self,
         server: ServerId,
         path: &Path,
         writable: bool,
-    ) -> Result<Box<dyn crate::disk::Disk>> {
+    ) -> Result<(Box<dyn crate::disk::Disk>, Option<Changed>)> {
         match crate::live::disk_of(path)? {
-            Some(q) => Ok(Box::new(crate::live::Writable::open(
-                &q,
-                &self.live_dir(server),
-                self.live_names()?,
-                path,
-                writable,
-            )?)),
-            None => (self.inner.options.disk_opener)(path, writable),
+            Some(q) => {
+                let newest = self.inner.state.lock().newest_completed(server);
+                let mut disk = crate::live::Writable::open(
+                    &q,
+                    &self.live_dir(server),
+                    self.live_names()?,
+                    path,
+                    writable,
+                    newest,
+                    u64::from(self.inner.block_size),
+                )?;
+                let changed = disk.since.take();
+                Ok((Box::new(disk), changed))
+            }
+            None => Ok(((self.inner.options.disk_opener)(path, writable)?, None)),
         }
     }
 

@@ -14,9 +14,9 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use super::Engine;
 use super::state::State;
 use super::tracking::new_tracker;
+use super::{Changed, Engine};
 use crate::catalog::Change;
 use crate::disk::{Disk, MemDisk};
 use crate::error::{Error, Result};
@@ -202,15 +202,15 @@ impl Engine {
             (server, tracker, resuming)
         };
         let manifest = self.restore_manifest(&server, id)?;
-        let disk = match self.open_disk(server.id, &server.disk, false) {
+        let (disk, checkpoint) = match self.open_disk(server.id, &server.disk, false) {
             Ok(d) => d,
             // A disk that does not exist yet is restored whole.
             Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-                Box::new(MemDisk::new(Vec::new()))
+                (Box::new(MemDisk::new(Vec::new())) as Box<dyn Disk>, None)
             }
             Err(e) => return Err(e),
         };
-        let known = self.known_state(tracker, &manifest, disk.as_ref())?;
+        let known = self.known_state(tracker, checkpoint, &manifest, disk.as_ref())?;
         let plan = match &known {
             Some((base, dirty)) => restore::plan_delta(base, dirty, &manifest),
             None => restore::plan(
@@ -338,8 +338,9 @@ impl Engine {
         // A running VM is paused before its disk is captured (the safety
         // snapshot, which the restore then plans from, must be the disk as
         // it will be written) and left paused.
-        let vm_paused = match crate::live::disk_of(&server.disk)? {
-            Some(q) => crate::live::pause(&q)?,
+        let qemu = crate::live::disk_of(&server.disk)?;
+        let vm_paused = match &qemu {
+            Some(q) => crate::live::pause(q)?,
             None => false,
         };
         let manifest = self.restore_manifest(server, id)?;
@@ -362,8 +363,9 @@ impl Engine {
         } else {
             None
         };
-        // Writes from now on are relative to the restored snapshot.
-        let previous = if inner.options.change_tracking {
+        // Writes from now on are relative to the restored snapshot. (A
+        // QEMU disk's writes are QEMU's to track, in its checkpoint.)
+        let previous = if inner.options.change_tracking && qemu.is_none() {
             let fresh = new_tracker(id, manifest.image_len, inner.block_size)?;
             inner.tracking.lock().begin(server.id, fresh)
         } else {
@@ -377,12 +379,12 @@ impl Engine {
         self.set_restoring_from(server.id, Some(id))?;
         let mut written = 0;
         let outcome = (|| {
-            let disk = self.open_disk(server.id, &server.disk, true)?;
+            let (disk, checkpoint) = self.open_disk(server.id, &server.disk, true)?;
             // Just captured with the guest stopped, the safety snapshot is
             // exactly the disk: plan by difference, without reading it again.
             let known = match safety {
                 Some(s) => Some((inner.manifests.read(s)?, Vec::new())),
-                None => self.known_state(previous, &manifest, disk.as_ref())?,
+                None => self.known_state(previous, checkpoint, &manifest, disk.as_ref())?,
             };
             restore::restore(
                 &inner.store,
@@ -480,16 +482,23 @@ impl Engine {
     }
 
     /// What the engine knows of the disk's current state, for a delta
-    /// restore of `target`: the tracked base snapshot's manifest and the
-    /// dirty block runs. `None` (compare every block) unless the tracker is
-    /// trusted and the base, the target and the disk have one length.
+    /// restore of `target`: a snapshot's manifest and the dirty block runs
+    /// since, from the engine's own tracker when it is trusted, else from
+    /// the QEMU checkpoint the disk's export reported (`checkpoint`).
+    /// `None` (compare every block) without either, or unless the base,
+    /// the target and the disk have one length.
     pub(super) fn known_state(
         &self,
         tracker: Option<Tracker>,
+        checkpoint: Option<Changed>,
         target: &Manifest,
         disk: &dyn Disk,
     ) -> Result<Option<(Manifest, Vec<std::ops::Range<u64>>)>> {
-        let Some(t) = tracker.filter(|t| t.trusted && !t.pending) else {
+        let Some((base_id, dirty)) = tracker
+            .filter(|t| t.trusted && !t.pending)
+            .map(|t| (t.base, t.dirty))
+            .or(checkpoint)
+        else {
             return Ok(None);
         };
         let completed = self
@@ -497,19 +506,19 @@ impl Engine {
             .state
             .lock()
             .snapshots
-            .get(&t.base)
+            .get(&base_id)
             .is_some_and(|s| s.status == SnapshotStatus::Completed);
         let Some(base) = completed
-            .then(|| self.inner.manifests.read(t.base).ok())
+            .then(|| self.inner.manifests.read(base_id).ok())
             .flatten()
         else {
             return Ok(None);
         };
         let len = target.image_len;
-        if base.image_len != len || t.dirty.disk_len() != len || disk.len()? != len {
+        if base.image_len != len || dirty.disk_len() != len || disk.len()? != len {
             return Ok(None);
         }
-        Ok(Some((base, t.dirty.block_runs(self.inner.block_size)?)))
+        Ok(Some((base, dirty.block_runs(self.inner.block_size)?)))
     }
 }
 

@@ -77,6 +77,15 @@ impl State {
         rec.status == SnapshotStatus::Completed || self.in_doubt.contains(&rec.id)
     }
 
+    /// The server's newest completed snapshot and its disk length: what a
+    /// QEMU checkpoint on the disk's node records changes since.
+    pub(super) fn newest_completed(&self, server: ServerId) -> Option<(SnapshotId, u64)> {
+        self.snapshots_of(server)
+            .filter(|s| s.status == SnapshotStatus::Completed)
+            .filter_map(|s| Some((s.id, s.stats?.image_len)))
+            .max()
+    }
+
     pub(super) fn capturing(&self, server: ServerId) -> Option<SnapshotId> {
         self.snapshots_of(server)
             .find(|s| s.status == SnapshotStatus::InProgress)

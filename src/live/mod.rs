@@ -331,16 +331,7 @@ impl Session {
         self.clean_up_leftovers(&keep)?;
         let names = self.names;
         let (size, bitmaps) = self.node()?;
-        let from = match parent {
-            None => Err(FullReason::NoCheckpoint),
-            Some((p, len)) => match bitmaps.iter().find(|b| b.name == names.checkpoint(p)) {
-                None => Err(FullReason::NoCheckpoint),
-                Some(b) if b.inconsistent => Err(FullReason::CheckpointInconsistent),
-                Some(b) if !b.recording => Err(FullReason::CheckpointNotRecording),
-                Some(_) if len != size => Err(FullReason::DiskResized),
-                Some(_) => Ok(p),
-            },
-        };
+        let from = usable_checkpoint(&bitmaps, names, parent, size);
         let scratch_file = self.work_dir.join(format!("scratch-{}.qcow2", id.0));
         let mut frozen = Frozen {
             session: self,
@@ -356,6 +347,27 @@ impl Session {
         };
         frozen.set_up(size, from, granularity)?;
         Ok(frozen)
+    }
+}
+
+/// `parent` (a completed snapshot and its disk length) when its checkpoint
+/// on the node (of `size` bytes, with `bitmaps`) says exactly which blocks
+/// changed since it; why not otherwise.
+fn usable_checkpoint(
+    bitmaps: &[Bitmap],
+    names: Names,
+    parent: Option<(SnapshotId, u64)>,
+    size: u64,
+) -> std::result::Result<SnapshotId, FullReason> {
+    let Some((p, len)) = parent else {
+        return Err(FullReason::NoCheckpoint);
+    };
+    match bitmaps.iter().find(|b| b.name == names.checkpoint(p)) {
+        None => Err(FullReason::NoCheckpoint),
+        Some(b) if b.inconsistent => Err(FullReason::CheckpointInconsistent),
+        Some(b) if !b.recording => Err(FullReason::CheckpointNotRecording),
+        Some(_) if len != size => Err(FullReason::DiskResized),
+        Some(_) => Ok(p),
     }
 }
 
@@ -784,6 +796,12 @@ pub struct Writable {
     disk: Option<NbdDisk>,
     path: PathBuf,
     pub paused: bool,
+    /// The blocks written since the newest snapshot, from its checkpoint,
+    /// when it is on the node and consistent: the disk is that snapshot
+    /// but for them, known without reading it.
+    pub since: Option<(SnapshotId, DirtyBitmap)>,
+    /// The frozen copy of the checkpoint the export carried.
+    since_bitmap: Option<String>,
     closed: bool,
 }
 
@@ -806,13 +824,17 @@ fn pause_with(qmp: &mut Qmp) -> Result<bool> {
 
 impl Writable {
     /// Exports the node (writable when `writable`, which also pauses a
-    /// running VM; a restore's planning only reads).
+    /// running VM; a restore's planning only reads), with what changed
+    /// since `newest` (the server's newest completed snapshot and its disk
+    /// length) when its checkpoint tells, in blocks of `granularity`.
     pub fn open(
         disk: &QemuDisk,
         work_dir: &Path,
         names: Names,
         uri: &Path,
         writable: bool,
+        newest: Option<(SnapshotId, u64)>,
+        granularity: u64,
     ) -> Result<Writable> {
         let mut session = Session::open(disk, work_dir, names)?;
         // Nothing of a crashed operation stays; checkpoints do (a restore
@@ -832,6 +854,8 @@ impl Writable {
             disk: None,
             path: uri.to_path_buf(),
             paused,
+            since: None,
+            since_bitmap: None,
             closed: false,
         };
         let socket = match &w.session.disk.nbd_socket {
@@ -848,19 +872,46 @@ impl Writable {
             }
         };
         let node = w.session.disk.node.clone();
-        w.session.qmp.execute(
-            "block-export-add",
-            json!({"type": "nbd", "id": names.restore_export(), "node-name": node,
-                   "name": names.restore_export(), "writable": writable}),
-        )?;
+        let (size, bitmaps) = w.session.node()?;
+        let base = usable_checkpoint(&bitmaps, names, newest, size).ok();
+        let mut export = json!({"type": "nbd", "id": names.restore_export(), "node-name": node,
+                                "name": names.restore_export(), "writable": writable});
+        if let Some(p) = base {
+            // QEMU exports a recording bitmap only on a writable export,
+            // and the restore's own writes must not reach what it reads:
+            // a disabled copy, taken while nothing writes (the VM paused,
+            // or the stop hook run).
+            let copy = names.of("since", p);
+            w.session.qmp.execute(
+                "transaction",
+                json!({"actions": [
+                    {"type": "block-dirty-bitmap-add",
+                     "data": {"node": node, "name": copy, "disabled": true}},
+                    {"type": "block-dirty-bitmap-merge",
+                     "data": {"node": node, "target": copy, "bitmaps": [names.checkpoint(p)]}}]}),
+            )?;
+            w.since_bitmap = Some(copy.clone());
+            export["bitmaps"] = json!([copy]);
+        }
+        w.session.qmp.execute("block-export-add", export)?;
         let uri = crate::nbd::NbdUri {
             address: crate::nbd::NbdAddress::Unix(socket),
             export: names.restore_export(),
         };
-        w.disk = Some(NbdDisk::from_client(
-            uri.connect(&[BASE_ALLOCATION])?,
-            uri.to_string(),
-        ));
+        let context = w
+            .since_bitmap
+            .as_ref()
+            .map(|b| format!("qemu:dirty-bitmap:{b}"));
+        let mut contexts = vec![BASE_ALLOCATION];
+        contexts.extend(context.as_deref());
+        let client = uri.connect(&contexts)?;
+        if let (Some(p), Some(context)) = (base, &context) {
+            w.since = Some((
+                p,
+                crate::nbd::bitmap_of(&client, context, size, granularity)?,
+            ));
+        }
+        w.disk = Some(NbdDisk::from_client(client, uri.to_string()));
         Ok(w)
     }
 
@@ -874,6 +925,9 @@ impl Writable {
         let export = self.session.names.restore_export();
         let mut first = None;
         keep_first(&mut first, self.session.del_export(&export));
+        if let Some(copy) = self.since_bitmap.take() {
+            keep_first(&mut first, self.session.remove_bitmap(&copy));
+        }
         if let Some(sock) = self.own_server.take() {
             keep_first(
                 &mut first,

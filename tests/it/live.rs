@@ -15,7 +15,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use blocksnap::live::testbed::{Daemon, Guest, point_in_time, qcow2_image, read_export};
-use blocksnap::{CaptureKind, EngineOptions, FullReason, RestoreOptions, ServerId};
+use blocksnap::{CaptureKind, EngineOptions, FullReason, RestoreMethod, RestoreOptions, ServerId};
 use serde_json::Value;
 
 use crate::common::random_bytes;
@@ -118,9 +118,19 @@ fn live_snapshots_of_a_writing_guest_are_points_in_time_and_incremental() {
     );
     only_checkpoint_of(&assert_nothing_left(&vm), s2.id);
 
-    // Each restores to a point in time; the second is later.
+    // Each restores to a point in time; the second is later. Without a
+    // safety snapshot, the restore knows the disk from snapshot two's
+    // checkpoint (two plus the guest's writes since) and reads none of it.
     let bare = RestoreOptions::default().safety_snapshot(false);
-    engine.restore_snapshot_with(s1.id, bare).unwrap();
+    let plan = engine.plan_restore(s1.id, bare).unwrap();
+    let report = engine.restore_snapshot_with(s1.id, bare).unwrap();
+    for (method, compared) in [
+        (plan.method, plan.bytes_compared),
+        (report.method, report.bytes_compared),
+    ] {
+        assert_eq!((method, compared), (RestoreMethod::Delta, 0));
+    }
+    assert_eq!(report.blocks_rewritten, plan.blocks_to_rewrite);
     let k1 = check(&first, writes, &vm.guest_uri(), "snapshot one");
     let report = engine.restore_snapshot(s2.id).unwrap();
     assert!(report.safety_snapshot.is_some() && !report.vm_paused);
@@ -154,6 +164,14 @@ fn a_checkpoint_left_inconsistent_by_a_qemu_crash_gives_a_full_capture() {
     vm.stop().unwrap();
     Daemon::start(dir.path(), &image).unwrap().crash();
     let vm = Daemon::start(dir.path(), &image).unwrap();
+    // Nor does a restore trust it: it reads and compares the disk.
+    let bare = RestoreOptions::default().safety_snapshot(false);
+    let report = engine.restore_snapshot_with(two.id, bare).unwrap();
+    assert_eq!(report.method, RestoreMethod::Compare);
+    assert_eq!(
+        (report.bytes_compared, report.blocks_rewritten),
+        (16 << 20, 0)
+    );
     let three = engine.create_snapshot(ServerId(1), "three", "").unwrap();
     assert_eq!(
         three.stats.unwrap().full_reason,
