@@ -162,8 +162,10 @@ impl Names {
     fn frozen_bitmap(&self, id: SnapshotId) -> String {
         self.of("frozen", id)
     }
-    fn restore_export(&self) -> String {
-        format!("{}restore", self.prefix())
+    /// The export of the node itself, for a restore (`kind` "restore")
+    /// or its planning ("plan").
+    fn node_export(&self, kind: &str) -> String {
+        format!("{}{kind}", self.prefix())
     }
 }
 
@@ -802,6 +804,8 @@ pub struct Writable {
     pub since: Option<(SnapshotId, DirtyBitmap)>,
     /// The frozen copy of the checkpoint the export carried.
     since_bitmap: Option<String>,
+    /// The export's id and name.
+    export: String,
     closed: bool,
 }
 
@@ -837,16 +841,21 @@ impl Writable {
         granularity: u64,
     ) -> Result<Writable> {
         let mut session = Session::open(disk, work_dir, names)?;
-        // Nothing of a crashed operation stays; checkpoints do (a restore
-        // writes through QEMU, so they record it).
-        let (_, bitmaps) = session.node()?;
-        let cp = format!("{}cp-", names.prefix());
-        let keep: Vec<SnapshotId> = bitmaps
-            .iter()
-            .filter_map(|b| b.name.strip_prefix(&cp)?.parse().ok())
-            .map(SnapshotId)
-            .collect();
-        session.clean_up_leftovers(&keep)?;
+        // A restore excludes every other operation on the server: nothing
+        // of a crashed one stays; checkpoints do (a restore writes through
+        // QEMU, so they record it). A plan, which may run beside a capture,
+        // touches nothing but what it makes, under names of its own.
+        let kind = if writable { "restore" } else { "plan" };
+        if writable {
+            let (_, bitmaps) = session.node()?;
+            let cp = format!("{}cp-", names.prefix());
+            let keep: Vec<SnapshotId> = bitmaps
+                .iter()
+                .filter_map(|b| b.name.strip_prefix(&cp)?.parse().ok())
+                .map(SnapshotId)
+                .collect();
+            session.clean_up_leftovers(&keep)?;
+        }
         let paused = writable && pause_with(&mut session.qmp)?;
         let mut w = Writable {
             session,
@@ -856,12 +865,13 @@ impl Writable {
             paused,
             since: None,
             since_bitmap: None,
+            export: names.node_export(kind),
             closed: false,
         };
         let socket = match &w.session.disk.nbd_socket {
             Some(s) => s.clone(),
             None => {
-                let s = w.session.work_dir.join("nbd-restore.sock");
+                let s = w.session.work_dir.join(format!("nbd-{kind}.sock"));
                 let _ = std::fs::remove_file(&s);
                 w.session.qmp.execute(
                     "nbd-server-start",
@@ -874,14 +884,14 @@ impl Writable {
         let node = w.session.disk.node.clone();
         let (size, bitmaps) = w.session.node()?;
         let base = usable_checkpoint(&bitmaps, names, newest, size).ok();
-        let mut export = json!({"type": "nbd", "id": names.restore_export(), "node-name": node,
-                                "name": names.restore_export(), "writable": writable});
+        let mut export = json!({"type": "nbd", "id": w.export, "node-name": node,
+                                "name": w.export, "writable": writable});
         if let Some(p) = base {
             // QEMU exports a recording bitmap only on a writable export,
             // and the restore's own writes must not reach what it reads:
             // a disabled copy, taken while nothing writes (the VM paused,
             // or the stop hook run).
-            let copy = names.of("since", p);
+            let copy = names.of(&format!("{kind}-since"), p);
             w.session.qmp.execute(
                 "transaction",
                 json!({"actions": [
@@ -896,7 +906,7 @@ impl Writable {
         w.session.qmp.execute("block-export-add", export)?;
         let uri = crate::nbd::NbdUri {
             address: crate::nbd::NbdAddress::Unix(socket),
-            export: names.restore_export(),
+            export: w.export.clone(),
         };
         let context = w
             .since_bitmap
@@ -922,7 +932,7 @@ impl Writable {
             return Ok(());
         }
         self.disk = None;
-        let export = self.session.names.restore_export();
+        let export = self.export.clone();
         let mut first = None;
         keep_first(&mut first, self.session.del_export(&export));
         if let Some(copy) = self.since_bitmap.take() {
