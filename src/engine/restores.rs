@@ -340,7 +340,10 @@ impl Engine {
         // it will be written) and left paused.
         let qemu = crate::live::disk_of(&server.disk)?;
         let vm_paused = match &qemu {
-            Some(q) => crate::live::pause(q)?,
+            Some(q) => {
+                crate::live::check_writable(q, &self.live_dir(server.id), self.live_names()?)?;
+                crate::live::pause(q)?
+            }
             None => false,
         };
         let manifest = self.restore_manifest(server, id)?;

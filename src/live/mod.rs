@@ -809,6 +809,58 @@ pub struct Writable {
     closed: bool,
 }
 
+/// Checks that blocksnap may write the disk's node, before a restore
+/// pauses anything or takes its safety snapshot: QEMU refuses a second
+/// writer of a disk whose VM device does not share write access
+/// (`share-rw=off`, the default), paused or not.
+pub fn check_writable(disk: &QemuDisk, work_dir: &Path, names: Names) -> Result<()> {
+    let mut session = Session::open(disk, work_dir, names)?;
+    let own = match &disk.nbd_socket {
+        Some(_) => None,
+        None => {
+            let s = work_dir.join("nbd-probe.sock");
+            let _ = std::fs::remove_file(&s);
+            session.qmp.execute(
+                "nbd-server-start",
+                json!({"addr": {"type": "unix", "data": {"path": s}}}),
+            )?;
+            Some(s)
+        }
+    };
+    let id = names.node_export("probe");
+    let added = session.qmp.try_execute(
+        "block-export-add",
+        json!({"type": "nbd", "id": id, "node-name": disk.node, "name": id, "writable": true}),
+    );
+    let mut first = None;
+    if matches!(added, Ok(Ok(_))) {
+        keep_first(&mut first, session.del_export(&id));
+    }
+    if let Some(s) = own {
+        keep_first(
+            &mut first,
+            session.qmp.execute("nbd-server-stop", json!({})),
+        );
+        let _ = std::fs::remove_file(s);
+    }
+    match added? {
+        Ok(_) => first.map_or(Ok(()), Err),
+        Err(refusal) if refusal.desc.contains("Permission conflict") => {
+            Err(Error::WrongState(format!(
+                "QEMU lets nothing but the VM write block node {:?}: its device does not share \
+                 write access (share-rw=off, the default), paused or not ({}). Shut the VM down \
+                 and restore with the disk served by qemu-storage-daemon, or attach the disk \
+                 with share-rw=on",
+                disk.node, refusal.desc
+            )))
+        }
+        Err(refusal) => Err(session.bad(&format!(
+            "block-export-add: {} ({})",
+            refusal.desc, refusal.class
+        ))),
+    }
+}
+
 /// Pauses the VM whose disk `disk` is (QMP `stop`), when it runs; true if
 /// it was paused now. qemu-storage-daemon, which has no guest, has nothing
 /// to pause.

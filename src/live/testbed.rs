@@ -29,11 +29,24 @@ pub struct Daemon {
 
 /// True when qemu-storage-daemon and qemu-img can run here.
 pub fn qemu_available() -> std::result::Result<(), String> {
-    for tool in ["qemu-storage-daemon", "qemu-img"] {
+    tools_available(&["qemu-storage-daemon", "qemu-img"])
+}
+
+/// True when a VM can run here too (`qemu-system-x86_64`).
+pub fn vm_available() -> std::result::Result<(), String> {
+    tools_available(&["qemu-system-x86_64", "qemu-img"])
+}
+
+fn tools_available(tools: &[&str]) -> std::result::Result<(), String> {
+    for &tool in tools {
         match Command::new(tool).arg("--version").output() {
             Ok(o) if o.status.success() => {}
             Ok(o) => return Err(format!("{tool} --version failed: {}", o.status)),
-            Err(e) => return Err(format!("{tool}: {e} (apt-get install qemu-utils)")),
+            Err(e) => {
+                return Err(format!(
+                    "{tool}: {e} (apt-get install qemu-utils qemu-system-x86)"
+                ));
+            }
         }
     }
     Ok(())
@@ -59,6 +72,27 @@ pub fn qcow2_image(bytes: &[u8], image: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The arguments of the two QMP monitors (blocksnap's, the caller's),
+/// on sockets in `dir`, as a VM or qemu-storage-daemon takes them.
+fn monitors(dir: &Path, vm: bool) -> Vec<String> {
+    let (chardev, monitor, mode) = if vm {
+        ("-chardev", "-mon", ",mode=control")
+    } else {
+        ("--chardev", "--monitor", "")
+    };
+    let mut args = Vec::new();
+    for (id, socket) in [("bs", "qmp-blocksnap.sock"), ("t", "qmp-test.sock")] {
+        args.push(chardev.to_string());
+        args.push(format!(
+            "socket,path={},server=on,wait=off,id={id}",
+            dir.join(socket).display()
+        ));
+        args.push(monitor.to_string());
+        args.push(format!("chardev={id}{mode}"));
+    }
+    args
+}
+
 impl Daemon {
     /// Starts one on `image`, its sockets in `dir`; the guest's export is
     /// writable.
@@ -73,7 +107,8 @@ impl Daemon {
             let _ = std::fs::remove_file(dir.join(s));
         }
         let p = |s: &str| dir.join(s).display().to_string();
-        let child = Command::new("qemu-storage-daemon")
+        let mut command = Command::new("qemu-storage-daemon");
+        command
             .arg("--blockdev")
             .arg(format!(
                 "driver=file,node-name=disk0-file,filename={}",
@@ -86,38 +121,86 @@ impl Daemon {
             .arg(format!(
                 "type=nbd,id=guest,node-name=disk0,name=guest,{export}"
             ))
-            .arg("--chardev")
-            .arg(format!(
-                "socket,path={},server=on,wait=off,id=bs",
-                p("qmp-blocksnap.sock")
-            ))
-            .args(["--monitor", "chardev=bs"])
-            .arg("--chardev")
-            .arg(format!(
-                "socket,path={},server=on,wait=off,id=t",
-                p("qmp-test.sock")
-            ))
-            .args(["--monitor", "chardev=t"])
+            .args(monitors(dir, false));
+        Self::spawn(command, dir, "guest.sock")
+    }
+
+    /// Starts `command` (whose monitors are in `dir`); ready once `ready`
+    /// in `dir` and the test monitor accept connections.
+    fn spawn(mut command: Command, dir: &Path, ready: &str) -> Result<Daemon> {
+        let program = command.get_program().to_string_lossy().to_string();
+        let child = command
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .map_err(|e| Error::io("qemu-storage-daemon", e))?;
+            .map_err(|e| Error::io(&program, e))?;
         let daemon = Daemon {
             child,
             dir: dir.to_path_buf(),
         };
         let deadline = Instant::now() + Duration::from_secs(20);
-        while UnixStream::connect(dir.join("guest.sock")).is_err()
-            || !dir.join("qmp-test.sock").exists()
+        while UnixStream::connect(dir.join(ready)).is_err()
+            || UnixStream::connect(dir.join("qmp-test.sock")).is_err()
         {
             if Instant::now() > deadline {
-                return Err(Error::Internal(
-                    "qemu-storage-daemon did not start in 20 s".into(),
-                ));
+                return Err(Error::Internal(format!("{program} did not start in 20 s")));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
         Ok(daemon)
+    }
+
+    /// A real VM instead (qemu-system-x86_64, software-emulated, no OS:
+    /// its firmware finds nothing to boot and idles) with the image as a
+    /// virtio disk, node `disk0`, the same monitors, and, when the device
+    /// shares write access (`share_rw`), the same writable `guest` export
+    /// on an NBD server started through the monitor. Without `share_rw`,
+    /// QEMU lets nothing but the VM write the disk, so there is no export.
+    pub fn start_vm(dir: &Path, image: &Path, share_rw: bool) -> Result<Daemon> {
+        for s in ["guest.sock", "qmp-blocksnap.sock", "qmp-test.sock"] {
+            let _ = std::fs::remove_file(dir.join(s));
+        }
+        let p = |s: &str| dir.join(s).display().to_string();
+        let share = if share_rw { "on" } else { "off" };
+        let mut command = Command::new("qemu-system-x86_64");
+        command
+            .args([
+                "-machine",
+                "q35,accel=tcg",
+                "-nodefaults",
+                "-display",
+                "none",
+            ])
+            .args(["-m", "64"])
+            .arg("-blockdev")
+            .arg(format!(
+                "driver=file,node-name=disk0-file,filename={}",
+                image.display()
+            ))
+            .args(["-blockdev", "driver=qcow2,node-name=disk0,file=disk0-file"])
+            .arg("-device")
+            .arg(format!("virtio-blk-pci,drive=disk0,share-rw={share}"))
+            .args(monitors(dir, true));
+        let vm = Self::spawn(command, dir, "qmp-blocksnap.sock")?;
+        let mut commands = vec![(
+            "nbd-server-start",
+            json!({"addr": {"type": "unix", "data": {"path": p("guest.sock")}}}),
+        )];
+        if share_rw {
+            commands.push((
+                "block-export-add",
+                json!({"type": "nbd", "id": "guest", "node-name": "disk0",
+                       "name": "guest", "writable": true}),
+            ));
+        }
+        vm.qmp(&commands)?;
+        Ok(vm)
+    }
+
+    /// True while the VM runs (QMP `query-status`).
+    pub fn running(&self) -> Result<bool> {
+        let r = self.qmp(&[("query-status", json!({}))])?;
+        Ok(r[0]["running"].as_bool() == Some(true))
     }
 
     /// The guest's export.

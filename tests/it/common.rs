@@ -508,14 +508,23 @@ impl Victim {
 /// (said loudly) only where `BLOCKSNAP_NO_QEMU=1` says the machine has no
 /// QEMU; otherwise their absence fails the test.
 pub fn qemu_here() -> bool {
-    match blocksnap::live::testbed::qemu_available() {
+    present(blocksnap::live::testbed::qemu_available())
+}
+
+/// [`qemu_here`] for a real VM (`qemu-system-x86_64`).
+pub fn vm_here() -> bool {
+    present(blocksnap::live::testbed::vm_available())
+}
+
+fn present(available: Result<(), String>) -> bool {
+    match available {
         Ok(()) => true,
         Err(why) if std::env::var("BLOCKSNAP_NO_QEMU").is_ok_and(|v| v == "1") => {
             eprintln!("\n!!! NOT RUN: no QEMU ({why}), as BLOCKSNAP_NO_QEMU=1 says\n");
             false
         }
         Err(why) => panic!(
-            "this test needs QEMU ({why}): apt-get install qemu-utils, or set \
+            "this test needs QEMU ({why}): .ci/run installs it, or set \
              BLOCKSNAP_NO_QEMU=1 only on a machine that cannot have it"
         ),
     }

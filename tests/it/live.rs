@@ -476,3 +476,67 @@ fn a_disabled_checkpoint_gives_a_full_capture() {
     assert_eq!(three.stats.unwrap().kind, CaptureKind::Incremental);
     vm.stop().unwrap();
 }
+
+/// A real VM (QEMU's q35 machine, software-emulated, without an OS):
+/// live snapshots while a writer writes its disk, and restores that pause
+/// it first, leave it paused and say so. A disk whose device does not
+/// share write access (QEMU's default) is captured live the same, but its
+/// restore is refused before anything is paused or written.
+#[test]
+fn a_running_vm_is_captured_live_and_paused_for_a_restore() {
+    if !crate::common::vm_here() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let len = 16 * MIB;
+    let first = first_disk(len);
+    let image = dir.path().join("disk.qcow2");
+    qcow2_image(&first, &image).unwrap();
+    let vm = Daemon::start_vm(dir.path(), &image, true).unwrap();
+    let engine = store_on(dir.path(), &vm);
+    assert!(vm.running().unwrap());
+
+    let guest = Guest::start(&vm.guest_uri(), len, Duration::from_millis(2)).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let s1 = engine.create_snapshot(ServerId(1), "one", "").unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let s2 = engine.create_snapshot(ServerId(1), "two", "").unwrap();
+    let log = guest.stop().expect("the writer's writes never failed");
+    let st2 = s2.stats.unwrap();
+    assert_eq!(st2.kind, CaptureKind::Incremental, "{st2:?}");
+    assert_eq!(st2.sample_mismatches, 0);
+    assert!(vm.running().unwrap(), "a capture does not pause the VM");
+
+    let report = engine.restore_snapshot(s1.id).unwrap();
+    assert!(report.vm_paused, "the restore says it paused the VM");
+    assert!(!vm.running().unwrap(), "and leaves it paused");
+    let k1 = check(&first, &log.writes, &vm.guest_uri(), "snapshot one");
+    assert!(0 < k1 && k1 < log.writes.len() as u64);
+    // Already paused, the VM is not paused again, and the undo is exact.
+    let undo = engine.undo_restore(ServerId(1)).unwrap();
+    assert!(!undo.vm_paused);
+    let all = check(&first, &log.writes, &vm.guest_uri(), "undo");
+    assert_eq!(all, log.writes.len() as u64);
+    assert_eq!(assert_nothing_left(&vm).len(), 1);
+    vm.qmp(&[("cont", serde_json::json!({}))]).unwrap();
+    assert!(vm.running().unwrap());
+    vm.stop().unwrap();
+
+    // The device's default: nothing else may write its disk.
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.qcow2");
+    qcow2_image(&first, &image).unwrap();
+    let vm = Daemon::start_vm(dir.path(), &image, false).unwrap();
+    let engine = store_on(dir.path(), &vm);
+    let s = engine.create_snapshot(ServerId(1), "one", "").unwrap();
+    let err = engine.restore_snapshot(s.id).unwrap_err();
+    assert!(
+        matches!(err, blocksnap::Error::WrongState(_)) && err.to_string().contains("share-rw"),
+        "{err}"
+    );
+    assert!(vm.running().unwrap(), "a refused restore pauses nothing");
+    let kept = engine.snapshots(Some(ServerId(1))).unwrap();
+    assert_eq!(kept.len(), 1, "and takes no safety snapshot: {kept:?}");
+    only_checkpoint_of(&assert_nothing_left(&vm), s.id);
+    vm.stop().unwrap();
+}
