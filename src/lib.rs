@@ -90,6 +90,7 @@ pub use options::{
 };
 pub use policy::{MAX_DESCRIPTION_LEN, MAX_NAME_LEN, MAX_SNAPSHOTS_PER_SERVER};
 pub use restore::{RestoreMethod, RestoreReport};
+pub use store::IndexInfo;
 pub use store::gc::GcReport;
 pub use tracking::TrackingStatus;
 pub use types::{

@@ -42,6 +42,7 @@ pub struct EngineOptions {
     pub(crate) auto_gc: bool,
     pub(crate) store_fs: Arc<dyn StoreFs>,
     pub(crate) read_only: bool,
+    pub(crate) index_persist_min: usize,
 }
 
 impl Default for EngineOptions {
@@ -59,6 +60,7 @@ impl Default for EngineOptions {
             auto_gc: false,
             store_fs: Arc::new(StdFs),
             read_only: false,
+            index_persist_min: crate::store::PERSIST_MIN,
         }
     }
 }
@@ -126,6 +128,16 @@ impl EngineOptions {
     /// the disk behind the tracker's back).
     pub fn change_tracking(mut self, on: bool) -> Self {
         self.change_tracking = on;
+        self
+    }
+
+    /// How many chunks the index holds in memory, beyond its table on
+    /// disk, before it writes a new table (at a capture's end or on
+    /// close; also never before a sixteenth of the table). Lower makes
+    /// opening cheaper (it reads the packs the table does not cover) for
+    /// more writing. Default: 4,096 (a quarter GiB of 64 KiB chunks).
+    pub fn index_persist_min(mut self, chunks: usize) -> Self {
+        self.index_persist_min = chunks;
         self
     }
 

@@ -96,6 +96,12 @@ pub struct OpenReport {
     pub bytes_cut: u64,
     /// Packs that could not be read at all.
     pub unreadable_packs: Vec<String>,
+    /// Packs whose chunks open read (those the chunk index table does not
+    /// cover), why the table was rebuilt from the packs when it was, and
+    /// why a new one could not be written when it could not.
+    pub packs_indexed: u64,
+    pub index_rebuilt: Option<String>,
+    pub index_unsaved: Option<String>,
 }
 
 /// A capture running in the background.
@@ -151,6 +157,8 @@ pub struct StoreStats {
     /// The store's setting for new chunks: zstd level, and bytes of new
     /// chunks compressed together (0: one frame per chunk).
     pub compression: Compression,
+    /// The chunk index: its table on disk and what is in memory.
+    pub index: crate::store::IndexInfo,
 }
 
 /// Lifecycle of a snapshot.

@@ -235,6 +235,9 @@ impl Engine {
             move |outcome| {
                 let done = finisher.finish_capture(id, outcome, previous);
                 drop(pins);
+                // Best effort: until it is written, the chunks are found
+                // in memory, and the next open reads their packs.
+                let _ = finisher.inner.store.persist_index_if_due();
                 done
             },
         )

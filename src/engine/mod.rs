@@ -123,6 +123,7 @@ impl Engine {
         } else {
             ChunkStore::open(&packs, store_fs.clone())?
         };
+        store.set_index_persist_min(options.index_persist_min);
         if !exists {
             sync_dir(store_fs.as_ref(), root)?;
         }
@@ -130,6 +131,9 @@ impl Engine {
             packs_recovered: recovery.packs_sealed,
             bytes_cut: recovery.bytes_cut,
             unreadable_packs: recovery.unreadable,
+            packs_indexed: recovery.packs_indexed,
+            index_rebuilt: recovery.index_rebuilt,
+            index_unsaved: recovery.index_unsaved,
             ..OpenReport::default()
         };
         let mut state = State::new(loaded.servers, loaded.snapshots, loaded.next_snapshot_id);
@@ -407,7 +411,20 @@ impl Engine {
             .collect();
         let mut report = verify::verify(&self.inner.store, manifests);
         report.catalog_error = self.inner.catalog.check().err().map(|e| e.to_string());
+        if snapshot.is_none() {
+            report.index_error = self.inner.store.check_index().err().map(|e| e.to_string());
+        }
         Ok(report)
+    }
+
+    /// Rebuilds the chunk index table from the packs (which stay the
+    /// source of truth) and returns what the index is then. Open does it
+    /// by itself when the table is missing, stale or damaged, and so does
+    /// a look-up that finds a damaged page; this is for operators.
+    pub fn rebuild_index(&self) -> Result<crate::store::IndexInfo> {
+        self.writable("rebuilding the chunk index")?;
+        self.inner.store.rebuild_index()?;
+        Ok(self.inner.store.index_info())
     }
 }
 

@@ -18,6 +18,8 @@ use crate::types::StoreStats;
 pub(super) fn stored_size(store: &ChunkStore, id: &ChunkId) -> u32 {
     store
         .locate(id)
+        .ok()
+        .flatten()
         .map_or(0, |l| u32::try_from(l.accounted_len()).unwrap_or(u32::MAX))
 }
 
@@ -214,6 +216,7 @@ impl Engine {
             dedup_ratio: ratio(data_bytes, space.live_raw_bytes),
             compression_ratio: ratio(space.live_raw_bytes, space.live_bytes),
             compression: self.compression(),
+            index: self.inner.store.index_info(),
         })
     }
 }

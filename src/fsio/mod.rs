@@ -47,6 +47,13 @@ pub trait StoreFile: Send + Sync {
         Ok(self.len()? == 0)
     }
 
+    /// The file mapped read-only, where the file system has real files
+    /// (`None`: read it instead). Only for files never written again once
+    /// renamed into place, under the store's lock (the chunk index).
+    fn map(&self) -> io::Result<Option<memmap2::Mmap>> {
+        Ok(None)
+    }
+
     /// Fills `buf` from `offset`; an early end is `UnexpectedEof`.
     fn read_exact_at(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
         while !buf.is_empty() {
@@ -154,6 +161,22 @@ impl StoreFile for File {
     }
     fn len(&self) -> io::Result<u64> {
         Ok(self.metadata()?.len())
+    }
+    fn map(&self) -> io::Result<Option<memmap2::Mmap>> {
+        // SAFETY: a mapping is undefined behaviour if the file changes
+        // under it. The store maps only its chunk index files, which are
+        // written under a temporary name, fsynced and renamed into place,
+        // and never written, truncated or reused afterwards (a new
+        // generation is a new file); the store's lock keeps other
+        // blocksnap processes from replacing them while mapped, and a
+        // rename or unlink of a mapped file leaves the mapping intact. What
+        // no lock stops is another program truncating the file: reading a
+        // page past the new end then raises SIGBUS, as it does for any
+        // program whose mapped files are truncated (LMDB, git's packs).
+        // Every page's checksum is checked before its contents are used,
+        // so an overwrite is detected, never trusted.
+        let map = unsafe { memmap2::Mmap::map(self)? };
+        Ok(Some(map))
     }
 }
 

@@ -123,7 +123,9 @@ impl PackInfo {
 pub(super) fn remove_leftovers(fs: &dyn StoreFs, dir: &Path) -> Result<()> {
     for path in fs.list(dir).at(dir)? {
         let name = path.file_name().map(|n| n.to_string_lossy().to_string());
-        if name.is_some_and(|n| n.starts_with(TMP_PREFIX) && n.ends_with(TMP_SUFFIX)) {
+        if name.is_some_and(|n| {
+            n.starts_with(TMP_PREFIX) && n.ends_with(TMP_SUFFIX) || n == super::table::TMP_NAME
+        }) {
             fs.remove(&path).at(&path)?;
         }
     }
@@ -159,14 +161,23 @@ fn read_sealed(fs: &dyn StoreFs, path: &Path) -> Result<Option<(u64, Vec<IndexEn
 
 impl ChunkStore {
     /// True when this record is the indexed copy of a needed chunk.
-    fn record_live(&self, seq: u32, e: &IndexEntry, needed: &dyn Fn(&ChunkId) -> bool) -> bool {
-        let here = self.index.read().get(&e.id)
+    /// A damaged chunk index table fails the collection: deciding a
+    /// record is dead on a look-up that cannot be trusted could delete a
+    /// needed chunk.
+    fn record_live(
+        &self,
+        seq: u32,
+        e: &IndexEntry,
+        needed: &dyn Fn(&ChunkId) -> bool,
+    ) -> Result<bool> {
+        let found = self.index.read().get(&e.id);
+        let here = found.map_err(|d| self.damaged(d))?
             == Some(ChunkLoc {
                 pack: seq,
                 offset: e.offset as u32,
                 stored_len: e.stored_len,
             });
-        here && (needed(&e.id) || self.is_pinned(&e.id))
+        Ok(here && (needed(&e.id) || self.is_pinned(&e.id)))
     }
 
     /// The sealed packs other than the open one, with each record's
@@ -185,22 +196,22 @@ impl ChunkStore {
             .map(|a| (a.seq, a.len, a.entries.clone()));
         let active = open.as_ref().map(|(seq, _, _)| *seq);
         let mut packs = Vec::new();
-        let info = |seq, path, file_len, mut entries: Vec<IndexEntry>| {
+        let info = |seq, path, file_len, mut entries: Vec<IndexEntry>| -> Result<PackInfo> {
             entries.sort_by_key(|e| e.offset);
-            PackInfo {
+            Ok(PackInfo {
                 live: entries
                     .iter()
                     .map(|e| self.record_live(seq, e, needed))
-                    .collect(),
+                    .collect::<Result<_>>()?,
                 seq,
                 path,
                 file_len,
                 entries,
-            }
+            })
         };
         if let (true, Some((seq, len, entries))) = (include_open, open) {
             let sealed_len = len + (entries.len() * pack::INDEX_ENTRY_LEN + TRAILER_LEN) as u64;
-            packs.push(info(seq, pack_path(&self.dir, seq), sealed_len, entries));
+            packs.push(info(seq, pack_path(&self.dir, seq), sealed_len, entries)?);
         }
         for (seq, path) in list_packs(self.fs.as_ref(), &self.dir)? {
             if Some(seq) == active {
@@ -216,7 +227,7 @@ impl ChunkStore {
             let Some((file_len, entries)) = found else {
                 continue;
             };
-            packs.push(info(seq, path, file_len, entries));
+            packs.push(info(seq, path, file_len, entries)?);
         }
         Ok(packs)
     }
@@ -254,7 +265,7 @@ impl ChunkStore {
         level: i32,
     ) -> Result<GcReport> {
         let started = Instant::now();
-        let _one_at_a_time = self.gc_lock.lock();
+        let one_at_a_time = self.gc_lock.lock();
         if !dry_run {
             // Seal the open pack so that its garbage can be collected too;
             // new chunks go to a new one. A seal that fails (a full disk)
@@ -269,11 +280,13 @@ impl ChunkStore {
             packs_examined: packs.len() as u64,
             ..GcReport::default()
         };
+        let mut touched = false;
         // Garbage at the end of a pack is cut off in place first: it needs
         // no room, so a full disk can always give back the data of a
         // capture that failed for want of it.
         for p in packs.iter_mut() {
             if let Some(freed) = self.cut_dead_tail(p, needed, dry_run)? {
+                touched |= !dry_run;
                 report.packs_cut += 1;
                 report.chunks_reclaimed += freed.0;
                 report.bytes_reclaimed += freed.1;
@@ -298,7 +311,6 @@ impl ChunkStore {
             })
             .collect();
         report.bytes_unused = unused;
-        let mut touched = false;
         for p in &empty {
             if dry_run || self.drop_pack(p, needed)? {
                 report.packs_dropped += 1;
@@ -341,6 +353,11 @@ impl ChunkStore {
         }
         if touched {
             self.sync_dir()?;
+            // The table on disk covers packs that are gone or changed now:
+            // a new one, from the index as GC left it. Best effort: if it
+            // cannot be written, the next open finds the old one stale and
+            // rebuilds it from the packs.
+            let _ = self.persist_index(&one_at_a_time);
         }
         let open_len = if dry_run {
             0 // surveyed as a pack
@@ -383,10 +400,15 @@ impl ChunkStore {
             {
                 let _guard = self.gc_guard.write();
                 let tail = &p.entries[keep..];
-                if tail.iter().any(|e| self.record_live(p.seq, e, needed)) {
-                    return Ok(None);
+                for e in tail {
+                    if self.record_live(p.seq, e, needed)? {
+                        return Ok(None);
+                    }
                 }
-                self.index.write().relocate(p.seq, p.seq, &moves);
+                self.index
+                    .write()
+                    .relocate(p.seq, p.seq, &moves, tail)
+                    .map_err(|d| self.damaged(d))?;
             }
             let file = self.fs.open(&p.path, OpenMode::ReadWrite).at(&p.path)?;
             file.set_len(cut).at(&p.path)?;
@@ -479,13 +501,17 @@ impl ChunkStore {
     ) -> Result<bool> {
         let left = {
             let _guard = self.gc_guard.write();
-            let newly_live = p.entries.iter().any(|e| {
-                !copied.contains(&move_key(e.offset, &e.id)) && self.record_live(p.seq, e, needed)
-            });
-            if newly_live {
-                return Ok(false);
+            for e in &p.entries {
+                if !copied.contains(&move_key(e.offset, &e.id))
+                    && self.record_live(p.seq, e, needed)?
+                {
+                    return Ok(false);
+                }
             }
-            self.index.write().relocate(p.seq, to, moves)
+            self.index
+                .write()
+                .relocate(p.seq, to, moves, &p.entries)
+                .map_err(|d| self.damaged(d))?
         };
         if left > 0 {
             // Cannot happen (every record of the pack is in `moves`); keep

@@ -1,21 +1,32 @@
-//! The chunk index: chunk id -> record location, in 28 bytes per chunk.
+//! The chunk index: chunk id -> record location.
 //!
-//! A dedup index must stay small: it is the one structure that grows with
-//! everything stored. Each entry keeps the first 16 bytes of the id (the
-//! full 32 are in the record header, checked on every read) and a 12-byte
-//! location. Entries live in one sorted array (binary search), plus a small
-//! hash map of recent inserts that is merged into the array once it holds
-//! more than 1/32 of it (or 256), so the whole costs about 28 + 2 = 30
-//! bytes per chunk from 10,000 chunks on (measured by `bytes_per_chunk_is_at_most_32`).
+//! Three layers, looked up in this order:
+//! - `patch`: what garbage collection changed in the base since it was
+//!   written (a chunk's new place, or its removal);
+//! - the overlay: chunks of the packs the base does not cover (sealed
+//!   since it was written, or the open one), in a sorted array plus a
+//!   small hash map of recent inserts merged into the array once it holds
+//!   more than 1/32 of it (or 256): 28 + 2 bytes per chunk;
+//! - `base`: the table on disk ([`super::table`]), memory-mapped, which
+//!   covers a set of sealed packs and costs no heap at all.
 //!
-//! Two different chunks sharing a 128-bit id prefix (a 2^-64 event at
-//! four billion chunks) cannot corrupt a disk: the dedup look-up would call
-//! the second chunk stored, and restoring it would fail the record header's
-//! full-id check, or BLAKE3, with a corruption error.
+//! The store writes a new base (merging all three) when the overlay grows
+//! past a share of the base, after a garbage collection, and when the
+//! table was missing or stale at open.
+//!
+//! Each entry keeps the first 16 bytes of the id (the full 32 are in the
+//! record header, checked on every read). Two different chunks sharing a
+//! 128-bit id prefix (a 2^-64 event at four billion chunks) cannot corrupt
+//! a disk: the dedup look-up would call the second chunk stored, and
+//! restoring it would fail the record header's full-id check, or BLAKE3,
+//! with a corruption error.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hash, Hasher};
+use std::sync::Arc;
 
+use super::pack::IndexEntry;
+use super::table::{self, Damaged, Table};
 use super::{ChunkLoc, PrefixHasher};
 use crate::ids::ChunkId;
 
@@ -36,7 +47,7 @@ const MERGE_MIN: usize = 256;
 
 /// The first 16 bytes of a chunk id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-struct Key([u8; 16]);
+pub struct Key([u8; 16]);
 
 impl Hash for Key {
     /// BLAKE3 output is uniform: its first 8 bytes are the hash.
@@ -45,6 +56,11 @@ impl Hash for Key {
         b.copy_from_slice(&self.0[..8]);
         state.write_u64(u64::from_le_bytes(b));
     }
+}
+
+/// The first 16 bytes of a chunk id: what the index keys on.
+pub fn key_bytes(id: &ChunkId) -> [u8; 16] {
+    key(id).0
 }
 
 fn key(id: &ChunkId) -> Key {
@@ -56,7 +72,7 @@ fn key(id: &ChunkId) -> Key {
 /// One sorted entry: 16 + 12 bytes, no padding.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(C)]
-struct Entry {
+pub struct Entry {
     key: Key,
     pack: u32,
     offset: u32,
@@ -64,46 +80,169 @@ struct Entry {
 }
 const _: () = assert!(std::mem::size_of::<Entry>() == 28);
 
+type Map<V> = HashMap<Key, V, BuildHasherDefault<PrefixHasher>>;
+
 #[derive(Default)]
 pub struct ChunkIndex {
+    base: Option<Arc<Table>>,
+    patch: Map<Option<ChunkLoc>>,
     sorted: Vec<Entry>,
-    recent: HashMap<Key, ChunkLoc, BuildHasherDefault<PrefixHasher>>,
+    recent: Map<ChunkLoc>,
+}
+
+/// What a new base is written from ([`ChunkIndex::persist_view`]).
+pub struct PersistView {
+    base: Option<Arc<Table>>,
+    patch: Map<Option<ChunkLoc>>,
+    /// The overlay's entries, sorted.
+    overlay: Vec<Entry>,
+}
+
+impl PersistView {
+    /// The generation the new base will be.
+    pub fn next_generation(&self) -> u64 {
+        self.base.as_ref().map_or(1, |b| b.generation() + 1)
+    }
+
+    /// Every entry of the index whose pack is in `covered`, in key order
+    /// (what the new base holds); the others are kept for the overlay.
+    pub fn entries<'a>(
+        &'a self,
+        covered: &'a HashSet<u32>,
+        kept: &'a mut Vec<Entry>,
+    ) -> impl Iterator<Item = std::result::Result<table::Entry, Damaged>> + 'a {
+        let overlay_keys: HashSet<Key> = self.overlay.iter().map(|e| e.key).collect();
+        let base = self
+            .base
+            .iter()
+            .flat_map(|b| b.iter())
+            .filter_map(move |e| match e {
+                Err(d) => Some(Err(d)),
+                Ok(e) => {
+                    let key = Key(e.key);
+                    if overlay_keys.contains(&key) {
+                        return None;
+                    }
+                    match self.patch.get(&key) {
+                        Some(None) => None,
+                        Some(Some(l)) => Some(Ok(Entry::new(key, *l))),
+                        None => Some(Ok(Entry::new(key, e.loc))),
+                    }
+                }
+            });
+        let overlay = self.overlay.iter().map(|e| Ok(*e));
+        MergeByKey {
+            a: base.peekable(),
+            b: overlay.peekable(),
+        }
+        .filter_map(move |e| match e {
+            Err(d) => Some(Err(d)),
+            Ok(e) if covered.contains(&e.pack) => Some(Ok(table::Entry {
+                key: e.key.0,
+                loc: e.loc(),
+            })),
+            Ok(e) => {
+                kept.push(e);
+                None
+            }
+        })
+    }
+}
+
+/// Two ascending streams of entries with distinct keys, merged.
+struct MergeByKey<A: Iterator, B: Iterator> {
+    a: std::iter::Peekable<A>,
+    b: std::iter::Peekable<B>,
+}
+
+type Item = std::result::Result<Entry, Damaged>;
+
+impl<A: Iterator<Item = Item>, B: Iterator<Item = Item>> Iterator for MergeByKey<A, B> {
+    type Item = Item;
+    fn next(&mut self) -> Option<Item> {
+        let take_a = match (self.a.peek(), self.b.peek()) {
+            (Some(Err(_)), _) => true,
+            (_, Some(Err(_))) => false,
+            (Some(Ok(x)), Some(Ok(y))) => x.key <= y.key,
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        if take_a { self.a.next() } else { self.b.next() }
+    }
+}
+
+impl Entry {
+    fn new(key: Key, l: ChunkLoc) -> Entry {
+        Entry {
+            key,
+            pack: l.pack,
+            offset: l.offset,
+            stored_len: l.stored_len,
+        }
+    }
+
+    fn loc(&self) -> ChunkLoc {
+        ChunkLoc {
+            pack: self.pack,
+            offset: self.offset,
+            stored_len: self.stored_len,
+        }
+    }
 }
 
 impl ChunkIndex {
-    pub fn get(&self, id: &ChunkId) -> Option<ChunkLoc> {
-        let k = key(id);
-        if let Some(loc) = self.recent.get(&k) {
+    /// An index of the table `base` and nothing else yet.
+    pub fn with_base(base: Arc<Table>) -> Self {
+        ChunkIndex {
+            base: Some(base),
+            ..ChunkIndex::default()
+        }
+    }
+
+    pub fn base(&self) -> Option<&Arc<Table>> {
+        self.base.as_ref()
+    }
+
+    fn overlay_get(&self, k: &Key) -> Option<ChunkLoc> {
+        if let Some(loc) = self.recent.get(k) {
             return Some(*loc);
         }
         self.sorted
-            .binary_search_by(|e| e.key.cmp(&k))
+            .binary_search_by(|e| e.key.cmp(k))
             .ok()
-            .map(|i| {
-                let e = &self.sorted[i];
-                ChunkLoc {
-                    pack: e.pack,
-                    offset: e.offset,
-                    stored_len: e.stored_len,
-                }
-            })
+            .map(|i| self.sorted[i].loc())
     }
 
+    /// Where the chunk is, if indexed; an error when the base's page that
+    /// would hold it is damaged.
+    pub fn get(&self, id: &ChunkId) -> std::result::Result<Option<ChunkLoc>, Damaged> {
+        let k = key(id);
+        match self.patch.get(&k) {
+            Some(Some(l)) => return Ok(Some(*l)),
+            Some(None) => return Ok(self.overlay_get(&k)),
+            None => {}
+        }
+        if let Some(l) = self.overlay_get(&k) {
+            return Ok(Some(l));
+        }
+        match &self.base {
+            Some(b) => b.get(&k.0),
+            None => Ok(None),
+        }
+    }
+
+    /// True when the chunk is indexed; a damaged base page answers no (the
+    /// chunk is then stored again, which is safe).
     pub fn contains_key(&self, id: &ChunkId) -> bool {
-        self.get(id).is_some()
+        self.get(id).ok().flatten().is_some()
     }
 
-    /// An index of `entries`, in pack order: where an id occurs twice, the
-    /// first copy wins, as with [`ChunkIndex::insert_if_absent`].
+    /// An index of `entries` (no base), in pack order: where an id occurs
+    /// twice, the first copy wins, as with [`ChunkIndex::insert_if_absent`].
     pub fn from_entries(entries: Vec<(ChunkId, ChunkLoc)>) -> Self {
         let mut sorted: Vec<Entry> = entries
             .into_iter()
-            .map(|(id, l)| Entry {
-                key: key(&id),
-                pack: l.pack,
-                offset: l.offset,
-                stored_len: l.stored_len,
-            })
+            .map(|(id, l)| Entry::new(key(&id), l))
             .collect();
         // Stable: equal keys keep their order, and dedup keeps the first.
         sorted.sort_by_key(|e| e.key);
@@ -111,7 +250,7 @@ impl ChunkIndex {
         sorted.shrink_to_fit();
         ChunkIndex {
             sorted,
-            recent: HashMap::default(),
+            ..ChunkIndex::default()
         }
     }
 
@@ -131,10 +270,17 @@ impl ChunkIndex {
     /// Moves or drops every entry that points into pack `from`: `moves`
     /// maps a record offset there and a chunk to where the chunk is now
     /// in pack `to` (offset and stored length), or to `None` to drop the
-    /// entry. Returns how many entries still point into `from` (that
-    /// `moves` does not name); garbage collection deletes a pack only when
-    /// that is 0.
-    pub fn relocate(&mut self, from: u32, to: u32, moves: &Moves) -> usize {
+    /// entry. `records` are the pack's records (where the base's entries
+    /// for it can be). Returns how many entries still point into `from`
+    /// (that `moves` does not name); garbage collection deletes a pack
+    /// only when that is 0.
+    pub fn relocate(
+        &mut self,
+        from: u32,
+        to: u32,
+        moves: &Moves,
+        records: &[IndexEntry],
+    ) -> std::result::Result<usize, Damaged> {
         let mut left = 0;
         let mut apply =
             |key: &Key, pack: &mut u32, offset: &mut u32, stored_len: &mut u32| -> bool {
@@ -159,10 +305,43 @@ impl ChunkIndex {
             .retain_mut(|e| apply(&e.key, &mut e.pack, &mut e.offset, &mut e.stored_len));
         self.recent
             .retain(|k, l| apply(k, &mut l.pack, &mut l.offset, &mut l.stored_len));
-        left
+        let Some(base) = &self.base else {
+            return Ok(left);
+        };
+        // The base's entries (or their patched places) in pack `from`.
+        let mut seen = HashSet::new();
+        for r in records {
+            let k = key(&r.id);
+            if !seen.insert(k) || self.overlay_get(&k).is_some() {
+                continue;
+            }
+            let now = match self.patch.get(&k) {
+                Some(l) => *l,
+                None => base.get(&k.0)?,
+            };
+            let Some(now) = now.filter(|l| l.pack == from) else {
+                continue;
+            };
+            match moves.get(&(now.offset, k.0)) {
+                Some(Some((offset, stored_len))) => {
+                    let loc = ChunkLoc {
+                        pack: to,
+                        offset: *offset,
+                        stored_len: *stored_len,
+                    };
+                    self.patch.insert(k, Some(loc));
+                }
+                Some(None) => {
+                    self.patch.insert(k, None);
+                }
+                None => left += 1,
+            }
+        }
+        Ok(left)
     }
 
-    /// Drops every entry pointing into pack `pack` at `offset` or later.
+    /// Drops every entry pointing into pack `pack` at `offset` or later
+    /// (the open pack's, which the base never covers).
     pub fn drop_from(&mut self, pack: u32, offset: u32) {
         let gone = |p: u32, o: u32| p == pack && o >= offset;
         self.sorted.retain(|e| !gone(e.pack, e.offset));
@@ -170,13 +349,61 @@ impl ChunkIndex {
     }
 
     pub fn len(&self) -> usize {
-        self.sorted.len() + self.recent.len()
+        let removed = self.patch.values().filter(|l| l.is_none()).count();
+        let base = self.base.as_ref().map_or(0, |b| b.len() as usize);
+        (base + self.sorted.len() + self.recent.len()).saturating_sub(removed)
     }
 
-    /// Heap bytes held, for the bytes-per-chunk figure.
+    /// Entries outside the base: what a new base would take in.
+    pub fn overlay_len(&self) -> usize {
+        self.sorted.len() + self.recent.len() + self.patch.len()
+    }
+
+    /// Heap bytes held, for the bytes-per-chunk figure (the base is
+    /// mapped, not on the heap).
     pub fn heap_bytes(&self) -> usize {
         let slot = std::mem::size_of::<(Key, ChunkLoc)>() + 1;
-        self.sorted.capacity() * std::mem::size_of::<Entry>() + self.recent.capacity() * slot
+        let patch_slot = std::mem::size_of::<(Key, Option<ChunkLoc>)>() + 1;
+        self.sorted.capacity() * std::mem::size_of::<Entry>()
+            + self.recent.capacity() * slot
+            + self.patch.capacity() * patch_slot
+    }
+
+    /// What a new base is written from: cheap clones of the overlay and
+    /// the patch, and the base itself.
+    pub fn persist_view(&self) -> PersistView {
+        let mut overlay = self.sorted.clone();
+        let fresh: Vec<Entry> = self
+            .recent
+            .iter()
+            .map(|(k, l)| Entry::new(*k, *l))
+            .collect();
+        overlay.extend(fresh);
+        overlay.sort_unstable_by_key(|e| e.key);
+        PersistView {
+            base: self.base.clone(),
+            patch: self.patch.clone(),
+            overlay,
+        }
+    }
+
+    /// Makes `base`, which holds every entry of the packs in `covered`,
+    /// the base: the patch is spent, and the overlay keeps only the other
+    /// packs' entries (and `kept`, entries the new base left out).
+    /// Call with no garbage collection running since the view was taken.
+    pub fn install(&mut self, base: Arc<Table>, covered: &HashSet<u32>, kept: Vec<Entry>) {
+        self.patch = Map::default();
+        self.merge();
+        self.sorted.retain(|e| !covered.contains(&e.pack));
+        // The overlay's own entries of other packs are still in it.
+        for e in kept {
+            if self.overlay_get(&e.key).is_none() {
+                self.recent.insert(e.key, e.loc());
+            }
+        }
+        self.merge();
+        self.sorted.shrink_to_fit();
+        self.base = Some(base);
     }
 
     fn merge(&mut self) {
@@ -233,12 +460,12 @@ mod tests {
         }
         assert_eq!(idx.len(), ids.len());
         for (i, id) in ids.iter().enumerate() {
-            assert_eq!(idx.get(id), Some(loc(i as u32)));
+            assert_eq!(idx.get(id).unwrap(), Some(loc(i as u32)));
         }
-        assert!(idx.get(&ChunkId::of(b"absent")).is_none());
+        assert!(idx.get(&ChunkId::of(b"absent")).unwrap().is_none());
         // The first copy wins.
         idx.insert_if_absent(&ids[5], loc(999));
-        assert_eq!(idx.get(&ids[5]), Some(loc(5)));
+        assert_eq!(idx.get(&ids[5]).unwrap(), Some(loc(5)));
     }
 
     #[test]
@@ -265,7 +492,7 @@ mod tests {
                 (key, (i % 2 == 0).then_some((i + 1000, 5)))
             })
             .collect();
-        assert_eq!(idx.relocate(1, 7, &moves), 0);
+        assert_eq!(idx.relocate(1, 7, &moves, &[]).unwrap(), 0);
         for (i, id) in ids.iter().enumerate() {
             let i = i as u32;
             let want = match (i % 3, i % 2) {
@@ -281,14 +508,14 @@ mod tests {
                     stored_len: 9,
                 }),
             };
-            assert_eq!(idx.get(id), want, "{i}");
+            assert_eq!(idx.get(id).unwrap(), want, "{i}");
         }
         // An entry the moves do not name keeps its place, and is counted,
         // even when another chunk at its offset is named.
         let other = move_key(2, &ChunkId::of(b"another member"));
         let moves: Moves = std::iter::once((other, None)).collect();
-        assert_eq!(idx.relocate(2, 8, &moves), 200);
-        assert!(idx.get(&ids[2]).is_some());
+        assert_eq!(idx.relocate(2, 8, &moves, &[]).unwrap(), 200);
+        assert!(idx.get(&ids[2]).unwrap().is_some());
     }
 
     #[test]
@@ -305,10 +532,10 @@ mod tests {
         let mut idx = ChunkIndex::from_entries(entries);
         assert_eq!(idx.len(), ids.len());
         for (i, id) in ids.iter().enumerate() {
-            assert_eq!(idx.get(id), Some(loc(i as u32)));
+            assert_eq!(idx.get(id).unwrap(), Some(loc(i as u32)));
         }
         idx.insert_if_absent(&ChunkId::of(b"new"), loc(1));
-        assert_eq!(idx.get(&ChunkId::of(b"new")), Some(loc(1)));
+        assert_eq!(idx.get(&ChunkId::of(b"new")).unwrap(), Some(loc(1)));
     }
 
     #[test]

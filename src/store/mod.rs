@@ -21,6 +21,7 @@ mod groups;
 mod index;
 pub mod pack;
 mod recovery;
+mod table;
 
 use std::collections::{HashMap, HashSet};
 use std::hash::Hasher;
@@ -31,6 +32,7 @@ use std::sync::{Arc, Weak};
 use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 
 use index::ChunkIndex;
+use table::{Covered, Table};
 
 use crate::error::{Error, IoContext, Result};
 use crate::fsio::{OpenMode, StoreFile, StoreFs};
@@ -158,6 +160,8 @@ pub struct ChunkStore {
     /// taken out of the index and every capture running then fails
     /// ([`ChunkStore::sync_pinned`]).
     sync_failures: AtomicU64,
+    /// See [`ChunkStore::set_index_persist_min`].
+    persist_min: std::sync::atomic::AtomicUsize,
 }
 
 /// The chunks one running capture has referenced: never collected while
@@ -206,24 +210,58 @@ impl ChunkStore {
             gc::remove_leftovers(fs.as_ref(), dir)?;
         }
         let mut recovery = Recovery::default();
-        let mut all = Vec::new();
-        let mut max_seq = 0;
-        for (seq, path) in list_packs(fs.as_ref(), dir)? {
-            max_seq = max_seq.max(seq);
-            match load_pack(fs.as_ref(), &path, &mut recovery, read_only) {
-                Ok(entries) => all.extend(entries.into_iter().map(|e| {
-                    let loc = ChunkLoc {
-                        pack: seq,
-                        offset: e.offset as u32,
-                        stored_len: e.stored_len,
-                    };
-                    (e.id, loc)
-                })),
-                Err(e) => recovery.unreadable.push(e.to_string()),
+        let packs = list_packs(fs.as_ref(), dir)?;
+        let max_seq = packs.last().map_or(0, |(seq, _)| *seq);
+        // The table on disk, if it still says what the packs hold.
+        let table = match Table::open(fs.as_ref(), &dir.join(table::FILE_NAME)) {
+            Ok(Some(t)) => match stale(fs.as_ref(), &t, &packs) {
+                None => Some(t),
+                Some(why) => {
+                    recovery.index_rebuilt = Some(why);
+                    None
+                }
+            },
+            Ok(None) => {
+                recovery.index_rebuilt = Some("the store had no chunk index".into());
+                None
             }
-        }
-        // One sort instead of a merge every few hundred inserts.
-        let index = ChunkIndex::from_entries(all);
+            Err(e) => {
+                recovery.index_rebuilt = Some(e.to_string());
+                None
+            }
+        };
+        let index = match table {
+            Some(t) => {
+                let covered: HashSet<u32> = t.covered().iter().map(|c| c.seq).collect();
+                let mut index = ChunkIndex::with_base(Arc::new(t));
+                for (seq, path) in packs.iter().filter(|(seq, _)| !covered.contains(seq)) {
+                    match load_pack(fs.as_ref(), path, &mut recovery, read_only) {
+                        Ok(entries) => {
+                            recovery.packs_indexed += 1;
+                            for e in entries {
+                                index.insert_if_absent(&e.id, loc_of(*seq, &e));
+                            }
+                        }
+                        Err(e) => recovery.unreadable.push(e.to_string()),
+                    }
+                }
+                index
+            }
+            None => {
+                let mut all = Vec::new();
+                for (seq, path) in &packs {
+                    match load_pack(fs.as_ref(), path, &mut recovery, read_only) {
+                        Ok(entries) => {
+                            recovery.packs_indexed += 1;
+                            all.extend(entries.iter().map(|e| (e.id, loc_of(*seq, e))));
+                        }
+                        Err(e) => recovery.unreadable.push(e.to_string()),
+                    }
+                }
+                // One sort instead of a merge every few hundred inserts.
+                ChunkIndex::from_entries(all)
+            }
+        };
         if recovery.packs_sealed > 0 {
             fs.sync_dir(dir).at(dir)?;
         }
@@ -242,9 +280,208 @@ impl ChunkStore {
             groups: GroupCache::default(),
             gc_lock: Mutex::new(()),
             sync_failures: AtomicU64::new(0),
+            persist_min: std::sync::atomic::AtomicUsize::new(PERSIST_MIN),
             fs,
         };
+        if !read_only && (recovery.index_rebuilt.is_some() || store.index_due()) {
+            // Best effort: without it the store works as before, from the
+            // packs, and the next open tries again.
+            if let Err(e) = store.persist_index(&store.gc_lock.lock()) {
+                recovery.index_unsaved = Some(e.to_string());
+            }
+        }
         Ok((store, recovery))
+    }
+
+    /// True when the index's overlay has grown enough to be written into a
+    /// new table: past a sixteenth of the table (so that rewriting it
+    /// costs little per chunk), and at least [`PERSIST_MIN`] entries.
+    fn index_due(&self) -> bool {
+        // The open pack's chunks stay out of a table until it is sealed.
+        let open = self
+            .writer
+            .lock()
+            .active
+            .as_ref()
+            .map_or(0, |a| a.entries.len());
+        let index = self.index.read();
+        let base = index.base().map_or(0, |b| b.len() as usize);
+        let min = self.persist_min.load(Ordering::Relaxed);
+        index.overlay_len().saturating_sub(open) > (base / 16).max(min)
+    }
+
+    /// Entries the index holds in memory before a new table is written
+    /// ([`crate::EngineOptions::index_persist_min`]).
+    pub fn set_index_persist_min(&self, entries: usize) {
+        self.persist_min.store(entries, Ordering::Relaxed);
+    }
+
+    /// The sealed packs a new table can cover: all but the open one, and
+    /// but any a crash left unsealed.
+    fn coverable(&self) -> Result<Vec<Covered>> {
+        let open = self.writer.lock().active.as_ref().map(|a| a.seq);
+        let mut covered = Vec::new();
+        for (seq, path) in list_packs(self.fs.as_ref(), &self.dir)? {
+            if Some(seq) == open {
+                continue;
+            }
+            if let Some(c) = sealed_fingerprint(self.fs.as_ref(), seq, &path)? {
+                covered.push(c);
+            }
+        }
+        Ok(covered)
+    }
+
+    /// Writes the whole index as a new table covering every sealed pack
+    /// and makes it the base. `_gc` proves no garbage collection runs (it
+    /// changes the index in ways a table written meanwhile would miss). A
+    /// damaged base is rebuilt from the packs instead.
+    fn persist_index(&self, gc: &parking_lot::MutexGuard<'_, ()>) -> Result<()> {
+        let covered = self.coverable()?;
+        let set: HashSet<u32> = covered.iter().map(|c| c.seq).collect();
+        let view = self.index.read().persist_view();
+        let mut kept = Vec::new();
+        let written = table::write(
+            self.fs.as_ref(),
+            &self.dir,
+            view.entries(&set, &mut kept)
+                .map(|e| e.map_err(|d| self.damaged(d))),
+            &covered,
+            view.next_generation(),
+        );
+        match written {
+            Err(e) if e.is_corruption() => return self.rebuild_index_locked(gc),
+            r => r?,
+        }
+        let path = self.dir.join(table::FILE_NAME);
+        let t = Table::open(self.fs.as_ref(), &path)?
+            .ok_or_else(|| Error::io(&path, std::io::ErrorKind::NotFound.into()))?;
+        self.index.write().install(Arc::new(t), &set, kept);
+        Ok(())
+    }
+
+    /// Rebuilds the table from the packs (they are the source of truth)
+    /// and makes it the base: what `blocksnap index rebuild` runs, and
+    /// what a damaged table gets.
+    pub fn rebuild_index(&self) -> Result<()> {
+        self.rebuild_index_locked(&self.gc_lock.lock())
+    }
+
+    fn rebuild_index_locked(&self, _gc: &parking_lot::MutexGuard<'_, ()>) -> Result<()> {
+        let covered = self.coverable()?;
+        let set: HashSet<u32> = covered.iter().map(|c| c.seq).collect();
+        let mut all: Vec<table::Entry> = Vec::new();
+        for c in &covered {
+            let path = pack_path(&self.dir, c.seq);
+            let mut scratch = Recovery::default();
+            let entries = load_pack(self.fs.as_ref(), &path, &mut scratch, true)?;
+            all.extend(entries.iter().map(|e| table::Entry {
+                key: index::key_bytes(&e.id),
+                loc: loc_of(c.seq, e),
+            }));
+        }
+        // Stable: the first copy (in pack order) of a chunk stored twice.
+        all.sort_by_key(|e| e.key);
+        all.dedup_by_key(|e| e.key);
+        let generation = self.index.read().base().map_or(1, |b| b.generation() + 1);
+        table::write(
+            self.fs.as_ref(),
+            &self.dir,
+            all.into_iter().map(Ok),
+            &covered,
+            generation,
+        )?;
+        let path = self.dir.join(table::FILE_NAME);
+        let t = Table::open(self.fs.as_ref(), &path)?
+            .ok_or_else(|| Error::io(&path, std::io::ErrorKind::NotFound.into()))?;
+        self.index.write().install(Arc::new(t), &set, Vec::new());
+        Ok(())
+    }
+
+    /// Writes a new table if the overlay grew enough (after captures).
+    pub fn persist_index_if_due(&self) -> Result<()> {
+        if !self.index_due() {
+            return Ok(());
+        }
+        self.persist_index(&self.gc_lock.lock())
+    }
+
+    /// What the chunk index is now, for `stats` and `verify`.
+    pub fn index_info(&self) -> IndexInfo {
+        let index = self.index.read();
+        IndexInfo {
+            chunks: index.len() as u64,
+            table_entries: index.base().map_or(0, |b| b.len()),
+            table_bytes: index.base().map_or(0, |b| b.file_bytes()),
+            table_generation: index.base().map_or(0, |b| b.generation()),
+            overlay_entries: index.overlay_len() as u64,
+            heap_bytes: index.heap_bytes() as u64,
+        }
+    }
+
+    /// Checks the whole table (every page's checksum, the keys' order) and
+    /// that it holds what its packs hold: every record of a covered pack
+    /// is found (at it, or at another copy of its chunk), and every entry
+    /// points into a covered pack. What `verify` runs.
+    pub fn check_index(&self) -> Result<()> {
+        let base = self.index.read().base().cloned();
+        let Some(base) = base else {
+            return Ok(());
+        };
+        base.check().map_err(|d| self.damaged(d))?;
+        let covered: HashSet<u32> = base.covered().iter().map(|c| c.seq).collect();
+        for e in base.iter() {
+            let e = e.map_err(|d| self.damaged(d))?;
+            if !covered.contains(&e.loc.pack) {
+                return Err(Error::corrupt(
+                    base.path(),
+                    format!(
+                        "an entry points into pack {}, which the index does not cover",
+                        e.loc.pack
+                    ),
+                ));
+            }
+        }
+        for c in base.covered() {
+            let path = pack_path(&self.dir, c.seq);
+            let mut scratch = Recovery::default();
+            let Ok(entries) = load_pack(self.fs.as_ref(), &path, &mut scratch, true) else {
+                continue; // verify reports the pack itself
+            };
+            for e in entries {
+                if base
+                    .get(&index::key_bytes(&e.id))
+                    .map_err(|d| self.damaged(d))?
+                    .is_none()
+                {
+                    return Err(Error::corrupt(
+                        base.path(),
+                        format!("misses chunk {} of pack {}", e.id, c.seq),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn damaged(&self, d: table::Damaged) -> Error {
+        Error::corrupt(
+            self.dir.join(table::FILE_NAME),
+            format!(
+                "{}; `blocksnap index rebuild` makes it again from the packs",
+                d.0
+            ),
+        )
+    }
+
+    /// A look-up found the table damaged: rebuilds it from the packs when
+    /// no garbage collection runs (a collection fails on it instead).
+    /// Returns whether it was rebuilt.
+    fn heal(&self) -> bool {
+        match self.gc_lock.try_lock() {
+            Some(gc) => self.rebuild_index_locked(&gc).is_ok(),
+            None => false,
+        }
     }
 
     /// Registers the pins of a capture about to run.
@@ -273,9 +510,15 @@ impl ChunkStore {
             .any(|p| p.contains(id))
     }
 
-    /// True when the store holds this chunk (written, perhaps not yet synced).
+    /// True when the store holds this chunk (written, perhaps not yet
+    /// synced). A damaged table is rebuilt; if it cannot be, the answer
+    /// is no, and the chunk is stored again.
     pub fn contains(&self, id: &ChunkId) -> bool {
-        self.index.read().contains_key(id)
+        let found = self.index.read().get(id);
+        match found {
+            Ok(l) => l.is_some(),
+            Err(_) => self.heal() && self.index.read().contains_key(id),
+        }
     }
 
     /// Number of distinct chunks stored.
@@ -288,9 +531,15 @@ impl ChunkStore {
         self.index.read().heap_bytes()
     }
 
-    /// Where a chunk lives, if stored.
-    pub fn locate(&self, id: &ChunkId) -> Option<ChunkLoc> {
-        self.index.read().get(id)
+    /// Where a chunk lives, if stored. A damaged table is rebuilt from the
+    /// packs; one that cannot be is a corruption error.
+    pub fn locate(&self, id: &ChunkId) -> Result<Option<ChunkLoc>> {
+        let found = self.index.read().get(id);
+        match found {
+            Ok(l) => Ok(l),
+            Err(d) if !self.heal() => Err(self.damaged(d)),
+            Err(_) => self.index.read().get(id).map_err(|d| self.damaged(d)),
+        }
     }
 
     /// Appends the chunks the store does not hold yet (checked again under the
@@ -395,15 +644,18 @@ impl ChunkStore {
         Ok(())
     }
 
-    /// Seals the open pack (index, trailer, fsync). Called on clean close.
+    /// Seals the open pack (index, trailer, fsync), then writes a new
+    /// chunk index table if enough was added. Called on clean close.
     pub fn close(&self) -> Result<()> {
-        let mut w = self.writer.lock();
-        self.seal(&mut w)?;
-        if std::mem::take(&mut w.dir_dirty) {
-            drop(w);
+        let dir_dirty = {
+            let mut w = self.writer.lock();
+            self.seal(&mut w)?;
+            std::mem::take(&mut w.dir_dirty)
+        };
+        if dir_dirty {
             self.sync_pack_dir()?;
         }
-        Ok(())
+        self.persist_index_if_due()
     }
 
     /// After a failed fsync of the open pack: its records not known to be
@@ -597,12 +849,12 @@ impl ChunkStore {
     /// the open: the index then already says where it went, so one more
     /// look-up finds it.
     fn open_record(&self, id: &ChunkId) -> Result<(ChunkLoc, Arc<dyn StoreFile>)> {
-        let mut loc = self.locate(id).ok_or(Error::ChunkMissing { chunk: *id })?;
+        let mut loc = self.locate(id)?.ok_or(Error::ChunkMissing { chunk: *id })?;
         loop {
             match self.reader(loc.pack) {
                 Ok(file) => return Ok((loc, file)),
                 Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-                    let again = self.locate(id).ok_or(Error::ChunkMissing { chunk: *id })?;
+                    let again = self.locate(id)?.ok_or(Error::ChunkMissing { chunk: *id })?;
                     if again == loc {
                         return Err(Error::corrupt(
                             pack_path(&self.dir, loc.pack),
@@ -688,6 +940,69 @@ impl Drop for ChunkStore {
         // Best effort: an unsealed pack is recovered by a scan on next open.
         let _ = self.close();
     }
+}
+
+/// The overlay is written into a new table once it holds this many
+/// entries (and a sixteenth of the table), by default.
+pub const PERSIST_MIN: usize = 4096;
+
+/// The chunk index, as `stats` reports it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct IndexInfo {
+    pub chunks: u64,
+    /// Entries in the table on disk, its bytes and generation.
+    pub table_entries: u64,
+    pub table_bytes: u64,
+    pub table_generation: u64,
+    /// Entries in memory (chunks of packs the table does not cover, and
+    /// changes since it was written).
+    pub overlay_entries: u64,
+    pub heap_bytes: u64,
+}
+
+fn loc_of(seq: u32, e: &IndexEntry) -> ChunkLoc {
+    ChunkLoc {
+        pack: seq,
+        offset: e.offset as u32,
+        stored_len: e.stored_len,
+    }
+}
+
+/// Why `t` no longer says what the packs hold, if it does not: a pack it
+/// covers is gone, or changed (its length or trailer).
+fn stale(fs: &dyn StoreFs, t: &Table, packs: &[(u32, PathBuf)]) -> Option<String> {
+    let listed: HashMap<u32, &PathBuf> = packs.iter().map(|(s, p)| (*s, p)).collect();
+    for c in t.covered() {
+        let Some(path) = listed.get(&c.seq) else {
+            return Some(format!("pack {} it covers is gone", c.seq));
+        };
+        match sealed_fingerprint(fs, c.seq, path) {
+            Ok(Some(now)) if now == *c => {}
+            Ok(_) => return Some(format!("pack {} it covers has changed", c.seq)),
+            Err(e) => return Some(format!("pack {} it covers: {e}", c.seq)),
+        }
+    }
+    None
+}
+
+/// A sealed pack's length and trailer checksum; `None` when unsealed.
+fn sealed_fingerprint(fs: &dyn StoreFs, seq: u32, path: &Path) -> Result<Option<Covered>> {
+    let file = fs.open(path, OpenMode::Read).at(path)?;
+    let len = file.len().at(path)?;
+    if len < (PACK_HEADER_LEN + pack::TRAILER_LEN) as u64 {
+        return Ok(None);
+    }
+    let mut t = [0u8; pack::TRAILER_LEN];
+    file.read_exact_at(&mut t, len - pack::TRAILER_LEN as u64)
+        .at(path)?;
+    if pack::decode_trailer(&t, len).is_none() {
+        return Ok(None);
+    }
+    Ok(Some(Covered {
+        seq,
+        trailer_crc: crc32fast::hash(&t),
+        len,
+    }))
 }
 
 fn pack_path(dir: &Path, seq: u32) -> PathBuf {

@@ -23,6 +23,15 @@ pub struct Recovery {
     /// Packs that could not be read at all, with the reason; their chunks
     /// are missing from the index and `verify` reports them.
     pub unreadable: Vec<String>,
+    /// Packs whose chunks were read at open (those the chunk index table
+    /// does not cover: none when it covers them all).
+    pub packs_indexed: u64,
+    /// Why the chunk index table was rebuilt from the packs, when it was
+    /// (missing, damaged, or stale).
+    pub index_rebuilt: Option<String>,
+    /// Why a new table could not be written, when it could not (the store
+    /// works from the packs meanwhile).
+    pub index_unsaved: Option<String>,
 }
 
 pub(super) fn list_packs(fs: &dyn StoreFs, dir: &Path) -> Result<Vec<(u32, PathBuf)>> {

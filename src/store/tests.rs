@@ -90,7 +90,7 @@ fn group_members_are_read_back_before_and_after_a_reopen_or_a_crash() {
         assert_eq!(n.chunks, 8);
         // Held already: skipped whole.
         assert_eq!(s.append([NewRecord::Group(&ga)]).unwrap().chunks, 0);
-        assert!(s.locate(&ChunkId::of(&a[2])).unwrap().is_member());
+        assert!(s.locate(&ChunkId::of(&a[2])).unwrap().unwrap().is_member());
         check(&s);
     }
     // Sealed: the members come back from the pack's index.
@@ -119,10 +119,10 @@ fn a_group_with_a_member_already_stored_indexes_only_the_others() {
     let a = texts(0, 3);
     let refs: Vec<&[u8]> = a.iter().map(|d| d.as_slice()).collect();
     put(&s, &refs[..1]);
-    let first = s.locate(&ChunkId::of(&a[0])).unwrap();
+    let first = s.locate(&ChunkId::of(&a[0])).unwrap().unwrap();
     let n = s.append([NewRecord::Group(&group_of(&a))]).unwrap();
     assert_eq!(n.chunks, 2);
-    assert_eq!(s.locate(&ChunkId::of(&a[0])).unwrap(), first);
+    assert_eq!(s.locate(&ChunkId::of(&a[0])).unwrap().unwrap(), first);
     for d in &a {
         assert_eq!(&s.read(&ChunkId::of(d)).unwrap(), d);
     }
@@ -226,7 +226,7 @@ fn torn_pack_tail_is_cut_on_open() {
     ));
     // New chunks go to a new pack; the recovered one is sealed.
     put(&s, &[&[4u8; 10]]);
-    assert_eq!(s.locate(&ChunkId::of(&[4u8; 10])).unwrap().pack, 2);
+    assert_eq!(s.locate(&ChunkId::of(&[4u8; 10])).unwrap().unwrap().pack, 2);
 }
 
 #[test]
@@ -258,7 +258,7 @@ fn a_pack_cut_short_after_open_is_corruption() {
     put(&s, &refs);
     s.sync().unwrap();
     let last = ChunkId::of(&data[3]);
-    let loc = s.locate(&last).unwrap();
+    let loc = s.locate(&last).unwrap().unwrap();
     let path = s.pack_path_of(&loc);
     let f = OpenOptions::new().write(true).open(&path).unwrap();
     f.set_len(u64::from(loc.offset) + 10).unwrap();
@@ -280,7 +280,7 @@ fn a_pack_removed_after_open_is_corruption() {
     s.close().unwrap();
     let (s, _) = open(dir.path()).unwrap();
     let id = ChunkId::of(&[1u8; 5000]);
-    let path = s.pack_path_of(&s.locate(&id).unwrap());
+    let path = s.pack_path_of(&s.locate(&id).unwrap().unwrap());
     fs::remove_file(&path).unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {

@@ -74,18 +74,24 @@ pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
     v
 }
 
-/// Total size of the files under `dir`.
-pub fn tree_size(dir: &Path) -> u64 {
-    let mut total = 0;
-    for e in std::fs::read_dir(dir).unwrap().flatten() {
-        let m = e.metadata().unwrap();
-        total += if m.is_dir() {
-            tree_size(&e.path())
-        } else {
-            m.len()
-        };
-    }
-    total
+/// The store's pack files, in sequence order.
+pub fn pack_files(store: &Path) -> Vec<PathBuf> {
+    let mut packs: Vec<PathBuf> = std::fs::read_dir(store.join("packs"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "pack"))
+        .collect();
+    packs.sort();
+    packs
+}
+
+/// Bytes the store's pack files take (the chunk index table aside).
+pub fn packs_bytes(store: &Path) -> u64 {
+    pack_files(store)
+        .iter()
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .sum()
 }
 
 /// A gate that holds disk reads until opened, to keep a capture in progress.

@@ -19,10 +19,7 @@ const DISK_LEN: usize = 36 << 20;
 
 /// Bytes the packs take on disk.
 fn packs_len(store: &Path) -> u64 {
-    std::fs::read_dir(store.join("packs"))
-        .unwrap()
-        .map(|e| e.unwrap().metadata().unwrap().len())
-        .sum()
+    crate::common::packs_bytes(store)
 }
 
 /// Fills the file system: v1 fits, v2 (other random data) runs out of space.

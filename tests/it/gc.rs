@@ -9,14 +9,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use blocksnap::sample::Rng;
 use blocksnap::{Engine, EngineOptions, ServerId, SnapshotId, SnapshotStatus};
 
-use crate::common::{BS, Fixture, Victim, disk_bytes, tree_size};
+use crate::common::{BS, Fixture, Victim, disk_bytes};
 
 fn options() -> EngineOptions {
     EngineOptions::new().block_size(BS as u32)
 }
 
 fn packs_size(store: &Path) -> u64 {
-    tree_size(&store.join("packs"))
+    crate::common::packs_bytes(store)
 }
 
 /// A disk image with data of its own (seed) and a share of common data.

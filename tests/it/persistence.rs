@@ -160,13 +160,7 @@ fn open_reports_the_packs_it_recovered_and_the_torn_bytes_it_cut() {
     let snap = fx.engine.create_snapshot(ServerId(1), "v1", "").unwrap();
     let copy = tempfile::tempdir().unwrap();
     crate::common::copy_tree(fx.dir.path(), copy.path());
-    let packs = copy.path().join("store/packs");
-    let mut newest: Vec<_> = std::fs::read_dir(&packs)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .collect();
-    newest.sort();
+    let newest = crate::common::pack_files(&copy.path().join("store"));
     let pack = newest.last().unwrap();
     let mut f = std::fs::OpenOptions::new().append(true).open(pack).unwrap();
     std::io::Write::write_all(&mut f, &[0x5a; 77]).unwrap();

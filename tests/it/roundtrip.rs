@@ -120,11 +120,10 @@ fn identical_disks_are_stored_once() {
     let bytes = random_bytes(256 * BS, 7);
     fx.server(1, "a", &bytes);
     fx.server(2, "b", &bytes);
-    let packs = fx.store().join("packs");
     let first = fx.engine.create_snapshot(ServerId(1), "a1", "").unwrap();
-    let after_one = crate::common::tree_size(&packs);
+    let after_one = crate::common::packs_bytes(&fx.store());
     let second = fx.engine.create_snapshot(ServerId(2), "b1", "").unwrap();
-    let after_two = crate::common::tree_size(&packs);
+    let after_two = crate::common::packs_bytes(&fx.store());
     assert!(
         after_one >= bytes.len() as u64,
         "random data does not compress"
@@ -189,7 +188,7 @@ fn a_grouped_capture_stores_each_group_once() {
     let snap = fx.engine.create_snapshot(ServerId(1), "s", "").unwrap();
     let st = snap.stats.unwrap();
     assert_eq!(st.new_chunks, 256);
-    let packs = crate::common::tree_size(&fx.store().join("packs"));
+    let packs = crate::common::packs_bytes(&fx.store());
     assert!(
         st.new_stored_bytes < st.new_raw_bytes * 6 / 10 && packs < st.new_stored_bytes + 64 * 1024,
         "{} raw bytes stored as {}, packs {packs} bytes",
