@@ -64,6 +64,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The chunk index (`index rebuild` makes its table again from the packs).
+    #[command(subcommand)]
+    Index(IndexCmd),
     /// Read every chunk of one snapshot (or all) and check its checksums.
     Verify {
         snapshot_id: Option<u64>,
@@ -94,6 +97,17 @@ enum Command {
         /// two are taken, each restored and checked to be one point in time.
         #[arg(long)]
         live: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum IndexCmd {
+    /// Rebuild the chunk index table from the packs, which stay the source
+    /// of truth (open and look-ups do it by themselves when it is missing,
+    /// stale or damaged; `verify` reports damage).
+    Rebuild {
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -342,6 +356,15 @@ fn dispatch(cli: Cli) -> blocksnap::Result<i32> {
         }
         Command::Stats { json } => {
             output::stats(&open_read_only(&store)?.stats()?, json);
+            Ok(0)
+        }
+        Command::Index(IndexCmd::Rebuild { json }) => {
+            let started = std::time::Instant::now();
+            let info = open(&store)?.rebuild_index()?;
+            if !json {
+                print!("rebuilt in {:.2} s: ", started.elapsed().as_secs_f64());
+            }
+            output::index(&info, json);
             Ok(0)
         }
         Command::Verify { snapshot_id, json } => {

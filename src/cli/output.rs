@@ -279,11 +279,15 @@ pub fn verify(engine: &Engine, id: Option<SnapshotId>, json: bool) -> blocksnap:
             "bad_chunks": report.bad_chunks,
             "bad_manifests": report.bad_manifests,
             "catalog_error": report.catalog_error,
+            "index_error": report.index_error,
             "damaged_snapshots": report.damaged_snapshots(),
         }));
     } else {
         if let Some(e) = &report.catalog_error {
             println!("CORRUPT catalog: {e}");
+        }
+        if let Some(e) = &report.index_error {
+            println!("CORRUPT chunk index (the packs are intact; it is rebuilt from them): {e}");
         }
         for m in &report.bad_manifests {
             println!("CORRUPT manifest of snapshot {}: {}", m.snapshot, m.error);
@@ -302,10 +306,10 @@ pub fn verify(engine: &Engine, id: Option<SnapshotId>, json: bool) -> blocksnap:
             report.snapshots_checked,
             report.chunks_checked,
             human_bytes(report.bytes_checked),
-            if report.is_ok() {
-                "all intact".to_string()
-            } else {
-                format!("DAMAGED snapshots {:?}", report.damaged_snapshots())
+            match (report.is_ok(), report.damaged_snapshots()) {
+                (true, _) => "all intact".to_string(),
+                (false, d) if d.is_empty() => "snapshots intact, store damaged (above)".to_string(),
+                (false, d) => format!("DAMAGED snapshots {d:?}"),
             }
         );
     }
@@ -379,5 +383,22 @@ pub fn stats(s: &StoreStats, json: bool) {
         "new chunks        {} (zstd level {}, {groups})",
         s.compression,
         s.compression.level()
+    );
+    index(&s.index, false);
+}
+
+/// Prints what the chunk index is.
+pub fn index(i: &blocksnap::IndexInfo, json: bool) {
+    if json {
+        return print_json(i);
+    }
+    println!(
+        "chunk index       {} chunks: {} in its table on disk ({}, generation {}), {} in memory ({})",
+        i.chunks,
+        i.table_entries,
+        human_bytes(i.table_bytes),
+        i.table_generation,
+        i.overlay_entries,
+        human_bytes(i.heap_bytes)
     );
 }

@@ -405,15 +405,19 @@ impl Engine {
                     .collect(),
             }
         };
+        // The table first: the chunks' look-ups below would rebuild a
+        // damaged one by themselves, and the report must still say so.
+        let index_error = match snapshot {
+            None => self.inner.store.check_index().err().map(|e| e.to_string()),
+            Some(_) => None,
+        };
         let manifests = ids
             .into_iter()
             .map(|id| (id, self.inner.manifests.read(id)))
             .collect();
         let mut report = verify::verify(&self.inner.store, manifests);
         report.catalog_error = self.inner.catalog.check().err().map(|e| e.to_string());
-        if snapshot.is_none() {
-            report.index_error = self.inner.store.check_index().err().map(|e| e.to_string());
-        }
+        report.index_error = index_error;
         Ok(report)
     }
 

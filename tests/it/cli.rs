@@ -454,6 +454,21 @@ fn gc_and_stats_from_the_command() {
     let after: Value = serde_json::from_str(&ok(&store, &["stats", "--json"])).unwrap();
     assert!(after["stored_bytes"].as_u64().unwrap() < stats["stored_bytes"].as_u64().unwrap());
     ok(&store, &["verify"]);
+
+    // The chunk index: its table made again from the packs, by hand.
+    let before = &after["index"];
+    let rebuilt: Value =
+        serde_json::from_str(&ok(&store, &["index", "rebuild", "--json"])).unwrap();
+    assert_eq!(rebuilt["chunks"], before["chunks"], "{rebuilt}");
+    assert_eq!(rebuilt["table_entries"], rebuilt["chunks"], "{rebuilt}");
+    assert_eq!(rebuilt["overlay_entries"], 0, "{rebuilt}");
+    assert!(
+        rebuilt["table_generation"].as_u64() > before["table_generation"].as_u64(),
+        "{rebuilt} after {before}"
+    );
+    let human = ok(&store, &["stats"]);
+    assert!(human.contains("in its table on disk"), "{human}");
+    ok(&store, &["verify"]);
 }
 
 #[test]

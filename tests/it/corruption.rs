@@ -166,6 +166,17 @@ fn random_damage_to_any_store_file_is_reported_and_never_restored() {
     random_damage_trials(blocksnap::EngineOptions::new().block_size(BS as u32));
 }
 
+/// The same with the chunk index table covering every pack (written at
+/// each capture's end), so that its pages are damaged too.
+#[test]
+fn random_damage_with_the_chunk_index_table_covering_the_packs() {
+    random_damage_trials(
+        blocksnap::EngineOptions::new()
+            .block_size(BS as u32)
+            .index_persist_min(0),
+    );
+}
+
 /// The same in a store of group records (the compact setting), where one
 /// damaged record holds many chunks.
 #[test]

@@ -13,6 +13,7 @@ mod full_disk;
 mod fuzz_corpus;
 mod gc;
 mod incremental;
+mod index;
 mod live;
 mod nbd;
 mod persistence;
