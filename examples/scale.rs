@@ -1,0 +1,205 @@
+//! Stores of millions of chunks for bench/scale.sh: builds one from
+//! synthetic disks (4 KiB blocks, each unique and cheaply compressible:
+//! its seed and number, then zeros), then runs one measured step per
+//! process, so that each step's peak RSS is its own.
+//!
+//! ```text
+//! scale build STORE CHUNKS [PER_SNAPSHOT] [--in-memory]
+//! scale open STORE            open the store, print the seconds
+//! scale capture-known STORE   capture server 1's disk again (every chunk stored)
+//! scale capture-new STORE     capture a disk of new chunks, then delete it
+//! scale rebuild STORE         rebuild the chunk index table from the packs
+//! ```
+//!
+//! A synthetic disk is named `/synthetic/SEED/BLOCKS`. `--in-memory`
+//! builds with the table never written (every chunk in the in-memory
+//! index, as before the table existed), for comparison.
+//! Each step prints one line of JSON.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use blocksnap::disk::Disk;
+use blocksnap::{EngineOptions, Error, Result, ServerId};
+
+const BS: u64 = 4096;
+
+/// Blocks of `seed`: block `i` is (seed, i) then zeros.
+struct Synthetic {
+    seed: u64,
+    blocks: u64,
+    path: std::path::PathBuf,
+}
+
+impl Disk for Synthetic {
+    fn len(&self) -> Result<u64> {
+        Ok(self.blocks * BS)
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
+        let len = self.blocks * BS;
+        let n = buf.len().min(len.saturating_sub(offset) as usize);
+        buf[..n].fill(0);
+        let mut at = offset;
+        while at < offset + n as u64 {
+            let block = at / BS;
+            let start = block * BS;
+            // The block's 16-byte stamp, where it falls in this read.
+            let mut stamp = [0u8; 16];
+            stamp[..8].copy_from_slice(&self.seed.to_le_bytes());
+            stamp[8..].copy_from_slice(&block.to_le_bytes());
+            for (i, b) in stamp.iter().enumerate() {
+                let pos = start + i as u64;
+                if pos >= offset && pos < offset + n as u64 {
+                    buf[(pos - offset) as usize] = *b;
+                }
+            }
+            at = start + BS;
+        }
+        Ok(n)
+    }
+    fn write_at(&self, _: &[u8], _: u64) -> Result<()> {
+        Err(Error::InvalidParameter("a synthetic disk is read-only".into()))
+    }
+    fn write_zeroes(&self, _: u64, _: u64) -> Result<()> {
+        Err(Error::InvalidParameter("a synthetic disk is read-only".into()))
+    }
+    fn set_len(&self, _: u64) -> Result<()> {
+        Err(Error::InvalidParameter("a synthetic disk is read-only".into()))
+    }
+    fn is_block_device(&self) -> bool {
+        true
+    }
+    fn sync(&self) -> Result<()> {
+        Ok(())
+    }
+    fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+fn options(in_memory: bool) -> EngineOptions {
+    let opener: blocksnap::disk::DiskOpener = Arc::new(|path: &Path, _| {
+        let parts: Vec<&str> = path.to_str().unwrap_or("").split('/').collect();
+        match parts.as_slice() {
+            ["", "synthetic", seed, blocks] => Ok(Box::new(Synthetic {
+                seed: seed.parse().unwrap_or(0),
+                blocks: blocks.parse().unwrap_or(0),
+                path: path.to_path_buf(),
+            }) as Box<dyn Disk>),
+            _ => Err(Error::InvalidParameter(format!(
+                "{}: not a synthetic disk",
+                path.display()
+            ))),
+        }
+    });
+    let o = EngineOptions::new()
+        .block_size(BS as u32)
+        .disk_opener(opener);
+    if in_memory {
+        o.index_persist_min(usize::MAX)
+    } else {
+        o
+    }
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let in_memory = args.iter().any(|a| a == "--in-memory");
+    let args: Vec<&str> = args
+        .iter()
+        .filter(|a| !a.starts_with("--"))
+        .map(String::as_str)
+        .collect();
+    let Some((&step, rest)) = args.split_first() else {
+        eprintln!("usage: scale build|open|capture-known|capture-new|rebuild STORE ...");
+        std::process::exit(2);
+    };
+    let store = Path::new(rest.first().copied().unwrap_or("scale-store"));
+    let started = Instant::now();
+    match step {
+        "build" => {
+            let chunks: u64 = rest.get(1).and_then(|s| s.parse().ok()).unwrap_or(1 << 20);
+            let per: u64 = rest.get(2).and_then(|s| s.parse().ok()).unwrap_or(1 << 20);
+            let engine = options(in_memory).open(store)?;
+            let snapshots = chunks.div_ceil(per);
+            for n in 0..snapshots {
+                // A server a snapshot, each disk of its own seed.
+                let server = ServerId(n + 1);
+                if engine.server(server).is_err() {
+                    let disk = format!("/synthetic/{}/{per}", 1000 + n);
+                    engine.add_server(server, &format!("s{}", server.0), &disk)?;
+                }
+                if engine.snapshots(Some(server))?.is_empty() {
+                    engine.create_snapshot(server, &format!("n{n}"), "")?;
+                }
+                eprint!("\rbuilt {} of {snapshots} snapshots", n + 1);
+            }
+            eprintln!();
+            engine.close()?;
+            let engine = options(in_memory).open(store)?;
+            println!(
+                "{{\"step\": \"build\", \"chunks\": {}, \"seconds\": {:.3}}}",
+                engine.chunk_count(),
+                started.elapsed().as_secs_f64()
+            );
+        }
+        "open" => {
+            let engine = options(in_memory).open(store)?;
+            let secs = started.elapsed().as_secs_f64();
+            let report = engine.open_report();
+            println!(
+                "{{\"step\": \"open\", \"seconds\": {secs:.4}, \"packs_read\": {}, \"rebuilt\": {}}}",
+                report.packs_indexed,
+                report.index_rebuilt.is_some()
+            );
+        }
+        "capture-known" | "capture-new" => {
+            let engine = options(in_memory).open(store)?;
+            let opened = started.elapsed().as_secs_f64();
+            // Server 1's disk again, or a new server's disk of new data.
+            let blocks: u64 = engine
+                .server(ServerId(1))?
+                .disk
+                .to_str()
+                .and_then(|s| s.rsplit('/').next())
+                .and_then(|b| b.parse().ok())
+                .unwrap_or(1 << 20);
+            let server = if step == "capture-known" {
+                ServerId(1)
+            } else {
+                let s = ServerId(1 << 40);
+                if engine.server(s).is_err() {
+                    engine.add_server(s, "new", format!("/synthetic/999999/{blocks}"))?;
+                }
+                s
+            };
+            let t = Instant::now();
+            let snap = engine.create_snapshot(server, "scale", "")?;
+            let secs = t.elapsed().as_secs_f64();
+            let st = snap.stats.expect("completed");
+            engine.delete_snapshot(snap.id)?;
+            println!(
+                "{{\"step\": \"{step}\", \"open_seconds\": {opened:.4}, \"seconds\": {secs:.4}, \"blocks\": {blocks}, \"new_chunks\": {}, \"chunks_per_second\": {:.0}}}",
+                st.new_chunks,
+                blocks as f64 / secs
+            );
+        }
+        "rebuild" => {
+            let engine = options(in_memory).open(store)?;
+            let t = Instant::now();
+            let info = engine.rebuild_index()?;
+            println!(
+                "{{\"step\": \"rebuild\", \"seconds\": {:.3}, \"chunks\": {}, \"table_bytes\": {}}}",
+                t.elapsed().as_secs_f64(),
+                info.chunks,
+                info.table_bytes
+            );
+        }
+        other => {
+            eprintln!("unknown step {other}");
+            std::process::exit(2);
+        }
+    }
+    Ok(())
+}
