@@ -59,13 +59,19 @@ impl Disk for Synthetic {
         Ok(n)
     }
     fn write_at(&self, _: &[u8], _: u64) -> Result<()> {
-        Err(Error::InvalidParameter("a synthetic disk is read-only".into()))
+        Err(Error::InvalidParameter(
+            "a synthetic disk is read-only".into(),
+        ))
     }
     fn write_zeroes(&self, _: u64, _: u64) -> Result<()> {
-        Err(Error::InvalidParameter("a synthetic disk is read-only".into()))
+        Err(Error::InvalidParameter(
+            "a synthetic disk is read-only".into(),
+        ))
     }
     fn set_len(&self, _: u64) -> Result<()> {
-        Err(Error::InvalidParameter("a synthetic disk is read-only".into()))
+        Err(Error::InvalidParameter(
+            "a synthetic disk is read-only".into(),
+        ))
     }
     fn is_block_device(&self) -> bool {
         true

@@ -170,7 +170,7 @@ impl ChunkStore {
         e: &IndexEntry,
         needed: &dyn Fn(&ChunkId) -> bool,
     ) -> Result<bool> {
-        let found = self.index.read().get(&e.id);
+        let found = self.index()?.get(&e.id);
         let here = found.map_err(|d| self.damaged(d))?
             == Some(ChunkLoc {
                 pack: seq,
@@ -405,8 +405,7 @@ impl ChunkStore {
                         return Ok(None);
                     }
                 }
-                self.index
-                    .write()
+                self.index_mut()?
                     .relocate(p.seq, p.seq, &moves, tail)
                     .map_err(|d| self.damaged(d))?;
             }
@@ -508,8 +507,7 @@ impl ChunkStore {
                     return Ok(false);
                 }
             }
-            self.index
-                .write()
+            self.index_mut()?
                 .relocate(p.seq, to, moves, &p.entries)
                 .map_err(|d| self.damaged(d))?
         };

@@ -18,10 +18,10 @@
 
 pub mod gc;
 mod groups;
-mod index;
+pub(crate) mod index;
 pub mod pack;
 mod recovery;
-mod table;
+pub(crate) mod table;
 
 use std::collections::{HashMap, HashSet};
 use std::hash::Hasher;
@@ -162,6 +162,10 @@ pub struct ChunkStore {
     sync_failures: AtomicU64,
     /// See [`ChunkStore::set_index_persist_min`].
     persist_min: std::sync::atomic::AtomicUsize,
+    /// Sealed packs the table does not cover, not read yet, and whether
+    /// they have been ([`ChunkStore::index`]).
+    pending: Mutex<Vec<(u32, PathBuf)>>,
+    loaded: std::sync::atomic::AtomicBool,
 }
 
 /// The chunks one running capture has referenced: never collected while
@@ -230,11 +234,20 @@ impl ChunkStore {
                 None
             }
         };
+        // Sealed packs the table does not cover are read at the first
+        // look-up, not now: commands that look nothing up (listing
+        // servers and snapshots) open in time independent of the store.
+        let mut pending = Vec::new();
         let index = match table {
             Some(t) => {
                 let covered: HashSet<u32> = t.covered().iter().map(|c| c.seq).collect();
                 let mut index = ChunkIndex::with_base(Arc::new(t));
                 for (seq, path) in packs.iter().filter(|(seq, _)| !covered.contains(seq)) {
+                    if let Ok(Some(_)) = sealed_fingerprint(fs.as_ref(), *seq, path) {
+                        pending.push((*seq, path.clone()));
+                        continue;
+                    }
+                    // Left unsealed by a crash: recovered now.
                     match load_pack(fs.as_ref(), path, &mut recovery, read_only) {
                         Ok(entries) => {
                             recovery.packs_indexed += 1;
@@ -281,6 +294,8 @@ impl ChunkStore {
             gc_lock: Mutex::new(()),
             sync_failures: AtomicU64::new(0),
             persist_min: std::sync::atomic::AtomicUsize::new(PERSIST_MIN),
+            loaded: std::sync::atomic::AtomicBool::new(pending.is_empty()),
+            pending: Mutex::new(pending),
             fs,
         };
         if !read_only && (recovery.index_rebuilt.is_some() || store.index_due()) {
@@ -297,6 +312,10 @@ impl ChunkStore {
     /// new table: past a sixteenth of the table (so that rewriting it
     /// costs little per chunk), and at least [`PERSIST_MIN`] entries.
     fn index_due(&self) -> bool {
+        // Packs not read yet hold nothing a new table would add.
+        if !self.loaded.load(Ordering::Acquire) {
+            return false;
+        }
         // The open pack's chunks stay out of a table until it is sealed.
         let open = self
             .writer
@@ -314,6 +333,50 @@ impl ChunkStore {
     /// ([`crate::EngineOptions::index_persist_min`]).
     pub fn set_index_persist_min(&self, entries: usize) {
         self.persist_min.store(entries, Ordering::Relaxed);
+    }
+
+    /// The index, for look-ups: reads the sealed packs the table does not
+    /// cover first, once (their chunks join the in-memory overlay). Until
+    /// they are read, nothing may be decided from the index (a collection
+    /// would take their records for garbage), so a failure to read one is
+    /// the caller's error, and the next call tries again.
+    fn index(&self) -> Result<RwLockReadGuard<'_, ChunkIndex>> {
+        self.ensure_loaded()?;
+        Ok(self.index.read())
+    }
+
+    /// The index, to change (see [`ChunkStore::index`]).
+    fn index_mut(&self) -> Result<parking_lot::RwLockWriteGuard<'_, ChunkIndex>> {
+        self.ensure_loaded()?;
+        Ok(self.index.write())
+    }
+
+    /// The index as it is, for figures: the packs not read yet are read
+    /// if they can be, and left out if not.
+    fn index_now(&self) -> RwLockReadGuard<'_, ChunkIndex> {
+        let _ = self.ensure_loaded();
+        self.index.read()
+    }
+
+    fn ensure_loaded(&self) -> Result<()> {
+        if self.loaded.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let mut pending = self.pending.lock();
+        let mut loaded = Vec::new();
+        for (seq, path) in pending.iter() {
+            let mut scratch = Recovery::default();
+            loaded.push((*seq, load_pack(self.fs.as_ref(), path, &mut scratch, true)?));
+        }
+        pending.clear();
+        let mut index = self.index.write();
+        for (seq, entries) in loaded {
+            for e in entries {
+                index.insert_if_absent(&e.id, loc_of(seq, &e));
+            }
+        }
+        self.loaded.store(true, Ordering::Release);
+        Ok(())
     }
 
     /// The sealed packs a new table can cover: all but the open one, and
@@ -339,7 +402,7 @@ impl ChunkStore {
     fn persist_index(&self, gc: &parking_lot::MutexGuard<'_, ()>) -> Result<()> {
         let covered = self.coverable()?;
         let set: HashSet<u32> = covered.iter().map(|c| c.seq).collect();
-        let view = self.index.read().persist_view();
+        let view = self.index()?.persist_view();
         let mut kept = Vec::new();
         let written = table::write(
             self.fs.as_ref(),
@@ -356,7 +419,7 @@ impl ChunkStore {
         let path = self.dir.join(table::FILE_NAME);
         let t = Table::open(self.fs.as_ref(), &path)?
             .ok_or_else(|| Error::io(&path, std::io::ErrorKind::NotFound.into()))?;
-        self.index.write().install(Arc::new(t), &set, kept);
+        self.index_mut()?.install(Arc::new(t), &set, kept);
         Ok(())
     }
 
@@ -383,7 +446,7 @@ impl ChunkStore {
         // Stable: the first copy (in pack order) of a chunk stored twice.
         all.sort_by_key(|e| e.key);
         all.dedup_by_key(|e| e.key);
-        let generation = self.index.read().base().map_or(1, |b| b.generation() + 1);
+        let generation = self.index()?.base().map_or(1, |b| b.generation() + 1);
         table::write(
             self.fs.as_ref(),
             &self.dir,
@@ -394,7 +457,7 @@ impl ChunkStore {
         let path = self.dir.join(table::FILE_NAME);
         let t = Table::open(self.fs.as_ref(), &path)?
             .ok_or_else(|| Error::io(&path, std::io::ErrorKind::NotFound.into()))?;
-        self.index.write().install(Arc::new(t), &set, Vec::new());
+        self.index_mut()?.install(Arc::new(t), &set, Vec::new());
         Ok(())
     }
 
@@ -408,7 +471,7 @@ impl ChunkStore {
 
     /// What the chunk index is now, for `stats` and `verify`.
     pub fn index_info(&self) -> IndexInfo {
-        let index = self.index.read();
+        let index = self.index_now();
         IndexInfo {
             chunks: index.len() as u64,
             table_entries: index.base().map_or(0, |b| b.len()),
@@ -424,7 +487,7 @@ impl ChunkStore {
     /// is found (at it, or at another copy of its chunk), and every entry
     /// points into a covered pack. What `verify` runs.
     pub fn check_index(&self) -> Result<()> {
-        let base = self.index.read().base().cloned();
+        let base = self.index()?.base().cloned();
         let Some(base) = base else {
             return Ok(());
         };
@@ -514,7 +577,9 @@ impl ChunkStore {
     /// synced). A damaged table is rebuilt; if it cannot be, the answer
     /// is no, and the chunk is stored again.
     pub fn contains(&self, id: &ChunkId) -> bool {
-        let found = self.index.read().get(id);
+        let Ok(found) = self.index().map(|i| i.get(id)) else {
+            return false; // stored again: safe
+        };
         match found {
             Ok(l) => l.is_some(),
             Err(_) => self.heal() && self.index.read().contains_key(id),
@@ -523,18 +588,18 @@ impl ChunkStore {
 
     /// Number of distinct chunks stored.
     pub fn chunk_count(&self) -> usize {
-        self.index.read().len()
+        self.index_now().len()
     }
 
     /// Heap bytes the chunk index holds.
     pub fn index_bytes(&self) -> usize {
-        self.index.read().heap_bytes()
+        self.index_now().heap_bytes()
     }
 
     /// Where a chunk lives, if stored. A damaged table is rebuilt from the
     /// packs; one that cannot be is a corruption error.
     pub fn locate(&self, id: &ChunkId) -> Result<Option<ChunkLoc>> {
-        let found = self.index.read().get(id);
+        let found = self.index()?.get(id);
         match found {
             Ok(l) => Ok(l),
             Err(d) if !self.heal() => Err(self.damaged(d)),
@@ -557,7 +622,7 @@ impl ChunkStore {
         let mut w = self.writer.lock();
         for rec in records {
             let held = {
-                let index = self.index.read();
+                let index = self.index()?;
                 match &rec {
                     NewRecord::Chunk(c) => index.contains_key(&c.id),
                     NewRecord::Group(g) => g.members().iter().all(|(id, _)| index.contains_key(id)),
@@ -570,7 +635,7 @@ impl ChunkStore {
             let path = pack_path(&self.dir, active.seq);
             let (entries, record_len) =
                 write_record(active.file.as_ref(), &path, &rec, active.len)?;
-            let mut index = self.index.write();
+            let mut index = self.index_mut()?;
             for e in entries {
                 let loc = ChunkLoc {
                     pack: active.seq,

@@ -154,47 +154,60 @@ impl Table {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(Error::io(path, e)),
         };
-        let len = file.len().at(path)?;
+        let bytes = match file.map().at(path)? {
+            Some(m) => Bytes::Mapped(m),
+            None => Bytes::Owned(fs.read_all(path).at(path)?),
+        };
+        Self::parse(path, bytes).map(Some)
+    }
+
+    /// A table of bytes in memory (what the fuzz target feeds).
+    pub fn from_bytes(path: &Path, bytes: Vec<u8>) -> Result<Table> {
+        Self::parse(path, Bytes::Owned(bytes))
+    }
+
+    /// Checks the header, the length and the list of packs.
+    fn parse(path: &Path, bytes: Bytes) -> Result<Table> {
         let bad = |what: &str| Error::corrupt(path, format!("chunk index: {what}"));
+        let len = bytes.len() as u64;
         if len < PAGE_LEN as u64 {
             return Err(bad("shorter than its header"));
         }
-        let mut head = [0u8; PAGE_LEN];
-        file.read_exact_at(&mut head, 0).at(path)?;
+        let head = &bytes[..PAGE_LEN];
         if head[..8] != MAGIC {
             return Err(bad("not a chunk index (bad magic)"));
         }
-        if crc32fast::hash(&head[..H_CRC]) != u32_at(&head, H_CRC) {
+        if crc32fast::hash(&head[..H_CRC]) != u32_at(head, H_CRC) {
             return Err(bad("header fails its checksum"));
         }
-        let version = u32_at(&head, H_VERSION);
+        let version = u32_at(head, H_VERSION);
         if version != VERSION {
             return Err(bad(&format!(
                 "version {version}, this build reads {VERSION}"
             )));
         }
-        if u32_at(&head, H_PAGE_LEN) as usize != PAGE_LEN
-            || u32_at(&head, H_ENTRY_LEN) as usize != ENTRY_LEN
-            || u32_at(&head, H_PER_PAGE) as usize != PER_PAGE
+        if u32_at(head, H_PAGE_LEN) as usize != PAGE_LEN
+            || u32_at(head, H_ENTRY_LEN) as usize != ENTRY_LEN
+            || u32_at(head, H_PER_PAGE) as usize != PER_PAGE
         {
             return Err(bad("unknown page layout"));
         }
-        let entries = u64_at(&head, H_ENTRIES);
-        let pages = u64_at(&head, H_PAGES);
-        let packs = u64::from(u32_at(&head, H_PACKS));
+        let entries = u64_at(head, H_ENTRIES);
+        let pages = u64_at(head, H_PAGES);
+        let packs = u64::from(u32_at(head, H_PACKS));
         if pages != entries.div_ceil(PER_PAGE as u64) {
             return Err(bad("entry and page counts disagree"));
         }
-        let packs_at = (1 + pages) * PAGE_LEN as u64;
-        if len != packs_at + packs * PACK_LEN as u64 {
-            return Err(bad(&format!(
-                "{len} bytes long, its header says {}",
-                packs_at + packs * PACK_LEN as u64
-            )));
+        let want = pages
+            .checked_add(1)
+            .and_then(|p| p.checked_mul(PAGE_LEN as u64))
+            .and_then(|p| p.checked_add(packs * PACK_LEN as u64));
+        if want != Some(len) {
+            return Err(bad(&format!("{len} bytes long, not what its header says")));
         }
-        let mut list = vec![0u8; packs as usize * PACK_LEN];
-        file.read_exact_at(&mut list, packs_at).at(path)?;
-        if crc32fast::hash(&list) != u32_at(&head, H_PACKS_CRC) {
+        let packs_at = ((1 + pages) * PAGE_LEN as u64) as usize;
+        let list = &bytes[packs_at..];
+        if crc32fast::hash(list) != u32_at(head, H_PACKS_CRC) {
             return Err(bad("list of packs fails its checksum"));
         }
         let covered = list
@@ -205,22 +218,16 @@ impl Table {
                 len: u64_at(c, 8),
             })
             .collect();
-        let bytes = match file.map().at(path)? {
-            Some(m) => Bytes::Mapped(m),
-            None => Bytes::Owned(fs.read_all(path).at(path)?),
-        };
-        if bytes.len() as u64 != len {
-            return Err(bad("changed while opened"));
-        }
-        Ok(Some(Table {
+        let generation = u64_at(head, H_GENERATION);
+        Ok(Table {
             path: path.to_path_buf(),
             bytes,
             entries,
             pages,
-            generation: u64_at(&head, H_GENERATION),
+            generation,
             covered,
             checked: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
-        }))
+        })
     }
 
     pub fn len(&self) -> u64 {
@@ -371,68 +378,10 @@ pub fn write(
     let _ = fs.remove(&tmp);
     let written = (|| {
         let file = fs.open(&tmp, OpenMode::CreateNew).at(&tmp)?;
-        // Pages go out a megabyte at a time.
-        const BATCH: usize = 256;
-        let mut buf = vec![0u8; BATCH * PAGE_LEN];
-        let mut filled = 0; // pages in buf
-        let mut at = PAGE_LEN as u64;
-        let mut n = 0u64;
-        let mut in_page = 0;
-        let mut last: Option<[u8; 16]> = None;
-        for e in entries {
-            let e = e?;
-            if last.is_some_and(|l| l >= e.key) {
-                return Err(Error::Internal("chunk index entries out of order".into()));
-            }
-            last = Some(e.key);
-            let page = &mut buf[filled * PAGE_LEN..(filled + 1) * PAGE_LEN];
-            e.encode(&mut page[in_page * ENTRY_LEN..(in_page + 1) * ENTRY_LEN]);
-            in_page += 1;
-            n += 1;
-            if in_page == PER_PAGE {
-                seal_page(page);
-                in_page = 0;
-                filled += 1;
-                if filled == BATCH {
-                    file.write_all_at(&buf, at).at(&tmp)?;
-                    at += buf.len() as u64;
-                    buf.fill(0);
-                    filled = 0;
-                }
-            }
-        }
-        if in_page > 0 {
-            seal_page(&mut buf[filled * PAGE_LEN..(filled + 1) * PAGE_LEN]);
-            filled += 1;
-        }
-        let (count, pages) = (n, n.div_ceil(PER_PAGE as u64));
-        file.write_all_at(&buf[..filled * PAGE_LEN], at).at(&tmp)?;
-        let mut list = Vec::with_capacity(covered.len() * PACK_LEN);
-        for c in covered {
-            list.extend_from_slice(&c.seq.to_le_bytes());
-            list.extend_from_slice(&c.trailer_crc.to_le_bytes());
-            list.extend_from_slice(&c.len.to_le_bytes());
-        }
-        file.write_all_at(&list, (1 + pages) * PAGE_LEN as u64)
-            .at(&tmp)?;
-        let mut head = [0u8; PAGE_LEN];
-        head[..8].copy_from_slice(&MAGIC);
-        head[H_VERSION..H_VERSION + 4].copy_from_slice(&VERSION.to_le_bytes());
-        head[H_PAGE_LEN..H_PAGE_LEN + 4].copy_from_slice(&(PAGE_LEN as u32).to_le_bytes());
-        head[H_ENTRY_LEN..H_ENTRY_LEN + 4].copy_from_slice(&(ENTRY_LEN as u32).to_le_bytes());
-        head[H_PER_PAGE..H_PER_PAGE + 4].copy_from_slice(&(PER_PAGE as u32).to_le_bytes());
-        head[H_ENTRIES..H_ENTRIES + 8].copy_from_slice(&count.to_le_bytes());
-        head[H_PAGES..H_PAGES + 8].copy_from_slice(&pages.to_le_bytes());
-        let packs = u32::try_from(covered.len())
-            .map_err(|_| Error::Internal("too many packs for one chunk index".into()))?;
-        head[H_PACKS..H_PACKS + 4].copy_from_slice(&packs.to_le_bytes());
-        head[H_PACKS_CRC..H_PACKS_CRC + 4].copy_from_slice(&crc32fast::hash(&list).to_le_bytes());
-        head[H_GENERATION..H_GENERATION + 8].copy_from_slice(&generation.to_le_bytes());
-        let crc = crc32fast::hash(&head[..H_CRC]);
-        head[H_CRC..].copy_from_slice(&crc.to_le_bytes());
-        file.write_all_at(&head, 0).at(&tmp)?;
-        file.sync().at(&tmp)?;
-        Ok(())
+        encode(entries, covered, generation, |bytes, at| {
+            file.write_all_at(bytes, at).at(&tmp)
+        })?;
+        file.sync().at(&tmp)
     })();
     if let Err(e) = written {
         let _ = fs.remove(&tmp);
@@ -443,6 +392,74 @@ pub fn write(
         return Err(Error::io(&path, e));
     }
     fs.sync_dir(dir).at(dir)
+}
+
+/// The bytes of a table, handed to `out` with their offsets, a megabyte
+/// of pages at a time, the header last.
+pub fn encode(
+    entries: impl Iterator<Item = Result<Entry>>,
+    covered: &[Covered],
+    generation: u64,
+    mut out: impl FnMut(&[u8], u64) -> Result<()>,
+) -> Result<()> {
+    const BATCH: usize = 256;
+    let mut buf = vec![0u8; BATCH * PAGE_LEN];
+    let mut filled = 0; // pages in buf
+    let mut at = PAGE_LEN as u64;
+    let mut n = 0u64;
+    let mut in_page = 0;
+    let mut last: Option<[u8; 16]> = None;
+    for e in entries {
+        let e = e?;
+        if last.is_some_and(|l| l >= e.key) {
+            return Err(Error::Internal("chunk index entries out of order".into()));
+        }
+        last = Some(e.key);
+        let page = &mut buf[filled * PAGE_LEN..(filled + 1) * PAGE_LEN];
+        e.encode(&mut page[in_page * ENTRY_LEN..(in_page + 1) * ENTRY_LEN]);
+        in_page += 1;
+        n += 1;
+        if in_page == PER_PAGE {
+            seal_page(page);
+            in_page = 0;
+            filled += 1;
+            if filled == BATCH {
+                out(&buf, at)?;
+                at += buf.len() as u64;
+                buf.fill(0);
+                filled = 0;
+            }
+        }
+    }
+    if in_page > 0 {
+        seal_page(&mut buf[filled * PAGE_LEN..(filled + 1) * PAGE_LEN]);
+        filled += 1;
+    }
+    let (count, pages) = (n, n.div_ceil(PER_PAGE as u64));
+    out(&buf[..filled * PAGE_LEN], at)?;
+    let mut list = Vec::with_capacity(covered.len() * PACK_LEN);
+    for c in covered {
+        list.extend_from_slice(&c.seq.to_le_bytes());
+        list.extend_from_slice(&c.trailer_crc.to_le_bytes());
+        list.extend_from_slice(&c.len.to_le_bytes());
+    }
+    out(&list, (1 + pages) * PAGE_LEN as u64)?;
+    let mut head = [0u8; PAGE_LEN];
+    head[..8].copy_from_slice(&MAGIC);
+    head[H_VERSION..H_VERSION + 4].copy_from_slice(&VERSION.to_le_bytes());
+    head[H_PAGE_LEN..H_PAGE_LEN + 4].copy_from_slice(&(PAGE_LEN as u32).to_le_bytes());
+    head[H_ENTRY_LEN..H_ENTRY_LEN + 4].copy_from_slice(&(ENTRY_LEN as u32).to_le_bytes());
+    head[H_PER_PAGE..H_PER_PAGE + 4].copy_from_slice(&(PER_PAGE as u32).to_le_bytes());
+    head[H_ENTRIES..H_ENTRIES + 8].copy_from_slice(&count.to_le_bytes());
+    head[H_PAGES..H_PAGES + 8].copy_from_slice(&pages.to_le_bytes());
+    let packs = u32::try_from(covered.len())
+        .map_err(|_| Error::Internal("too many packs for one chunk index".into()))?;
+    head[H_PACKS..H_PACKS + 4].copy_from_slice(&packs.to_le_bytes());
+    head[H_PACKS_CRC..H_PACKS_CRC + 4].copy_from_slice(&crc32fast::hash(&list).to_le_bytes());
+    head[H_GENERATION..H_GENERATION + 8].copy_from_slice(&generation.to_le_bytes());
+    let crc = crc32fast::hash(&head[..H_CRC]);
+    head[H_CRC..].copy_from_slice(&crc.to_le_bytes());
+    out(&head, 0)
 }
 
 fn seal_page(page: &mut [u8]) {
