@@ -87,7 +87,7 @@ for n in sizes:
     lines.append(
         f"| {int(n):,} | {o['seconds'] * 1000:.1f} ms ({o['packs_read']} packs read) "
         f"| {cell(f'serverlist-{n}')} | {cell(f'snapshotlist-{n}')} | {cell(f'stats-{n}')} "
-        f"| {k[2]['chunks_per_second'] / 1e3:.0f}k chunks/s, {mib(k[1])} "
+        f"| {k[2]['chunks_per_second'] / 1e3:.0f}k chunks/s, {mib(k[1])} (first look-up {k[2]['first_lookup_seconds']:.2f} s) "
         f"| {nw[2]['chunks_per_second'] / 1e3:.0f}k chunks/s, {mib(nw[1])} "
         f"| {rb[2]['table_bytes'] / rb[2]['chunks']:.1f} B/chunk "
         f"| {rb[2]['seconds']:.2f} s |"
