@@ -166,6 +166,8 @@ pub struct ChunkStore {
     /// they have been ([`ChunkStore::index`]).
     pending: Mutex<Vec<(u32, PathBuf)>>,
     loaded: std::sync::atomic::AtomicBool,
+    /// Opened read-only: no new table is written.
+    read_only: bool,
 }
 
 /// The chunks one running capture has referenced: never collected while
@@ -296,6 +298,7 @@ impl ChunkStore {
             persist_min: std::sync::atomic::AtomicUsize::new(PERSIST_MIN),
             loaded: std::sync::atomic::AtomicBool::new(pending.is_empty()),
             pending: Mutex::new(pending),
+            read_only,
             fs,
         };
         if !read_only && (recovery.index_rebuilt.is_some() || store.index_due()) {
@@ -463,7 +466,7 @@ impl ChunkStore {
 
     /// Writes a new table if the overlay grew enough (after captures).
     pub fn persist_index_if_due(&self) -> Result<()> {
-        if !self.index_due() {
+        if self.read_only || !self.index_due() {
             return Ok(());
         }
         self.persist_index(&self.gc_lock.lock())

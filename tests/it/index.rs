@@ -202,3 +202,29 @@ fn verify_reports_a_damaged_table_and_rebuild_mends_it() {
     assert!(engine.verify(None).unwrap().is_ok());
     assert_exact_and_deduplicated(&engine, &disks, "after index rebuild");
 }
+
+/// A read-only open reads the packs the table does not cover when asked
+/// for figures, and writes no table, however many it read.
+#[test]
+fn a_read_only_open_writes_no_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    {
+        // Only the first open's empty table: every pack is left uncovered.
+        let engine = options()
+            .index_persist_min(usize::MAX)
+            .open(&store)
+            .unwrap();
+        let disk = dir.path().join("disk.img");
+        std::fs::write(&disk, disk_bytes(64 * BS, 3)).unwrap();
+        engine.add_server(ServerId(1), "s1", &disk).unwrap();
+        engine.create_snapshot(ServerId(1), "v", "").unwrap();
+        engine.close().unwrap();
+    }
+    let before = std::fs::read(table(&store)).unwrap();
+    let engine = options().read_only(true).open(&store).unwrap();
+    let index = engine.stats().unwrap().index;
+    assert!(index.chunks > 0 && index.table_entries == 0, "{index:?}");
+    engine.close().unwrap();
+    assert!(std::fs::read(table(&store)).unwrap() == before);
+}
