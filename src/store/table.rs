@@ -162,6 +162,7 @@ impl Table {
     }
 
     /// A table of bytes in memory (what the fuzz target feeds).
+    #[cfg(feature = "testing")]
     pub fn from_bytes(path: &Path, bytes: Vec<u8>) -> Result<Table> {
         Self::parse(path, Bytes::Owned(bytes))
     }
