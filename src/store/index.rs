@@ -58,6 +58,11 @@ impl Hash for Key {
     }
 }
 
+/// An overlay entry for `id` at `loc`.
+pub fn entry_of(id: &ChunkId, loc: ChunkLoc) -> Entry {
+    Entry::new(key(id), loc)
+}
+
 /// The first 16 bytes of a chunk id: what the index keys on.
 pub fn key_bytes(id: &ChunkId) -> [u8; 16] {
     key(id).0
@@ -94,8 +99,9 @@ pub struct ChunkIndex {
 pub struct PersistView {
     base: Option<Arc<Table>>,
     patch: Map<Option<ChunkLoc>>,
-    /// The overlay's entries, sorted.
+    /// The overlay's entries, sorted, and their keys.
     overlay: Vec<Entry>,
+    overlay_keys: HashSet<Key>,
 }
 
 impl PersistView {
@@ -105,13 +111,14 @@ impl PersistView {
     }
 
     /// Every entry of the index whose pack is in `covered`, in key order
-    /// (what the new base holds); the others are kept for the overlay.
+    /// (what the new base holds). The base's (or patch's) entries of other
+    /// packs go to `kept`, for the overlay; the overlay's own stay there.
     pub fn entries<'a>(
         &'a self,
         covered: &'a HashSet<u32>,
         kept: &'a mut Vec<Entry>,
     ) -> impl Iterator<Item = std::result::Result<table::Entry, Damaged>> + 'a {
-        let overlay_keys: HashSet<Key> = self.overlay.iter().map(|e| e.key).collect();
+        let overlay_keys = &self.overlay_keys;
         let base = self
             .base
             .iter()
@@ -142,7 +149,9 @@ impl PersistView {
                 loc: e.loc(),
             })),
             Ok(e) => {
-                kept.push(e);
+                if !overlay_keys.contains(&e.key) {
+                    kept.push(e);
+                }
                 None
             }
         })
@@ -216,18 +225,16 @@ impl ChunkIndex {
     /// Where the chunk is, if indexed; an error when the base's page that
     /// would hold it is damaged.
     pub fn get(&self, id: &ChunkId) -> std::result::Result<Option<ChunkLoc>, Damaged> {
+        // The overlay first (a chunk stored again while the base could
+        // not be read shadows it), then the base as the patch leaves it.
         let k = key(id);
-        match self.patch.get(&k) {
-            Some(Some(l)) => return Ok(Some(*l)),
-            Some(None) => return Ok(self.overlay_get(&k)),
-            None => {}
-        }
         if let Some(l) = self.overlay_get(&k) {
             return Ok(Some(l));
         }
-        match &self.base {
-            Some(b) => b.get(&k.0),
-            None => Ok(None),
+        match (self.patch.get(&k), &self.base) {
+            (Some(l), _) => Ok(*l),
+            (None, Some(b)) => b.get(&k.0),
+            (None, None) => Ok(None),
         }
     }
 
@@ -312,7 +319,10 @@ impl ChunkIndex {
         let mut seen = HashSet::new();
         for r in records {
             let k = key(&r.id);
-            if !seen.insert(k) || self.overlay_get(&k).is_some() {
+            // A base entry shadowed by the overlay is patched too: left
+            // as it is, it would point into a deleted pack once the
+            // overlay's copy goes.
+            if !seen.insert(k) {
                 continue;
             }
             let now = match self.patch.get(&k) {
@@ -383,6 +393,7 @@ impl ChunkIndex {
         PersistView {
             base: self.base.clone(),
             patch: self.patch.clone(),
+            overlay_keys: overlay.iter().map(|e| e.key).collect(),
             overlay,
         }
     }
@@ -395,7 +406,6 @@ impl ChunkIndex {
         self.patch = Map::default();
         self.merge();
         self.sorted.retain(|e| !covered.contains(&e.pack));
-        // The overlay's own entries of other packs are still in it.
         for e in kept {
             if self.overlay_get(&e.key).is_none() {
                 self.recent.insert(e.key, e.loc());
@@ -447,6 +457,108 @@ mod tests {
             offset: i * 2,
             stored_len: i * 3,
         }
+    }
+
+    /// An index whose base is a table of `entries` (ids and places),
+    /// written in `dir`.
+    fn with_table(dir: &std::path::Path, entries: &[(ChunkId, ChunkLoc)]) -> ChunkIndex {
+        let mut rows: Vec<table::Entry> = entries
+            .iter()
+            .map(|(id, loc)| table::Entry {
+                key: key_bytes(id),
+                loc: *loc,
+            })
+            .collect();
+        rows.sort_by_key(|e| e.key);
+        let fs = crate::fsio::StdFs;
+        table::write(&fs, dir, rows.into_iter().map(Ok), &[], 1).unwrap();
+        let t = Table::open(&fs, &dir.join(table::FILE_NAME))
+            .unwrap()
+            .unwrap();
+        ChunkIndex::with_base(Arc::new(t))
+    }
+
+    /// Writes a new base from the index's view (covering `covered`) and
+    /// installs it, as the store does.
+    fn persist(idx: &mut ChunkIndex, view: &PersistView, dir: &std::path::Path, covered: &[u32]) {
+        let set: HashSet<u32> = covered.iter().copied().collect();
+        let mut kept = Vec::new();
+        let fs = crate::fsio::StdFs;
+        let rows: Vec<_> = view
+            .entries(&set, &mut kept)
+            .map(|e| e.map_err(|d| crate::error::Error::Internal(d.0)))
+            .collect();
+        table::write(&fs, dir, rows.into_iter(), &[], view.next_generation()).unwrap();
+        let t = Table::open(&fs, &dir.join(table::FILE_NAME))
+            .unwrap()
+            .unwrap();
+        idx.install(Arc::new(t), &set, kept);
+    }
+
+    /// Records of the open pack dropped (a failed fsync) while a new base
+    /// was being written do not come back when it is installed.
+    #[test]
+    fn entries_dropped_while_a_base_is_written_stay_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = ChunkId::of(b"in the base");
+        let mut idx = with_table(dir.path(), &[(old, loc(1))]);
+        let open: Vec<ChunkId> = (0..50u32).map(|i| ChunkId::of(&i.to_le_bytes())).collect();
+        for (i, id) in open.iter().enumerate() {
+            idx.insert_if_absent(
+                id,
+                ChunkLoc {
+                    pack: 9,
+                    offset: 100 + i as u32,
+                    stored_len: 1,
+                },
+            );
+        }
+        let view = idx.persist_view();
+        idx.drop_from(9, 100);
+        persist(&mut idx, &view, dir.path(), &[1]);
+        for id in &open {
+            assert_eq!(idx.get(id).unwrap(), None, "a dropped entry came back");
+        }
+        assert_eq!(idx.get(&old).unwrap(), Some(loc(1)));
+    }
+
+    /// A chunk in the base and stored again in the overlay (the base could
+    /// not be read when it was looked up): when a collection drops both
+    /// copies' packs, neither entry survives to point into them.
+    #[test]
+    fn a_base_entry_shadowed_by_the_overlay_is_relocated_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = ChunkId::of(b"stored twice");
+        let at_p = ChunkLoc {
+            pack: 1,
+            offset: 16,
+            stored_len: 5,
+        };
+        let at_o = ChunkLoc {
+            pack: 2,
+            offset: 16,
+            stored_len: 5,
+        };
+        let mut idx = with_table(dir.path(), &[(k, at_p)]);
+        idx.recent.insert(key(&k), at_o);
+        let rec = |offset| IndexEntry {
+            id: k,
+            offset,
+            stored_len: 5,
+            raw_len: 5,
+        };
+        let drop_k: Moves = std::iter::once((move_key(16, &k), None)).collect();
+        assert_eq!(idx.relocate(1, 1, &drop_k, &[rec(16)]).unwrap(), 0);
+        assert_eq!(idx.get(&k).unwrap(), Some(at_o));
+        assert_eq!(idx.relocate(2, 2, &drop_k, &[rec(16)]).unwrap(), 0);
+        assert_eq!(idx.get(&k).unwrap(), None);
+        let view = idx.persist_view();
+        persist(&mut idx, &view, dir.path(), &[]);
+        assert_eq!(
+            idx.get(&k).unwrap(),
+            None,
+            "an entry into a dropped pack survived"
+        );
     }
 
     #[test]

@@ -164,10 +164,12 @@ pub struct ChunkStore {
     persist_min: std::sync::atomic::AtomicUsize,
     /// Sealed packs the table does not cover, not read yet, and whether
     /// they have been ([`ChunkStore::index`]).
-    pending: Mutex<Vec<(u32, PathBuf)>>,
+    pending: Mutex<PackList>,
     loaded: std::sync::atomic::AtomicBool,
     /// Opened read-only: no new table is written.
     read_only: bool,
+    /// Packs whose chunks open could not read: never covered by a table.
+    unreadable: Mutex<HashSet<u32>>,
 }
 
 /// The chunks one running capture has referenced: never collected while
@@ -240,6 +242,7 @@ impl ChunkStore {
         // look-up, not now: commands that look nothing up (listing
         // servers and snapshots) open in time independent of the store.
         let mut pending = Vec::new();
+        let mut unreadable = HashSet::new();
         let index = match table {
             Some(t) => {
                 let covered: HashSet<u32> = t.covered().iter().map(|c| c.seq).collect();
@@ -257,7 +260,10 @@ impl ChunkStore {
                                 index.insert_if_absent(&e.id, loc_of(*seq, &e));
                             }
                         }
-                        Err(e) => recovery.unreadable.push(e.to_string()),
+                        Err(e) => {
+                            unreadable.insert(*seq);
+                            recovery.unreadable.push(e.to_string());
+                        }
                     }
                 }
                 index
@@ -270,7 +276,10 @@ impl ChunkStore {
                             recovery.packs_indexed += 1;
                             all.extend(entries.iter().map(|e| (e.id, loc_of(*seq, e))));
                         }
-                        Err(e) => recovery.unreadable.push(e.to_string()),
+                        Err(e) => {
+                            unreadable.insert(*seq);
+                            recovery.unreadable.push(e.to_string());
+                        }
                     }
                 }
                 // One sort instead of a merge every few hundred inserts.
@@ -299,6 +308,7 @@ impl ChunkStore {
             loaded: std::sync::atomic::AtomicBool::new(pending.is_empty()),
             pending: Mutex::new(pending),
             read_only,
+            unreadable: Mutex::new(unreadable),
             fs,
         };
         if !read_only && (recovery.index_rebuilt.is_some() || store.index_due()) {
@@ -384,18 +394,32 @@ impl ChunkStore {
 
     /// The sealed packs a new table can cover: all but the open one, and
     /// but any a crash left unsealed.
-    fn coverable(&self) -> Result<Vec<Covered>> {
-        let open = self.writer.lock().active.as_ref().map(|a| a.seq);
-        let mut covered = Vec::new();
+    ///
+    /// Taken with no fsync in flight and no seal half done (the sync lock,
+    /// then the writer lock, held throughout): a pack sealed after a
+    /// failed fsync of its records is cut back by `abandon`, so a pack
+    /// found sealed here stays so, and a later `sync` never touches it
+    /// (it is not the open pack). Also returns the packs neither covered
+    /// nor open (unsealed ones, whose chunks the overlay keeps). Packs
+    /// whose chunks could not be read are never covered: a table must not
+    /// vouch for chunks the index lacks.
+    fn coverable(&self) -> Result<(Vec<Covered>, PackList)> {
+        let _no_fsync = self.sync_lock.lock();
+        let w = self.writer.lock();
+        let open = w.active.as_ref().map(|a| a.seq);
+        let unreadable = self.unreadable.lock().clone();
+        let (mut covered, mut others) = (Vec::new(), Vec::new());
         for (seq, path) in list_packs(self.fs.as_ref(), &self.dir)? {
             if Some(seq) == open {
                 continue;
             }
-            if let Some(c) = sealed_fingerprint(self.fs.as_ref(), seq, &path)? {
-                covered.push(c);
+            match sealed_fingerprint(self.fs.as_ref(), seq, &path)? {
+                Some(c) if !unreadable.contains(&seq) => covered.push(c),
+                _ => others.push((seq, path)),
             }
         }
-        Ok(covered)
+        drop(w);
+        Ok((covered, others))
     }
 
     /// Writes the whole index as a new table covering every sealed pack
@@ -403,7 +427,7 @@ impl ChunkStore {
     /// changes the index in ways a table written meanwhile would miss). A
     /// damaged base is rebuilt from the packs instead.
     fn persist_index(&self, gc: &parking_lot::MutexGuard<'_, ()>) -> Result<()> {
-        let covered = self.coverable()?;
+        let (covered, _) = self.coverable()?;
         let set: HashSet<u32> = covered.iter().map(|c| c.seq).collect();
         let view = self.index()?.persist_view();
         let mut kept = Vec::new();
@@ -434,8 +458,21 @@ impl ChunkStore {
     }
 
     fn rebuild_index_locked(&self, _gc: &parking_lot::MutexGuard<'_, ()>) -> Result<()> {
-        let covered = self.coverable()?;
+        let (covered, others) = self.coverable()?;
         let set: HashSet<u32> = covered.iter().map(|c| c.seq).collect();
+        // The chunks of packs no table covers stay in the overlay, read
+        // from the packs too (the old base may have covered them).
+        let mut kept = Vec::new();
+        for (seq, path) in &others {
+            let mut scratch = Recovery::default();
+            if let Ok(entries) = load_pack(self.fs.as_ref(), path, &mut scratch, true) {
+                kept.extend(
+                    entries
+                        .iter()
+                        .map(|e| index::entry_of(&e.id, loc_of(*seq, e))),
+                );
+            }
+        }
         let mut all: Vec<table::Entry> = Vec::new();
         for c in &covered {
             let path = pack_path(&self.dir, c.seq);
@@ -460,16 +497,22 @@ impl ChunkStore {
         let path = self.dir.join(table::FILE_NAME);
         let t = Table::open(self.fs.as_ref(), &path)?
             .ok_or_else(|| Error::io(&path, std::io::ErrorKind::NotFound.into()))?;
-        self.index_mut()?.install(Arc::new(t), &set, Vec::new());
+        self.index_mut()?.install(Arc::new(t), &set, kept);
         Ok(())
     }
 
     /// Writes a new table if the overlay grew enough (after captures).
+    /// Skipped while a collection runs: it writes one at its end when it
+    /// changed anything, and otherwise the next capture tries again (a
+    /// capture's end must not wait for a collection).
     pub fn persist_index_if_due(&self) -> Result<()> {
         if self.read_only || !self.index_due() {
             return Ok(());
         }
-        self.persist_index(&self.gc_lock.lock())
+        match self.gc_lock.try_lock() {
+            Some(gc) => self.persist_index(&gc),
+            None => Ok(()),
+        }
     }
 
     /// What the chunk index is now, for `stats` and `verify`.
@@ -515,11 +558,10 @@ impl ChunkStore {
                 continue; // verify reports the pack itself
             };
             for e in entries {
-                if base
-                    .get(&index::key_bytes(&e.id))
-                    .map_err(|d| self.damaged(d))?
-                    .is_none()
-                {
+                // The whole index: a chunk stored again while the table
+                // could not be read is in the overlay.
+                let found = self.index()?.get(&e.id).map_err(|d| self.damaged(d))?;
+                if found.is_none() {
                     return Err(Error::corrupt(
                         base.path(),
                         format!("misses chunk {} of pack {}", e.id, c.seq),
@@ -544,6 +586,9 @@ impl ChunkStore {
     /// no garbage collection runs (a collection fails on it instead).
     /// Returns whether it was rebuilt.
     fn heal(&self) -> bool {
+        if self.read_only {
+            return false;
+        }
         match self.gc_lock.try_lock() {
             Some(gc) => self.rebuild_index_locked(&gc).is_ok(),
             None => false,
@@ -1009,6 +1054,9 @@ impl Drop for ChunkStore {
         let _ = self.close();
     }
 }
+
+/// Packs by number and path.
+type PackList = Vec<(u32, PathBuf)>;
 
 /// The overlay is written into a new table once it holds this many
 /// entries (and a sixteenth of the table), by default.
