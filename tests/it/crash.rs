@@ -308,10 +308,13 @@ pub fn check_invariants(layout: &Layout, ledger: &Ledger, what: &str) -> Engine 
     let bare = RestoreOptions::default()
         .safety_snapshot(false)
         .verify(true);
+    // The servers whose disk was last restored to a completed snapshot.
+    let mut restored = std::collections::BTreeSet::new();
     for (id, h) in &ledger.completed {
         let snap = engine
             .snapshot(SnapshotId(*id))
             .unwrap_or_else(|e| panic!("{what}: completed snapshot {id} is gone: {e}"));
+        restored.insert(snap.server.id);
         assert_eq!(
             snap.status,
             SnapshotStatus::Completed,
@@ -324,6 +327,22 @@ pub fn check_invariants(layout: &Layout, ledger: &Ledger, what: &str) -> Engine 
             std::fs::read(&disk).unwrap() == want,
             "{what}: snapshot {id} does not restore its bytes"
         );
+    }
+    // Dedup still finds every chunk of a completed snapshot (the chunk
+    // index lost none): a disk restored to one stores nothing new.
+    for server in restored {
+        match engine.create_snapshot(server, "dedup-check", "") {
+            Ok(s) => {
+                let new = s.stats.unwrap().new_chunks;
+                assert_eq!(
+                    new, 0,
+                    "{what}: server {server}'s restored disk stored {new} chunks again"
+                );
+                engine.delete_snapshot(s.id).unwrap();
+            }
+            Err(blocksnap::Error::SnapshotLimit { .. }) => {}
+            Err(e) => panic!("{what}: {e}"),
+        }
     }
     engine
 }
