@@ -443,10 +443,16 @@ impl ChunkStore {
             Err(e) if e.is_corruption() => return self.rebuild_index_locked(gc),
             r => r?,
         }
+        self.install_written(&set, kept)
+    }
+
+    /// Makes the table just written (covering `covered`) the base, `kept`
+    /// joining the overlay.
+    fn install_written(&self, covered: &HashSet<u32>, kept: Vec<index::Entry>) -> Result<()> {
         let path = self.dir.join(table::FILE_NAME);
         let t = Table::open(self.fs.as_ref(), &path)?
             .ok_or_else(|| Error::io(&path, std::io::ErrorKind::NotFound.into()))?;
-        self.index_mut()?.install(Arc::new(t), &set, kept);
+        self.index_mut()?.install(Arc::new(t), covered, kept);
         Ok(())
     }
 
@@ -494,11 +500,7 @@ impl ChunkStore {
             &covered,
             generation,
         )?;
-        let path = self.dir.join(table::FILE_NAME);
-        let t = Table::open(self.fs.as_ref(), &path)?
-            .ok_or_else(|| Error::io(&path, std::io::ErrorKind::NotFound.into()))?;
-        self.index_mut()?.install(Arc::new(t), &set, kept);
-        Ok(())
+        self.install_written(&set, kept)
     }
 
     /// Writes a new table if the overlay grew enough (after captures).
