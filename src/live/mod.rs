@@ -281,6 +281,32 @@ impl Session {
         Ok(())
     }
 
+    /// The socket of the process's NBD server: the one it runs (named
+    /// with `--nbd-socket`), or one started now on a private socket
+    /// `nbd-NAME.sock` in the work directory (also returned: stop it after).
+    fn nbd_server(&mut self, name: &str) -> Result<(PathBuf, Option<PathBuf>)> {
+        if let Some(s) = &self.disk.nbd_socket {
+            return Ok((s.clone(), None));
+        }
+        let s = self.work_dir.join(format!("nbd-{name}.sock"));
+        let _ = std::fs::remove_file(&s);
+        self.qmp
+            .execute(
+                "nbd-server-start",
+                json!({"addr": {"type": "unix", "data": {"path": s}}}),
+            )
+            .map_err(|e| match e {
+                Error::Qmp { peer, what } if what.contains("already running") => Error::Qmp {
+                    peer,
+                    what: format!(
+                        "{what}: this QEMU runs an NBD server; add the server with --nbd-socket naming its socket"
+                    ),
+                },
+                e => e,
+            })?;
+        Ok((s.clone(), Some(s)))
+    }
+
     fn del_export(&mut self, id: &str) -> Result<()> {
         let _ = self
             .qmp
@@ -549,26 +575,8 @@ impl Frozen {
         qmp.execute("transaction", json!({"actions": actions}))?;
         self.freeze_micros = started.elapsed().as_micros() as u64;
 
-        let socket = match &self.session.disk.nbd_socket {
-            Some(s) => s.clone(),
-            None => {
-                let s = self.session.work_dir.join(format!("nbd-{}.sock", id.0));
-                let _ = std::fs::remove_file(&s);
-                qmp.execute(
-                    "nbd-server-start",
-                    json!({"addr": {"type": "unix", "data": {"path": s}}}),
-                )
-                .map_err(|e| match e {
-                    Error::Qmp { peer, what } if what.contains("already running") => Error::Qmp {
-                        peer,
-                        what: format!("{what}: this QEMU runs an NBD server; add the server with --nbd-socket naming its socket"),
-                    },
-                    e => e,
-                })?;
-                self.own_server = Some(s.clone());
-                s
-            }
-        };
+        let (socket, own) = self.session.nbd_server(&id.0.to_string())?;
+        self.own_server = own;
         // What may hold data in the frozen view, without asking the frozen
         // view (see below): the live disk's data now, then what the
         // fleecing has copied. A cluster that held data at the freeze and
@@ -580,7 +588,7 @@ impl Frozen {
         let live_data = if from.is_ok() {
             None
         } else {
-            qmp.execute(
+            self.session.qmp.execute(
                 "block-export-add",
                 json!({"type": "nbd", "id": live, "node-name": node, "name": live, "writable": false}),
             )?;
@@ -815,18 +823,7 @@ pub struct Writable {
 /// (`share-rw=off`, the default), paused or not.
 pub fn check_writable(disk: &QemuDisk, work_dir: &Path, names: Names) -> Result<()> {
     let mut session = Session::open(disk, work_dir, names)?;
-    let own = match &disk.nbd_socket {
-        Some(_) => None,
-        None => {
-            let s = work_dir.join("nbd-probe.sock");
-            let _ = std::fs::remove_file(&s);
-            session.qmp.execute(
-                "nbd-server-start",
-                json!({"addr": {"type": "unix", "data": {"path": s}}}),
-            )?;
-            Some(s)
-        }
-    };
+    let (_, own) = session.nbd_server("probe")?;
     let id = names.node_export("probe");
     let added = session.qmp.try_execute(
         "block-export-add",
@@ -920,19 +917,8 @@ impl Writable {
             export: names.node_export(kind),
             closed: false,
         };
-        let socket = match &w.session.disk.nbd_socket {
-            Some(s) => s.clone(),
-            None => {
-                let s = w.session.work_dir.join(format!("nbd-{kind}.sock"));
-                let _ = std::fs::remove_file(&s);
-                w.session.qmp.execute(
-                    "nbd-server-start",
-                    json!({"addr": {"type": "unix", "data": {"path": s}}}),
-                )?;
-                w.own_server = Some(s.clone());
-                s
-            }
-        };
+        let (socket, own) = w.session.nbd_server(kind)?;
+        w.own_server = own;
         let node = w.session.disk.node.clone();
         let (size, bitmaps) = w.session.node()?;
         let base = usable_checkpoint(&bitmaps, names, newest, size).ok();
