@@ -73,6 +73,7 @@ mod rng;
 #[cfg(feature = "sample")]
 pub mod sample;
 mod store;
+mod table;
 mod tracking;
 mod types;
 mod verify;

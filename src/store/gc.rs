@@ -124,7 +124,8 @@ pub(super) fn remove_leftovers(fs: &dyn StoreFs, dir: &Path) -> Result<()> {
     for path in fs.list(dir).at(dir)? {
         let name = path.file_name().map(|n| n.to_string_lossy().to_string());
         if name.is_some_and(|n| {
-            n.starts_with(TMP_PREFIX) && n.ends_with(TMP_SUFFIX) || n == super::table::TMP_NAME
+            n.starts_with(TMP_PREFIX) && n.ends_with(TMP_SUFFIX)
+                || n == format!("{}.tmp", super::table::FILE_NAME)
         }) {
             fs.remove(&path).at(&path)?;
         }

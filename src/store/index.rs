@@ -233,7 +233,7 @@ impl ChunkIndex {
         }
         match (self.patch.get(&k), &self.base) {
             (Some(l), _) => Ok(*l),
-            (None, Some(b)) => b.get(&k.0),
+            (None, Some(b)) => b.get(&k.0).map(|e| e.map(|e| e.loc)),
             (None, None) => Ok(None),
         }
     }
@@ -327,7 +327,7 @@ impl ChunkIndex {
             }
             let now = match self.patch.get(&k) {
                 Some(l) => *l,
-                None => base.get(&k.0)?,
+                None => base.get(&k.0)?.map(|e| e.loc),
             };
             let Some(now) = now.filter(|l| l.pack == from) else {
                 continue;

@@ -245,7 +245,7 @@ impl ChunkStore {
         let mut unreadable = HashSet::new();
         let index = match table {
             Some(t) => {
-                let covered: HashSet<u32> = t.covered().iter().map(|c| c.seq).collect();
+                let covered: HashSet<u32> = t.items().iter().map(|c| c.seq).collect();
                 let mut index = ChunkIndex::with_base(Arc::new(t));
                 for (seq, path) in packs.iter().filter(|(seq, _)| !covered.contains(seq)) {
                     if let Ok(Some(_)) = sealed_fingerprint(fs.as_ref(), *seq, path) {
@@ -540,7 +540,7 @@ impl ChunkStore {
             return Ok(());
         };
         base.check().map_err(|d| self.damaged(d))?;
-        let covered: HashSet<u32> = base.covered().iter().map(|c| c.seq).collect();
+        let covered: HashSet<u32> = base.items().iter().map(|c| c.seq).collect();
         for e in base.iter() {
             let e = e.map_err(|d| self.damaged(d))?;
             if !covered.contains(&e.loc.pack) {
@@ -553,7 +553,7 @@ impl ChunkStore {
                 ));
             }
         }
-        for c in base.covered() {
+        for c in base.items() {
             let path = pack_path(&self.dir, c.seq);
             let mut scratch = Recovery::default();
             let Ok(entries) = load_pack(self.fs.as_ref(), &path, &mut scratch, true) else {
@@ -1090,7 +1090,7 @@ fn loc_of(seq: u32, e: &IndexEntry) -> ChunkLoc {
 /// covers is gone, or changed (its length or trailer).
 fn stale(fs: &dyn StoreFs, t: &Table, packs: &[(u32, PathBuf)]) -> Option<String> {
     let listed: HashMap<u32, &PathBuf> = packs.iter().map(|(s, p)| (*s, p)).collect();
-    for c in t.covered() {
+    for c in t.items() {
         let Some(path) = listed.get(&c.seq) else {
             return Some(format!("pack {} it covers is gone", c.seq));
         };
