@@ -29,6 +29,11 @@ const SNAPSHOTS: TableDefinition<u64, &[u8]> = TableDefinition::new("snapshots")
 /// Change tracking per server, binary (see `tracking.rs`); created on first
 /// use, so older catalogs open unchanged.
 const TRACKING: TableDefinition<u64, &[u8]> = TableDefinition::new("tracking");
+/// Each completed snapshot's exclusive bytes (u64, then the CRC32 of the
+/// snapshot id and that number), committed with every change to them;
+/// `META_EXCLUSIVE_OF` is the digest of the set of snapshots they were
+/// counted for. Created on first use.
+const EXCLUSIVE: TableDefinition<u64, &[u8]> = TableDefinition::new("exclusive");
 
 const META_FORMAT: &str = "format";
 const META_BLOCK_SIZE: &str = "block_size";
@@ -36,6 +41,7 @@ const META_COMPRESSION: &str = "compression_level";
 /// Bytes of new chunks compressed together (0 or absent: one frame each).
 const META_GROUP_LEN: &str = "compression_group_len";
 const META_NEXT_SNAPSHOT: &str = "next_snapshot_id";
+const META_EXCLUSIVE_OF: &str = "exclusive_of";
 
 /// A registered server, as persisted.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,6 +91,10 @@ pub struct Loaded {
     pub next_snapshot_id: u64,
     pub servers: BTreeMap<ServerId, ServerRecord>,
     pub snapshots: BTreeMap<SnapshotId, SnapshotRecord>,
+    /// Exclusive bytes as last committed, and the digest of the snapshots
+    /// they were counted for (see `refs::digest`); `None` when there are
+    /// none or one fails its checksum.
+    pub exclusive: Option<(u64, BTreeMap<SnapshotId, u64>)>,
 }
 
 /// The catalog database.
@@ -129,6 +139,10 @@ pub enum Change<'a> {
     NextSnapshotId(u64),
     PutTracking(ServerId, Vec<u8>),
     RemoveTracking(ServerId),
+    /// A snapshot's exclusive bytes (`None`: no longer counted).
+    Exclusive(SnapshotId, Option<u64>),
+    /// The digest of the set of snapshots the exclusive bytes count.
+    ExclusiveOf(u64),
 }
 
 impl Catalog {
@@ -296,6 +310,27 @@ impl Catalog {
             }
             snapshots.insert(rec.id, rec);
         }
+        let exclusive = match meta.get(META_EXCLUSIVE_OF)? {
+            None => None,
+            Some(digest) => match tx.open_table(EXCLUSIVE) {
+                Ok(table) => {
+                    let mut figures = BTreeMap::new();
+                    let mut intact = true;
+                    for row in table.iter()? {
+                        let (k, v) = row?;
+                        match exclusive_value(k.value(), v.value()) {
+                            Some(bytes) => {
+                                figures.insert(SnapshotId(k.value()), bytes);
+                            }
+                            None => intact = false,
+                        }
+                    }
+                    intact.then_some((digest.value(), figures))
+                }
+                Err(redb::TableError::TableDoesNotExist(_)) => None,
+                Err(e) => return Err(e.into()),
+            },
+        };
         Ok(Loaded {
             block_size,
             compression_level,
@@ -303,6 +338,7 @@ impl Catalog {
             next_snapshot_id,
             servers,
             snapshots,
+            exclusive,
         })
     }
 
@@ -431,6 +467,7 @@ impl Catalog {
             let mut snapshots = tx.open_table(SNAPSHOTS)?;
             let mut meta = tx.open_table(META)?;
             let mut tracking = tx.open_table(TRACKING)?;
+            let mut exclusive = tx.open_table(EXCLUSIVE)?;
             for change in changes {
                 match change {
                     Change::PutServer(s) => {
@@ -441,6 +478,7 @@ impl Catalog {
                     }
                     Change::RemoveSnapshot(id) => {
                         snapshots.remove(id.0)?;
+                        exclusive.remove(id.0)?;
                     }
                     Change::NextSnapshotId(n) => {
                         meta.insert(META_NEXT_SNAPSHOT, *n)?;
@@ -451,12 +489,39 @@ impl Catalog {
                     Change::RemoveTracking(server) => {
                         tracking.remove(server.0)?;
                     }
+                    Change::Exclusive(id, Some(bytes)) => {
+                        exclusive.insert(id.0, exclusive_row(*id, *bytes).as_slice())?;
+                    }
+                    Change::Exclusive(id, None) => {
+                        exclusive.remove(id.0)?;
+                    }
+                    Change::ExclusiveOf(digest) => {
+                        meta.insert(META_EXCLUSIVE_OF, *digest)?;
+                    }
                 }
             }
         }
         tx.commit()?;
         Ok(())
     }
+}
+
+/// An exclusive-bytes row: the number, then the CRC32 of the snapshot id
+/// and the number.
+fn exclusive_row(id: SnapshotId, bytes: u64) -> [u8; 12] {
+    let mut row = [0u8; 12];
+    let mut h = crc32fast::Hasher::new();
+    h.update(&id.0.to_le_bytes());
+    h.update(&bytes.to_le_bytes());
+    row[..8].copy_from_slice(&bytes.to_le_bytes());
+    row[8..].copy_from_slice(&h.finalize().to_le_bytes());
+    row
+}
+
+/// The number an exclusive-bytes row of snapshot `id` holds, if intact.
+fn exclusive_value(id: u64, row: &[u8]) -> Option<u64> {
+    let bytes = (row.len() == 12).then(|| crate::le::u64_at(row, 0))?;
+    (exclusive_row(SnapshotId(id), bytes)[..] == *row).then_some(bytes)
 }
 
 /// A record as stored: its JSON, then the CRC32 of the JSON.

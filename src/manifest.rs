@@ -237,6 +237,17 @@ impl Manifests {
         Ok(Manifests { dir, fs })
     }
 
+    /// The directory the manifests (and the reference counts' table) are
+    /// in.
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+
+    /// The file seam the manifests are read and written through.
+    pub fn fs(&self) -> &Arc<dyn StoreFs> {
+        &self.fs
+    }
+
     /// Where the manifest of `snapshot` lives.
     pub fn path(&self, snapshot: SnapshotId) -> PathBuf {
         self.dir.join(format!("{:020}.manifest", snapshot.0))

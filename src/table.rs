@@ -20,6 +20,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::{Error, IoContext, Result};
 use crate::fsio::{OpenMode, StoreFs};
+use crate::le::u32_at;
+use crate::le::u64_at;
 
 pub const PAGE_LEN: usize = 4096;
 const PAGE_CRC: usize = PAGE_LEN - 4;
@@ -89,18 +91,6 @@ pub struct Table<F: Format> {
     /// One bit per page: its checksum was checked.
     checked: Vec<AtomicU64>,
     format: PhantomData<F>,
-}
-
-pub(crate) fn u32_at(b: &[u8], at: usize) -> u32 {
-    let mut x = [0u8; 4];
-    x.copy_from_slice(&b[at..at + 4]);
-    u32::from_le_bytes(x)
-}
-
-pub(crate) fn u64_at(b: &[u8], at: usize) -> u64 {
-    let mut x = [0u8; 8];
-    x.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(x)
 }
 
 /// The first 8 bytes of a key as a number: keys sort as these do.

@@ -572,7 +572,7 @@ fn snapshot(engine: &Engine, cmd: SnapshotCmd) -> blocksnap::Result<i32> {
             }
         }
         SnapshotCmd::List { server, json } => {
-            engine.account_space()?;
+            engine.account_figures()?;
             let list = engine.snapshots(server.map(ServerId))?;
             output::snapshots(&list, json);
         }

@@ -20,7 +20,6 @@ use crate::tracking::Tracker;
 use crate::types::{CaptureKind, CaptureStats, FullReason, SnapshotKind, SnapshotStatus};
 
 use super::Engine;
-use super::space::stored_size;
 use super::state::check_parent;
 use super::tracking::{new_tracker, tracked_mode};
 use crate::capture::{self, CapturePlan, CaptureSettings};
@@ -434,7 +433,14 @@ impl Engine {
                 rec.error = Some(e.to_string());
             }
         }
-        let committed = self.inner.catalog.commit(&[Change::PutSnapshot(&rec)]);
+        let mut changes = vec![Change::PutSnapshot(&rec)];
+        if outcome.is_ok() {
+            let mut held = state.held();
+            held.insert(id);
+            changes.extend(self.count(&mut state, &held, |refs, size| refs.add(id, &chunks, size)));
+        }
+        let committed = self.inner.catalog.commit(&changes);
+        drop(changes);
         if outcome.is_err() {
             // Not completed: its manifest, if written, must not outlive it.
             rec.status = SnapshotStatus::Failed;
@@ -453,12 +459,9 @@ impl Engine {
             state.in_doubt.insert(id);
         }
         state.snapshots.insert(id, rec.clone());
-        if outcome.is_ok() {
-            let store = &self.inner.store;
-            if let Some(refs) = state.refs.as_mut() {
-                refs.add(id, &chunks, |c| stored_size(store, c));
-            }
-        }
+        // Best effort: until a table is written, the next open counts this
+        // snapshot from its manifest.
+        let _ = super::space::persist_refs_if_due(&self.inner, &mut state);
         committed?;
         outcome?;
         Ok(state.snapshot_view(&rec))

@@ -30,6 +30,7 @@ use crate::ids::{ServerId, SnapshotId};
 use crate::manifest::Manifests;
 use crate::options::{DEFAULT_BLOCK_SIZE, EngineOptions};
 use crate::policy;
+use crate::refs::{self, RefsTable};
 use crate::store::gc::GcReport;
 use crate::store::{ChunkStore, sync_dir};
 use crate::types::{OpenReport, Server, Snapshot, SnapshotStatus};
@@ -137,7 +138,22 @@ impl Engine {
             ..OpenReport::default()
         };
         let mut state = State::new(loaded.servers, loaded.snapshots, loaded.next_snapshot_id);
+        // Only the header: a table that is damaged or stale is found out
+        // when the counts are needed, and counted again from the manifests.
+        if let Ok(Some(t)) =
+            RefsTable::open(store_fs.as_ref(), &manifests.dir().join(refs::FILE_NAME))
+        {
+            state.refs_covered = t.items().iter().map(|(s, _)| *s).collect();
+            state.refs_table = Some(Arc::new(t));
+        }
         recover(&catalog, &manifests, &mut state, &mut report, !read_only)?;
+        let held = state.held();
+        state.figures = loaded
+            .exclusive
+            .filter(|(digest, figures)| {
+                *digest == refs::digest(held.iter().copied()) && figures.keys().eq(held.iter())
+            })
+            .map(|(_, figures)| figures);
         let servers = state.servers.keys().copied();
         let tracking = load_tracking(&catalog, servers, options.change_tracking)?;
         Ok(Engine {
@@ -514,6 +530,10 @@ impl Inner {
             return Ok(());
         }
         let sealed = self.store.close();
+        let counted = {
+            let mut state = self.state.lock();
+            space::persist_refs_if_due(self, &mut state)
+        };
         let handed = if self.options.change_tracking {
             let rows = self.tracking.lock().hand_over();
             let changes: Vec<Change<'_>> = rows
@@ -531,7 +551,7 @@ impl Inner {
         } else {
             Ok(())
         };
-        sealed.and(handed)
+        sealed.and(counted).and(handed)
     }
 }
 

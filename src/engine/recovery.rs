@@ -93,7 +93,9 @@ pub(super) fn recover(
             .snapshots
             .get(&id)
             .is_some_and(|s| s.status == SnapshotStatus::Completed);
-        if !completed {
+        // A deleted snapshot's manifest stays while the reference counts'
+        // table counts it (see `refs`).
+        if !completed && !state.refs_covered.contains(&id) {
             manifests.remove(id)?;
         }
     }

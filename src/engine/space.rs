@@ -1,16 +1,19 @@
 //! Space: which chunks snapshots need (reference counts, exclusive
 //! bytes), deletes, garbage collection and the store's figures.
 
+use std::collections::BTreeSet;
+
 use crate::catalog::Change;
 use crate::error::{Error, Result};
 use crate::ids::{ChunkId, SnapshotId};
 use crate::refs::{self, Refs};
 use crate::store::ChunkStore;
 use crate::store::gc::GcReport;
+use crate::table::Damaged;
 use crate::types::SnapshotStatus;
 
-use super::Engine;
 use super::state::State;
+use super::{Engine, Inner};
 use crate::types::StoreStats;
 
 /// Pack bytes a chunk accounts for (its record, or its share of its
@@ -21,6 +24,29 @@ pub(super) fn stored_size(store: &ChunkStore, id: &ChunkId) -> u32 {
         .ok()
         .flatten()
         .map_or(0, |l| u32::try_from(l.accounted_len()).unwrap_or(u32::MAX))
+}
+
+/// Writes the reference counts as a new table when enough changed since
+/// the last one (see `Refs::due`), then removes the manifests of deleted
+/// snapshots that only the old table counted. Not on a read-only store.
+pub(super) fn persist_refs_if_due(inner: &Inner, state: &mut State) -> Result<()> {
+    let min = inner.options.index_persist_min;
+    let Some(refs) = state.refs.as_mut().filter(|r| r.due(min)) else {
+        return Ok(());
+    };
+    if inner.options.read_only {
+        return Ok(());
+    }
+    let path = inner.manifests.dir().join(refs::FILE_NAME);
+    refs.write(inner.manifests.fs().as_ref(), &path)?;
+    let now: BTreeSet<SnapshotId> = refs.counted().collect();
+    state.refs_table = refs.base().cloned();
+    let before = std::mem::replace(&mut state.refs_covered, now);
+    for gone in before.difference(&state.refs_covered) {
+        // Best effort: one left behind goes at the next open.
+        let _ = inner.manifests.remove(*gone);
+    }
+    Ok(())
 }
 
 impl Engine {
@@ -54,49 +80,81 @@ impl Engine {
                 operation: format!("capturing snapshot {child} as an increment of snapshot {id}"),
             });
         }
-        let completed = state.holds_data(rec);
+        let mut changes = vec![Change::RemoveSnapshot(id)];
         // The counts need the chunk list, which goes with the manifest.
-        let chunks = match (&state.refs, completed) {
-            (Some(_), true) => self
+        let chunks = if state.holds_data(rec) {
+            let chunks = self
                 .inner
                 .manifests
                 .read(id)
-                .map(|m| refs::distinct(m.blocks()))
-                .ok(),
-            _ => None,
+                .map(|m| refs::distinct(m.blocks()));
+            let mut held = state.held();
+            held.remove(&id);
+            match chunks {
+                Ok(chunks) => {
+                    changes
+                        .extend(self.count(&mut state, &held, |refs, _| refs.remove(id, &chunks)));
+                    Some(chunks)
+                }
+                // A damaged manifest: count again from the others when
+                // needed.
+                Err(_) => {
+                    state.forget_counts();
+                    None
+                }
+            }
+        } else {
+            None
         };
         // Should this commit report an error, the snapshot stays as it was
         // in this process (listed, its chunks needed) until a delete
         // commits or the next open reads the truth.
-        self.inner.catalog.commit(&[Change::RemoveSnapshot(id)])?;
-        state.snapshots.remove(&id);
-        state.in_doubt.remove(&id);
-        match (chunks, completed) {
-            (Some(chunks), _) => {
-                if let Some(refs) = state.refs.as_mut() {
-                    refs.remove(id, &chunks);
+        if let Err(e) = self.inner.catalog.commit(&changes) {
+            if let (Some(refs), Some(chunks)) = (state.refs.as_mut(), chunks) {
+                let store = &self.inner.store;
+                let undone = refs.add(id, &chunks, |c| stored_size(store, c));
+                refs.take_touched();
+                if undone.is_err() {
+                    state.forget_counts();
                 }
             }
-            // A damaged manifest: count again from the others when needed.
-            (None, true) => state.refs = None,
-            (None, false) => {}
+            return Err(e);
         }
-        drop(state);
+        state.snapshots.remove(&id);
+        state.in_doubt.remove(&id);
         // The delete is done once the catalog says so. A manifest that cannot
-        // be removed now is an orphan, which the next open removes.
-        let _ = self.inner.manifests.remove(id);
+        // be removed now is an orphan, which the next open removes; one the
+        // reference counts' table still counts stays until the next table.
+        if !state.refs_covered.contains(&id) {
+            let _ = self.inner.manifests.remove(id);
+        }
+        let _ = persist_refs_if_due(&self.inner, &mut state);
+        drop(state);
         if self.inner.options.auto_gc {
             self.start_auto_gc();
         }
         Ok(())
     }
 
-    /// Counts which snapshots reference each chunk (reading every completed
-    /// manifest once), so that snapshots carry their exclusive bytes and
-    /// garbage collection knows what is needed. Later captures and deletes
-    /// keep the counts exact without reading manifests again.
+    /// Counts which snapshots reference each chunk, so that snapshots
+    /// carry their exclusive bytes and garbage collection knows what is
+    /// needed: from the reference counts' table and the manifests of what
+    /// changed since it was written, or (none, or damaged) from every
+    /// completed manifest. Later captures and deletes keep the counts exact
+    /// without reading manifests again.
     pub fn account_space(&self) -> Result<()> {
         let mut state = self.inner.state.lock();
+        self.ensure_refs(&mut state)
+    }
+
+    /// Makes sure every completed snapshot's exclusive bytes are known:
+    /// from the catalog when they count the snapshots held now, else
+    /// counted (see [`Engine::account_space`]).
+    pub fn account_figures(&self) -> Result<()> {
+        let mut state = self.inner.state.lock();
+        if state.refs.is_some() || state.figures.is_some() {
+            return Ok(());
+        }
         self.ensure_refs(&mut state)
     }
 
@@ -104,18 +162,99 @@ impl Engine {
         if state.refs.is_some() {
             return Ok(());
         }
-        let store = &self.inner.store;
-        let mut refs = Refs::default();
-        for rec in state.snapshots.values() {
-            if state.holds_data(rec) {
-                let m = self.inner.manifests.read(rec.id)?;
-                refs.add(rec.id, &refs::distinct(m.blocks()), |c| {
-                    stored_size(store, c)
-                });
+        let held = state.held();
+        let from_table = state
+            .refs_table
+            .clone()
+            .and_then(|t| self.replay(Refs::from_table(t), &held).ok());
+        let mut refs = match from_table {
+            Some(refs) => refs,
+            None => {
+                let mut refs = Refs::default();
+                for id in &held {
+                    self.count_manifest(&mut refs, *id, true)?;
+                }
+                refs
             }
+        };
+        refs.take_touched();
+        // The catalog's figures follow the counts (best effort: they are
+        // counted again when they do not match).
+        if state.figures.as_ref() != Some(refs.figures()) && !self.inner.options.read_only {
+            let mut changes: Vec<Change<'_>> = state
+                .snapshots
+                .keys()
+                .map(|s| Change::Exclusive(*s, refs.exclusive(*s)))
+                .collect();
+            changes.push(Change::ExclusiveOf(refs::digest(held.iter().copied())));
+            let _ = self.inner.catalog.commit(&changes);
         }
+        state.figures = None;
         state.refs = Some(refs);
         Ok(())
+    }
+
+    /// The table's counts brought up to the snapshots `held` now: those
+    /// deleted since it was written taken out, those completed since
+    /// added, each from its manifest.
+    fn replay(&self, mut refs: Refs, held: &BTreeSet<SnapshotId>) -> Result<Refs> {
+        let counted: BTreeSet<SnapshotId> = refs.counted().collect();
+        for gone in counted.difference(held) {
+            self.count_manifest(&mut refs, *gone, false)?;
+        }
+        for new in held.difference(&counted) {
+            self.count_manifest(&mut refs, *new, true)?;
+        }
+        Ok(refs)
+    }
+
+    fn count_manifest(&self, refs: &mut Refs, id: SnapshotId, add: bool) -> Result<()> {
+        let m = self.inner.manifests.read(id)?;
+        let chunks = refs::distinct(m.blocks());
+        let store = &self.inner.store;
+        let counted = if add {
+            refs.add(id, &chunks, |c| stored_size(store, c))
+        } else {
+            refs.remove(id, &chunks)
+        };
+        counted.map_err(|d| self.refs_damaged(d))
+    }
+
+    fn refs_damaged(&self, d: Damaged) -> Error {
+        Error::corrupt(self.inner.manifests.dir().join(refs::FILE_NAME), d.0)
+    }
+
+    /// Applies `change` to the counts (loaded first), and gives the
+    /// catalog changes that commit the new exclusive bytes, counted for
+    /// the snapshots `held` once the change commits. Counts that cannot be
+    /// loaded or changed are dropped (counted again when next needed), and
+    /// then nothing is committed for them: the catalog's figures, whose
+    /// digest no longer matches, are known stale.
+    pub(super) fn count(
+        &self,
+        state: &mut State,
+        held: &BTreeSet<SnapshotId>,
+        change: impl FnOnce(&mut Refs, &dyn Fn(&ChunkId) -> u32) -> std::result::Result<(), Damaged>,
+    ) -> Vec<Change<'static>> {
+        if self.ensure_refs(state).is_err() {
+            state.forget_counts();
+            return Vec::new();
+        }
+        let store = &self.inner.store;
+        let Some(refs) = state.refs.as_mut() else {
+            return Vec::new();
+        };
+        if change(refs, &|c| stored_size(store, c)).is_err() {
+            state.forget_counts();
+            return Vec::new();
+        }
+        let mut changes: Vec<Change<'static>> = refs
+            .take_touched()
+            .into_iter()
+            .map(|(s, bytes)| Change::Exclusive(s, bytes))
+            .collect();
+        changes.push(Change::ExclusiveOf(refs::digest(held.iter().copied())));
+        changes
     }
 
     /// Stored bytes only this completed snapshot references: what deleting
@@ -137,14 +276,15 @@ impl Engine {
             .unwrap_or(0))
     }
 
-    /// True when a completed snapshot references the chunk.
+    /// True when a completed snapshot references the chunk (or the counts
+    /// cannot say: a chunk is kept, never lost, on doubt).
     pub(super) fn needed(&self, id: &ChunkId) -> bool {
         self.inner
             .state
             .lock()
             .refs
             .as_ref()
-            .is_none_or(|r| r.is_needed(id))
+            .is_none_or(|r| r.is_needed(id).unwrap_or(true))
     }
 
     /// Gives back the space of chunks no snapshot needs (see

@@ -1,7 +1,7 @@
 //! The in-memory mirror of the catalog (plus what only lives in memory),
 //! guarded by `Inner::state`, and the checks made under it.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::catalog::{ServerRecord, SnapshotRecord};
@@ -9,7 +9,7 @@ use crate::dirty::DirtyBitmap;
 use crate::error::{Error, Result};
 use crate::ids::{ServerId, SnapshotId};
 use crate::job::Progress;
-use crate::refs::Refs;
+use crate::refs::{Refs, RefsTable};
 use crate::types::SnapshotStatus;
 
 use crate::types::{Server, ServerRef, ServerState, Snapshot};
@@ -21,8 +21,17 @@ pub(super) struct State {
     /// Restores running in this process: server -> snapshot.
     pub(super) live_restores: HashMap<ServerId, SnapshotId>,
     pub(super) progress: HashMap<SnapshotId, Arc<Progress>>,
-    /// Reference counts and exclusive bytes, built on first need.
+    /// Reference counts and exclusive bytes, loaded on first need (see
+    /// `refs`).
     pub(super) refs: Option<Refs>,
+    /// The reference counts' table on disk (its header read at open).
+    pub(super) refs_table: Option<Arc<RefsTable>>,
+    /// The snapshots that table counts: their manifests stay, even once
+    /// deleted, until a table no longer counts them.
+    pub(super) refs_covered: BTreeSet<SnapshotId>,
+    /// Exclusive bytes as the catalog holds them, while `refs` is not
+    /// loaded; `None` when they do not count the snapshots held now.
+    pub(super) figures: Option<BTreeMap<SnapshotId, u64>>,
     /// Running incremental captures and their parents, which cannot be
     /// deleted until they end.
     pub(super) capture_parents: HashMap<SnapshotId, SnapshotId>,
@@ -51,6 +60,9 @@ impl State {
             live_restores: HashMap::new(),
             progress: HashMap::new(),
             refs: None,
+            refs_table: None,
+            refs_covered: BTreeSet::new(),
+            figures: None,
             capture_parents: HashMap::new(),
             in_doubt: HashSet::new(),
             restoring_in_doubt: HashSet::new(),
@@ -75,6 +87,22 @@ impl State {
     /// it may be (its completing commit's outcome is unknown).
     pub(super) fn holds_data(&self, rec: &SnapshotRecord) -> bool {
         rec.status == SnapshotStatus::Completed || self.in_doubt.contains(&rec.id)
+    }
+
+    /// Drops the counts and figures (they could not be kept exact): both are
+    /// counted again when next needed.
+    pub(super) fn forget_counts(&mut self) {
+        self.refs = None;
+        self.figures = None;
+    }
+
+    /// The snapshots whose chunks are needed: completed, or in doubt.
+    pub(super) fn held(&self) -> BTreeSet<SnapshotId> {
+        self.snapshots
+            .values()
+            .filter(|r| self.holds_data(r))
+            .map(|r| r.id)
+            .collect()
     }
 
     /// The server's newest completed snapshot and its disk length: what a
@@ -128,7 +156,11 @@ impl State {
             description: rec.description.clone(),
             stats: rec.stats,
             error: rec.error.clone(),
-            exclusive_bytes: self.refs.as_ref().and_then(|r| r.exclusive(rec.id)),
+            exclusive_bytes: match (&self.refs, &self.figures) {
+                (Some(refs), _) => refs.exclusive(rec.id),
+                (None, Some(figures)) => figures.get(&rec.id).copied(),
+                (None, None) => None,
+            },
             kind: rec.kind,
         }
     }

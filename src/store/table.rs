@@ -16,7 +16,8 @@ use std::path::Path;
 use super::ChunkLoc;
 use crate::error::Result;
 use crate::fsio::StoreFs;
-use crate::table::{Format, u32_at, u64_at};
+use crate::le::{u32_at, u64_at};
+use crate::table::Format;
 
 pub use crate::table::Damaged;
 
