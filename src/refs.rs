@@ -278,20 +278,73 @@ impl Refs {
         !self.overlay.is_empty() && self.overlay.len() as u64 >= (min as u64).max(base / 8)
     }
 
+    /// A chunk's stored bytes changed (a collection compressed its group
+    /// again): a sole owner's exclusive bytes follow. On an error the
+    /// counts are half changed: drop them.
+    pub fn resize(&mut self, id: &ChunkId, size: u32) -> std::result::Result<(), Damaged> {
+        let k = key(id);
+        let Some(mut r) = self.current(k)? else {
+            return Ok(());
+        };
+        if r.size == size {
+            return Ok(());
+        }
+        if r.count == 1 {
+            let owner = SnapshotId(r.owners_xor);
+            self.credit(owner, u64::from(r.size), false);
+            self.credit(owner, u64::from(size), true);
+        }
+        r.size = size;
+        self.overlay.insert(k, r);
+        Ok(())
+    }
+
+    /// Every chunk counted, in key order: the table's entries with the
+    /// overlay's applied.
+    fn entries(&self) -> impl Iterator<Item = Result<Entry>> + '_ {
+        let mut changed: Vec<([u8; 16], Ref)> =
+            self.overlay.iter().map(|(k, r)| (k.bytes(), *r)).collect();
+        changed.sort_unstable_by_key(|(k, _)| *k);
+        Merge {
+            base: self.base.as_ref().map(|b| b.iter().peekable()),
+            changed: changed.into_iter().peekable(),
+        }
+    }
+
+    /// Where these counts and `other`'s disagree on which snapshots
+    /// reference a chunk (sizes aside), if they do: what `verify` compares
+    /// against a count from every manifest.
+    pub fn differ(&self, other: &Refs) -> Result<Option<String>> {
+        let (mut a, mut b) = (self.entries(), other.entries());
+        loop {
+            match (a.next().transpose()?, b.next().transpose()?) {
+                (None, None) => return Ok(None),
+                (Some(x), Some(y))
+                    if x.key == y.key
+                        && (x.r.count, x.r.owners_xor) == (y.r.count, y.r.owners_xor) => {}
+                (x, y) => {
+                    let show = |e: Option<Entry>| {
+                        e.map_or("nothing".to_string(), |e| {
+                            format!("chunk {} in {} snapshots", hex(&e.key), e.r.count)
+                        })
+                    };
+                    return Ok(Some(format!(
+                        "the reference counts hold {} where the manifests give {}",
+                        show(x),
+                        show(y)
+                    )));
+                }
+            }
+        }
+    }
+
     /// Writes the table and the overlay, merged, as a new table at `path`
     /// (durably, see [`crate::table::write`]), then counts from it alone.
     /// On an error nothing changes.
     pub fn write(&mut self, fs: &dyn StoreFs, path: &Path) -> Result<()> {
-        let mut changed: Vec<([u8; 16], Ref)> =
-            self.overlay.iter().map(|(k, r)| (k.bytes(), *r)).collect();
-        changed.sort_unstable_by_key(|(k, _)| *k);
         let generation = self.base.as_ref().map_or(0, |b| b.generation()) + 1;
         let items: Vec<(SnapshotId, u64)> = self.exclusive.iter().map(|(s, e)| (*s, *e)).collect();
-        let merged = Merge {
-            base: self.base.as_ref().map(|b| b.iter().peekable()),
-            changed: changed.into_iter().peekable(),
-        };
-        crate::table::write::<RefsFormat>(fs, path, merged, &items, generation)?;
+        crate::table::write::<RefsFormat>(fs, path, self.entries(), &items, generation)?;
         let table = RefsTable::open(fs, path)?.ok_or_else(|| {
             crate::error::Error::Internal("the reference counts just written are missing".into())
         })?;
@@ -299,6 +352,10 @@ impl Refs {
         self.overlay.clear();
         Ok(())
     }
+}
+
+fn hex(key: &[u8; 16]) -> String {
+    key.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The table's entries with the overlay's applied, in key order, those

@@ -51,6 +51,12 @@ pub struct VerifyReport {
     /// checks (`blocksnap index rebuild` makes it again from the packs;
     /// snapshots are not affected, the packs being the source of truth).
     pub index_error: Option<String>,
+    /// What is wrong with the reference counts (their table failed its
+    /// checks, or they disagree with a count from every manifest; `blocksnap
+    /// index rebuild` counts them again). Snapshots are not affected: a
+    /// chunk is never collected while the counts are in doubt.
+    #[serde(default)]
+    pub space_error: Option<String>,
 }
 
 impl VerifyReport {
@@ -60,6 +66,7 @@ impl VerifyReport {
             && self.bad_manifests.is_empty()
             && self.catalog_error.is_none()
             && self.index_error.is_none()
+            && self.space_error.is_none()
     }
 
     /// Snapshots that cannot be restored intact, ascending.

@@ -280,6 +280,7 @@ pub fn verify(engine: &Engine, id: Option<SnapshotId>, json: bool) -> blocksnap:
             "bad_manifests": report.bad_manifests,
             "catalog_error": report.catalog_error,
             "index_error": report.index_error,
+            "space_error": report.space_error,
             "damaged_snapshots": report.damaged_snapshots(),
         }));
     } else {
@@ -288,6 +289,11 @@ pub fn verify(engine: &Engine, id: Option<SnapshotId>, json: bool) -> blocksnap:
         }
         if let Some(e) = &report.index_error {
             println!("CORRUPT chunk index (the packs are intact; it is rebuilt from them): {e}");
+        }
+        if let Some(e) = &report.space_error {
+            println!(
+                "CORRUPT reference counts (no snapshot is affected; `blocksnap index rebuild` counts them again): {e}"
+            );
         }
         for m in &report.bad_manifests {
             println!("CORRUPT manifest of snapshot {}: {}", m.snapshot, m.error);

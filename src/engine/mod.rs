@@ -434,16 +434,21 @@ impl Engine {
         let mut report = verify::verify(&self.inner.store, manifests);
         report.catalog_error = self.inner.catalog.check().err().map(|e| e.to_string());
         report.index_error = index_error;
+        if snapshot.is_none() {
+            report.space_error = self.check_space();
+        }
         Ok(report)
     }
 
     /// Rebuilds the chunk index table from the packs (which stay the
-    /// source of truth) and returns what the index is then. Open does it
+    /// source of truth), and the reference counts' table from the
+    /// manifests, and returns what the index is then. Open does it
     /// by itself when the table is missing, stale or damaged, and so does
     /// a look-up that finds a damaged page; this is for operators.
     pub fn rebuild_index(&self) -> Result<crate::store::IndexInfo> {
         self.writable("rebuilding the chunk index")?;
         self.inner.store.rebuild_index()?;
+        self.recount_space()?;
         Ok(self.inner.store.index_info())
     }
 }

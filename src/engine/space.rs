@@ -26,12 +26,28 @@ pub(super) fn stored_size(store: &ChunkStore, id: &ChunkId) -> u32 {
         .map_or(0, |l| u32::try_from(l.accounted_len()).unwrap_or(u32::MAX))
 }
 
+/// The catalog changes that commit the exclusive bytes changed since the
+/// last call, counted for the snapshots `held`.
+fn figure_changes(refs: &mut Refs, held: &BTreeSet<SnapshotId>) -> Vec<Change<'static>> {
+    refs.take_touched()
+        .into_iter()
+        .map(|(s, bytes)| Change::Exclusive(s, bytes))
+        .chain([Change::ExclusiveOf(refs::digest(held.iter().copied()))])
+        .collect()
+}
+
 /// Writes the reference counts as a new table when enough changed since
-/// the last one (see `Refs::due`), then removes the manifests of deleted
-/// snapshots that only the old table counted. Not on a read-only store.
+/// the last one (see `Refs::due`).
 pub(super) fn persist_refs_if_due(inner: &Inner, state: &mut State) -> Result<()> {
+    persist_refs(inner, state, false)
+}
+
+/// Writes the reference counts as a new table (when due, or `always`),
+/// then removes the manifests of deleted snapshots that only the old table
+/// counted. Not on a read-only store.
+fn persist_refs(inner: &Inner, state: &mut State, always: bool) -> Result<()> {
     let min = inner.options.index_persist_min;
-    let Some(refs) = state.refs.as_mut().filter(|r| r.due(min)) else {
+    let Some(refs) = state.refs.as_mut().filter(|r| always || r.due(min)) else {
         return Ok(());
     };
     if inner.options.read_only {
@@ -163,10 +179,12 @@ impl Engine {
             return Ok(());
         }
         let held = state.held();
+        let had_table = state.refs_table.is_some();
         let from_table = state
             .refs_table
             .clone()
             .and_then(|t| self.replay(Refs::from_table(t), &held).ok());
+        let replaced = had_table && from_table.is_none();
         let mut refs = match from_table {
             Some(refs) => refs,
             None => {
@@ -191,6 +209,11 @@ impl Engine {
         }
         state.figures = None;
         state.refs = Some(refs);
+        // A table that could not be used (damaged, or a manifest it needs
+        // is gone) is replaced now rather than found out at every open.
+        if replaced {
+            let _ = persist_refs(&self.inner, state, true);
+        }
         Ok(())
     }
 
@@ -248,13 +271,38 @@ impl Engine {
             state.forget_counts();
             return Vec::new();
         }
-        let mut changes: Vec<Change<'static>> = refs
-            .take_touched()
-            .into_iter()
-            .map(|(s, bytes)| Change::Exclusive(s, bytes))
-            .collect();
-        changes.push(Change::ExclusiveOf(refs::digest(held.iter().copied())));
-        changes
+        figure_changes(refs, held)
+    }
+
+    /// Counts the reference counts again from every manifest, writes them
+    /// as a new table and commits the figures (what `index rebuild` runs).
+    pub(super) fn recount_space(&self) -> Result<()> {
+        let mut state = self.inner.state.lock();
+        state.forget_counts();
+        state.refs_table = None;
+        self.ensure_refs(&mut state)?;
+        persist_refs(&self.inner, &mut state, true)
+    }
+
+    /// What is wrong with the reference counts, if anything: their table's
+    /// pages, and every chunk's count against a count from every manifest
+    /// (damaged manifests aside: verify reports those).
+    pub(super) fn check_space(&self) -> Option<String> {
+        let mut state = self.inner.state.lock();
+        let table = state.refs_table.as_ref().map(|t| t.check());
+        if let Some(Err(d)) = table {
+            return Some(d.0);
+        }
+        self.ensure_refs(&mut state).ok()?;
+        let mut recount = Refs::default();
+        for id in state.held() {
+            self.count_manifest(&mut recount, id, true).ok()?;
+        }
+        let refs = state.refs.as_ref()?;
+        match refs.differ(&recount) {
+            Ok(differ) => differ,
+            Err(e) => Some(e.to_string()),
+        }
     }
 
     /// Stored bytes only this completed snapshot references: what deleting
@@ -299,12 +347,33 @@ impl Engine {
         }
         self.account_space()?;
         let needed = |id: &ChunkId| self.needed(id);
-        self.inner.store.gc(
+        let resized = |id: &ChunkId, size: u32| {
+            let mut state = self.inner.state.lock();
+            if let Some(refs) = state.refs.as_mut()
+                && refs.resize(id, size).is_err()
+            {
+                state.forget_counts();
+            }
+        };
+        let report = self.inner.store.gc(
             &needed,
+            &resized,
             self.inner.options.gc_max_unused,
             dry_run,
             self.level(),
-        )
+        )?;
+        // Best effort: figures that do not match the counts are committed
+        // again when the counts are next loaded.
+        let mut state = self.inner.state.lock();
+        let held = state.held();
+        if let Some(refs) = state.refs.as_mut() {
+            let changes = figure_changes(refs, &held);
+            if changes.len() > 1 && !dry_run {
+                let _ = self.inner.catalog.commit(&changes);
+            }
+        }
+        let _ = persist_refs_if_due(&self.inner, &mut state);
+        Ok(report)
     }
 
     /// Runs a collection in the background after a delete (with

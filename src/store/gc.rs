@@ -257,10 +257,12 @@ impl ChunkStore {
     /// the live bytes that may stay as garbage in packs not worth
     /// rewriting. With `dry_run` nothing changes and the report says what
     /// would be done. A group record some of whose members are garbage is
-    /// compressed again, at `level`, with only the needed ones.
+    /// compressed again, at `level`, with only the needed ones; `resized`
+    /// hears of each member whose share of its group's bytes changed.
     pub fn gc(
         &self,
         needed: &dyn Fn(&ChunkId) -> bool,
+        resized: &dyn Fn(&ChunkId, u32),
         max_unused: f64,
         dry_run: bool,
         level: i32,
@@ -324,7 +326,7 @@ impl ChunkStore {
             let new_len = if dry_run {
                 Some((estimate_rewritten_len(p), 0))
             } else {
-                match self.rewrite_pack(p, needed, level) {
+                match self.rewrite_pack(p, needed, resized, level) {
                     Ok(n) => n,
                     // Keep a damaged pack as it is: its other records are
                     // still readable, and verify reports the damage.
@@ -443,6 +445,7 @@ impl ChunkStore {
         &self,
         p: &PackInfo,
         needed: &dyn Fn(&ChunkId) -> bool,
+        resized: &dyn Fn(&ChunkId, u32),
         level: i32,
     ) -> Result<Option<(u64, u64)>> {
         let seq = {
@@ -480,6 +483,15 @@ impl ChunkStore {
             .map(|(old, _)| move_key(old.offset, &old.id))
             .collect();
         if self.commit(p, seq, &moves, &copied, needed)? {
+            // A group compressed again gives its members other shares.
+            for (old, new) in &pairs {
+                if old.accounted_len() != new.accounted_len() {
+                    resized(
+                        &old.id,
+                        u32::try_from(new.accounted_len()).unwrap_or(u32::MAX),
+                    );
+                }
+            }
             Ok(Some((new_len, recompressed)))
         } else {
             // Nothing points into the new pack: a duplicate, removed now.
