@@ -140,11 +140,13 @@ impl Engine {
         let mut state = State::new(loaded.servers, loaded.snapshots, loaded.next_snapshot_id);
         // Only the header: a table that is damaged or stale is found out
         // when the counts are needed, and counted again from the manifests.
-        if let Ok(Some(t)) =
-            RefsTable::open(store_fs.as_ref(), &manifests.dir().join(refs::FILE_NAME))
-        {
-            state.refs_covered = t.items().iter().map(|(s, _)| *s).collect();
-            state.refs_table = Some(Arc::new(t));
+        match RefsTable::open(store_fs.as_ref(), &manifests.dir().join(refs::FILE_NAME)) {
+            Ok(Some(t)) => {
+                state.refs_covered = t.items().iter().map(|(s, _)| *s).collect();
+                state.refs_table = Some(Arc::new(t));
+            }
+            Ok(None) => {}
+            Err(_) => state.refs_table_unusable = true,
         }
         recover(&catalog, &manifests, &mut state, &mut report, !read_only)?;
         let held = state.held();

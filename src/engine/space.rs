@@ -42,11 +42,12 @@ pub(super) fn persist_refs_if_due(inner: &Inner, state: &mut State) -> Result<()
     persist_refs(inner, state, false)
 }
 
-/// Writes the reference counts as a new table (when due, or `always`),
-/// then removes the manifests of deleted snapshots that only the old table
-/// counted. Not on a read-only store.
+/// Writes the reference counts as a new table (when due, or `always`, or
+/// the table on disk is unusable), then removes the manifests of deleted
+/// snapshots that only the old table counted. Not on a read-only store.
 fn persist_refs(inner: &Inner, state: &mut State, always: bool) -> Result<()> {
     let min = inner.options.index_persist_min;
+    let always = always || state.refs_table_unusable;
     let Some(refs) = state.refs.as_mut().filter(|r| always || r.due(min)) else {
         return Ok(());
     };
@@ -57,8 +58,14 @@ fn persist_refs(inner: &Inner, state: &mut State, always: bool) -> Result<()> {
     refs.write(inner.manifests.fs().as_ref(), &path)?;
     let now: BTreeSet<SnapshotId> = refs.counted().collect();
     state.refs_table = refs.base().cloned();
+    state.refs_table_unusable = false;
     let before = std::mem::replace(&mut state.refs_covered, now);
     for gone in before.difference(&state.refs_covered) {
+        // Never the manifest of a snapshot still listed: a delete whose
+        // commit has yet to land, or failed.
+        if state.snapshots.contains_key(gone) {
+            continue;
+        }
         // Best effort: one left behind goes at the next open.
         let _ = inner.manifests.remove(*gone);
     }
@@ -184,7 +191,7 @@ impl Engine {
             .refs_table
             .clone()
             .and_then(|t| self.replay(Refs::from_table(t), &held).ok());
-        let replaced = had_table && from_table.is_none();
+        state.refs_table_unusable |= had_table && from_table.is_none();
         let mut refs = match from_table {
             Some(refs) => refs,
             None => {
@@ -209,11 +216,6 @@ impl Engine {
         }
         state.figures = None;
         state.refs = Some(refs);
-        // A table that could not be used (damaged, or a manifest it needs
-        // is gone) is replaced now rather than found out at every open.
-        if replaced {
-            let _ = persist_refs(&self.inner, state, true);
-        }
         Ok(())
     }
 
@@ -257,21 +259,34 @@ impl Engine {
         &self,
         state: &mut State,
         held: &BTreeSet<SnapshotId>,
-        change: impl FnOnce(&mut Refs, &dyn Fn(&ChunkId) -> u32) -> std::result::Result<(), Damaged>,
+        change: impl Fn(&mut Refs, &dyn Fn(&ChunkId) -> u32) -> std::result::Result<(), Damaged>,
     ) -> Vec<Change<'static>> {
-        if self.ensure_refs(state).is_err() {
-            state.forget_counts();
-            return Vec::new();
-        }
         let store = &self.inner.store;
-        let Some(refs) = state.refs.as_mut() else {
-            return Vec::new();
-        };
-        if change(refs, &|c| stored_size(store, c)).is_err() {
-            state.forget_counts();
-            return Vec::new();
+        let size = |c: &ChunkId| stored_size(store, c);
+        // A damaged page of the table found on the way: counted again from
+        // the manifests, without it, and once more.
+        for _ in 0..2 {
+            if self.ensure_refs(state).is_err() {
+                break;
+            }
+            let Some(refs) = state.refs.as_mut() else {
+                break;
+            };
+            if change(refs, &size).is_ok() {
+                return figure_changes(refs, held);
+            }
+            self.drop_table(state);
         }
-        figure_changes(refs, held)
+        state.forget_counts();
+        Vec::new()
+    }
+
+    /// Stops using the table on disk (found damaged): the counts come from
+    /// the manifests until a new one replaces it.
+    fn drop_table(&self, state: &mut State) {
+        state.forget_counts();
+        state.refs_table = None;
+        state.refs_table_unusable = true;
     }
 
     /// Counts the reference counts again from every manifest, writes them
@@ -291,6 +306,11 @@ impl Engine {
         let mut state = self.inner.state.lock();
         let table = state.refs_table.as_ref().map(|t| t.check());
         if let Some(Err(d)) = table {
+            // Reported, and replaced (derived data, never trusted).
+            self.drop_table(&mut state);
+            if self.ensure_refs(&mut state).is_ok() {
+                let _ = persist_refs_if_due(&self.inner, &mut state);
+            }
             return Some(d.0);
         }
         self.ensure_refs(&mut state).ok()?;

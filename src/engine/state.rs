@@ -29,6 +29,10 @@ pub(super) struct State {
     /// The snapshots that table counts: their manifests stay, even once
     /// deleted, until a table no longer counts them.
     pub(super) refs_covered: BTreeSet<SnapshotId>,
+    /// The table on disk could not be used (damaged, or a manifest it
+    /// needs is gone): the next [`super::space::persist_refs_if_due`]
+    /// replaces it whatever changed.
+    pub(super) refs_table_unusable: bool,
     /// Exclusive bytes as the catalog holds them, while `refs` is not
     /// loaded; `None` when they do not count the snapshots held now.
     pub(super) figures: Option<BTreeMap<SnapshotId, u64>>,
@@ -62,6 +66,7 @@ impl State {
             refs: None,
             refs_table: None,
             refs_covered: BTreeSet::new(),
+            refs_table_unusable: false,
             figures: None,
             capture_parents: HashMap::new(),
             in_doubt: HashSet::new(),

@@ -21,4 +21,5 @@ mod powercut;
 mod read_only;
 mod restore;
 mod roundtrip;
+mod space;
 mod undo;
