@@ -22,8 +22,9 @@ root=$PWD
 sizes=${1:-"1048576 10485760"}
 work=${BLOCKSNAP_BENCH_DIR:-/var/tmp/blocksnap-scale}
 cargo build --release --quiet --bin blocksnap --example scale
-bs=$root/target/release/blocksnap
-scale=$root/target/release/examples/scale
+target=${CARGO_TARGET_DIR:-$root/target}
+bs=$target/release/blocksnap
+scale=$target/release/examples/scale
 rm -rf "$work"; mkdir -p "$work"
 trap 'rm -rf "$work"' EXIT
 per=1048576

@@ -27,6 +27,7 @@ use std::sync::mpsc::{channel, sync_channel};
 
 use rayon::prelude::*;
 
+use crate::blockmap::BlockMap;
 use crate::disk::{Disk, is_zero};
 use crate::error::{Error, Result};
 use crate::ids::ChunkId;
@@ -65,7 +66,7 @@ impl CaptureSettings {
 
 /// A captured disk: one entry per block, and what it took.
 pub struct Captured {
-    pub blocks: Vec<Option<ChunkId>>,
+    pub blocks: BlockMap,
     pub stats: CaptureStats,
 }
 
@@ -315,7 +316,7 @@ pub fn ingest_window(
 pub struct CapturePlan {
     /// One entry per block of the disk: the entry of a block not read
     /// (a parent's chunk, or zero for a hole).
-    pub base: Vec<Option<ChunkId>>,
+    pub base: BlockMap,
     /// Runs of block indexes to read, ascending and disjoint.
     pub read: Vec<Range<u64>>,
 }
@@ -330,7 +331,7 @@ impl CapturePlan {
             None => std::iter::once(0..blocks).collect(),
         };
         CapturePlan {
-            base: vec![None; blocks as usize],
+            base: BlockMap::zeros(blocks),
             read,
         }
     }
@@ -338,19 +339,19 @@ impl CapturePlan {
     /// The `dirty` blocks of a disk that otherwise equals `parent`, but the
     /// dirty blocks in holes, which are zero without reading.
     pub fn incremental(
-        parent: &[Option<ChunkId>],
+        parent: &BlockMap,
         dirty: &[Range<u64>],
         block_size: u32,
         data: Option<&[Range<u64>]>,
     ) -> Self {
-        let mut base = parent.to_vec();
+        let mut base = parent.clone();
         let read = match data {
             None => dirty.to_vec(),
             Some(data) => {
                 let read = intersect(dirty, &data_block_runs(data, block_size));
                 // Dirty blocks outside the data are holes now.
                 for hole in subtract(dirty, &read) {
-                    base[hole.start as usize..hole.end as usize].fill(None);
+                    base.clear(hole);
                 }
                 read
             }
@@ -360,7 +361,7 @@ impl CapturePlan {
 }
 
 /// The blocks that byte ranges touch, as merged runs.
-fn data_block_runs(data: &[Range<u64>], block_size: u32) -> Vec<Range<u64>> {
+pub(crate) fn data_block_runs(data: &[Range<u64>], block_size: u32) -> Vec<Range<u64>> {
     let bs = u64::from(block_size);
     let mut runs: Vec<Range<u64>> = Vec::new();
     for r in data.iter().filter(|r| r.start < r.end) {
@@ -474,7 +475,7 @@ pub fn capture(
     let len = disk.len()?;
     let bs = settings.block_size as usize;
     let bs64 = bs as u64;
-    if plan.base.len() as u64 != block_count(len, settings.block_size) {
+    if plan.base.len() != block_count(len, settings.block_size) {
         return Err(Error::DiskChanged(format!(
             "it is {len} bytes now, not the length this capture was planned for"
         )));
@@ -555,7 +556,7 @@ pub fn capture(
                 let mut k = 0;
                 for r in &segments {
                     for i in r.clone() {
-                        blocks[i as usize] = classified[k].id().copied();
+                        blocks.set(i, classified[k].id().copied());
                         k += 1;
                     }
                 }
@@ -577,15 +578,11 @@ pub fn capture(
     // The writer's error first: it is the cause when both failed.
     add(&mut stats, written?);
     read?;
-    for (i, b) in blocks.iter().enumerate() {
-        match b {
-            None => stats.zero_blocks += 1,
-            Some(_) => {
-                stats.data_blocks += 1;
-                stats.data_bytes += block_len(i as u64) as u64;
-            }
-        }
+    for (i, _) in blocks.data() {
+        stats.data_blocks += 1;
+        stats.data_bytes += block_len(i) as u64;
     }
+    stats.zero_blocks = blocks.len() - stats.data_blocks;
     Ok(Captured { blocks, stats })
 }
 
@@ -695,13 +692,13 @@ pub struct SampleOutcome {
 /// change tracker that missed writes.
 pub fn sample_check(
     disk: &dyn Disk,
-    parent: &[Option<ChunkId>],
+    parent: &BlockMap,
     dirty: &[Range<u64>],
     block_size: u32,
     rate: f64,
     seed: u64,
 ) -> Result<SampleOutcome> {
-    let blocks = parent.len() as u64;
+    let blocks = parent.len();
     let dirty_count: u64 = dirty.iter().map(|r| r.end - r.start).sum();
     let clean = blocks - dirty_count.min(blocks);
     if clean == 0 || rate <= 0.0 {
@@ -736,7 +733,7 @@ pub fn sample_check(
     let bs = u64::from(block_size);
     let picked: Vec<u64> = picked.into_iter().collect();
     let differs = |i: u64, bytes: &[u8], read: usize, n: usize| -> u64 {
-        let same = match &parent[i as usize] {
+        let same = match &parent.get(i) {
             None => is_zero(bytes),
             Some(id) => read == n && !is_zero(bytes) && ChunkId::of(bytes) == *id,
         };

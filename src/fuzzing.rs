@@ -377,7 +377,13 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     let mut out = Vec::new();
     let a = ChunkId::of(&text);
     let blocks = vec![Some(a), None, Some(ChunkId::of(b"x")), None];
-    if let Ok(m) = Manifest::new(SnapshotId(7), ServerId(3), 4096, 4 * 4096 - 100, blocks) {
+    if let Ok(m) = Manifest::new(
+        SnapshotId(7),
+        ServerId(3),
+        4096,
+        4 * 4096 - 100,
+        blocks.into(),
+    ) {
         out.push(("manifest", m.encode()));
     }
     for raw in [&text[..], &zero[..], b"x"] {

@@ -2,6 +2,7 @@
 //! only: not a stable API. It runs exactly the code capture and restore
 //! run, on bytes in memory, without the catalog or a disk read.
 
+pub use crate::blockmap::BlockMap;
 use std::ops::Range;
 use std::path::Path;
 
@@ -39,7 +40,7 @@ impl HotCore {
     /// check, BLAKE3, index look-up, and for new chunks zstd, framing and
     /// the append on the writer thread. Returns the manifest entries and
     /// the stats.
-    pub fn capture(&self, disk: &MemDisk) -> Result<(Vec<Option<ChunkId>>, CaptureStats)> {
+    pub fn capture(&self, disk: &MemDisk) -> Result<(BlockMap, CaptureStats)> {
         let plan = CapturePlan::full(disk.len()?, self.settings.block_size, None);
         self.run(disk, plan)
     }
@@ -49,18 +50,14 @@ impl HotCore {
     pub fn capture_incremental(
         &self,
         disk: &MemDisk,
-        parent: &[Option<ChunkId>],
+        parent: &BlockMap,
         dirty: &[Range<u64>],
-    ) -> Result<(Vec<Option<ChunkId>>, CaptureStats)> {
+    ) -> Result<(BlockMap, CaptureStats)> {
         let plan = CapturePlan::incremental(parent, dirty, self.settings.block_size, None);
         self.run(disk, plan)
     }
 
-    fn run(
-        &self,
-        disk: &MemDisk,
-        plan: CapturePlan,
-    ) -> Result<(Vec<Option<ChunkId>>, CaptureStats)> {
+    fn run(&self, disk: &MemDisk, plan: CapturePlan) -> Result<(BlockMap, CaptureStats)> {
         let pins = self.store.pin_scope();
         let c = capture::capture(
             &self.store,
@@ -86,12 +83,7 @@ impl HotCore {
 
     /// Restore's apply step: writes every block of `blocks` to `disk`
     /// (reading, checking and decompressing each chunk).
-    pub fn restore(
-        &self,
-        blocks: Vec<Option<ChunkId>>,
-        image_len: u64,
-        disk: &dyn Disk,
-    ) -> Result<u64> {
+    pub fn restore(&self, blocks: BlockMap, image_len: u64, disk: &dyn Disk) -> Result<u64> {
         let manifest = Manifest::new(
             SnapshotId(0),
             ServerId(0),
@@ -124,9 +116,9 @@ impl HotCore {
     /// differs from it. Returns the blocks rewritten.
     pub fn restore_delta(
         &self,
-        base: Vec<Option<ChunkId>>,
+        base: BlockMap,
         dirty: &[Range<u64>],
-        target: Vec<Option<ChunkId>>,
+        target: BlockMap,
         image_len: u64,
         disk: &dyn Disk,
     ) -> Result<u64> {

@@ -43,6 +43,7 @@ compile_error!(
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
 
+mod blockmap;
 mod capture;
 mod catalog;
 mod compression;

@@ -14,6 +14,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use crate::blockmap::BlockMap;
 use crate::error::{Error, IoContext, Result};
 use crate::fsio::{OpenMode, StoreFs};
 use crate::ids::{ChunkId, ServerId, SnapshotId};
@@ -73,7 +74,7 @@ pub struct Manifest {
     pub server: ServerId,
     pub block_size: u32,
     pub image_len: u64,
-    blocks: Vec<Option<ChunkId>>,
+    blocks: BlockMap,
 }
 
 impl Manifest {
@@ -84,10 +85,10 @@ impl Manifest {
         server: ServerId,
         block_size: u32,
         image_len: u64,
-        blocks: Vec<Option<ChunkId>>,
+        blocks: BlockMap,
     ) -> Result<Self> {
         check_block_size(block_size)?;
-        if blocks.len() as u64 != block_count(image_len, block_size) {
+        if blocks.len() != block_count(image_len, block_size) {
             return Err(Error::InvalidParameter(format!(
                 "{} block entries for an image of {image_len} bytes",
                 blocks.len()
@@ -103,13 +104,18 @@ impl Manifest {
     }
 
     /// Every block in order: `None` for zero, else its chunk.
-    pub fn blocks(&self) -> &[Option<ChunkId>] {
+    pub fn blocks(&self) -> &BlockMap {
         &self.blocks
+    }
+
+    /// Block `i`: its chunk, or `None` when zero.
+    pub fn block(&self, i: u64) -> Option<ChunkId> {
+        self.blocks.get(i)
     }
 
     /// Number of blocks (the last one may be partial).
     pub fn block_count(&self) -> u64 {
-        self.blocks.len() as u64
+        self.blocks.len()
     }
 
     /// Byte length of block `i` (the last one may be short).
@@ -120,7 +126,7 @@ impl Manifest {
 
     /// The distinct chunks this manifest references.
     pub fn unique_chunks(&self) -> Vec<ChunkId> {
-        let mut ids: Vec<ChunkId> = self.blocks.iter().flatten().copied().collect();
+        let mut ids: Vec<ChunkId> = self.blocks.data().map(|(_, id)| id).collect();
         ids.sort_unstable();
         ids.dedup();
         ids
@@ -128,8 +134,8 @@ impl Manifest {
 
     /// The encoded file bytes.
     pub fn encode(&self) -> Vec<u8> {
-        let data_count = self.blocks.iter().flatten().count() as u64;
-        let bitmap_len = self.blocks.len().div_ceil(8);
+        let data_count = self.blocks.data().count() as u64;
+        let bitmap_len = self.blocks.len().div_ceil(8) as usize;
         let mut out =
             Vec::with_capacity(MANIFEST_HEADER_LEN + bitmap_len + data_count as usize * 32 + 4);
         out.extend_from_slice(&MANIFEST_MAGIC);
@@ -147,13 +153,11 @@ impl Manifest {
         debug_assert_eq!(out.len(), MANIFEST_HEADER_LEN);
 
         let mut bitmap = vec![0u8; bitmap_len];
-        for (i, b) in self.blocks.iter().enumerate() {
-            if b.is_some() {
-                bitmap[i / 8] |= 1 << (i % 8);
-            }
+        for (i, _) in self.blocks.data() {
+            bitmap[(i / 8) as usize] |= 1 << (i % 8);
         }
         out.extend_from_slice(&bitmap);
-        for id in self.blocks.iter().flatten() {
+        for (_, id) in self.blocks.data() {
             out.extend_from_slice(&id.0);
         }
         let body_crc = crc32fast::hash(&out[MANIFEST_HEADER_LEN..]);
@@ -192,13 +196,15 @@ impl Manifest {
         }
         let bitmap = &bytes[MANIFEST_HEADER_LEN..MANIFEST_HEADER_LEN + bitmap_len as usize];
         let mut ids = bytes[MANIFEST_HEADER_LEN + bitmap_len as usize..body_end].chunks_exact(32);
-        let mut blocks = Vec::with_capacity(count as usize);
-        for i in 0..count as usize {
-            if bitmap[i / 8] & (1 << (i % 8)) != 0 {
+        let mut blocks = BlockMap::zeros(count);
+        for (b, byte) in bitmap.iter().enumerate().filter(|(_, byte)| **byte != 0) {
+            for k in (0..8).filter(|k| byte & (1 << k) != 0) {
+                let i = b as u64 * 8 + k;
+                if i >= count {
+                    return Err("the bitmap marks blocks past the end".into());
+                }
                 let raw = ids.next().ok_or("bitmap marks more data blocks than ids")?;
-                blocks.push(Some(le::chunk_id_at(raw, 0)));
-            } else {
-                blocks.push(None);
+                blocks.set(i, Some(le::chunk_id_at(raw, 0)));
             }
         }
         if ids.next().is_some() {
@@ -352,7 +358,14 @@ mod tests {
             Some(ChunkId::of(b"a")),
             None,
         ];
-        Manifest::new(SnapshotId(7), ServerId(3), 4096, 4 * 4096 + 100, blocks).unwrap()
+        Manifest::new(
+            SnapshotId(7),
+            ServerId(3),
+            4096,
+            4 * 4096 + 100,
+            blocks.into(),
+        )
+        .unwrap()
     }
 
     #[test]

@@ -25,6 +25,7 @@ use std::hash::BuildHasherDefault;
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::blockmap::BlockMap;
 use crate::error::Result;
 use crate::fsio::StoreFs;
 use crate::ids::{ChunkId, SnapshotId};
@@ -414,8 +415,8 @@ where
 }
 
 /// Each chunk id once, for [`Refs::add`] and [`Refs::remove`].
-pub(crate) fn distinct(blocks: &[Option<ChunkId>]) -> Vec<ChunkId> {
-    let mut ids: Vec<ChunkId> = blocks.iter().flatten().copied().collect();
+pub(crate) fn distinct(blocks: &BlockMap) -> Vec<ChunkId> {
+    let mut ids: Vec<ChunkId> = blocks.data().map(|(_, id)| id).collect();
     ids.sort_unstable_by_key(|id| id.0);
     ids.dedup();
     ids
@@ -475,7 +476,7 @@ mod tests {
                 if add || live.is_empty() {
                     next += 1;
                     let ids: Vec<ChunkId> = chunks.iter().map(|&c| id(c)).collect();
-                    refs.add(SnapshotId(next), &distinct(&ids.iter().copied().map(Some).collect::<Vec<_>>()), size).unwrap();
+                    refs.add(SnapshotId(next), &distinct(&ids.iter().copied().map(Some).collect::<Vec<_>>().into()), size).unwrap();
                     live.insert(next, chunks);
                 } else {
                     let victim = *live.keys().nth(pick as usize % live.len()).unwrap();

@@ -104,39 +104,63 @@ pub fn plan(
     let current = disk.len()?;
     let compare_len = manifest.image_len.min(current.next_multiple_of(bs as u64));
     let task = task_len(manifest.block_size);
+    let compare_blocks = compare_len.div_ceil(bs as u64);
+    // Only the disk's data is read: its holes read as zero (a sparse
+    // image of a terabyte costs what it holds).
+    let runs: Vec<Range<u64>> = match disk.data_ranges()? {
+        Some(data) => crate::capture::data_block_runs(&data, manifest.block_size)
+            .into_iter()
+            .map(|r| r.start..r.end.min(compare_blocks))
+            .filter(|r| r.start < r.end)
+            .collect(),
+        None => std::iter::once(0..compare_blocks).collect(),
+    };
     let mut window = Vec::new();
-    let mut offset = 0u64;
-    while offset < compare_len {
-        let n = (compare_len - offset).min(window_len as u64) as usize;
-        crate::window::fit(&mut window, n);
-        let per_task = read_and_process(disk, &mut window, offset, task, |at, bytes, _| {
-            let first = (at / bs as u64) as usize;
-            Ok(bytes
-                .chunks(bs)
-                .enumerate()
-                .map(|(k, b)| !block_matches(b, manifest.blocks()[first + k].as_ref()))
-                .collect::<Vec<bool>>())
-        })?;
-        let first = offset / bs as u64;
-        for (k, differs) in per_task.into_iter().flatten().enumerate() {
-            if differs {
-                let i = first + k as u64;
-                rewrite.push(i);
-                bytes_to_write += manifest.block_len(i) as u64;
+    for run in &runs {
+        let mut offset = run.start * bs as u64;
+        let end = (run.end * bs as u64).min(compare_len);
+        while offset < end {
+            let n = (end - offset).min(window_len as u64) as usize;
+            crate::window::fit(&mut window, n);
+            let per_task = read_and_process(disk, &mut window, offset, task, |at, bytes, _| {
+                let first = at / bs as u64;
+                Ok(bytes
+                    .chunks(bs)
+                    .enumerate()
+                    .map(|(k, b)| !block_matches(b, manifest.block(first + k as u64).as_ref()))
+                    .collect::<Vec<bool>>())
+            })?;
+            let first = offset / bs as u64;
+            for (k, differs) in per_task.into_iter().flatten().enumerate() {
+                if differs {
+                    let i = first + k as u64;
+                    rewrite.push(i);
+                    bytes_to_write += manifest.block_len(i) as u64;
+                }
             }
-        }
-        progress.add(n as u64);
-        offset += n as u64;
-    }
-    // Past the current end every byte reads as zero: only data blocks differ.
-    let first_unread = compare_len.div_ceil(bs as u64);
-    for i in first_unread..manifest.block_count() {
-        if manifest.blocks()[i as usize].is_some() {
-            rewrite.push(i);
-            bytes_to_write += manifest.block_len(i) as u64;
+            progress.add(n as u64);
+            offset += n as u64;
         }
     }
-    progress.add(manifest.image_len - compare_len);
+    // In the holes and past the current end every byte reads as zero: only
+    // the snapshot's data blocks there differ.
+    let read = |i: u64| {
+        let k = runs.partition_point(|r| r.end <= i);
+        i < compare_blocks && k < runs.len() && runs[k].start <= i
+    };
+    let before = rewrite.len();
+    for (i, _) in manifest.blocks().data().filter(|(i, _)| !read(*i)) {
+        rewrite.push(i);
+        bytes_to_write += manifest.block_len(i) as u64;
+    }
+    if rewrite.len() > before {
+        rewrite.sort_unstable();
+    }
+    let read_bytes: u64 = runs
+        .iter()
+        .map(|r| (r.end * bs as u64).min(compare_len) - r.start * bs as u64)
+        .sum();
+    progress.add(manifest.image_len - read_bytes);
     Ok(RestorePlan {
         snapshot: manifest.snapshot,
         blocks_total: manifest.block_count(),
@@ -154,7 +178,7 @@ pub fn plan_delta(base: &Manifest, dirty: &[Range<u64>], target: &Manifest) -> R
     let mut rewrite = Vec::new();
     let mut bytes_to_write = 0;
     let mut runs = dirty.iter().peekable();
-    for (i, (have, want)) in base.blocks().iter().zip(target.blocks()).enumerate() {
+    for (i, (have, want)) in base.blocks().iter().zip(target.blocks().iter()).enumerate() {
         let i = i as u64;
         while runs.next_if(|r| r.end <= i).is_some() {}
         let is_dirty = runs.peek().is_some_and(|r| r.start <= i);
@@ -232,7 +256,7 @@ pub fn apply(
                 bytes
                     .par_chunks_mut(bs)
                     .zip(blocks.par_iter())
-                    .try_for_each(|(out, &i)| match manifest.blocks()[i as usize] {
+                    .try_for_each(|(out, &i)| match manifest.block(i) {
                         None => Ok(()),
                         Some(id) => store.read_into(&id, out),
                     })?;
@@ -264,7 +288,7 @@ fn write_batch(
 ) -> Result<()> {
     let bs = u64::from(manifest.block_size);
     let blocks = batch.blocks;
-    let is_data = |k: usize| manifest.blocks()[blocks[k] as usize].is_some();
+    let is_data = |k: usize| manifest.block(blocks[k]).is_some();
     let mut k = 0;
     while k < blocks.len() {
         let data = is_data(k);
@@ -387,7 +411,7 @@ pub fn verify_written(manifest: &Manifest, disk: &dyn Disk, blocks: &[u64]) -> R
             let mut at = 0;
             for i in first..first + n {
                 let end = at + manifest.block_len(i);
-                if !block_matches(&buf[at..end], manifest.blocks()[i as usize].as_ref()) {
+                if !block_matches(&buf[at..end], manifest.block(i).as_ref()) {
                     return Err(Error::VerifyFailed {
                         snapshot: manifest.snapshot,
                         path: disk.path().to_path_buf(),
@@ -406,6 +430,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+    use crate::blockmap::BlockMap;
     use crate::capture::{CapturePlan, CaptureSettings, capture};
     use crate::dirty::DirtyBitmap;
     use crate::disk::MemDisk;
@@ -471,6 +496,22 @@ mod tests {
             let disk = MemDisk::new(target.clone());
             let p = plan(&manifest, &disk, 3 * BS, &Progress::default()).unwrap();
             prop_assert_eq!(&p.rewrite, &naive_plan(&snapshot, &target));
+            // The same target as a sparse file, its zero blocks holes: the
+            // holes are not read, and the plan is the same.
+            let sparse = dir.path().join("sparse.img");
+            {
+                use std::os::unix::fs::FileExt;
+                let f = std::fs::File::create(&sparse).unwrap();
+                f.set_len(target.len() as u64).unwrap();
+                for (i, b) in target.chunks(BS).enumerate() {
+                    if b.iter().any(|&x| x != 0) {
+                        f.write_all_at(b, (i * BS) as u64).unwrap();
+                    }
+                }
+            }
+            let file = crate::disk::FileDisk::open(&sparse, false).unwrap();
+            let p = plan(&manifest, &file, 3 * BS, &Progress::default()).unwrap();
+            prop_assert_eq!(&p.rewrite, &naive_plan(&snapshot, &target));
             let mut written = 0;
             restore(&store, &manifest, &disk, None, 3 * BS, true, &Progress::default(), &mut written).unwrap();
             prop_assert!(disk.contents() == snapshot);
@@ -489,7 +530,7 @@ mod tests {
         }
     }
 
-    fn manifest_of(id: u64, len: usize, blocks: Vec<Option<ChunkId>>) -> Manifest {
+    fn manifest_of(id: u64, len: usize, blocks: BlockMap) -> Manifest {
         Manifest::new(SnapshotId(id), ServerId(1), BS as u32, len as u64, blocks).unwrap()
     }
 
@@ -600,9 +641,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c2.stats.blocks_read, 1);
-        assert_eq!(c2.blocks[1], Some(ChunkId::of(&v2[BS..2 * BS])));
+        assert_eq!(c2.blocks.get(1), Some(ChunkId::of(&v2[BS..2 * BS])));
         assert_eq!(
-            c2.blocks[2], c1.blocks[2],
+            c2.blocks.get(2),
+            c1.blocks.get(2),
             "the missed block keeps the parent's chunk"
         );
     }

@@ -83,8 +83,12 @@ impl VerifyReport {
     }
 }
 
-/// Checks every chunk the given manifests reference, once each.
-pub fn verify(store: &ChunkStore, manifests: Vec<(SnapshotId, Result<Manifest>)>) -> VerifyReport {
+/// Checks every chunk the given manifests reference, once each (the
+/// manifests read one at a time).
+pub fn verify(
+    store: &ChunkStore,
+    manifests: impl Iterator<Item = (SnapshotId, Result<Manifest>)>,
+) -> VerifyReport {
     let mut report = VerifyReport::default();
     let mut users: HashMap<ChunkId, Vec<SnapshotId>> = HashMap::new();
     for (id, m) in manifests {

@@ -431,8 +431,7 @@ impl Engine {
         };
         let manifests = ids
             .into_iter()
-            .map(|id| (id, self.inner.manifests.read(id)))
-            .collect();
+            .map(|id| (id, self.inner.manifests.read(id)));
         let mut report = verify::verify(&self.inner.store, manifests);
         report.catalog_error = self.inner.catalog.check().err().map(|e| e.to_string());
         report.index_error = index_error;
