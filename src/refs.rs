@@ -33,8 +33,9 @@ use crate::le::{u32_at, u64_at};
 use crate::store::PrefixHasher;
 use crate::table::{Damaged, Format, Table};
 
-/// The table's file name in the manifest directory.
+/// The base table's file name in the manifest directory, and the delta's.
 pub const FILE_NAME: &str = "refs.tbl";
+pub const DELTA_NAME: &str = "refs.delta.tbl";
 
 /// The first 16 bytes of a chunk id, as the chunk index keys it. Two chunks
 /// sharing them (a 2^-64 event at four billion chunks) would both count as
@@ -140,8 +141,9 @@ const _: () = assert!(RefsFormat::PER_PAGE == 127);
 /// Reference counts and exclusive bytes.
 #[derive(Default)]
 pub(crate) struct Refs {
-    base: Option<Arc<RefsTable>>,
-    /// Counts changed since the table was written (a count of 0: gone).
+    tables: Tables,
+    /// Counts changed since the newest table was written (a count of 0:
+    /// gone).
     overlay: HashMap<Key, Ref, BuildHasherDefault<PrefixHasher>>,
     /// Exclusive bytes of every snapshot counted.
     exclusive: BTreeMap<SnapshotId, u64>,
@@ -151,11 +153,11 @@ pub(crate) struct Refs {
 }
 
 impl Refs {
-    /// The counts a table holds, for the snapshots it covers.
-    pub fn from_table(base: Arc<RefsTable>) -> Self {
+    /// The counts the tables hold, for the snapshots they cover.
+    pub fn from_tables(tables: Tables) -> Self {
         Refs {
-            exclusive: base.items().iter().copied().collect(),
-            base: Some(base),
+            exclusive: tables.covered().iter().copied().collect(),
+            tables,
             ..Refs::default()
         }
     }
@@ -165,18 +167,23 @@ impl Refs {
         self.exclusive.keys().copied()
     }
 
-    /// The table under the overlay, if any.
-    pub fn base(&self) -> Option<&Arc<RefsTable>> {
-        self.base.as_ref()
+    /// The tables under the overlay.
+    pub fn tables(&self) -> &Tables {
+        &self.tables
     }
 
     fn current(&self, k: Key) -> std::result::Result<Option<Ref>, Damaged> {
-        match self.overlay.get(&k) {
-            Some(r) => Ok(Some(*r).filter(|r| r.count > 0)),
-            None => match &self.base {
-                Some(b) => Ok(b.get(&k.bytes())?.map(|e| e.r)),
-                None => Ok(None),
-            },
+        if let Some(r) = self.overlay.get(&k) {
+            return Ok(Some(*r).filter(|r| r.count > 0));
+        }
+        if let Some(d) = &self.tables.delta
+            && let Some(e) = d.get(&k.bytes())?
+        {
+            return Ok(Some(e.r).filter(|r| r.count > 0));
+        }
+        match &self.tables.base {
+            Some(b) => Ok(b.get(&k.bytes())?.map(|e| e.r)),
+            None => Ok(None),
         }
     }
 
@@ -270,13 +277,12 @@ impl Refs {
             .collect()
     }
 
-    /// True when the overlay is worth merging into a new table: at least
-    /// `min` entries and an eighth of the table, so that the table is
-    /// rewritten O(log) times as it grows, and a process that opens the
-    /// store replays at most that much.
+    /// True when the overlay is worth writing down: at least `min`
+    /// entries and a 64th of the base table, so that a process that opens
+    /// the store replays at most that much.
     pub fn due(&self, min: usize) -> bool {
-        let base = self.base.as_ref().map_or(0, |b| b.len());
-        !self.overlay.is_empty() && self.overlay.len() as u64 >= (min as u64).max(base / 8)
+        let base = self.tables.base.as_ref().map_or(0, |b| b.len());
+        !self.overlay.is_empty() && self.overlay.len() as u64 >= (min as u64).max(base / 64)
     }
 
     /// A chunk's stored bytes changed (a collection compressed its group
@@ -300,16 +306,41 @@ impl Refs {
         Ok(())
     }
 
-    /// Every chunk counted, in key order: the table's entries with the
-    /// overlay's applied.
+    /// The overlay's entries in key order (a count of 0 kept: it hides
+    /// the tables' entry).
+    fn overlay_sorted(&self) -> impl Iterator<Item = Result<Entry>> + use<> {
+        let mut changed: Vec<Entry> = self
+            .overlay
+            .iter()
+            .map(|(k, r)| Entry {
+                key: k.bytes(),
+                r: *r,
+            })
+            .collect();
+        changed.sort_unstable_by_key(|e| e.key);
+        changed.into_iter().map(Ok)
+    }
+
+    /// The delta table's entries with the overlay's applied, counts of 0
+    /// kept.
+    fn changes(
+        &self,
+    ) -> Merge<impl Iterator<Item = Result<Entry>> + '_, impl Iterator<Item = Result<Entry>> + use<>>
+    {
+        Merge::new(
+            table_entries(self.tables.delta.as_deref()),
+            self.overlay_sorted(),
+            true,
+        )
+    }
+
+    /// Every chunk counted, in key order.
     fn entries(&self) -> impl Iterator<Item = Result<Entry>> + '_ {
-        let mut changed: Vec<([u8; 16], Ref)> =
-            self.overlay.iter().map(|(k, r)| (k.bytes(), *r)).collect();
-        changed.sort_unstable_by_key(|(k, _)| *k);
-        Merge {
-            base: self.base.as_ref().map(|b| b.iter().peekable()),
-            changed: changed.into_iter().peekable(),
-        }
+        Merge::new(
+            table_entries(self.tables.base.as_deref()),
+            self.changes(),
+            false,
+        )
     }
 
     /// Where these counts and `other`'s disagree on which snapshots
@@ -339,76 +370,155 @@ impl Refs {
         }
     }
 
-    /// Writes the table and the overlay, merged, as a new table at `path`
-    /// (durably, see [`crate::table::write`]), then counts from it alone.
-    /// On an error nothing changes.
-    pub fn write(&mut self, fs: &dyn StoreFs, path: &Path) -> Result<()> {
-        let generation = self.base.as_ref().map_or(0, |b| b.generation()) + 1;
+    /// Writes the overlay down in `dir`, durably (see
+    /// [`crate::table::write`]): merged with the delta table into a new
+    /// delta while the changes are under an eighth of the base table,
+    /// else everything merged into a new base table (and the delta gone).
+    /// Then counts from the tables alone. On an error nothing changes.
+    pub fn write(&mut self, fs: &dyn StoreFs, dir: &Path) -> Result<()> {
         let items: Vec<(SnapshotId, u64)> = self.exclusive.iter().map(|(s, e)| (*s, *e)).collect();
-        crate::table::write::<RefsFormat>(fs, path, self.entries(), &items, generation)?;
-        let table = RefsTable::open(fs, path)?.ok_or_else(|| {
-            crate::error::Error::Internal("the reference counts just written are missing".into())
-        })?;
-        self.base = Some(Arc::new(table));
+        let base_len = self.tables.base.as_ref().map_or(0, |b| b.len());
+        let delta_len = self.tables.delta.as_ref().map_or(0, |d| d.len());
+        let open = |path: &Path| -> Result<Arc<RefsTable>> {
+            let t = RefsTable::open(fs, path)?.ok_or_else(|| {
+                crate::error::Error::Internal(
+                    "the reference counts just written are missing".into(),
+                )
+            })?;
+            Ok(Arc::new(t))
+        };
+        match &self.tables.base {
+            Some(base) if (delta_len + self.overlay.len() as u64) < base_len / 8 => {
+                let path = dir.join(DELTA_NAME);
+                let generation = base.generation();
+                crate::table::write::<RefsFormat>(fs, &path, self.changes(), &items, generation)?;
+                self.tables.delta = Some(open(&path)?);
+            }
+            _ => {
+                let path = dir.join(FILE_NAME);
+                let generation = self.tables.base.as_ref().map_or(0, |b| b.generation()) + 1;
+                crate::table::write::<RefsFormat>(fs, &path, self.entries(), &items, generation)?;
+                self.tables = Tables {
+                    base: Some(open(&path)?),
+                    delta: None,
+                };
+                // Stale now (it names the old base's generation): removed,
+                // or ignored by the next open if it stays.
+                let _ = fs.remove(&dir.join(DELTA_NAME));
+            }
+        }
         self.overlay.clear();
         Ok(())
     }
+}
+
+/// The tables the counts are kept in: a base, and the changes to it since
+/// (counts of 0 hide the base's entry), written with its generation.
+#[derive(Clone, Default)]
+pub struct Tables {
+    pub base: Option<Arc<RefsTable>>,
+    pub delta: Option<Arc<RefsTable>>,
+}
+
+impl Tables {
+    /// The tables in `dir`: `Ok` with none when there are none; an error
+    /// when one is damaged or the delta belongs to another base (a crash
+    /// between writing a new base and removing the old delta leaves that:
+    /// then the base alone).
+    pub fn open(fs: &dyn StoreFs, dir: &Path) -> Result<Tables> {
+        let base = RefsTable::open(fs, &dir.join(FILE_NAME))?.map(Arc::new);
+        let delta = match &base {
+            Some(b) => RefsTable::open(fs, &dir.join(DELTA_NAME))?
+                .filter(|d| d.generation() == b.generation())
+                .map(Arc::new),
+            None => None,
+        };
+        Ok(Tables { base, delta })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.base.is_none()
+    }
+
+    /// The snapshots the newest table counts, with their exclusive bytes.
+    pub fn covered(&self) -> &[(SnapshotId, u64)] {
+        match (&self.delta, &self.base) {
+            (Some(d), _) => d.items(),
+            (None, Some(b)) => b.items(),
+            (None, None) => &[],
+        }
+    }
+
+    /// Checks every page of both tables.
+    pub fn check(&self) -> std::result::Result<(), Damaged> {
+        for t in [&self.base, &self.delta].into_iter().flatten() {
+            t.check()?;
+        }
+        Ok(())
+    }
+}
+
+fn table_entries(t: Option<&RefsTable>) -> impl Iterator<Item = Result<Entry>> + '_ {
+    t.into_iter().flat_map(|t| {
+        t.iter().map(|e| {
+            e.map_err(|d| crate::error::Error::Internal(format!("reference counts: {}", d.0)))
+        })
+    })
 }
 
 fn hex(key: &[u8; 16]) -> String {
     key.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The table's entries with the overlay's applied, in key order, those
-/// counted by no snapshot left out.
-struct Merge<
-    B: Iterator<Item = std::result::Result<Entry, Damaged>>,
-    C: Iterator<Item = ([u8; 16], Ref)>,
-> {
-    base: Option<std::iter::Peekable<B>>,
-    changed: std::iter::Peekable<C>,
+/// Two runs of entries in key order merged: where both have a key, the
+/// newer's entry wins; counts of 0 dropped unless `keep_zero`.
+struct Merge<A: Iterator<Item = Result<Entry>>, B: Iterator<Item = Result<Entry>>> {
+    older: std::iter::Peekable<A>,
+    newer: std::iter::Peekable<B>,
+    keep_zero: bool,
 }
 
-impl<B, C> Iterator for Merge<B, C>
-where
-    B: Iterator<Item = std::result::Result<Entry, Damaged>>,
-    C: Iterator<Item = ([u8; 16], Ref)>,
+impl<A: Iterator<Item = Result<Entry>>, B: Iterator<Item = Result<Entry>>> Merge<A, B> {
+    fn new(older: A, newer: B, keep_zero: bool) -> Self {
+        Merge {
+            older: older.peekable(),
+            newer: newer.peekable(),
+            keep_zero,
+        }
+    }
+}
+
+impl<A: Iterator<Item = Result<Entry>>, B: Iterator<Item = Result<Entry>>> Iterator
+    for Merge<A, B>
 {
     type Item = Result<Entry>;
 
     fn next(&mut self) -> Option<Result<Entry>> {
         loop {
-            let from_base = match self.base.as_mut().and_then(|b| b.peek()) {
-                Some(Err(d)) => {
-                    return Some(Err(crate::error::Error::Internal(format!(
-                        "reference counts: {}",
-                        d.0
-                    ))));
-                }
+            let older = match self.older.peek() {
+                Some(Err(_)) => return self.older.next(),
                 Some(Ok(e)) => Some(e.key),
                 None => None,
             };
-            let from_overlay = self.changed.peek().map(|(k, _)| *k);
-            let entry = match (from_base, from_overlay) {
-                (None, None) => return None,
-                (Some(b), Some(o)) if o <= b => {
-                    if o == b {
-                        self.base.as_mut().and_then(|b| b.next());
-                    }
-                    let (key, r) = self.changed.next()?;
-                    Entry { key, r }
-                }
-                (Some(_), _) => match self.base.as_mut().and_then(|b| b.next()) {
-                    Some(Ok(e)) => e,
-                    _ => return None,
-                },
-                (None, Some(_)) => {
-                    let (key, r) = self.changed.next()?;
-                    Entry { key, r }
-                }
+            let newer = match self.newer.peek() {
+                Some(Err(_)) => return self.newer.next(),
+                Some(Ok(e)) => Some(e.key),
+                None => None,
             };
-            if entry.r.count > 0 {
-                return Some(Ok(entry));
+            let entry = match (older, newer) {
+                (None, None) => return None,
+                (Some(o), Some(n)) if n <= o => {
+                    if n == o {
+                        self.older.next();
+                    }
+                    self.newer.next()
+                }
+                (Some(_), _) => self.older.next(),
+                (None, Some(_)) => self.newer.next(),
+            };
+            match entry? {
+                Ok(e) if e.r.count == 0 && !self.keep_zero => continue,
+                other => return Some(other),
             }
         }
     }
@@ -461,17 +571,16 @@ mod tests {
             ),
         ) {
             let dir = tempfile::tempdir().unwrap();
-            let path = dir.path().join(FILE_NAME);
             let mut refs = Refs::default();
             let mut live: BTreeMap<u64, BTreeSet<u8>> = BTreeMap::new();
             let mut next = 100u64;
             for (add, pick, chunks) in steps {
                 // Now and then, the counts go to a table and come back.
                 if pick == 5 {
-                    refs.write(&StdFs, &path).unwrap();
-                    let table = RefsTable::open(&StdFs, &path).unwrap().unwrap();
-                    table.check().unwrap();
-                    refs = Refs::from_table(Arc::new(table));
+                    refs.write(&StdFs, dir.path()).unwrap();
+                    let tables = Tables::open(&StdFs, dir.path()).unwrap();
+                    tables.check().unwrap();
+                    refs = Refs::from_tables(tables);
                 }
                 if add || live.is_empty() {
                     next += 1;
@@ -498,5 +607,68 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Many chunks, few changes at a time: the changes go to a delta table
+    /// (the base untouched), deltas build on deltas, and a large change
+    /// merges all into a new base; every time, reopened from the files,
+    /// the counts are those of a count from scratch.
+    #[test]
+    fn deltas_then_a_new_base_count_as_from_scratch() {
+        let dir = tempfile::tempdir().unwrap();
+        let ids: Vec<ChunkId> = (0..3300u32)
+            .map(|i| ChunkId::of(&i.to_le_bytes()))
+            .collect();
+        let size = |c: &ChunkId| u32::from(c.0[1]) + 1;
+        let mut live: BTreeMap<u64, Vec<ChunkId>> = BTreeMap::new();
+        let mut refs = Refs::default();
+        let snap = |n: u64, from: usize, to: usize| -> (u64, Vec<ChunkId>) {
+            let mut v = ids[from..to].to_vec();
+            v.sort_unstable_by_key(|id| id.0);
+            (n, v)
+        };
+        let mut steps = vec![snap(1, 0, 2000), snap(2, 1000, 3000)];
+        steps.extend((3..8).map(|n| snap(n, 3000 + n as usize * 30, 3030 + n as usize * 30)));
+        steps.push(snap(8, 0, 3000));
+        let mut kinds = Vec::new();
+        for (n, chunks) in steps {
+            refs.add(SnapshotId(n), &chunks, size).unwrap();
+            live.insert(n, chunks);
+            if n == 4 {
+                let gone = live.remove(&3).unwrap();
+                refs.remove(SnapshotId(3), &gone).unwrap();
+            }
+            let base_before = std::fs::read(dir.path().join(FILE_NAME)).ok();
+            refs.write(&StdFs, dir.path()).unwrap();
+            let base_after = std::fs::read(dir.path().join(FILE_NAME)).ok();
+            kinds.push(if base_before == base_after {
+                "delta"
+            } else {
+                "base"
+            });
+            let tables = Tables::open(&StdFs, dir.path()).unwrap();
+            tables.check().unwrap();
+            refs = Refs::from_tables(tables);
+            let mut scratch = Refs::default();
+            for (s, chunks) in &live {
+                scratch.add(SnapshotId(*s), chunks, size).unwrap();
+            }
+            assert_eq!(refs.differ(&scratch).unwrap(), None, "after snapshot {n}");
+            assert_eq!(refs.figures(), scratch.figures(), "after snapshot {n}");
+            for id in &ids {
+                assert_eq!(
+                    refs.is_needed(id),
+                    scratch.is_needed(id),
+                    "after snapshot {n}"
+                );
+            }
+        }
+        assert_eq!(
+            kinds,
+            [
+                "base", "base", "delta", "delta", "delta", "delta", "delta", "base"
+            ]
+        );
+        assert!(!dir.path().join(DELTA_NAME).exists());
     }
 }

@@ -30,7 +30,7 @@ use crate::ids::{ServerId, SnapshotId};
 use crate::manifest::Manifests;
 use crate::options::{DEFAULT_BLOCK_SIZE, EngineOptions};
 use crate::policy;
-use crate::refs::{self, RefsTable};
+use crate::refs;
 use crate::store::gc::GcReport;
 use crate::store::{ChunkStore, sync_dir};
 use crate::types::{OpenReport, Server, Snapshot, SnapshotStatus};
@@ -140,12 +140,11 @@ impl Engine {
         let mut state = State::new(loaded.servers, loaded.snapshots, loaded.next_snapshot_id);
         // Only the header: a table that is damaged or stale is found out
         // when the counts are needed, and counted again from the manifests.
-        match RefsTable::open(store_fs.as_ref(), &manifests.dir().join(refs::FILE_NAME)) {
-            Ok(Some(t)) => {
-                state.refs_covered = t.items().iter().map(|(s, _)| *s).collect();
-                state.refs_table = Some(Arc::new(t));
+        match refs::Tables::open(store_fs.as_ref(), manifests.dir()) {
+            Ok(tables) => {
+                state.refs_covered = tables.covered().iter().map(|(s, _)| *s).collect();
+                state.refs_tables = tables;
             }
-            Ok(None) => {}
             Err(_) => state.refs_table_unusable = true,
         }
         recover(&catalog, &manifests, &mut state, &mut report, !read_only)?;

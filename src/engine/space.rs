@@ -54,10 +54,9 @@ fn persist_refs(inner: &Inner, state: &mut State, always: bool) -> Result<()> {
     if inner.options.read_only {
         return Ok(());
     }
-    let path = inner.manifests.dir().join(refs::FILE_NAME);
-    refs.write(inner.manifests.fs().as_ref(), &path)?;
+    refs.write(inner.manifests.fs().as_ref(), inner.manifests.dir())?;
     let now: BTreeSet<SnapshotId> = refs.counted().collect();
-    state.refs_table = refs.base().cloned();
+    state.refs_tables = refs.tables().clone();
     state.refs_table_unusable = false;
     let before = std::mem::replace(&mut state.refs_covered, now);
     for gone in before.difference(&state.refs_covered) {
@@ -186,11 +185,10 @@ impl Engine {
             return Ok(());
         }
         let held = state.held();
-        let had_table = state.refs_table.is_some();
-        let from_table = state
-            .refs_table
-            .clone()
-            .and_then(|t| self.replay(Refs::from_table(t), &held).ok());
+        let had_table = !state.refs_tables.is_empty();
+        let from_table = Some(state.refs_tables.clone())
+            .filter(|t| !t.is_empty())
+            .and_then(|t| self.replay(Refs::from_tables(t), &held).ok());
         state.refs_table_unusable |= had_table && from_table.is_none();
         let mut refs = match from_table {
             Some(refs) => refs,
@@ -285,7 +283,7 @@ impl Engine {
     /// the manifests until a new one replaces it.
     fn drop_table(&self, state: &mut State) {
         state.forget_counts();
-        state.refs_table = None;
+        state.refs_tables = Default::default();
         state.refs_table_unusable = true;
     }
 
@@ -294,7 +292,7 @@ impl Engine {
     pub(super) fn recount_space(&self) -> Result<()> {
         let mut state = self.inner.state.lock();
         state.forget_counts();
-        state.refs_table = None;
+        state.refs_tables = Default::default();
         self.ensure_refs(&mut state)?;
         persist_refs(&self.inner, &mut state, true)
     }
@@ -304,8 +302,7 @@ impl Engine {
     /// (damaged manifests aside: verify reports those).
     pub(super) fn check_space(&self) -> Option<String> {
         let mut state = self.inner.state.lock();
-        let table = state.refs_table.as_ref().map(|t| t.check());
-        if let Some(Err(d)) = table {
+        if let Err(d) = state.refs_tables.check() {
             // Reported, and replaced (derived data, never trusted).
             self.drop_table(&mut state);
             if self.ensure_refs(&mut state).is_ok() {

@@ -9,7 +9,7 @@ use crate::dirty::DirtyBitmap;
 use crate::error::{Error, Result};
 use crate::ids::{ServerId, SnapshotId};
 use crate::job::Progress;
-use crate::refs::{Refs, RefsTable};
+use crate::refs::{Refs, Tables};
 use crate::types::SnapshotStatus;
 
 use crate::types::{Server, ServerRef, ServerState, Snapshot};
@@ -24,10 +24,10 @@ pub(super) struct State {
     /// Reference counts and exclusive bytes, loaded on first need (see
     /// `refs`).
     pub(super) refs: Option<Refs>,
-    /// The reference counts' table on disk (its header read at open).
-    pub(super) refs_table: Option<Arc<RefsTable>>,
-    /// The snapshots that table counts: their manifests stay, even once
-    /// deleted, until a table no longer counts them.
+    /// The reference counts' tables on disk (their headers read at open).
+    pub(super) refs_tables: Tables,
+    /// The snapshots the newest table counts: their manifests stay, even
+    /// once deleted, until a table no longer counts them.
     pub(super) refs_covered: BTreeSet<SnapshotId>,
     /// The table on disk could not be used (damaged, or a manifest it
     /// needs is gone): the next [`super::space::persist_refs_if_due`]
@@ -64,7 +64,7 @@ impl State {
             live_restores: HashMap::new(),
             progress: HashMap::new(),
             refs: None,
-            refs_table: None,
+            refs_tables: Tables::default(),
             refs_covered: BTreeSet::new(),
             refs_table_unusable: false,
             figures: None,
