@@ -90,8 +90,15 @@ pub struct Table<F: Format> {
     items: Vec<F::Item>,
     /// One bit per page: its checksum was checked.
     checked: Vec<AtomicU64>,
+    /// Pages read since the mapping's pages were last given back.
+    reads: AtomicU64,
     format: PhantomData<F>,
 }
+
+/// Pages a table reads (64 MiB) before it gives back the process's view
+/// of them ([`Table::release`]): what a process holds of a table stays
+/// bounded however much of it look-ups and merges touch.
+const RELEASE_EVERY: u64 = 16_384;
 
 /// The first 8 bytes of a key as a number: keys sort as these do.
 fn key_prefix(key: &[u8; 16]) -> u64 {
@@ -179,6 +186,7 @@ impl<F: Format> Table<F> {
             generation,
             items,
             checked: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            reads: AtomicU64::new(0),
             format: PhantomData,
         })
     }
@@ -205,8 +213,29 @@ impl<F: Format> Table<F> {
         self.bytes.len() as u64
     }
 
+    /// Gives back the process's view of the pages read so far: the page
+    /// cache keeps them, and reading one again costs a minor fault. A
+    /// no-op for a table read into memory.
+    pub fn release(&self) {
+        self.reads.store(0, Ordering::Relaxed);
+        if let Bytes::Mapped(m) = &self.bytes {
+            // SAFETY: `Mmap::map` maps the file shared and read-only, so
+            // MADV_DONTNEED only drops page-table entries: the next read
+            // of a page maps the same bytes again from the page cache or
+            // the file (no page was written, so nothing is lost or zeroed,
+            // which is what makes this advice unsafe for private maps).
+            // Slices into the map held by other threads stay valid: their
+            // next access faults the page back in, unchanged. The file
+            // itself changes only as `StdFs::map` describes.
+            let _ = unsafe { m.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
+        }
+    }
+
     /// Page `p`'s entries, its checksum checked (once).
     fn page(&self, p: u64) -> std::result::Result<&[u8], Damaged> {
+        if self.reads.fetch_add(1, Ordering::Relaxed) + 1 >= RELEASE_EVERY {
+            self.release();
+        }
         let at = (1 + p as usize) * PAGE_LEN;
         let page = &self.bytes[at..at + PAGE_LEN];
         let (word, bit) = ((p / 64) as usize, 1u64 << (p % 64));

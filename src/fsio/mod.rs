@@ -164,7 +164,8 @@ impl StoreFile for File {
     }
     fn map(&self) -> io::Result<Option<memmap2::Mmap>> {
         // SAFETY: a mapping is undefined behaviour if the file changes
-        // under it. The store maps only its chunk index files, which are
+        // under it. The store maps only its sorted tables (the chunk index,
+        // the reference counts), which are
         // written under a temporary name, fsynced and renamed into place,
         // and never written, truncated or reused afterwards (a new
         // generation is a new file); the store's lock keeps other

@@ -181,6 +181,11 @@ mod tests {
             }
             assert_eq!(t.iter().map(|e| e.unwrap()).collect::<Vec<_>>(), all);
             t.check().unwrap();
+            // Pages given back are read again, unchanged.
+            t.release();
+            for i in (0..n).step_by(7) {
+                assert_eq!(t.get(&key_of(i)).unwrap().unwrap().loc.offset, i);
+            }
         }
     }
 
