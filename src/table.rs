@@ -90,14 +90,16 @@ pub struct Table<F: Format> {
     items: Vec<F::Item>,
     /// One bit per page: its checksum was checked.
     checked: Vec<AtomicU64>,
-    /// Pages read since the mapping's pages were last given back.
+    /// Pages scanned since the mapping's pages were last given back.
     reads: AtomicU64,
     format: PhantomData<F>,
 }
 
-/// Pages a table reads (64 MiB) before it gives back the process's view
-/// of them ([`Table::release`]): what a process holds of a table stays
-/// bounded however much of it look-ups and merges touch.
+/// Pages a scan of a table (a merge into a new one, a check) reads (64
+/// MiB) before it gives back the process's view of them
+/// ([`Table::release`]), so that scanning a large table does not hold it
+/// all. Look-ups keep what they touch: reading a page again after it was
+/// given back costs a fault, which at random costs more than it saves.
 const RELEASE_EVERY: u64 = 16_384;
 
 /// The first 8 bytes of a key as a number: keys sort as these do.
@@ -233,9 +235,6 @@ impl<F: Format> Table<F> {
 
     /// Page `p`'s entries, its checksum checked (once).
     fn page(&self, p: u64) -> std::result::Result<&[u8], Damaged> {
-        if self.reads.fetch_add(1, Ordering::Relaxed) + 1 >= RELEASE_EVERY {
-            self.release();
-        }
         let at = (1 + p as usize) * PAGE_LEN;
         let page = &self.bytes[at..at + PAGE_LEN];
         let (word, bit) = ((p / 64) as usize, 1u64 << (p % 64));
@@ -321,6 +320,10 @@ impl<F: Format> Table<F> {
     /// Every entry in key order, each page checked.
     pub fn iter(&self) -> impl Iterator<Item = std::result::Result<F::Entry, Damaged>> + '_ {
         (0..self.pages).flat_map(move |p| {
+            // A scan passes each page once: what it has passed goes back.
+            if self.reads.fetch_add(1, Ordering::Relaxed) + 1 >= RELEASE_EVERY {
+                self.release();
+            }
             let page = self.page(p);
             let n = page.as_ref().map_or(1, |pg| pg.len() / F::ENTRY_LEN);
             (0..n).map(move |i| match &page {
