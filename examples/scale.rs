@@ -13,7 +13,9 @@
 //!
 //! A synthetic disk is named `/synthetic/SEED/BLOCKS`. `--in-memory`
 //! builds with the table never written (every chunk in the in-memory
-//! index, as before the table existed), for comparison.
+//! index, as before the table existed), for comparison; `--mapped` reads
+//! the tables through their maps whatever their size
+//! (`EngineOptions::table_memory`).
 //! Each step prints one line of JSON.
 
 use std::path::Path;
@@ -24,6 +26,55 @@ use blocksnap::disk::Disk;
 use blocksnap::{EngineOptions, Error, Result, ServerId};
 
 const BS: u64 = 4096;
+
+/// The process's peak private memory and peak mapped file pages (MiB),
+/// sampled every 10 ms from /proc/self/status: peak RSS counts both, and
+/// the file pages (the tables' maps) are the page cache's, which the
+/// kernel takes back under pressure.
+struct RssSampler {
+    peaks: Arc<std::sync::Mutex<(u64, u64)>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl RssSampler {
+    fn start() -> Self {
+        let peaks = Arc::new(std::sync::Mutex::new((0, 0)));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (p, s) = (peaks.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                let (anon, file) = rss_now();
+                if let Ok(mut g) = p.lock() {
+                    *g = (g.0.max(anon), g.1.max(file));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        });
+        RssSampler { peaks, stop }
+    }
+
+    /// (peak private KiB, peak file KiB), sampled once more now.
+    fn finish(self) -> (u64, u64) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (anon, file) = rss_now();
+        let g = self.peaks.lock().map(|g| *g).unwrap_or((0, 0));
+        (g.0.max(anon), g.1.max(file))
+    }
+}
+
+/// (RssAnon, RssFile) in KiB.
+fn rss_now() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("RssAnon:"), field("RssFile:"))
+}
 
 /// Blocks of `seed`: block `i` is (seed, i) then zeros.
 struct Synthetic {
@@ -85,6 +136,7 @@ impl Disk for Synthetic {
 }
 
 fn options(in_memory: bool) -> EngineOptions {
+    let mapped = std::env::args().any(|a| a == "--mapped");
     let opener: blocksnap::disk::DiskOpener = Arc::new(|path: &Path, _| {
         let parts: Vec<&str> = path.to_str().unwrap_or("").split('/').collect();
         match parts.as_slice() {
@@ -102,6 +154,7 @@ fn options(in_memory: bool) -> EngineOptions {
     let o = EngineOptions::new()
         .block_size(BS as u32)
         .disk_opener(opener);
+    let o = if mapped { o.table_memory(u64::MAX) } else { o };
     if in_memory {
         o.index_persist_min(usize::MAX)
     } else {
@@ -161,6 +214,7 @@ fn main() -> Result<()> {
             );
         }
         "capture-known" | "capture-new" => {
+            let sampler = RssSampler::start();
             let engine = options(in_memory).open(store)?;
             let opened = started.elapsed().as_secs_f64();
             // Server 1's disk again, or a new server's disk of new data.
@@ -190,8 +244,10 @@ fn main() -> Result<()> {
             let secs = t.elapsed().as_secs_f64();
             let st = snap.stats.expect("completed");
             engine.delete_snapshot(snap.id)?;
+            drop(engine);
+            let (anon, file) = sampler.finish();
             println!(
-                "{{\"step\": \"{step}\", \"open_seconds\": {opened:.4}, \"first_lookup_seconds\": {loaded:.4}, \"seconds\": {secs:.4}, \"blocks\": {blocks}, \"new_chunks\": {}, \"chunks_per_second\": {:.0}}}",
+                "{{\"step\": \"{step}\", \"open_seconds\": {opened:.4}, \"first_lookup_seconds\": {loaded:.4}, \"seconds\": {secs:.4}, \"blocks\": {blocks}, \"new_chunks\": {}, \"chunks_per_second\": {:.0}, \"peak_private_kib\": {anon}, \"peak_file_kib\": {file}}}",
                 st.new_chunks,
                 blocks as f64 / secs
             );

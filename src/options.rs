@@ -20,6 +20,8 @@ pub const DEFAULT_CLEAN_SAMPLE_RATE: f64 = 0.01;
 pub const DEFAULT_GC_MAX_UNUSED: f64 = 0.05;
 /// Bytes read from a disk per window unless chosen otherwise.
 pub const DEFAULT_WINDOW_LEN: usize = 16 << 20;
+/// See [`EngineOptions::table_memory`].
+pub const DEFAULT_TABLE_MEMORY: u64 = 64 << 20;
 /// The largest window: memory use is a few windows.
 const MAX_WINDOW_LEN: usize = 1 << 30;
 
@@ -43,6 +45,7 @@ pub struct EngineOptions {
     pub(crate) store_fs: Arc<dyn StoreFs>,
     pub(crate) read_only: bool,
     pub(crate) index_persist_min: usize,
+    pub(crate) table_memory: u64,
 }
 
 impl Default for EngineOptions {
@@ -61,6 +64,7 @@ impl Default for EngineOptions {
             store_fs: Arc::new(StdFs),
             read_only: false,
             index_persist_min: crate::store::PERSIST_MIN,
+            table_memory: DEFAULT_TABLE_MEMORY,
         }
     }
 }
@@ -138,6 +142,21 @@ impl EngineOptions {
     /// more writing. Default: 4,096 (a quarter GiB of 64 KiB chunks).
     pub fn index_persist_min(mut self, chunks: usize) -> Self {
         self.index_persist_min = chunks;
+        self
+    }
+
+    /// What the process may hold of each sorted table's pages (the chunk
+    /// index, the reference counts) for look-ups at random. A table up to
+    /// this size is read through its memory map, where the pages look-ups
+    /// touch stay resident (shared with the page cache); a larger one is
+    /// read a few entries at a time with `pread` (through the page cache,
+    /// nothing resident), so that a capture's memory does not grow with
+    /// the store: at 10M chunks that costs a capture of stored blocks
+    /// about a quarter of its speed (docs/BENCHMARKS.md, "Stores of
+    /// millions of chunks"). Scans and runs in key order read the map and
+    /// give back what they passed. Default: 64 MiB (2.3M chunks' index).
+    pub fn table_memory(mut self, bytes: u64) -> Self {
+        self.table_memory = bytes;
         self
     }
 

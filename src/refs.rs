@@ -138,6 +138,13 @@ pub type RefsTable = Table<RefsFormat>;
 /// numbers, so the bytes are what a merge compares.
 const _: () = assert!(RefsFormat::PER_PAGE == 127);
 
+/// Where a run of look-ups in key order is in each table.
+#[derive(Default)]
+struct Cursor {
+    base: Option<u64>,
+    delta: Option<u64>,
+}
+
 /// Reference counts and exclusive bytes.
 #[derive(Default)]
 pub(crate) struct Refs {
@@ -173,16 +180,22 @@ impl Refs {
     }
 
     fn current(&self, k: Key) -> std::result::Result<Option<Ref>, Damaged> {
+        self.current_in(k, &mut Cursor::default())
+    }
+
+    /// The chunk's counts now; `cursor` is a run of keys asked in
+    /// ascending order (see [`Table::get_in_order`]).
+    fn current_in(&self, k: Key, cursor: &mut Cursor) -> std::result::Result<Option<Ref>, Damaged> {
         if let Some(r) = self.overlay.get(&k) {
             return Ok(Some(*r).filter(|r| r.count > 0));
         }
         if let Some(d) = &self.tables.delta
-            && let Some(e) = d.get(&k.bytes())?
+            && let Some(e) = d.get_in_order(&k.bytes(), &mut cursor.delta)?
         {
             return Ok(Some(e.r).filter(|r| r.count > 0));
         }
         match &self.tables.base {
-            Some(b) => Ok(b.get(&k.bytes())?.map(|e| e.r)),
+            Some(b) => Ok(b.get_in_order(&k.bytes(), &mut cursor.base)?.map(|e| e.r)),
             None => Ok(None),
         }
     }
@@ -198,20 +211,22 @@ impl Refs {
         }
     }
 
-    /// A completed snapshot referencing `ids` (each once); `size` gives a
-    /// chunk's stored bytes. On an error (a damaged table) the counts are
-    /// half changed: drop them.
+    /// A completed snapshot referencing `ids` (each once, in order: see
+    /// [`distinct`]); `size` gives a chunk's stored bytes. On an error (a
+    /// damaged table) the counts are half changed: drop them.
     pub fn add(
         &mut self,
         snap: SnapshotId,
         ids: &[ChunkId],
         size: impl Fn(&ChunkId) -> u32,
     ) -> std::result::Result<(), Damaged> {
+        debug_assert!(ids.is_sorted());
         self.exclusive.entry(snap).or_insert(0);
         self.touched.insert(snap);
+        let mut cursor = Cursor::default();
         for id in ids {
             let k = key(id);
-            let mut r = self.current(k)?.unwrap_or(Ref {
+            let mut r = self.current_in(k, &mut cursor)?.unwrap_or(Ref {
                 count: 0,
                 size: size(id),
                 owners_xor: 0,
@@ -229,16 +244,18 @@ impl Refs {
         Ok(())
     }
 
-    /// The snapshot that referenced `ids` is deleted. On an error the
-    /// counts are half changed: drop them.
+    /// The snapshot that referenced `ids` (each once, in order) is
+    /// deleted. On an error the counts are half changed: drop them.
     pub fn remove(
         &mut self,
         snap: SnapshotId,
         ids: &[ChunkId],
     ) -> std::result::Result<(), Damaged> {
+        debug_assert!(ids.is_sorted());
+        let mut cursor = Cursor::default();
         for id in ids {
             let k = key(id);
-            let Some(mut r) = self.current(k)? else {
+            let Some(mut r) = self.current_in(k, &mut cursor)? else {
                 continue;
             };
             r.count -= 1;
@@ -379,12 +396,16 @@ impl Refs {
         let items: Vec<(SnapshotId, u64)> = self.exclusive.iter().map(|(s, e)| (*s, *e)).collect();
         let base_len = self.tables.base.as_ref().map_or(0, |b| b.len());
         let delta_len = self.tables.delta.as_ref().map_or(0, |d| d.len());
+        let memory = self.tables.memory;
         let open = |path: &Path| -> Result<Arc<RefsTable>> {
             let t = RefsTable::open(fs, path)?.ok_or_else(|| {
                 crate::error::Error::Internal(
                     "the reference counts just written are missing".into(),
                 )
             })?;
+            if let Some(bytes) = memory {
+                t.set_budget(bytes);
+            }
             Ok(Arc::new(t))
         };
         match &self.tables.base {
@@ -401,6 +422,7 @@ impl Refs {
                 self.tables = Tables {
                     base: Some(open(&path)?),
                     delta: None,
+                    memory,
                 };
                 // Stale now (it names the old base's generation): removed,
                 // or ignored by the next open if it stays.
@@ -418,6 +440,9 @@ impl Refs {
 pub struct Tables {
     pub base: Option<Arc<RefsTable>>,
     pub delta: Option<Arc<RefsTable>>,
+    /// What look-ups may hold of each table's pages (see
+    /// [`Table::set_budget`]); `None`: unbounded.
+    memory: Option<u64>,
 }
 
 impl Tables {
@@ -433,11 +458,32 @@ impl Tables {
                 .map(Arc::new),
             None => None,
         };
-        Ok(Tables { base, delta })
+        Ok(Tables {
+            base,
+            delta,
+            memory: None,
+        })
+    }
+
+    /// See [`crate::EngineOptions::table_memory`]: for these tables and
+    /// those written from them.
+    pub fn set_memory(&mut self, bytes: u64) {
+        self.memory = Some(bytes);
+        for t in self.base.iter().chain(&self.delta) {
+            t.set_budget(bytes);
+        }
     }
 
     pub fn is_empty(&self) -> bool {
         self.base.is_none()
+    }
+
+    /// No tables, with these tables' memory setting.
+    pub fn emptied(&self) -> Tables {
+        Tables {
+            memory: self.memory,
+            ..Tables::default()
+        }
     }
 
     /// The snapshots the newest table counts, with their exclusive bytes.
@@ -591,7 +637,7 @@ mod tests {
                     let victim = *live.keys().nth(pick as usize % live.len()).unwrap();
                     let chunks = live.remove(&victim).unwrap();
                     let ids: Vec<ChunkId> = chunks.iter().map(|&c| id(c)).collect();
-                    refs.remove(SnapshotId(victim), &ids).unwrap();
+                    refs.remove(SnapshotId(victim), &distinct(&ids.iter().copied().map(Some).collect::<Vec<_>>().into())).unwrap();
                 }
                 for (snap, chunks) in &live {
                     let want: u64 = chunks

@@ -125,6 +125,7 @@ impl Engine {
             ChunkStore::open(&packs, store_fs.clone())?
         };
         store.set_index_persist_min(options.index_persist_min);
+        store.set_table_memory(options.table_memory);
         if !exists {
             sync_dir(store_fs.as_ref(), root)?;
         }
@@ -141,7 +142,8 @@ impl Engine {
         // Only the header: a table that is damaged or stale is found out
         // when the counts are needed, and counted again from the manifests.
         match refs::Tables::open(store_fs.as_ref(), manifests.dir()) {
-            Ok(tables) => {
+            Ok(mut tables) => {
+                tables.set_memory(options.table_memory);
                 state.refs_covered = tables.covered().iter().map(|(s, _)| *s).collect();
                 state.refs_tables = tables;
             }

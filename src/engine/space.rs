@@ -193,7 +193,7 @@ impl Engine {
         let mut refs = match from_table {
             Some(refs) => refs,
             None => {
-                let mut refs = Refs::default();
+                let mut refs = Refs::from_tables(state.refs_tables.emptied());
                 for id in &held {
                     self.count_manifest(&mut refs, *id, true)?;
                 }
@@ -283,7 +283,7 @@ impl Engine {
     /// the manifests until a new one replaces it.
     fn drop_table(&self, state: &mut State) {
         state.forget_counts();
-        state.refs_tables = Default::default();
+        state.refs_tables = state.refs_tables.emptied();
         state.refs_table_unusable = true;
     }
 
@@ -292,7 +292,7 @@ impl Engine {
     pub(super) fn recount_space(&self) -> Result<()> {
         let mut state = self.inner.state.lock();
         state.forget_counts();
-        state.refs_tables = Default::default();
+        state.refs_tables = state.refs_tables.emptied();
         self.ensure_refs(&mut state)?;
         persist_refs(&self.inner, &mut state, true)
     }

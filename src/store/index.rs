@@ -216,10 +216,10 @@ impl ChunkIndex {
         if let Some(loc) = self.recent.get(k) {
             return Some(*loc);
         }
-        self.sorted
-            .binary_search_by(|e| e.key.cmp(k))
+        let sorted = &self.sorted;
+        crate::table::search(sorted.len(), &k.0, |i| &sorted[i].key.0)
             .ok()
-            .map(|i| self.sorted[i].loc())
+            .map(|i| sorted[i].loc())
     }
 
     /// Where the chunk is, if indexed; an error when the base's page that

@@ -162,6 +162,8 @@ pub struct ChunkStore {
     sync_failures: AtomicU64,
     /// See [`ChunkStore::set_index_persist_min`].
     persist_min: std::sync::atomic::AtomicUsize,
+    /// See [`ChunkStore::set_table_memory`].
+    table_memory: AtomicU64,
     /// Sealed packs the table does not cover, not read yet, and whether
     /// they have been ([`ChunkStore::index`]).
     pending: Mutex<PackList>,
@@ -305,6 +307,7 @@ impl ChunkStore {
             gc_lock: Mutex::new(()),
             sync_failures: AtomicU64::new(0),
             persist_min: std::sync::atomic::AtomicUsize::new(PERSIST_MIN),
+            table_memory: AtomicU64::new(u64::MAX),
             loaded: std::sync::atomic::AtomicBool::new(pending.is_empty()),
             pending: Mutex::new(pending),
             read_only,
@@ -340,6 +343,16 @@ impl ChunkStore {
         let base = index.base().map_or(0, |b| b.len() as usize);
         let min = self.persist_min.load(Ordering::Relaxed);
         index.overlay_len().saturating_sub(open) > (base / 16).max(min)
+    }
+
+    /// What look-ups may hold of the chunk index table's pages (see
+    /// [`crate::EngineOptions::table_memory`]): for the table now and
+    /// every one written after.
+    pub fn set_table_memory(&self, bytes: u64) {
+        self.table_memory.store(bytes, Ordering::Relaxed);
+        if let Some(base) = self.index.read().base() {
+            base.set_budget(bytes);
+        }
     }
 
     /// Entries the index holds in memory before a new table is written
@@ -452,6 +465,7 @@ impl ChunkStore {
         let path = self.dir.join(table::FILE_NAME);
         let t = Table::open(self.fs.as_ref(), &path)?
             .ok_or_else(|| Error::io(&path, std::io::ErrorKind::NotFound.into()))?;
+        t.set_budget(self.table_memory.load(Ordering::Relaxed));
         self.index_mut()?.install(Arc::new(t), covered, kept);
         Ok(())
     }

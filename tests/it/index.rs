@@ -146,6 +146,17 @@ fn a_table_older_than_its_packs_is_rebuilt() {
 /// page does. Either way nothing wrong is ever found through it.
 #[test]
 fn a_damaged_table_is_rebuilt_never_trusted() {
+    damaged_table_is_rebuilt(options);
+}
+
+/// The same, the table read a page at a time (`pread`) rather than
+/// through its map, as a table larger than `table_memory` is.
+#[test]
+fn a_damaged_table_read_a_page_at_a_time_is_rebuilt_never_trusted() {
+    damaged_table_is_rebuilt(|| options().table_memory(0));
+}
+
+fn damaged_table_is_rebuilt(options: fn() -> EngineOptions) {
     let (_dir, store, disks) = fixture();
     let clean = std::fs::read(table(&store)).unwrap();
     let pages = (clean.len() - 4096) / 4096;

@@ -170,10 +170,12 @@ fn counts_stay_exact_through_tables_replays_deletes_and_reopens() {
     let mut work = Workload::new(dir.path(), &engine, seed);
     // A table at every change, then none for a while (what changed is
     // replayed from manifests at each open, a deleted snapshot's manifest
-    // kept for it), then tables again.
+    // kept for it), then tables again; every other round reads the tables
+    // a page at a time, as one larger than `table_memory` is.
     for (round, min) in [0usize, 1 << 40, 1 << 40, 0].into_iter().enumerate() {
         drop(engine);
-        engine = options(min).open(&store).unwrap();
+        let memory = if round % 2 == 1 { 0 } else { u64::MAX };
+        engine = options(min).table_memory(memory).open(&store).unwrap();
         let ctx = format!("seed {seed}, reopened for round {round}");
         assert!(listed(&engine).values().all(Option::is_some), "{ctx}");
         check(&engine, &store, &ctx);
