@@ -13,8 +13,14 @@
 # (every chunk in the in-memory index, as before it existed): the ratio of
 # the two known-chunk captures is the look-up cost of the mapped table.
 #
+# Each capture of known blocks runs twice: with the default table memory
+# (tables larger than 64 MiB read by pread, nothing of them resident) and
+# with the tables read through their maps (`--mapped`).
+#
 # Usage: bench/scale.sh [SIZES]   (default "1048576 10485760"; the disk
 # needs ~150 bytes a chunk; 104857600 takes an hour and ~16 GB)
+# BLOCKSNAP_BENCH_KEEP=1 keeps the stores (and reuses those already
+# built: a store's build takes most of the time).
 # Figures go into docs/BENCHMARKS.md between its scale markers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,8 +31,12 @@ cargo build --release --quiet --bin blocksnap --example scale
 target=${CARGO_TARGET_DIR:-$root/target}
 bs=$target/release/blocksnap
 scale=$target/release/examples/scale
-rm -rf "$work"; mkdir -p "$work"
-trap 'rm -rf "$work"' EXIT
+keep=${BLOCKSNAP_BENCH_KEEP:-}
+if [ -z "$keep" ]; then
+  rm -rf "$work"
+  trap 'rm -rf "$work"' EXIT
+fi
+mkdir -p "$work"
 per=1048576
 out=$work/results.txt
 : > "$out"
@@ -42,8 +52,12 @@ measure() { # NAME CMD...
 
 for n in $sizes; do
   store=$work/s$n
-  "$scale" build "$store" "$n" "$per" > "$work/build.json"
-  echo "build-$n 0 0 $(cat "$work/build.json")" >> "$out"
+  if [ ! -s "$work/build-$n.json" ]; then
+    rm -rf "$store"
+    "$scale" build "$store" "$n" "$per" > "$work/build-$n.json.tmp"
+    mv "$work/build-$n.json.tmp" "$work/build-$n.json"
+  fi
+  echo "build-$n 0 0 $(cat "$work/build-$n.json")" >> "$out"
   du -sb "$store/packs" | awk -v n="$n" '{print "packs-" n " 0 0 {\"bytes\": " $1 "}"}' >> "$out"
   # Each run reads the store warm, as a host that uses it does.
   cat "$store"/packs/* "$store"/catalog >/dev/null
@@ -53,6 +67,9 @@ for n in $sizes; do
   measure "stats-$n" "$bs" --store "$store" stats
   cat "$store"/packs/* >/dev/null
   measure "known-$n" "$scale" capture-known "$store"
+  cat "$store"/packs/* >/dev/null
+  measure "knownmapped-$n" "$scale" capture-known "$store" --mapped
+  cat "$store"/packs/* >/dev/null
   measure "new-$n" "$scale" capture-new "$store"
   measure "rebuild-$n" "$scale" rebuild "$store"
   if [ "$n" = "${sizes%% *}" ]; then
@@ -64,7 +81,7 @@ for n in $sizes; do
     measure "known2-$n" "$scale" capture-known "$store"
     rm -rf "$mem"
   fi
-  rm -rf "$store"
+  [ -n "$keep" ] || rm -rf "$store"
 done
 
 python3 - "$out" "$sizes" <<'PY'
@@ -78,18 +95,22 @@ for line in open(sys.argv[1]):
 sizes = sys.argv[2].split()
 mib = lambda kib: f"{kib / 1024:.0f} MiB"
 lines = [
-    "| chunks | open | `server list` | `snapshot list` | `stats` | capture, all stored | capture, all new | index on disk | rebuild |",
-    "|---|---|---|---|---|---|---|---|---|",
+    "| chunks | open | `server list` | `snapshot list` | `stats` | capture, all stored | the same, tables mapped | capture, all new | index on disk | rebuild |",
+    "|---|---|---|---|---|---|---|---|---|---|",
 ]
 for n in sizes:
     o = rows[f"open-{n}"][2]
     k, nw, rb = rows[f"known-{n}"], rows[f"new-{n}"], rows[f"rebuild-{n}"]
+    km = rows[f"knownmapped-{n}"]
     cell = lambda r: f"{rows[r][0]:.2f} s, {mib(rows[r][1])}"
+    # Peak RSS, and of it the private part (the rest: mapped file pages).
+    rss = lambda r: f"{mib(r[1])} ({mib(r[2]['peak_private_kib'])} private)"
     lines.append(
         f"| {int(n):,} | {o['seconds'] * 1000:.1f} ms ({o['packs_read']} packs read) "
         f"| {cell(f'serverlist-{n}')} | {cell(f'snapshotlist-{n}')} | {cell(f'stats-{n}')} "
-        f"| {k[2]['chunks_per_second'] / 1e3:.0f}k chunks/s, {mib(k[1])} (first look-up {k[2]['first_lookup_seconds']:.2f} s) "
-        f"| {nw[2]['chunks_per_second'] / 1e3:.0f}k chunks/s, {mib(nw[1])} "
+        f"| {k[2]['chunks_per_second'] / 1e3:.0f}k chunks/s, {rss(k)} "
+        f"| {km[2]['chunks_per_second'] / 1e3:.0f}k chunks/s, {rss(km)} "
+        f"| {nw[2]['chunks_per_second'] / 1e3:.0f}k chunks/s, {rss(nw)} "
         f"| {rb[2]['table_bytes'] / rb[2]['chunks']:.1f} B/chunk "
         f"| {rb[2]['seconds']:.2f} s |"
     )

@@ -228,10 +228,17 @@ fn main() -> Result<()> {
             let server = if step == "capture-known" {
                 ServerId(1)
             } else {
-                let s = ServerId(1 << 40);
-                if engine.server(s).is_err() {
-                    engine.add_server(s, "new", format!("/synthetic/999999/{blocks}"))?;
-                }
+                // A seed of its own each run: an earlier run's chunks stay
+                // until a collection, and would be found stored.
+                let seed = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_micros() as u64 & ((1 << 40) - 1));
+                let s = ServerId((1 << 40) + seed);
+                engine.add_server(
+                    s,
+                    "new",
+                    format!("/synthetic/{}/{blocks}", (1 << 41) + seed),
+                )?;
                 s
             };
             // Sealed packs the table does not cover are read at the first

@@ -254,6 +254,15 @@ impl Engine {
         &self.inner.report
     }
 
+    /// Why the chunk index table was found stale and replaced after open,
+    /// if it was: open checks only that the packs it covers are there;
+    /// their lengths and trailers are checked at the first look-up, so
+    /// that opening reads nothing per pack. (One found unusable at open
+    /// is in [`Engine::open_report`].)
+    pub fn index_found_stale(&self) -> Option<String> {
+        self.inner.store.stale_table()
+    }
+
     /// Number of distinct chunks stored.
     pub fn chunk_count(&self) -> usize {
         self.inner.store.chunk_count()

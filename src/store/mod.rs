@@ -167,6 +167,11 @@ pub struct ChunkStore {
     /// Sealed packs the table does not cover, not read yet, and whether
     /// they have been ([`ChunkStore::index`]).
     pending: Mutex<PackList>,
+    /// The packs the table covers, as it says they were, until checked
+    /// against the packs at the first look-up ([`ChunkStore::index`]).
+    unchecked: Mutex<Vec<Covered>>,
+    /// Why that check found the table stale, if it did.
+    stale: Mutex<Option<String>>,
     loaded: std::sync::atomic::AtomicBool,
     /// Opened read-only: no new table is written.
     read_only: bool,
@@ -223,8 +228,11 @@ impl ChunkStore {
         let packs = list_packs(fs.as_ref(), dir)?;
         let max_seq = packs.last().map_or(0, |(seq, _)| *seq);
         // The table on disk, if it still says what the packs hold.
+        // Only by the packs' names here: their lengths and trailers are
+        // checked at the first look-up (see `ensure_loaded`), so that open
+        // reads nothing per pack.
         let table = match Table::open(fs.as_ref(), &dir.join(table::FILE_NAME)) {
-            Ok(Some(t)) => match stale(fs.as_ref(), &t, &packs) {
+            Ok(Some(t)) => match gone(&t, &packs) {
                 None => Some(t),
                 Some(why) => {
                     recovery.index_rebuilt = Some(why);
@@ -244,10 +252,12 @@ impl ChunkStore {
         // look-up, not now: commands that look nothing up (listing
         // servers and snapshots) open in time independent of the store.
         let mut pending = Vec::new();
+        let mut unchecked = Vec::new();
         let mut unreadable = HashSet::new();
         let index = match table {
             Some(t) => {
                 let covered: HashSet<u32> = t.items().iter().map(|c| c.seq).collect();
+                unchecked = t.items().to_vec();
                 let mut index = ChunkIndex::with_base(Arc::new(t));
                 for (seq, path) in packs.iter().filter(|(seq, _)| !covered.contains(seq)) {
                     if let Ok(Some(_)) = sealed_fingerprint(fs.as_ref(), *seq, path) {
@@ -308,8 +318,10 @@ impl ChunkStore {
             sync_failures: AtomicU64::new(0),
             persist_min: std::sync::atomic::AtomicUsize::new(PERSIST_MIN),
             table_memory: AtomicU64::new(u64::MAX),
-            loaded: std::sync::atomic::AtomicBool::new(pending.is_empty()),
+            loaded: std::sync::atomic::AtomicBool::new(pending.is_empty() && unchecked.is_empty()),
             pending: Mutex::new(pending),
+            unchecked: Mutex::new(unchecked),
+            stale: Mutex::new(None),
             read_only,
             unreadable: Mutex::new(unreadable),
             fs,
@@ -340,6 +352,11 @@ impl ChunkStore {
             .as_ref()
             .map_or(0, |a| a.entries.len());
         let index = self.index.read();
+        // A stale table found at the first look-up: replaced at once, or
+        // every open would find it stale again.
+        if index.base().is_none() && self.stale.lock().is_some() {
+            return true;
+        }
         let base = index.base().map_or(0, |b| b.len() as usize);
         let min = self.persist_min.load(Ordering::Relaxed);
         index.overlay_len().saturating_sub(open) > (base / 16).max(min)
@@ -389,6 +406,22 @@ impl ChunkStore {
             return Ok(());
         }
         let mut pending = self.pending.lock();
+        if self.loaded.load(Ordering::Acquire) {
+            return Ok(()); // another thread was first
+        }
+        let mut unchecked = self.unchecked.lock();
+        if let Some(why) = stale(self.fs.as_ref(), &self.dir, &unchecked) {
+            // Its packs changed since it was written (a collection whose
+            // new table a crash lost): none of it is trusted, every pack
+            // is read, and a new table is written when next due.
+            self.reindex()?;
+            *self.stale.lock() = Some(why);
+            pending.clear();
+            unchecked.clear();
+            self.loaded.store(true, Ordering::Release);
+            return Ok(());
+        }
+        unchecked.clear();
         let mut loaded = Vec::new();
         for (seq, path) in pending.iter() {
             let mut scratch = Recovery::default();
@@ -403,6 +436,29 @@ impl ChunkStore {
         }
         self.loaded.store(true, Ordering::Release);
         Ok(())
+    }
+
+    /// The index from every pack, no table (which a stale one leaves):
+    /// what open builds when there is no usable table.
+    fn reindex(&self) -> Result<()> {
+        let mut all = Vec::new();
+        for (seq, path) in list_packs(self.fs.as_ref(), &self.dir)? {
+            let mut scratch = Recovery::default();
+            match load_pack(self.fs.as_ref(), &path, &mut scratch, true) {
+                Ok(entries) => all.extend(entries.iter().map(|e| (e.id, loc_of(seq, e)))),
+                Err(_) => {
+                    self.unreadable.lock().insert(seq);
+                }
+            }
+        }
+        *self.index.write() = ChunkIndex::from_entries(all);
+        Ok(())
+    }
+
+    /// Why the chunk index table was found stale at the first look-up
+    /// (its packs are checked then, not at open), if it was.
+    pub fn stale_table(&self) -> Option<String> {
+        self.stale.lock().clone()
     }
 
     /// The sealed packs a new table can cover: all but the open one, and
@@ -1102,13 +1158,20 @@ fn loc_of(seq: u32, e: &IndexEntry) -> ChunkLoc {
 
 /// Why `t` no longer says what the packs hold, if it does not: a pack it
 /// covers is gone, or changed (its length or trailer).
-fn stale(fs: &dyn StoreFs, t: &Table, packs: &[(u32, PathBuf)]) -> Option<String> {
-    let listed: HashMap<u32, &PathBuf> = packs.iter().map(|(s, p)| (*s, p)).collect();
-    for c in t.items() {
-        let Some(path) = listed.get(&c.seq) else {
-            return Some(format!("pack {} it covers is gone", c.seq));
-        };
-        match sealed_fingerprint(fs, c.seq, path) {
+/// Why the table cannot be used, if a pack it covers is gone.
+fn gone(t: &Table, packs: &[(u32, PathBuf)]) -> Option<String> {
+    let listed: HashSet<u32> = packs.iter().map(|(s, _)| *s).collect();
+    t.items()
+        .iter()
+        .find(|c| !listed.contains(&c.seq))
+        .map(|c| format!("pack {} it covers is gone", c.seq))
+}
+
+/// Why the table cannot be used, if a pack it covers changed since it was
+/// written (its length or trailer).
+fn stale(fs: &dyn StoreFs, dir: &Path, covered: &[Covered]) -> Option<String> {
+    for c in covered {
+        match sealed_fingerprint(fs, c.seq, &pack_path(dir, c.seq)) {
             Ok(Some(now)) if now == *c => {}
             Ok(_) => return Some(format!("pack {} it covers has changed", c.seq)),
             Err(e) => return Some(format!("pack {} it covers: {e}", c.seq)),
