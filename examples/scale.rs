@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use blocksnap::disk::Disk;
-use blocksnap::{EngineOptions, Error, Result, ServerId};
+use blocksnap::{EngineOptions, Error, Result, ServerId, SnapshotStatus};
 
 const BS: u64 = 4096;
 
@@ -189,7 +189,9 @@ fn main() -> Result<()> {
                     let disk = format!("/synthetic/{}/{per}", 1000 + n);
                     engine.add_server(server, &format!("s{}", server.0), &disk)?;
                 }
-                if engine.snapshots(Some(server))?.is_empty() {
+                // (A build stopped mid-capture resumes: that one failed.)
+                let done = engine.snapshots(Some(server))?;
+                if !done.iter().any(|s| s.status == SnapshotStatus::Completed) {
                     engine.create_snapshot(server, &format!("n{n}"), "")?;
                 }
                 eprint!("\rbuilt {} of {snapshots} snapshots", n + 1);

@@ -189,6 +189,22 @@ impl ChunkStore {
         needed: &dyn Fn(&ChunkId) -> bool,
         include_open: bool,
     ) -> Result<Vec<PackInfo>> {
+        let mut packs = Vec::new();
+        self.survey_each(needed, include_open, &mut |p| {
+            packs.push(p);
+            Ok(())
+        })?;
+        Ok(packs)
+    }
+
+    /// [`Self::survey`], each pack handed to `each` as it is read, so
+    /// that only one is held at a time.
+    fn survey_each(
+        &self,
+        needed: &dyn Fn(&ChunkId) -> bool,
+        include_open: bool,
+        each: &mut dyn FnMut(PackInfo) -> Result<()>,
+    ) -> Result<()> {
         let open = self
             .writer
             .lock()
@@ -196,7 +212,6 @@ impl ChunkStore {
             .as_ref()
             .map(|a| (a.seq, a.len, a.entries.clone()));
         let active = open.as_ref().map(|(seq, _, _)| *seq);
-        let mut packs = Vec::new();
         let info = |seq, path, file_len, mut entries: Vec<IndexEntry>| -> Result<PackInfo> {
             entries.sort_by_key(|e| e.offset);
             Ok(PackInfo {
@@ -212,7 +227,7 @@ impl ChunkStore {
         };
         if let (true, Some((seq, len, entries))) = (include_open, open) {
             let sealed_len = len + (entries.len() * pack::INDEX_ENTRY_LEN + TRAILER_LEN) as u64;
-            packs.push(info(seq, pack_path(&self.dir, seq), sealed_len, entries)?);
+            each(info(seq, pack_path(&self.dir, seq), sealed_len, entries)?)?;
         }
         for (seq, path) in list_packs(self.fs.as_ref(), &self.dir)? {
             if Some(seq) == active {
@@ -228,15 +243,15 @@ impl ChunkStore {
             let Some((file_len, entries)) = found else {
                 continue;
             };
-            packs.push(info(seq, path, file_len, entries)?);
+            each(info(seq, path, file_len, entries)?)?;
         }
-        Ok(packs)
+        Ok(())
     }
 
     /// How the store's bytes divide between needed and unneeded records.
     pub fn space(&self, needed: &dyn Fn(&ChunkId) -> bool) -> Result<Space> {
         let mut space = Space::default();
-        for p in self.survey(needed, true)? {
+        self.survey_each(needed, true, &mut |p| {
             space.stored_bytes += p.file_len;
             for (e, live) in p.entries.iter().zip(&p.live) {
                 if *live {
@@ -248,7 +263,8 @@ impl ChunkStore {
                     space.dead_chunks += 1;
                 }
             }
-        }
+            Ok(())
+        })?;
         Ok(space)
     }
 
