@@ -179,23 +179,40 @@ impl Refs {
         &self.tables
     }
 
+    /// The chunk's counts now, asked at random.
     fn current(&self, k: Key) -> std::result::Result<Option<Ref>, Damaged> {
-        self.current_in(k, &mut Cursor::default())
+        self.current_with(k, |t, key| t.get(key), |t, key| t.get(key))
     }
 
     /// The chunk's counts now; `cursor` is a run of keys asked in
     /// ascending order (see [`Table::get_in_order`]).
     fn current_in(&self, k: Key, cursor: &mut Cursor) -> std::result::Result<Option<Ref>, Damaged> {
+        let (base, delta) = (&mut cursor.base, &mut cursor.delta);
+        self.current_with(
+            k,
+            |t, key| t.get_in_order(key, delta),
+            |t, key| t.get_in_order(key, base),
+        )
+    }
+
+    /// The chunk's counts now: the overlay's, else the delta table's, else
+    /// the base table's, each table read with its `get`.
+    fn current_with(
+        &self,
+        k: Key,
+        mut delta: impl FnMut(&RefsTable, &[u8; 16]) -> std::result::Result<Option<Entry>, Damaged>,
+        mut base: impl FnMut(&RefsTable, &[u8; 16]) -> std::result::Result<Option<Entry>, Damaged>,
+    ) -> std::result::Result<Option<Ref>, Damaged> {
         if let Some(r) = self.overlay.get(&k) {
             return Ok(Some(*r).filter(|r| r.count > 0));
         }
         if let Some(d) = &self.tables.delta
-            && let Some(e) = d.get_in_order(&k.bytes(), &mut cursor.delta)?
+            && let Some(e) = delta(d, &k.bytes())?
         {
             return Ok(Some(e.r).filter(|r| r.count > 0));
         }
         match &self.tables.base {
-            Some(b) => Ok(b.get_in_order(&k.bytes(), &mut cursor.base)?.map(|e| e.r)),
+            Some(b) => Ok(base(b, &k.bytes())?.map(|e| e.r)),
             None => Ok(None),
         }
     }

@@ -15,10 +15,10 @@
 //! entry.
 //!
 //! Three ways in:
-//! - look-ups at random (a capture's dedup, garbage collection) first read
-//!   every page's first key prefix, once per process ("fences", 8 bytes a
-//!   page, checking every page on the way), which then name the one page
-//!   a key can be on. A table larger than its budget
+//! - look-ups at random (a capture's dedup, garbage collection), once they
+//!   number an eighth of the pages, read every page's first key prefix,
+//!   once per process ("fences", 8 bytes a page, checking every page on
+//!   the way), which then name the one page a key can be on. A table larger than its budget
 //!   ([`Table::set_budget`]) is then read a few entries at a time with
 //!   `pread`, through the page cache, so that the process holds none of
 //!   it; a smaller one, through its map;
@@ -109,7 +109,9 @@ pub struct Table<F: Format> {
     reads: AtomicU64,
     /// The first 8 key bytes of every page, read at the first look-up at
     /// random (see [`Table::fences`]).
-    fences: OnceLock<std::result::Result<Vec<u64>, Damaged>>,
+    fences: OnceLock<Option<Vec<u64>>>,
+    /// Look-ups at random so far, until the fences are read.
+    random_lookups: AtomicU64,
     /// Pages look-ups read.
     #[cfg(test)]
     probes: AtomicU64,
@@ -333,6 +335,7 @@ impl<F: Format> Table<F> {
             reads: AtomicU64::new(0),
             read_at_random: std::sync::atomic::AtomicBool::new(false),
             fences: OnceLock::new(),
+            random_lookups: AtomicU64::new(0),
             #[cfg(test)]
             probes: AtomicU64::new(0),
             format: PhantomData,
@@ -440,20 +443,30 @@ impl<F: Format> Table<F> {
     /// page's first and last keys.
     pub fn get(&self, key: &[u8; 16]) -> std::result::Result<Option<F::Entry>, Damaged> {
         let reading = self.read_at_random.load(Ordering::Relaxed);
-        let fences = self.fences()?;
-        Ok(self.find(key, reading, Some(fences))?.0)
+        Ok(self.find(key, reading, self.fences())?.0)
     }
 
     /// The first 8 key bytes of every page (8 bytes a page: 0.2% of the
     /// table), which take a look-up at random straight to the page that
     /// can hold its key: one page read, where interpolation alone reads
-    /// about two. Read (and every page's checksum checked) by the first
-    /// such look-up, with a large `pread` at a time, not through the map.
-    fn fences(&self) -> std::result::Result<&[u64], Damaged> {
+    /// about two. Read (every page's checksum checked on the way) once
+    /// look-ups at random have numbered an eighth of the pages, so that a
+    /// few look-ups (a small restore, recovering a pack at open) never pay
+    /// for reading the whole table; with a large `pread` at a time, not
+    /// through the map. `None` until then, or when they could not be read
+    /// (a page that fails its checksum or a read error: look-ups go on
+    /// without them, each page still checked when read).
+    fn fences(&self) -> Option<&[u64]> {
+        if let Some(fences) = self.fences.get() {
+            return fences.as_deref();
+        }
+        let asked = self.random_lookups.fetch_add(1, Ordering::Relaxed);
+        if asked < (self.pages / 8).max(64) {
+            return None;
+        }
         self.fences
-            .get_or_init(|| self.read_fences())
+            .get_or_init(|| self.read_fences().ok())
             .as_deref()
-            .map_err(Clone::clone)
     }
 
     fn read_fences(&self) -> std::result::Result<Vec<u64>, Damaged> {
@@ -832,8 +845,8 @@ mod tests {
     }
 
     /// A look-up at random reads the page that holds its key, rarely one
-    /// more (each page read is a cache and often a TLB miss, or a `pread`);
-    /// one in key order, without the fences, about two.
+    /// more, once the fences are read (each page read is a cache and often
+    /// a TLB miss, or a `pread`); before them, or in key order, about two.
     #[test]
     fn a_look_up_reads_one_page() {
         let dir = tempfile::tempdir().unwrap();
@@ -857,6 +870,22 @@ mod tests {
                     .unwrap()
             })
             .collect();
+        // Look-ups without fences read about two pages; past an eighth of
+        // the pages' count of them (898 here), the fences are read.
+        table.probes.store(0, Ordering::Relaxed);
+        for key in &keys[..500] {
+            assert!(table.get(key).unwrap().is_some());
+        }
+        let per = table.probes.load(Ordering::Relaxed) as f64 / 500.0;
+        assert!(table.fences.get().is_none());
+        assert!(
+            (1.2..3.0).contains(&per),
+            "{per} pages a look-up before the fences"
+        );
+        for key in &keys {
+            assert!(table.get(key).unwrap().is_some());
+        }
+        assert!(table.fences.get().is_some_and(Option::is_some));
         for (budget, most) in [(u64::MAX, 1.05), (0, 1.05)] {
             table.set_budget(budget);
             table.probes.store(0, Ordering::Relaxed);

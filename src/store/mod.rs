@@ -9,8 +9,12 @@
 //! 1. `sync_lock` — one `sync` at a time, so a returning `sync` has really
 //!    made every earlier append and pack creation durable.
 //! 2. `writer` — the one open pack and its pending index entries.
-//! 3. `index` — readers take it shared; `insert` takes it exclusive only to
+//! 3. `pending`, then `unchecked`, then `unreadable` — the first use of
+//!    the index reads the packs the table does not cover and checks those
+//!    it does ([`ChunkStore::index`]).
+//! 4. `index` — readers take it shared; `insert` takes it exclusive only to
 //!    add entries, after the bytes are in the pack file.
+//! 5. `stale` — why the table was found stale, if it was.
 //!
 //! Invariant: a chunk is in the index only after its record was written to a
 //! pack. A caller that saw a chunk in the index (dedup hit) and then calls
@@ -534,6 +538,9 @@ impl ChunkStore {
     }
 
     fn rebuild_index_locked(&self, _gc: &parking_lot::MutexGuard<'_, ()>) -> Result<()> {
+        // The packs checked and read first, or the look-up below would
+        // (and read them all again, were the table stale).
+        self.ensure_loaded()?;
         let (covered, others) = self.coverable()?;
         let set: HashSet<u32> = covered.iter().map(|c| c.seq).collect();
         // The chunks of packs no table covers stay in the overlay, read
