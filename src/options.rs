@@ -137,7 +137,8 @@ impl EngineOptions {
 
     /// How many chunks the index holds in memory, beyond its table on
     /// disk, before it writes a new table (at a capture's end or on
-    /// close; also never before a sixteenth of the table). Lower makes
+    /// close; also never before a sixteenth of the table, or 2M chunks,
+    /// whichever is fewer). Lower makes
     /// opening cheaper (it reads the packs the table does not cover) for
     /// more writing. Default: 4,096 (a quarter GiB of 64 KiB chunks).
     pub fn index_persist_min(mut self, chunks: usize) -> Self {

@@ -24,7 +24,7 @@
 //!   it; a smaller one, through its map;
 //! - runs of look-ups in key order (a snapshot's chunks counted) and
 //! - scans (merges, checks) read the map and give back the pages they
-//!   have passed every 64 MiB.
+//!   have passed every 16 MiB.
 
 use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
@@ -122,14 +122,14 @@ pub struct Table<F: Format> {
 }
 
 /// Pages a scan of a table (a merge into a new one, a check) or a run of
-/// look-ups in key order (a snapshot's chunks counted) reads (64 MiB)
+/// look-ups in key order (a snapshot's chunks counted) reads (16 MiB)
 /// before it gives back the process's view of them ([`Table::release`]),
 /// so that going through a large table does not hold it all. Look-ups at
 /// random keep what they touch: reading a page again after it was given
 /// back costs a fault, which at random costs more than it saves.
 /// (Unit tests give pages back far more often, so that they read pages
 /// given back.)
-const RELEASE_EVERY: u64 = if cfg!(test) { 64 } else { 16_384 };
+const RELEASE_EVERY: u64 = if cfg!(test) { 64 } else { 4_096 };
 
 /// The first 8 bytes of a key as a number: keys sort as these do.
 fn key_prefix(key: &[u8; 16]) -> u64 {
@@ -507,7 +507,7 @@ impl<F: Format> Table<F> {
     }
 
     /// [`Table::get`] for keys asked in ascending order (`last` starts at
-    /// `None` and is this run's own): past each 64 MiB of pages such a run
+    /// `None` and is this run's own): past each 16 MiB of pages such a run
     /// has gone through, the process's view of them goes back, as a scan's
     /// does, since the run will not read them again.
     pub fn get_in_order(
