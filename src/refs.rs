@@ -238,6 +238,9 @@ impl Refs {
         size: impl Fn(&ChunkId) -> u32,
     ) -> std::result::Result<(), Damaged> {
         debug_assert!(ids.is_sorted());
+        // At once, not by doublings: a doubling holds the old table and the
+        // new, twice over, at a capture's end.
+        self.overlay.reserve(ids.len());
         self.exclusive.entry(snap).or_insert(0);
         self.touched.insert(snap);
         let mut cursor = Cursor::default();
