@@ -18,17 +18,17 @@
 //! - look-ups at random (a capture's dedup, garbage collection), once they
 //!   number an eighth of the pages, read every page's first key prefix,
 //!   once per process ("fences", 8 bytes a page, checking every page on
-//!   the way), which then name the one page a key can be on. A table larger than its budget
-//!   ([`Table::set_budget`]) is then read a few entries at a time with
-//!   `pread`, through the page cache, so that the process holds none of
-//!   it; a smaller one, through its map;
+//!   the way), which then name the one page a key can be on. A table
+//!   larger than its budget ([`Table::set_budget`]) is read a few entries
+//!   at a time with `pread`, through the page cache, so that the process
+//!   holds none of it; a smaller one, through its map;
 //! - runs of look-ups in key order (a snapshot's chunks counted) and
 //! - scans (merges, checks) read the map and give back the pages they
 //!   have passed every 16 MiB.
 
 use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use crate::error::{Error, IoContext, Result};
@@ -117,7 +117,7 @@ pub struct Table<F: Format> {
     probes: AtomicU64,
     /// Look-ups at random read pages from the file rather than the map
     /// (see [`Table::set_budget`]).
-    read_at_random: std::sync::atomic::AtomicBool,
+    read_at_random: AtomicBool,
     format: PhantomData<F>,
 }
 
@@ -260,9 +260,9 @@ impl<F: Format> Table<F> {
         };
         let bytes = match file.map().at(path)? {
             Some(m) => {
-                // Look-ups go to pages at random: no read-ahead, and no
-                // mapping of neighbours with each fault, which would hold
-                // pages no look-up read.
+                // Look-ups go to pages at random: no read-ahead. (Each
+                // fault still maps the neighbouring pages cached: see
+                // `Table::set_budget`.)
                 let _ = m.advise(memmap2::Advice::Random);
                 Bytes::Mapped(m, file)
             }
@@ -333,7 +333,7 @@ impl<F: Format> Table<F> {
             items,
             checked: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
             reads: AtomicU64::new(0),
-            read_at_random: std::sync::atomic::AtomicBool::new(false),
+            read_at_random: AtomicBool::new(false),
             fences: OnceLock::new(),
             random_lookups: AtomicU64::new(0),
             #[cfg(test)]
@@ -407,18 +407,22 @@ impl<F: Format> Table<F> {
     }
 
     fn checked_page<'b>(&self, p: u64, page: &'b [u8]) -> std::result::Result<&'b [u8], Damaged> {
-        let (word, bit) = ((p / 64) as usize, 1u64 << (p % 64));
-        if self.checked[word].load(Ordering::Relaxed) & bit == 0 {
+        if !self.is_checked(p) {
             if crc32fast::hash(&page[..PAGE_CRC]) != u32_at(page, PAGE_CRC) {
                 return Err(Damaged(format!(
                     "{}: page {p} fails its checksum",
                     self.path.display()
                 )));
             }
-            self.checked[word].fetch_or(bit, Ordering::Relaxed);
+            self.checked[(p / 64) as usize].fetch_or(1 << (p % 64), Ordering::Relaxed);
         }
         let n = self.entries_in(p);
         Ok(&page[..n * F::ENTRY_LEN])
+    }
+
+    /// True once page `p`'s checksum was checked.
+    fn is_checked(&self, p: u64) -> bool {
+        self.checked[(p / 64) as usize].load(Ordering::Relaxed) & (1 << (p % 64)) != 0
     }
 
     fn entries_in(&self, p: u64) -> usize {
@@ -436,6 +440,14 @@ impl<F: Format> Table<F> {
 
     fn entry_at(page: &[u8], i: usize) -> F::Entry {
         F::decode(&page[i * F::ENTRY_LEN..(i + 1) * F::ENTRY_LEN])
+    }
+
+    /// The entry of `key` among the sorted entries of `run` (a page, or
+    /// part of one), if there.
+    fn entry_in(run: &[u8], key: &[u8; 16]) -> Option<F::Entry> {
+        search(run.len() / F::ENTRY_LEN, key, |i| Self::key_at(run, i))
+            .ok()
+            .map(|i| Self::entry_at(run, i))
     }
 
     /// The entry whose key is `key`, if the table has it: the pages are
@@ -495,8 +507,9 @@ impl<F: Format> Table<F> {
     }
 
     /// What a process may hold of the table's pages: a mapped table larger
-    /// than `bytes` is read by look-ups at random (one `pread` of a page
-    /// each, through the page cache) instead of through its map, whose
+    /// than `bytes` is read by look-ups at random (one `pread` of 32
+    /// entries or a page, through the page cache) instead of through its
+    /// map, whose
     /// every page touched would stay in the process's resident set until
     /// the map goes, and whose faults map neighbouring pages too. Runs in
     /// key order and scans still read the map, giving pages back as they
@@ -583,12 +596,11 @@ impl<F: Format> Table<F> {
         let Bytes::Mapped(_, file) = &self.bytes else {
             return Ok(None);
         };
-        let (word, bit) = ((p / 64) as usize, 1u64 << (p % 64));
         let n = self.entries_in(p);
         if bounds.hi != bounds.lo + 1
             || n <= WINDOW
             || F::ENTRY_LEN > MAX_ENTRY
-            || self.checked[word].load(Ordering::Relaxed) & bit == 0
+            || !self.is_checked(p)
         {
             return Ok(None);
         }
@@ -606,8 +618,7 @@ impl<F: Format> Table<F> {
         {
             return Ok(None);
         }
-        let found = search(WINDOW, key, |i| Self::key_at(buf, i));
-        Ok(Some(found.ok().map(|i| Self::entry_at(buf, i))))
+        Ok(Some(Self::entry_in(buf, key)))
     }
 
     /// One probe of a search: the answer when page `p` (its entries) can
@@ -633,8 +644,7 @@ impl<F: Format> Table<F> {
             bounds.above(p, last);
             Ok(None)
         } else {
-            let found = search(n, key, |i| Self::key_at(page, i));
-            Ok(Some(found.ok().map(|i| Self::entry_at(page, i))))
+            Ok(Some(Self::entry_in(page, key)))
         }
     }
 

@@ -284,23 +284,13 @@ impl ChunkStore {
                 }
                 index
             }
-            None => {
-                let mut all = Vec::new();
-                for (seq, path) in &packs {
-                    match load_pack(fs.as_ref(), path, &mut recovery, read_only) {
-                        Ok(entries) => {
-                            recovery.packs_indexed += 1;
-                            all.extend(entries.iter().map(|e| (e.id, loc_of(*seq, e))));
-                        }
-                        Err(e) => {
-                            unreadable.insert(*seq);
-                            recovery.unreadable.push(e.to_string());
-                        }
-                    }
-                }
-                // One sort instead of a merge every few hundred inserts.
-                ChunkIndex::from_entries(all)
-            }
+            None => index_packs(
+                fs.as_ref(),
+                &packs,
+                &mut recovery,
+                read_only,
+                &mut unreadable,
+            ),
         };
         if recovery.packs_sealed > 0 {
             fs.sync_dir(dir).at(dir)?;
@@ -446,17 +436,17 @@ impl ChunkStore {
     /// The index from every pack, no table (which a stale one leaves):
     /// what open builds when there is no usable table.
     fn reindex(&self) -> Result<()> {
-        let mut all = Vec::new();
-        for (seq, path) in list_packs(self.fs.as_ref(), &self.dir)? {
-            let mut scratch = Recovery::default();
-            match load_pack(self.fs.as_ref(), &path, &mut scratch, true) {
-                Ok(entries) => all.extend(entries.iter().map(|e| (e.id, loc_of(seq, e)))),
-                Err(_) => {
-                    self.unreadable.lock().insert(seq);
-                }
-            }
-        }
-        *self.index.write() = ChunkIndex::from_entries(all);
+        let packs = list_packs(self.fs.as_ref(), &self.dir)?;
+        let mut scratch = Recovery::default();
+        let mut unreadable = self.unreadable.lock();
+        let index = index_packs(
+            self.fs.as_ref(),
+            &packs,
+            &mut scratch,
+            true,
+            &mut unreadable,
+        );
+        *self.index.write() = index;
         Ok(())
     }
 
@@ -1174,6 +1164,33 @@ fn loc_of(seq: u32, e: &IndexEntry) -> ChunkLoc {
 
 /// Why `t` no longer says what the packs hold, if it does not: a pack it
 /// covers is gone, or changed (its length or trailer).
+/// The index of every pack in `packs`, no table: the packs it cannot read
+/// go to `unreadable` (and `recovery`, which also hears of the torn packs
+/// sealed, unless `read_only`).
+fn index_packs(
+    fs: &dyn StoreFs,
+    packs: &[(u32, PathBuf)],
+    recovery: &mut Recovery,
+    read_only: bool,
+    unreadable: &mut HashSet<u32>,
+) -> ChunkIndex {
+    let mut all = Vec::new();
+    for (seq, path) in packs {
+        match load_pack(fs, path, recovery, read_only) {
+            Ok(entries) => {
+                recovery.packs_indexed += 1;
+                all.extend(entries.iter().map(|e| (e.id, loc_of(*seq, e))));
+            }
+            Err(e) => {
+                unreadable.insert(*seq);
+                recovery.unreadable.push(e.to_string());
+            }
+        }
+    }
+    // One sort instead of a merge every few hundred inserts.
+    ChunkIndex::from_entries(all)
+}
+
 /// Why the table cannot be used, if a pack it covers is gone.
 fn gone(t: &Table, packs: &[(u32, PathBuf)]) -> Option<String> {
     let listed: HashSet<u32> = packs.iter().map(|(s, _)| *s).collect();
