@@ -116,7 +116,7 @@ fn incremental(c: &mut Criterion) {
         // Delta restore of v1 onto a disk holding v2, known as such.
         let (m2, _) = store.capture_incremental(&disk2, &m1, &runs).unwrap();
         let differing: Vec<usize> = (0..m1.len() as usize)
-            .filter(|&k| m1.get(k as u64) != m2.get(k as u64))
+            .filter(|&k| m1.get(k as u64).ok() != m2.get(k as u64).ok())
             .collect();
         let out_path = dir.path().join("disk.img");
         std::fs::write(&out_path, &v2).unwrap();

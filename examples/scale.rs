@@ -9,7 +9,14 @@
 //! scale capture-known STORE   capture server 1's disk again (every chunk stored)
 //! scale capture-new STORE     capture a disk of new chunks, then delete it
 //! scale rebuild STORE         rebuild the chunk index table from the packs
+//! scale restore STORE         restore server 1's newest snapshot onto its disk
+//!                             (the same blocks: every one compared, none written)
+//! scale verify STORE          verify server 1's newest snapshot
 //! ```
+//!
+//! `--block-size=BYTES` (default 4096) sets the block size of a store
+//! being built, and of the synthetic disks: the dense-disk runs of
+//! bench/dense.sh use 64 KiB, as a 1 TiB disk would be captured.
 //!
 //! A synthetic disk is named `/synthetic/SEED/BLOCKS`. `--in-memory`
 //! builds with the table never written (every chunk in the in-memory
@@ -25,7 +32,15 @@ use std::time::Instant;
 use blocksnap::disk::Disk;
 use blocksnap::{EngineOptions, Error, Result, ServerId, SnapshotStatus};
 
-const BS: u64 = 4096;
+/// The block size: 4 KiB unless `--block-size=BYTES` says otherwise.
+fn block_size() -> u64 {
+    static BS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *BS.get_or_init(|| {
+        std::env::args()
+            .find_map(|a| a.strip_prefix("--block-size=")?.parse().ok())
+            .unwrap_or(4096)
+    })
+}
 
 /// The process's peak private memory and peak mapped file pages (MiB),
 /// sampled every 10 ms from /proc/self/status: peak RSS counts both, and
@@ -85,16 +100,17 @@ struct Synthetic {
 
 impl Disk for Synthetic {
     fn len(&self) -> Result<u64> {
-        Ok(self.blocks * BS)
+        Ok(self.blocks * block_size())
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
-        let len = self.blocks * BS;
+        let bs = block_size();
+        let len = self.blocks * bs;
         let n = buf.len().min(len.saturating_sub(offset) as usize);
         buf[..n].fill(0);
         let mut at = offset;
         while at < offset + n as u64 {
-            let block = at / BS;
-            let start = block * BS;
+            let block = at / bs;
+            let start = block * bs;
             // The block's 16-byte stamp, where it falls in this read.
             let mut stamp = [0u8; 16];
             stamp[..8].copy_from_slice(&self.seed.to_le_bytes());
@@ -105,7 +121,7 @@ impl Disk for Synthetic {
                     buf[(pos - offset) as usize] = *b;
                 }
             }
-            at = start + BS;
+            at = start + bs;
         }
         Ok(n)
     }
@@ -152,7 +168,7 @@ fn options(in_memory: bool) -> EngineOptions {
         }
     });
     let o = EngineOptions::new()
-        .block_size(BS as u32)
+        .block_size(block_size() as u32)
         .disk_opener(opener);
     let o = if mapped { o.table_memory(u64::MAX) } else { o };
     if in_memory {
@@ -281,6 +297,34 @@ fn main() -> Result<()> {
                 t.elapsed().as_secs_f64(),
                 info.chunks,
                 info.table_bytes
+            );
+        }
+        "restore" | "verify" => {
+            let sampler = RssSampler::start();
+            let engine = options(in_memory).open(store)?;
+            let snap = engine
+                .snapshots(Some(ServerId(1)))?
+                .into_iter()
+                .filter(|s| s.status == SnapshotStatus::Completed)
+                .max_by_key(|s| s.id)
+                .ok_or_else(|| Error::InvalidParameter("server 1 has no snapshot".into()))?;
+            let t = Instant::now();
+            let what = if step == "restore" {
+                let options = blocksnap::RestoreOptions::default().safety_snapshot(false);
+                let r = engine.restore_snapshot_with(snap.id, options)?;
+                format!("\"blocks_rewritten\": {}", r.blocks_rewritten)
+            } else {
+                let r = engine.verify(Some(snap.id))?;
+                if !r.is_ok() {
+                    return Err(Error::Internal(format!("verify found damage: {r:?}")));
+                }
+                format!("\"chunks_checked\": {}", r.chunks_checked)
+            };
+            let secs = t.elapsed().as_secs_f64();
+            drop(engine);
+            let (anon, file) = sampler.finish();
+            println!(
+                "{{\"step\": \"{step}\", \"seconds\": {secs:.4}, {what}, \"peak_private_kib\": {anon}, \"peak_file_kib\": {file}}}"
             );
         }
         other => {

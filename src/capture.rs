@@ -343,7 +343,7 @@ impl CapturePlan {
         dirty: &[Range<u64>],
         block_size: u32,
         data: Option<&[Range<u64>]>,
-    ) -> Self {
+    ) -> Result<Self> {
         let mut base = parent.clone();
         let read = match data {
             None => dirty.to_vec(),
@@ -351,12 +351,12 @@ impl CapturePlan {
                 let read = intersect(dirty, &data_block_runs(data, block_size));
                 // Dirty blocks outside the data are holes now.
                 for hole in subtract(dirty, &read) {
-                    base.clear(hole);
+                    base.clear(hole)?;
                 }
                 read
             }
         };
-        CapturePlan { base, read }
+        Ok(CapturePlan { base, read })
     }
 }
 
@@ -556,7 +556,7 @@ pub fn capture(
                 let mut k = 0;
                 for r in &segments {
                     for i in r.clone() {
-                        blocks.set(i, classified[k].id().copied());
+                        blocks.set(i, classified[k].id().copied())?;
                         k += 1;
                     }
                 }
@@ -578,7 +578,8 @@ pub fn capture(
     // The writer's error first: it is the cause when both failed.
     add(&mut stats, written?);
     read?;
-    for (i, _) in blocks.data() {
+    for d in blocks.data() {
+        let (i, _) = d?;
         stats.data_blocks += 1;
         stats.data_bytes += block_len(i) as u64;
     }
@@ -732,12 +733,12 @@ pub fn sample_check(
     let len = disk.len()?;
     let bs = u64::from(block_size);
     let picked: Vec<u64> = picked.into_iter().collect();
-    let differs = |i: u64, bytes: &[u8], read: usize, n: usize| -> u64 {
-        let same = match &parent.get(i) {
+    let differs = |i: u64, bytes: &[u8], read: usize, n: usize| -> Result<u64> {
+        let same = match &parent.get(i)? {
             None => is_zero(bytes),
             Some(id) => read == n && !is_zero(bytes) && ChunkId::of(bytes) == *id,
         };
-        u64::from(!same)
+        Ok(u64::from(!same))
     };
     if disk.reads_best_in_bulk() {
         // One pipelined call for the whole sample (NBD), not a round trip
@@ -759,7 +760,7 @@ pub fn sample_check(
             .par_iter()
             .zip(&picked)
             .map(|((_, bytes), &i)| differs(i, bytes, bytes.len(), bytes.len()))
-            .sum();
+            .sum::<Result<u64>>()?;
         return Ok(SampleOutcome {
             checked: picked.len() as u64,
             mismatches,
@@ -772,7 +773,7 @@ pub fn sample_check(
             |buf, &i| -> Result<u64> {
                 let n = (len.saturating_sub(i * bs)).min(bs) as usize;
                 let read = disk.read_at(&mut buf[..n], i * bs)?;
-                Ok(differs(i, &buf[..read], read, n))
+                differs(i, &buf[..read], read, n)
             },
         )
         .sum::<Result<u64>>()?;

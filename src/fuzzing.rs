@@ -377,14 +377,16 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     let mut out = Vec::new();
     let a = ChunkId::of(&text);
     let blocks = vec![Some(a), None, Some(ChunkId::of(b"x")), None];
-    if let Ok(m) = Manifest::new(
+    if let Ok(bytes) = Manifest::new(
         SnapshotId(7),
         ServerId(3),
         4096,
         4 * 4096 - 100,
         blocks.into(),
-    ) {
-        out.push(("manifest", m.encode()));
+    )
+    .and_then(|m| m.encode())
+    {
+        out.push(("manifest", bytes));
     }
     for raw in [&text[..], &zero[..], b"x"] {
         let compressed = pack::compress(raw, 1).ok().flatten();

@@ -53,7 +53,7 @@ impl HotCore {
         parent: &BlockMap,
         dirty: &[Range<u64>],
     ) -> Result<(BlockMap, CaptureStats)> {
-        let plan = CapturePlan::incremental(parent, dirty, self.settings.block_size, None);
+        let plan = CapturePlan::incremental(parent, dirty, self.settings.block_size, None)?;
         self.run(disk, plan)
     }
 
@@ -125,7 +125,7 @@ impl HotCore {
         let bs = self.settings.block_size;
         let base = Manifest::new(SnapshotId(0), ServerId(0), bs, image_len, base)?;
         let target = Manifest::new(SnapshotId(1), ServerId(0), bs, image_len, target)?;
-        let plan = plan_delta(&base, dirty, &target);
+        let plan = plan_delta(&base, dirty, &target)?;
         let mut written = 0;
         apply(
             &self.store,

@@ -14,7 +14,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::blockmap::BlockMap;
+use crate::blockmap::{Backing, BlockMap};
 use crate::error::{Error, IoContext, Result};
 use crate::fsio::{OpenMode, StoreFs};
 use crate::ids::{ChunkId, ServerId, SnapshotId};
@@ -109,7 +109,7 @@ impl Manifest {
     }
 
     /// Block `i`: its chunk, or `None` when zero.
-    pub fn block(&self, i: u64) -> Option<ChunkId> {
+    pub fn block(&self, i: u64) -> Result<Option<ChunkId>> {
         self.blocks.get(i)
     }
 
@@ -125,99 +125,213 @@ impl Manifest {
     }
 
     /// The distinct chunks this manifest references.
-    pub fn unique_chunks(&self) -> Vec<ChunkId> {
-        let mut ids: Vec<ChunkId> = self.blocks.data().map(|(_, id)| id).collect();
+    pub fn unique_chunks(&self) -> Result<Vec<ChunkId>> {
+        let mut ids: Vec<ChunkId> = self
+            .blocks
+            .data()
+            .map(|d| d.map(|(_, id)| id))
+            .collect::<Result<_>>()?;
         ids.sort_unstable();
         ids.dedup();
-        ids
+        Ok(ids)
     }
 
     /// The encoded file bytes.
-    pub fn encode(&self) -> Vec<u8> {
-        let data_count = self.blocks.data().count() as u64;
-        let bitmap_len = self.blocks.len().div_ceil(8) as usize;
-        let mut out =
-            Vec::with_capacity(MANIFEST_HEADER_LEN + bitmap_len + data_count as usize * 32 + 4);
-        out.extend_from_slice(&MANIFEST_MAGIC);
-        out.push(ManifestVersion::V1 as u8);
-        out.extend_from_slice(&[0; 3]);
-        out.extend_from_slice(&self.block_size.to_le_bytes());
-        out.extend_from_slice(&self.image_len.to_le_bytes());
-        out.extend_from_slice(&self.block_count().to_le_bytes());
-        out.extend_from_slice(&self.snapshot.0.to_le_bytes());
-        out.extend_from_slice(&self.server.0.to_le_bytes());
-        out.extend_from_slice(&data_count.to_le_bytes());
-        out.extend_from_slice(&[0; 4]);
-        let crc = crc32fast::hash(&out);
-        out.extend_from_slice(&crc.to_le_bytes());
-        debug_assert_eq!(out.len(), MANIFEST_HEADER_LEN);
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        self.write_to(&mut |piece| {
+            out.extend_from_slice(piece);
+            Ok(())
+        })?;
+        Ok(out)
+    }
 
-        let mut bitmap = vec![0u8; bitmap_len];
-        for (i, _) in self.blocks.data() {
-            bitmap[(i / 8) as usize] |= 1 << (i % 8);
+    /// Hands the encoded file to `sink` piece by piece, in order: the ids
+    /// of a dense disk are never all in memory at once.
+    fn write_to(&self, sink: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
+        let data_count = self.blocks.data_count();
+        let mut h = Vec::with_capacity(MANIFEST_HEADER_LEN);
+        h.extend_from_slice(&MANIFEST_MAGIC);
+        h.push(ManifestVersion::V1 as u8);
+        h.extend_from_slice(&[0; 3]);
+        h.extend_from_slice(&self.block_size.to_le_bytes());
+        h.extend_from_slice(&self.image_len.to_le_bytes());
+        h.extend_from_slice(&self.block_count().to_le_bytes());
+        h.extend_from_slice(&self.snapshot.0.to_le_bytes());
+        h.extend_from_slice(&self.server.0.to_le_bytes());
+        h.extend_from_slice(&data_count.to_le_bytes());
+        h.extend_from_slice(&[0; 4]);
+        let crc = crc32fast::hash(&h);
+        h.extend_from_slice(&crc.to_le_bytes());
+        debug_assert_eq!(h.len(), MANIFEST_HEADER_LEN);
+        sink(&h)?;
+
+        let mut body = crc32fast::Hasher::new();
+        let mut bitmap = Vec::with_capacity(self.blocks.page_count() * PAGE_BITMAP_LEN);
+        for p in 0..self.blocks.page_count() {
+            self.blocks.page_bitmap(p, &mut bitmap);
         }
-        out.extend_from_slice(&bitmap);
-        for (_, id) in self.blocks.data() {
-            out.extend_from_slice(&id.0);
+        bitmap.truncate(self.block_count().div_ceil(8) as usize);
+        body.update(&bitmap);
+        sink(&bitmap)?;
+        drop(bitmap);
+        let mut ids = Vec::with_capacity(WRITE_PIECE);
+        for d in self.blocks.data() {
+            ids.extend_from_slice(&d?.1.0);
+            if ids.len() >= WRITE_PIECE {
+                body.update(&ids);
+                sink(&ids)?;
+                ids.clear();
+            }
         }
-        let body_crc = crc32fast::hash(&out[MANIFEST_HEADER_LEN..]);
-        out.extend_from_slice(&body_crc.to_le_bytes());
-        out
+        body.update(&ids);
+        sink(&ids)?;
+        sink(&body.finalize().to_le_bytes())
     }
 
     /// Decodes and checks a manifest file's bytes.
     pub fn decode(bytes: &[u8]) -> Result<Self, String> {
-        let h = bytes
-            .get(..MANIFEST_HEADER_LEN)
-            .ok_or("shorter than a manifest header")?;
-        if h[M_MAGIC..M_VERSION] != MANIFEST_MAGIC {
-            return Err("bad manifest magic".into());
-        }
-        if crc32fast::hash(&h[..M_HEADER_CRC]) != le::u32_at(h, M_HEADER_CRC) {
-            return Err("manifest header checksum mismatch".into());
-        }
-        ManifestVersion::try_from(h[M_VERSION])?;
-        let block_size = le::u32_at(h, M_BLOCK_SIZE);
-        check_block_size(block_size).map_err(|e| e.to_string())?;
-        let image_len = le::u64_at(h, M_IMAGE_LEN);
-        let count = le::u64_at(h, M_BLOCK_COUNT);
-        let data_count = le::u64_at(h, M_DATA_COUNT);
-        if count != block_count(image_len, block_size) || data_count > count {
-            return Err("manifest block counts do not match its image length".into());
-        }
-        let bitmap_len = count.div_ceil(8);
-        let body_len = bitmap_len + data_count * 32;
-        if bytes.len() as u64 != MANIFEST_HEADER_LEN as u64 + body_len + 4 {
-            return Err("manifest length does not match its header".into());
-        }
-        let body_end = bytes.len() - 4;
-        if crc32fast::hash(&bytes[MANIFEST_HEADER_LEN..body_end]) != le::u32_at(bytes, body_end) {
-            return Err("manifest body checksum mismatch".into());
-        }
-        let bitmap = &bytes[MANIFEST_HEADER_LEN..MANIFEST_HEADER_LEN + bitmap_len as usize];
-        let mut ids = bytes[MANIFEST_HEADER_LEN + bitmap_len as usize..body_end].chunks_exact(32);
-        let mut blocks = BlockMap::zeros(count);
-        for (b, byte) in bitmap.iter().enumerate().filter(|(_, byte)| **byte != 0) {
-            for k in (0..8).filter(|k| byte & (1 << k) != 0) {
-                let i = b as u64 * 8 + k;
-                if i >= count {
-                    return Err("the bitmap marks blocks past the end".into());
+        let read = |buf: &mut [u8], offset: u64| -> Result<()> {
+            let start = usize::try_from(offset).unwrap_or(usize::MAX);
+            match bytes.get(start..start.saturating_add(buf.len())) {
+                Some(b) => {
+                    buf.copy_from_slice(b);
+                    Ok(())
                 }
-                let raw = ids.next().ok_or("bitmap marks more data blocks than ids")?;
-                blocks.set(i, Some(le::chunk_id_at(raw, 0)));
+                None => Err(Error::Internal("read past the end".into())),
             }
-        }
-        if ids.next().is_some() {
-            return Err("more ids than data blocks in the bitmap".into());
-        }
-        Ok(Manifest {
-            snapshot: SnapshotId(le::u64_at(h, M_SNAPSHOT)),
-            server: ServerId(le::u64_at(h, M_SERVER)),
-            block_size,
-            image_len,
-            blocks,
+        };
+        parse(&read, bytes.len() as u64, None).map_err(|e| match e {
+            Bad::Corrupt(what) => what,
+            Bad::Io(e) => e.to_string(),
         })
     }
+}
+
+/// Bytes of one page's data bitmap (see [`BlockMap`]).
+const PAGE_BITMAP_LEN: usize = crate::blockmap::PAGE as usize / 8;
+/// Bytes of ids handed on (or read) at once.
+const WRITE_PIECE: usize = 1 << 20;
+
+/// Why a manifest could not be read.
+enum Bad {
+    Corrupt(String),
+    Io(Error),
+}
+
+impl From<&str> for Bad {
+    fn from(what: &str) -> Self {
+        Bad::Corrupt(what.into())
+    }
+}
+
+/// Reads and checks a manifest of `len` bytes through `read`, every byte
+/// of it (the body's checksum covers them all). The ids stay in memory,
+/// or with `stored` stay in the file, read again when needed: then only
+/// the data bitmap (one bit a block) is kept.
+fn parse(
+    read: &dyn Fn(&mut [u8], u64) -> Result<()>,
+    len: u64,
+    stored: Option<Arc<Backing>>,
+) -> Result<Manifest, Bad> {
+    let mut h = [0u8; MANIFEST_HEADER_LEN];
+    if len < MANIFEST_HEADER_LEN as u64 {
+        return Err("shorter than a manifest header".into());
+    }
+    read(&mut h, 0).map_err(Bad::Io)?;
+    if h[M_MAGIC..M_VERSION] != MANIFEST_MAGIC {
+        return Err("bad manifest magic".into());
+    }
+    if crc32fast::hash(&h[..M_HEADER_CRC]) != le::u32_at(&h, M_HEADER_CRC) {
+        return Err("manifest header checksum mismatch".into());
+    }
+    ManifestVersion::try_from(h[M_VERSION]).map_err(Bad::Corrupt)?;
+    let block_size = le::u32_at(&h, M_BLOCK_SIZE);
+    check_block_size(block_size).map_err(|e| Bad::Corrupt(e.to_string()))?;
+    let image_len = le::u64_at(&h, M_IMAGE_LEN);
+    let count = le::u64_at(&h, M_BLOCK_COUNT);
+    let data_count = le::u64_at(&h, M_DATA_COUNT);
+    if count != block_count(image_len, block_size) || data_count > count {
+        return Err("manifest block counts do not match its image length".into());
+    }
+    let bitmap_len = count.div_ceil(8);
+    let body_len = bitmap_len + data_count * 32;
+    if len != MANIFEST_HEADER_LEN as u64 + body_len + 4 {
+        return Err("manifest length does not match its header".into());
+    }
+    let mut body = crc32fast::Hasher::new();
+    let mut bitmap = vec![0u8; bitmap_len as usize];
+    read(&mut bitmap, MANIFEST_HEADER_LEN as u64).map_err(Bad::Io)?;
+    body.update(&bitmap);
+    // Each page's bits, as words.
+    let pages: Vec<[u64; PAGE_BITMAP_LEN / 8]> = bitmap
+        .chunks(PAGE_BITMAP_LEN)
+        .map(|b| {
+            let mut words = [0u64; PAGE_BITMAP_LEN / 8];
+            for (w, bytes) in words.iter_mut().zip(b.chunks(8)) {
+                let mut word = [0u8; 8];
+                word[..bytes.len()].copy_from_slice(bytes);
+                *w = u64::from_le_bytes(word);
+            }
+            words
+        })
+        .collect();
+    drop(bitmap);
+    if let Some(last) = pages.last() {
+        let k = (count - 1) % (PAGE_BITMAP_LEN as u64 * 8);
+        let past = (k + 1..PAGE_BITMAP_LEN as u64 * 8)
+            .any(|k| last[(k / 64) as usize] & (1 << (k % 64)) != 0);
+        if past {
+            return Err("the bitmap marks blocks past the end".into());
+        }
+    }
+    let marked: u64 = pages
+        .iter()
+        .flat_map(|w| w.iter())
+        .map(|w| u64::from(w.count_ones()))
+        .sum();
+    if marked > data_count {
+        return Err("bitmap marks more data blocks than ids".into());
+    }
+    if marked < data_count {
+        return Err("more ids than data blocks in the bitmap".into());
+    }
+    // The ids, page by page: checked against the body's checksum, and
+    // kept unless they stay in the file.
+    let ids_at = MANIFEST_HEADER_LEN as u64 + bitmap_len;
+    let mut at = ids_at;
+    let mut kept = stored.is_none().then(|| BlockMap::zeros(count));
+    let mut raw = Vec::new();
+    for (p, words) in pages.iter().enumerate() {
+        let n: usize = words.iter().map(|w| w.count_ones() as usize).sum();
+        if n == 0 {
+            continue;
+        }
+        raw.resize(n * 32, 0);
+        read(&mut raw, at).map_err(Bad::Io)?;
+        body.update(&raw);
+        at += raw.len() as u64;
+        if let Some(kept) = &mut kept {
+            kept.put_page(p, words, &raw);
+        }
+    }
+    let mut crc = [0u8; 4];
+    read(&mut crc, at).map_err(Bad::Io)?;
+    if body.finalize() != u32::from_le_bytes(crc) {
+        return Err("manifest body checksum mismatch".into());
+    }
+    let blocks = match (kept, stored) {
+        (Some(kept), _) => kept,
+        (None, Some(backing)) => BlockMap::stored(count, pages, backing, ids_at),
+        (None, None) => return Err(Bad::Io(Error::Internal("no manifest pages".into()))),
+    };
+    Ok(Manifest {
+        snapshot: SnapshotId(le::u64_at(&h, M_SNAPSHOT)),
+        server: ServerId(le::u64_at(&h, M_SERVER)),
+        block_size,
+        image_len,
+        blocks,
+    })
 }
 
 /// Number of blocks of `block_size` needed to cover `image_len` bytes.
@@ -230,6 +344,9 @@ pub fn block_count(image_len: u64, block_size: u32) -> u64 {
 pub struct Manifests {
     dir: PathBuf,
     fs: Arc<dyn StoreFs>,
+    /// Bytes of ids a manifest read may hold in memory; a larger one keeps
+    /// its ids in its file (see [`crate::EngineOptions::block_list_memory`]).
+    memory: u64,
 }
 
 /// Temporary files of manifests being written start and end so.
@@ -238,9 +355,9 @@ const TMP_SUFFIX: &str = ".tmp";
 
 impl Manifests {
     /// The manifests in `dir` (created if missing).
-    pub fn open(dir: PathBuf, fs: Arc<dyn StoreFs>) -> Result<Self> {
+    pub fn open(dir: PathBuf, fs: Arc<dyn StoreFs>, memory: u64) -> Result<Self> {
         fs.create_dir_all(&dir).at(&dir)?;
-        Ok(Manifests { dir, fs })
+        Ok(Manifests { dir, fs, memory })
     }
 
     /// The directory the manifests (and the reference counts' table) are
@@ -269,7 +386,18 @@ impl Manifests {
             .join(format!("{TMP_PREFIX}{:020}{TMP_SUFFIX}", m.snapshot.0));
         let written = (|| {
             let f = self.fs.open(&tmp, OpenMode::CreateNew).at(&tmp)?;
-            f.write_all_at(&m.encode(), 0).at(&tmp)?;
+            let mut at = 0;
+            let mut buf = Vec::with_capacity(WRITE_PIECE);
+            m.write_to(&mut |piece| {
+                buf.extend_from_slice(piece);
+                if buf.len() >= WRITE_PIECE {
+                    f.write_all_at(&buf, at).at(&tmp)?;
+                    at += buf.len() as u64;
+                    buf.clear();
+                }
+                Ok(())
+            })?;
+            f.write_all_at(&buf, at).at(&tmp)?;
             f.sync().at(&tmp)?;
             self.fs.rename(&tmp, &path).at(&path)
         })();
@@ -283,10 +411,13 @@ impl Manifests {
 
     /// Reads and checks the manifest of `snapshot`. Only snapshots that
     /// have one are read, so a missing file is damage.
+    ///
+    /// Every byte is read and checked; the ids stay in memory when they
+    /// fit [`Manifests::memory`], else in the file, read again as needed.
     pub fn read(&self, snapshot: SnapshotId) -> Result<Manifest> {
         let path = self.path(snapshot);
-        let bytes = match self.fs.read_all(&path) {
-            Ok(b) => b,
+        let file = match self.fs.open(&path, OpenMode::Read) {
+            Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(Error::corrupt(
                     &path,
@@ -295,7 +426,22 @@ impl Manifests {
             }
             Err(e) => return Err(Error::io(&path, e)),
         };
-        let m = Manifest::decode(&bytes).map_err(|w| Error::corrupt(&path, w))?;
+        let len = file.len().at(&path)?;
+        let ids = len.saturating_sub(MANIFEST_HEADER_LEN as u64);
+        let stored = (ids > self.memory).then(|| Backing::new(file.clone(), path.clone()));
+        let read = |buf: &mut [u8], offset: u64| -> Result<()> {
+            file.read_exact_at(buf, offset).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                    Error::corrupt(&path, "cut short")
+                } else {
+                    Error::io(&path, e)
+                }
+            })
+        };
+        let m = parse(&read, len, stored).map_err(|e| match e {
+            Bad::Corrupt(what) => Error::corrupt(&path, what),
+            Bad::Io(e) => e,
+        })?;
         if m.snapshot != snapshot {
             return Err(Error::corrupt(
                 &path,
@@ -371,14 +517,14 @@ mod tests {
     #[test]
     fn manifest_round_trips() {
         let m = sample();
-        assert_eq!(Manifest::decode(&m.encode()).unwrap(), m);
+        assert_eq!(Manifest::decode(&m.encode().unwrap()).unwrap(), m);
         assert_eq!(m.block_len(4), 100);
-        assert_eq!(m.unique_chunks().len(), 2);
+        assert_eq!(m.unique_chunks().unwrap().len(), 2);
     }
 
     #[test]
     fn every_flipped_bit_and_truncation_is_detected() {
-        let bytes = sample().encode();
+        let bytes = sample().encode().unwrap();
         for i in 0..bytes.len() * 8 {
             let mut bad = bytes.clone();
             bad[i / 8] ^= 1 << (i % 8);
@@ -391,7 +537,7 @@ mod tests {
 
     #[test]
     fn golden_header_bytes() {
-        let bytes = sample().encode();
+        let bytes = sample().encode().unwrap();
         assert_eq!(&bytes[..8], b"BSNPMANF");
         assert_eq!(bytes[8], 1);
         assert_eq!(&bytes[12..16], &4096u32.to_le_bytes());

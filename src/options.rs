@@ -22,6 +22,8 @@ pub const DEFAULT_GC_MAX_UNUSED: f64 = 0.05;
 pub const DEFAULT_WINDOW_LEN: usize = 16 << 20;
 /// See [`EngineOptions::table_memory`].
 pub const DEFAULT_TABLE_MEMORY: u64 = 64 << 20;
+/// See [`EngineOptions::block_list_memory`].
+pub const DEFAULT_BLOCK_LIST_MEMORY: u64 = 32 << 20;
 /// The largest window: memory use is a few windows.
 const MAX_WINDOW_LEN: usize = 1 << 30;
 
@@ -46,6 +48,7 @@ pub struct EngineOptions {
     pub(crate) read_only: bool,
     pub(crate) index_persist_min: usize,
     pub(crate) table_memory: u64,
+    pub(crate) block_list_memory: u64,
 }
 
 impl Default for EngineOptions {
@@ -65,6 +68,7 @@ impl Default for EngineOptions {
             read_only: false,
             index_persist_min: crate::store::PERSIST_MIN,
             table_memory: DEFAULT_TABLE_MEMORY,
+            block_list_memory: DEFAULT_BLOCK_LIST_MEMORY,
         }
     }
 }
@@ -158,6 +162,19 @@ impl EngineOptions {
     /// give back what they passed. Default: 64 MiB (2.3M chunks' index).
     pub fn table_memory(mut self, bytes: u64) -> Self {
         self.table_memory = bytes;
+        self
+    }
+
+    /// What one disk's list of blocks (a capture's, a manifest's read for
+    /// a restore or a check) may hold in memory, at 33 bytes a data block.
+    /// A capture writes what is beyond it to an unnamed scratch file in
+    /// the store's directory; a larger manifest keeps its chunk ids in its
+    /// file, read again page by page (4,096 blocks) as needed. A dense
+    /// 1 TiB disk of 64 KiB blocks has 16M blocks: 530 MiB of ids.
+    /// Default: 32 MiB (about a million data blocks: 64 GiB of data at
+    /// 64 KiB blocks).
+    pub fn block_list_memory(mut self, bytes: u64) -> Self {
+        self.block_list_memory = bytes;
         self
     }
 

@@ -591,11 +591,14 @@ impl<A: Iterator<Item = Result<Entry>>, B: Iterator<Item = Result<Entry>>> Itera
 }
 
 /// Each chunk id once, for [`Refs::add`] and [`Refs::remove`].
-pub(crate) fn distinct(blocks: &BlockMap) -> Vec<ChunkId> {
-    let mut ids: Vec<ChunkId> = blocks.data().map(|(_, id)| id).collect();
+pub(crate) fn distinct(blocks: &BlockMap) -> Result<Vec<ChunkId>> {
+    let mut ids: Vec<ChunkId> = blocks
+        .data()
+        .map(|d| d.map(|(_, id)| id))
+        .collect::<Result<_>>()?;
     ids.sort_unstable_by_key(|id| id.0);
     ids.dedup();
-    ids
+    Ok(ids)
 }
 
 /// A number that changes with the set of snapshots counted: the catalog
@@ -651,13 +654,13 @@ mod tests {
                 if add || live.is_empty() {
                     next += 1;
                     let ids: Vec<ChunkId> = chunks.iter().map(|&c| id(c)).collect();
-                    refs.add(SnapshotId(next), &distinct(&ids.iter().copied().map(Some).collect::<Vec<_>>().into()), size).unwrap();
+                    refs.add(SnapshotId(next), &distinct(&ids.iter().copied().map(Some).collect::<Vec<_>>().into()).unwrap(), size).unwrap();
                     live.insert(next, chunks);
                 } else {
                     let victim = *live.keys().nth(pick as usize % live.len()).unwrap();
                     let chunks = live.remove(&victim).unwrap();
                     let ids: Vec<ChunkId> = chunks.iter().map(|&c| id(c)).collect();
-                    refs.remove(SnapshotId(victim), &distinct(&ids.iter().copied().map(Some).collect::<Vec<_>>().into())).unwrap();
+                    refs.remove(SnapshotId(victim), &distinct(&ids.iter().copied().map(Some).collect::<Vec<_>>().into()).unwrap()).unwrap();
                 }
                 for (snap, chunks) in &live {
                     let want: u64 = chunks

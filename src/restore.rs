@@ -124,11 +124,16 @@ pub fn plan(
             crate::window::fit(&mut window, n);
             let per_task = read_and_process(disk, &mut window, offset, task, |at, bytes, _| {
                 let first = at / bs as u64;
-                Ok(bytes
+                bytes
                     .chunks(bs)
                     .enumerate()
-                    .map(|(k, b)| !block_matches(b, manifest.block(first + k as u64).as_ref()))
-                    .collect::<Vec<bool>>())
+                    .map(|(k, b)| {
+                        Ok(!block_matches(
+                            b,
+                            manifest.block(first + k as u64)?.as_ref(),
+                        ))
+                    })
+                    .collect::<Result<Vec<bool>>>()
             })?;
             let first = offset / bs as u64;
             for (k, differs) in per_task.into_iter().flatten().enumerate() {
@@ -149,7 +154,11 @@ pub fn plan(
         i < compare_blocks && k < runs.len() && runs[k].start <= i
     };
     let before = rewrite.len();
-    for (i, _) in manifest.blocks().data().filter(|(i, _)| !read(*i)) {
+    for d in manifest.blocks().data() {
+        let (i, _) = d?;
+        if read(i) {
+            continue;
+        }
         rewrite.push(i);
         bytes_to_write += manifest.block_len(i) as u64;
     }
@@ -174,12 +183,13 @@ pub fn plan(
 /// `dirty` block runs (ascending): those that differ between the two
 /// manifests, and the dirty ones. Reads nothing. Both manifests must be of
 /// one disk length.
-pub fn plan_delta(base: &Manifest, dirty: &[Range<u64>], target: &Manifest) -> RestorePlan {
+pub fn plan_delta(base: &Manifest, dirty: &[Range<u64>], target: &Manifest) -> Result<RestorePlan> {
     let mut rewrite = Vec::new();
     let mut bytes_to_write = 0;
     let mut runs = dirty.iter().peekable();
     for (i, (have, want)) in base.blocks().iter().zip(target.blocks().iter()).enumerate() {
         let i = i as u64;
+        let (have, want) = (have?, want?);
         while runs.next_if(|r| r.end <= i).is_some() {}
         let is_dirty = runs.peek().is_some_and(|r| r.start <= i);
         if is_dirty || have != want {
@@ -187,13 +197,13 @@ pub fn plan_delta(base: &Manifest, dirty: &[Range<u64>], target: &Manifest) -> R
             bytes_to_write += target.block_len(i) as u64;
         }
     }
-    RestorePlan {
+    Ok(RestorePlan {
         snapshot: target.snapshot,
         blocks_total: target.block_count(),
         rewrite,
         bytes_to_write,
         bytes_compared: 0,
-    }
+    })
 }
 
 fn block_matches(bytes: &[u8], want: Option<&ChunkId>) -> bool {
@@ -256,7 +266,7 @@ pub fn apply(
                 bytes
                     .par_chunks_mut(bs)
                     .zip(blocks.par_iter())
-                    .try_for_each(|(out, &i)| match manifest.block(i) {
+                    .try_for_each(|(out, &i)| match manifest.block(i)? {
                         None => Ok(()),
                         Some(id) => store.read_into(&id, out),
                     })?;
@@ -288,7 +298,11 @@ fn write_batch(
 ) -> Result<()> {
     let bs = u64::from(manifest.block_size);
     let blocks = batch.blocks;
-    let is_data = |k: usize| manifest.block(blocks[k]).is_some();
+    let data: Vec<bool> = blocks
+        .iter()
+        .map(|&i| Ok(manifest.block(i)?.is_some()))
+        .collect::<Result<_>>()?;
+    let is_data = |k: usize| data[k];
     let mut k = 0;
     while k < blocks.len() {
         let data = is_data(k);
@@ -348,7 +362,7 @@ pub fn restore(
     }
     let (plan, method) = match known {
         Some((base, dirty)) if base.image_len == manifest.image_len => {
-            (plan_delta(base, dirty, manifest), RestoreMethod::Delta)
+            (plan_delta(base, dirty, manifest)?, RestoreMethod::Delta)
         }
         _ => (
             plan(manifest, disk, window_len, progress)?,
@@ -411,7 +425,7 @@ pub fn verify_written(manifest: &Manifest, disk: &dyn Disk, blocks: &[u64]) -> R
             let mut at = 0;
             for i in first..first + n {
                 let end = at + manifest.block_len(i);
-                if !block_matches(&buf[at..end], manifest.block(i).as_ref()) {
+                if !block_matches(&buf[at..end], manifest.block(i)?.as_ref()) {
                     return Err(Error::VerifyFailed {
                         snapshot: manifest.snapshot,
                         path: disk.path().to_path_buf(),
@@ -579,7 +593,7 @@ mod tests {
                 .filter(|&i| v2[i * BS..((i + 1) * BS).min(len)].iter().any(|&b| b != 0))
                 .map(|i| (i * BS) as u64..(((i + 1) * BS).min(len)) as u64)
                 .collect();
-            let plan = CapturePlan::incremental(m1.blocks(), &runs, BS as u32, sparse_v2.then_some(data.as_slice()));
+            let plan = CapturePlan::incremental(m1.blocks(), &runs, BS as u32, sparse_v2.then_some(data.as_slice())).unwrap();
             let inc = capture(&store, &MemDisk::new(v2.clone()), &settings(), plan, &store.pin_scope(), &Progress::default()).unwrap();
             prop_assert_eq!(&inc.blocks, &m2_full.blocks);
             prop_assert_eq!(inc.stats.data_bytes, m2_full.stats.data_bytes);
@@ -594,7 +608,7 @@ mod tests {
             prop_assert!(disk.contents() == v1);
             // The delta plan never rewrites less than a full compare would.
             let compared = naive_plan(&v1, &v2);
-            let delta = plan_delta(&m1, &runs, &m1).rewrite;
+            let delta = plan_delta(&m1, &runs, &m1).unwrap().rewrite;
             prop_assert!(compared.iter().all(|i| delta.binary_search(i).is_ok()));
             // Now it holds v1, known as m1 with nothing dirty: on to v2.
             let r = restore(&store, &m2, &disk, Some((&m1, &[])), BS, true, &Progress::default(), &mut w).unwrap();
@@ -630,7 +644,7 @@ mod tests {
         )
         .unwrap();
         let runs = dirty.block_runs(BS as u32).unwrap();
-        let plan = CapturePlan::incremental(&c1.blocks, &runs, BS as u32, None);
+        let plan = CapturePlan::incremental(&c1.blocks, &runs, BS as u32, None).unwrap();
         let c2 = capture(
             &store,
             &MemDisk::new(v2.clone()),
@@ -641,10 +655,13 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c2.stats.blocks_read, 1);
-        assert_eq!(c2.blocks.get(1), Some(ChunkId::of(&v2[BS..2 * BS])));
         assert_eq!(
-            c2.blocks.get(2),
-            c1.blocks.get(2),
+            c2.blocks.get(1).unwrap(),
+            Some(ChunkId::of(&v2[BS..2 * BS]))
+        );
+        assert_eq!(
+            c2.blocks.get(2).unwrap(),
+            c1.blocks.get(2).unwrap(),
             "the missed block keeps the parent's chunk"
         );
     }

@@ -94,11 +94,17 @@ pub fn verify(
     for (id, m) in manifests {
         report.snapshots_checked += 1;
         match m {
-            Ok(m) => {
-                for c in m.unique_chunks() {
-                    users.entry(c).or_default().push(id);
+            Ok(m) => match m.unique_chunks() {
+                Ok(chunks) => {
+                    for c in chunks {
+                        users.entry(c).or_default().push(id);
+                    }
                 }
-            }
+                Err(e) => report.bad_manifests.push(BadManifest {
+                    snapshot: id,
+                    error: e.to_string(),
+                }),
+            },
             Err(e) => report.bad_manifests.push(BadManifest {
                 snapshot: id,
                 error: e.to_string(),

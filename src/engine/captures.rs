@@ -342,11 +342,20 @@ impl Engine {
                         how.kind = CaptureKind::Incremental;
                         how.parent = Some(parent);
                         how.tracking_generation = generation;
-                        CapturePlan::incremental(p.blocks(), &runs, bs, data.as_deref())
+                        CapturePlan::incremental(p.blocks(), &runs, bs, data.as_deref())?
                     }
                 }
             },
         };
+        let mut plan = plan;
+        // A dense disk's list of blocks goes to a scratch file as it grows.
+        let scratch = if inner.root.is_dir() {
+            inner.root.clone()
+        } else {
+            std::env::temp_dir()
+        };
+        plan.base
+            .spill_beyond(inner.options.block_list_memory, scratch);
         let captured = capture::capture(&inner.store, disk, &settings, plan, pins, progress)?;
         let synced = std::time::Instant::now();
         inner.store.sync_pinned(pins)?;
@@ -358,7 +367,7 @@ impl Engine {
             captured.blocks,
         )?;
         inner.manifests.write(&manifest)?;
-        let chunks = refs::distinct(manifest.blocks());
+        let chunks = refs::distinct(manifest.blocks())?;
         let stats = CaptureStats {
             micros: started.elapsed().as_micros() as u64,
             sync_micros: synced.elapsed().as_micros() as u64,

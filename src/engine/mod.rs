@@ -117,7 +117,11 @@ impl Engine {
         let (catalog, loaded) = open_catalog(root, &options, store_fs.clone())?;
         check_fixed_settings(&options, &loaded)?;
         options.validate(loaded.block_size)?;
-        let manifests = Manifests::open(root.join(MANIFEST_DIR), store_fs.clone())?;
+        let manifests = Manifests::open(
+            root.join(MANIFEST_DIR),
+            store_fs.clone(),
+            options.block_list_memory,
+        )?;
         let packs = root.join(PACK_DIR);
         let (store, recovery) = if read_only {
             ChunkStore::open_read_only(&packs, store_fs.clone())?

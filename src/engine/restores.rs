@@ -212,7 +212,7 @@ impl Engine {
         };
         let known = self.known_state(tracker, checkpoint, &manifest, disk.as_ref())?;
         let plan = match &known {
-            Some((base, dirty)) => restore::plan_delta(base, dirty, &manifest),
+            Some((base, dirty)) => restore::plan_delta(base, dirty, &manifest)?,
             None => restore::plan(
                 &manifest,
                 disk.as_ref(),

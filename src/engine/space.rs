@@ -109,7 +109,7 @@ impl Engine {
                 .inner
                 .manifests
                 .read(id)
-                .map(|m| refs::distinct(m.blocks()));
+                .and_then(|m| refs::distinct(m.blocks()));
             let mut held = state.held();
             held.remove(&id);
             match chunks {
@@ -233,7 +233,7 @@ impl Engine {
 
     fn count_manifest(&self, refs: &mut Refs, id: SnapshotId, add: bool) -> Result<()> {
         let m = self.inner.manifests.read(id)?;
-        let chunks = refs::distinct(m.blocks());
+        let chunks = refs::distinct(m.blocks())?;
         let store = &self.inner.store;
         let counted = if add {
             refs.add(id, &chunks, |c| stored_size(store, c))

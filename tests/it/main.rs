@@ -7,6 +7,7 @@ mod common;
 mod concurrency;
 mod corruption;
 mod crash;
+mod dense;
 mod errors;
 mod faults;
 mod full_disk;
