@@ -73,6 +73,7 @@ mod restore;
 mod rng;
 #[cfg(feature = "sample")]
 pub mod sample;
+mod sorted;
 mod store;
 mod table;
 mod tracking;

@@ -19,6 +19,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::fsio::{OpenMode, StoreFs};
 use crate::ids::{ChunkId, ServerId, SnapshotId};
 use crate::le;
+use crate::sorted::SortedIds;
 use crate::store::sync_dir;
 
 pub const MANIFEST_MAGIC: [u8; 8] = *b"BSNPMANF";
@@ -124,16 +125,15 @@ impl Manifest {
         (self.image_len - start).min(u64::from(self.block_size)) as usize
     }
 
-    /// The distinct chunks this manifest references.
-    pub fn unique_chunks(&self) -> Result<Vec<ChunkId>> {
-        let mut ids: Vec<ChunkId> = self
-            .blocks
-            .data()
-            .map(|d| d.map(|(_, id)| id))
-            .collect::<Result<_>>()?;
-        ids.sort_unstable();
-        ids.dedup();
-        Ok(ids)
+    /// The distinct chunks this manifest references, sorted: at most
+    /// `memory` bytes of them in memory, the rest in scratch files in
+    /// `scratch`.
+    pub fn chunks(&self, memory: u64, scratch: &std::path::Path) -> Result<SortedIds> {
+        SortedIds::gather(
+            self.blocks.data().map(|d| d.map(|(_, id)| id)),
+            memory,
+            scratch,
+        )
     }
 
     /// The encoded file bytes.
@@ -519,7 +519,13 @@ mod tests {
         let m = sample();
         assert_eq!(Manifest::decode(&m.encode().unwrap()).unwrap(), m);
         assert_eq!(m.block_len(4), 100);
-        assert_eq!(m.unique_chunks().unwrap().len(), 2);
+        assert_eq!(
+            m.chunks(0, std::path::Path::new("."))
+                .unwrap()
+                .iter()
+                .count(),
+            2
+        );
     }
 
     #[test]

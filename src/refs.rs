@@ -20,16 +20,17 @@
 //! committed in the catalog with every change, so listing snapshots reads
 //! neither this table nor any manifest.
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::BuildHasherDefault;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::blockmap::BlockMap;
 use crate::error::Result;
 use crate::fsio::StoreFs;
 use crate::ids::{ChunkId, SnapshotId};
 use crate::le::{u32_at, u64_at};
+use crate::sorted::SortedIds;
 use crate::store::PrefixHasher;
 use crate::table::{Damaged, Format, Table};
 
@@ -145,10 +146,20 @@ struct Cursor {
     delta: Option<u64>,
 }
 
+/// Where counts go straight into a table: see [`Refs::set_direct`].
+#[derive(Clone)]
+pub(crate) struct Direct {
+    pub fs: Arc<dyn StoreFs>,
+    pub dir: PathBuf,
+    /// Snapshots of more distinct chunks than this.
+    pub min: u64,
+}
+
 /// Reference counts and exclusive bytes.
 #[derive(Default)]
 pub(crate) struct Refs {
     tables: Tables,
+    direct: Option<Direct>,
     /// Counts changed since the newest table was written (a count of 0:
     /// gone).
     overlay: HashMap<Key, Ref, BuildHasherDefault<PrefixHasher>>,
@@ -167,6 +178,17 @@ impl Refs {
             tables,
             ..Refs::default()
         }
+    }
+
+    /// From here on, a snapshot of more than `direct.min` distinct chunks
+    /// is added or removed by writing a new table (with what the overlay
+    /// holds) in `direct.dir`, straight from its sorted chunk list, not
+    /// through the overlay: memory then does not grow with the snapshot
+    /// (a dense 1 TiB disk has 16M chunks: over a GiB of overlay). The
+    /// table then covers the snapshot. Should that write fail, the change
+    /// goes through the overlay after all.
+    pub fn set_direct(&mut self, direct: Option<Direct>) {
+        self.direct = direct;
     }
 
     /// The snapshots counted.
@@ -228,27 +250,30 @@ impl Refs {
         }
     }
 
-    /// A completed snapshot referencing `ids` (each once, in order: see
-    /// [`distinct`]); `size` gives a chunk's stored bytes. On an error (a
-    /// damaged table) the counts are half changed: drop them.
+    /// A completed snapshot referencing `ids`; `size` gives a chunk's
+    /// stored bytes. On an error (a damaged table, a scratch file of the
+    /// ids that cannot be read) the counts are half changed: drop them.
     pub fn add(
         &mut self,
         snap: SnapshotId,
-        ids: &[ChunkId],
+        ids: &SortedIds,
         size: impl Fn(&ChunkId) -> u32,
     ) -> std::result::Result<(), Damaged> {
-        debug_assert!(ids.is_sorted());
+        if self.written(snap, ids, Some(&size)) {
+            return Ok(());
+        }
         // At once, not by doublings: a doubling holds the old table and the
         // new, twice over, at a capture's end.
-        self.overlay.reserve(ids.len());
+        self.overlay.reserve(ids.len_bound() as usize);
         self.exclusive.entry(snap).or_insert(0);
         self.touched.insert(snap);
         let mut cursor = Cursor::default();
-        for id in ids {
-            let k = key(id);
+        for id in ids.iter() {
+            let id = id.map_err(unreadable)?;
+            let k = key(&id);
             let mut r = self.current_in(k, &mut cursor)?.unwrap_or(Ref {
                 count: 0,
-                size: size(id),
+                size: size(&id),
                 owners_xor: 0,
             });
             let bytes = u64::from(r.size);
@@ -264,17 +289,19 @@ impl Refs {
         Ok(())
     }
 
-    /// The snapshot that referenced `ids` (each once, in order) is
-    /// deleted. On an error the counts are half changed: drop them.
+    /// The snapshot that referenced `ids` is deleted. On an error the
+    /// counts are half changed: drop them.
     pub fn remove(
         &mut self,
         snap: SnapshotId,
-        ids: &[ChunkId],
+        ids: &SortedIds,
     ) -> std::result::Result<(), Damaged> {
-        debug_assert!(ids.is_sorted());
+        if self.written(snap, ids, None) {
+            return Ok(());
+        }
         let mut cursor = Cursor::default();
-        for id in ids {
-            let k = key(id);
+        for id in ids.iter() {
+            let k = key(&id.map_err(unreadable)?);
             let Some(mut r) = self.current_in(k, &mut cursor)? else {
                 continue;
             };
@@ -407,6 +434,119 @@ impl Refs {
         }
     }
 
+    /// Adds (with `size`) or removes (without) the snapshot's chunks by
+    /// writing a new table, when [`Refs::set_direct`] says so. True when
+    /// done; false when not asked for or the write failed (nothing
+    /// changed then).
+    fn written(
+        &mut self,
+        snap: SnapshotId,
+        ids: &SortedIds,
+        size: Option<&dyn Fn(&ChunkId) -> u32>,
+    ) -> bool {
+        let Some(direct) = self.direct.clone().filter(|d| ids.len_bound() > d.min) else {
+            return false;
+        };
+        // Exclusive bytes moved, by snapshot: (credited, debited).
+        let credits: RefCell<BTreeMap<SnapshotId, (u64, u64)>> = RefCell::default();
+        let add = size.is_some();
+        let written = {
+            let this = &*self;
+            let mut cursor = Cursor::default();
+            let mut last: Option<[u8; 16]> = None;
+            let changed = ids.iter().filter_map(|id| {
+                let id = match id {
+                    Ok(id) => id,
+                    Err(e) => return Some(Err(e)),
+                };
+                let k = key(&id);
+                // Two ids sharing a key (see `Key`) count once.
+                if last.replace(k.bytes()) == Some(k.bytes()) {
+                    return None;
+                }
+                let current = match this.current_in(k, &mut cursor) {
+                    Ok(c) => c,
+                    Err(d) => return Some(Err(damaged(d))),
+                };
+                let mut credits = credits.borrow_mut();
+                let mut credit = |s: SnapshotId, bytes: u32, up: bool| {
+                    let e = credits.entry(s).or_default();
+                    if up {
+                        e.0 += u64::from(bytes);
+                    } else {
+                        e.1 += u64::from(bytes);
+                    }
+                };
+                let r = match (size, current) {
+                    (Some(size), current) => {
+                        let mut r = current.unwrap_or(Ref {
+                            count: 0,
+                            size: size(&id),
+                            owners_xor: 0,
+                        });
+                        match r.count {
+                            0 => credit(snap, r.size, true),
+                            1 => credit(SnapshotId(r.owners_xor), r.size, false),
+                            _ => {}
+                        }
+                        r.count += 1;
+                        r.owners_xor ^= snap.0;
+                        r
+                    }
+                    (None, None) => return None,
+                    (None, Some(mut r)) => {
+                        r.count -= 1;
+                        r.owners_xor ^= snap.0;
+                        if r.count == 1 {
+                            credit(SnapshotId(r.owners_xor), r.size, true);
+                        }
+                        r
+                    }
+                };
+                Some(Ok(Entry { key: k.bytes(), r }))
+            });
+            let items = || {
+                let mut exclusive = this.exclusive.clone();
+                if add {
+                    exclusive.entry(snap).or_insert(0);
+                }
+                for (s, (up, down)) in credits.borrow().iter() {
+                    if let Some(e) = exclusive.get_mut(s) {
+                        *e = e.saturating_add(*up).saturating_sub(*down);
+                    }
+                }
+                if !add {
+                    exclusive.remove(&snap);
+                }
+                exclusive.into_iter().collect()
+            };
+            this.write_merged(
+                direct.fs.as_ref(),
+                &direct.dir,
+                changed,
+                ids.len_bound(),
+                items,
+            )
+        };
+        let Ok(tables) = written else {
+            return false;
+        };
+        if add {
+            self.exclusive.entry(snap).or_insert(0);
+        }
+        for (s, (up, down)) in credits.into_inner() {
+            self.credit(s, up, true);
+            self.credit(s, down, false);
+        }
+        if !add {
+            self.exclusive.remove(&snap);
+        }
+        self.touched.insert(snap);
+        self.tables = tables;
+        self.overlay.clear();
+        true
+    }
+
     /// Writes the overlay down in `dir`, durably (see
     /// [`crate::table::write`]): merged with the delta table into a new
     /// delta while the changes are under an eighth of the base table,
@@ -414,6 +554,23 @@ impl Refs {
     /// Then counts from the tables alone. On an error nothing changes.
     pub fn write(&mut self, fs: &dyn StoreFs, dir: &Path) -> Result<()> {
         let items: Vec<(SnapshotId, u64)> = self.exclusive.iter().map(|(s, e)| (*s, *e)).collect();
+        self.tables = self.write_merged(fs, dir, std::iter::empty(), 0, || items)?;
+        self.overlay.clear();
+        Ok(())
+    }
+
+    /// Writes the tables [`Refs::write`] does, with `more` (about
+    /// `more_len` changes, in key order, newer than the overlay) merged in
+    /// and `items` (made once the entries are written) as the snapshots
+    /// covered, and gives them back.
+    fn write_merged(
+        &self,
+        fs: &dyn StoreFs,
+        dir: &Path,
+        more: impl Iterator<Item = Result<Entry>>,
+        more_len: u64,
+        items: impl FnOnce() -> Vec<(SnapshotId, u64)>,
+    ) -> Result<Tables> {
         let base_len = self.tables.base.as_ref().map_or(0, |b| b.len());
         let delta_len = self.tables.delta.as_ref().map_or(0, |d| d.len());
         let memory = self.tables.memory;
@@ -428,18 +585,26 @@ impl Refs {
             }
             Ok(Arc::new(t))
         };
+        let changes = Merge::new(self.changes(), more, true);
+        let changed = delta_len + self.overlay.len() as u64 + more_len;
         match &self.tables.base {
-            Some(base) if (delta_len + self.overlay.len() as u64) < base_len / 8 => {
+            Some(base) if changed < base_len / 8 => {
                 let path = dir.join(DELTA_NAME);
                 let generation = base.generation();
-                crate::table::write::<RefsFormat>(fs, &path, self.changes(), &items, generation)?;
-                self.tables.delta = Some(open(&path)?);
+                crate::table::write_with::<RefsFormat>(fs, &path, changes, items, generation)?;
+                Ok(Tables {
+                    base: Some(base.clone()),
+                    delta: Some(open(&path)?),
+                    memory,
+                })
             }
             _ => {
                 let path = dir.join(FILE_NAME);
                 let generation = self.tables.base.as_ref().map_or(0, |b| b.generation()) + 1;
-                crate::table::write::<RefsFormat>(fs, &path, self.entries(), &items, generation)?;
-                self.tables = Tables {
+                let entries =
+                    Merge::new(table_entries(self.tables.base.as_deref()), changes, false);
+                crate::table::write_with::<RefsFormat>(fs, &path, entries, items, generation)?;
+                let tables = Tables {
                     base: Some(open(&path)?),
                     delta: None,
                     memory,
@@ -447,10 +612,9 @@ impl Refs {
                 // Stale now (it names the old base's generation): removed,
                 // or ignored by the next open if it stays.
                 let _ = fs.remove(&dir.join(DELTA_NAME));
+                Ok(tables)
             }
         }
-        self.overlay.clear();
-        Ok(())
     }
 }
 
@@ -525,11 +689,8 @@ impl Tables {
 }
 
 fn table_entries(t: Option<&RefsTable>) -> impl Iterator<Item = Result<Entry>> + '_ {
-    t.into_iter().flat_map(|t| {
-        t.iter().map(|e| {
-            e.map_err(|d| crate::error::Error::Internal(format!("reference counts: {}", d.0)))
-        })
-    })
+    t.into_iter()
+        .flat_map(|t| t.iter().map(|e| e.map_err(damaged)))
 }
 
 fn hex(key: &[u8; 16]) -> String {
@@ -590,15 +751,14 @@ impl<A: Iterator<Item = Result<Entry>>, B: Iterator<Item = Result<Entry>>> Itera
     }
 }
 
-/// Each chunk id once, for [`Refs::add`] and [`Refs::remove`].
-pub(crate) fn distinct(blocks: &BlockMap) -> Result<Vec<ChunkId>> {
-    let mut ids: Vec<ChunkId> = blocks
-        .data()
-        .map(|d| d.map(|(_, id)| id))
-        .collect::<Result<_>>()?;
-    ids.sort_unstable_by_key(|id| id.0);
-    ids.dedup();
-    Ok(ids)
+/// A list of ids that could not be read counts as damage: the counts are
+/// dropped, and counted again from the manifests when next needed.
+fn unreadable(e: crate::error::Error) -> Damaged {
+    Damaged(format!("a snapshot's chunk list could not be read: {e}"))
+}
+
+fn damaged(d: Damaged) -> crate::error::Error {
+    crate::error::Error::Internal(format!("reference counts: {}", d.0))
 }
 
 /// A number that changes with the set of snapshots counted: the catalog
@@ -654,13 +814,13 @@ mod tests {
                 if add || live.is_empty() {
                     next += 1;
                     let ids: Vec<ChunkId> = chunks.iter().map(|&c| id(c)).collect();
-                    refs.add(SnapshotId(next), &distinct(&ids.iter().copied().map(Some).collect::<Vec<_>>().into()).unwrap(), size).unwrap();
+                    refs.add(SnapshotId(next), &SortedIds::from_vec(ids.clone()), size).unwrap();
                     live.insert(next, chunks);
                 } else {
                     let victim = *live.keys().nth(pick as usize % live.len()).unwrap();
                     let chunks = live.remove(&victim).unwrap();
                     let ids: Vec<ChunkId> = chunks.iter().map(|&c| id(c)).collect();
-                    refs.remove(SnapshotId(victim), &distinct(&ids.iter().copied().map(Some).collect::<Vec<_>>().into()).unwrap()).unwrap();
+                    refs.remove(SnapshotId(victim), &SortedIds::from_vec(ids.clone())).unwrap();
                 }
                 for (snap, chunks) in &live {
                     let want: u64 = chunks
@@ -701,11 +861,13 @@ mod tests {
         steps.push(snap(8, 0, 3000));
         let mut kinds = Vec::new();
         for (n, chunks) in steps {
-            refs.add(SnapshotId(n), &chunks, size).unwrap();
+            refs.add(SnapshotId(n), &SortedIds::from_vec(chunks.clone()), size)
+                .unwrap();
             live.insert(n, chunks);
             if n == 4 {
                 let gone = live.remove(&3).unwrap();
-                refs.remove(SnapshotId(3), &gone).unwrap();
+                refs.remove(SnapshotId(3), &SortedIds::from_vec(gone))
+                    .unwrap();
             }
             let base_before = std::fs::read(dir.path().join(FILE_NAME)).ok();
             refs.write(&StdFs, dir.path()).unwrap();
@@ -720,7 +882,9 @@ mod tests {
             refs = Refs::from_tables(tables);
             let mut scratch = Refs::default();
             for (s, chunks) in &live {
-                scratch.add(SnapshotId(*s), chunks, size).unwrap();
+                scratch
+                    .add(SnapshotId(*s), &SortedIds::from_vec(chunks.clone()), size)
+                    .unwrap();
             }
             assert_eq!(refs.differ(&scratch).unwrap(), None, "after snapshot {n}");
             assert_eq!(refs.figures(), scratch.figures(), "after snapshot {n}");

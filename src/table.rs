@@ -697,13 +697,28 @@ pub fn write<F: Format>(
     entries: impl Iterator<Item = Result<F::Entry>>,
     items: &[F::Item],
     generation: u64,
+) -> Result<()>
+where
+    F::Item: Clone,
+{
+    write_with::<F>(fs, path, entries, || items.to_vec(), generation)
+}
+
+/// [`write`], with the items made once every entry is written (they may
+/// depend on the entries).
+pub fn write_with<F: Format>(
+    fs: &dyn StoreFs,
+    path: &Path,
+    entries: impl Iterator<Item = Result<F::Entry>>,
+    items: impl FnOnce() -> Vec<F::Item>,
+    generation: u64,
 ) -> Result<()> {
     let tmp = tmp_path(path);
     let dir = path.parent().unwrap_or(Path::new("."));
     let _ = fs.remove(&tmp);
     let written = (|| {
         let file = fs.open(&tmp, OpenMode::CreateNew).at(&tmp)?;
-        encode::<F>(entries, items, generation, |bytes, at| {
+        encode_with::<F>(entries, items, generation, |bytes, at| {
             file.write_all_at(bytes, at).at(&tmp)
         })?;
         file.sync().at(&tmp)
@@ -724,6 +739,19 @@ pub fn write<F: Format>(
 pub fn encode<F: Format>(
     entries: impl Iterator<Item = Result<F::Entry>>,
     items: &[F::Item],
+    generation: u64,
+    out: impl FnMut(&[u8], u64) -> Result<()>,
+) -> Result<()>
+where
+    F::Item: Clone,
+{
+    encode_with::<F>(entries, || items.to_vec(), generation, out)
+}
+
+/// [`encode`], with the items made once every entry is encoded.
+fn encode_with<F: Format>(
+    entries: impl Iterator<Item = Result<F::Entry>>,
+    items: impl FnOnce() -> Vec<F::Item>,
     generation: u64,
     mut out: impl FnMut(&[u8], u64) -> Result<()>,
 ) -> Result<()> {
@@ -766,8 +794,9 @@ pub fn encode<F: Format>(
     }
     let (count, pages) = (n, n.div_ceil(F::PER_PAGE as u64));
     out(&buf[..filled * PAGE_LEN], at)?;
+    let items = items();
     let mut list = Vec::with_capacity(items.len() * F::ITEM_LEN);
-    for i in items {
+    for i in &items {
         F::encode_item(i, &mut list);
     }
     debug_assert_eq!(list.len(), items.len() * F::ITEM_LEN);

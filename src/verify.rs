@@ -2,7 +2,8 @@
 //! check it end to end (record CRCs, decompression, BLAKE3), in pack order so
 //! the packs are read sequentially.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use rayon::prelude::*;
@@ -11,6 +12,7 @@ use serde::Serialize;
 use crate::error::Result;
 use crate::ids::{ChunkId, SnapshotId};
 use crate::manifest::Manifest;
+use crate::sorted::SortedIds;
 use crate::store::ChunkStore;
 
 /// A chunk that failed its checks, and who needs it.
@@ -83,59 +85,95 @@ impl VerifyReport {
     }
 }
 
-/// Checks every chunk the given manifests reference, once each (the
-/// manifests read one at a time).
+/// Chunks located, ordered by place and read together.
+const BATCH: usize = 1 << 16;
+
+/// Checks every chunk the manifests of `snapshots` (read with `read`)
+/// reference, once each, in bounded memory: their ids are sorted through
+/// scratch files beyond `memory` bytes (in `scratch`), then checked in
+/// batches, each read in pack order. When a chunk fails, the manifests are
+/// read again to name the snapshots that use it.
 pub fn verify(
     store: &ChunkStore,
-    manifests: impl Iterator<Item = (SnapshotId, Result<Manifest>)>,
-) -> VerifyReport {
+    snapshots: &[SnapshotId],
+    read: impl Fn(SnapshotId) -> Result<Manifest>,
+    memory: u64,
+    scratch: &Path,
+) -> Result<VerifyReport> {
     let mut report = VerifyReport::default();
-    let mut users: HashMap<ChunkId, Vec<SnapshotId>> = HashMap::new();
-    for (id, m) in manifests {
+    let mut all = SortedIds::new(memory, scratch);
+    let mut good = Vec::new();
+    for &id in snapshots {
         report.snapshots_checked += 1;
-        match m {
-            Ok(m) => match m.unique_chunks() {
-                Ok(chunks) => {
-                    for c in chunks {
-                        users.entry(c).or_default().push(id);
-                    }
-                }
-                Err(e) => report.bad_manifests.push(BadManifest {
-                    snapshot: id,
-                    error: e.to_string(),
-                }),
-            },
+        let gathered = read(id).and_then(|m| {
+            for d in m.blocks().data() {
+                all.push(d?.1)?;
+            }
+            Ok(())
+        });
+        match gathered {
+            Ok(()) => good.push(id),
             Err(e) => report.bad_manifests.push(BadManifest {
                 snapshot: id,
                 error: e.to_string(),
             }),
         }
     }
-    let mut chunks: Vec<(ChunkId, Option<crate::store::ChunkLoc>)> = users
-        .keys()
-        .map(|c| (*c, store.locate(c).ok().flatten()))
-        .collect();
-    chunks.sort_by_key(|(_, loc)| loc.map(|l| (l.pack, l.offset)));
+    all.finish();
     let bytes = AtomicU64::new(0);
-    let mut bad: Vec<BadChunk> = chunks
-        .par_iter()
-        .filter_map(|(id, loc)| match store.read(id) {
-            Ok(data) => {
-                bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
-                None
+    let mut bad: Vec<BadChunk> = Vec::new();
+    let mut ids = all.iter();
+    loop {
+        let batch: Vec<ChunkId> = ids.by_ref().take(BATCH).collect::<Result<_>>()?;
+        if batch.is_empty() {
+            break;
+        }
+        report.chunks_checked += batch.len() as u64;
+        let mut chunks: Vec<(ChunkId, Option<crate::store::ChunkLoc>)> = batch
+            .into_iter()
+            .map(|c| (c, store.locate(&c).ok().flatten()))
+            .collect();
+        chunks.sort_by_key(|(_, loc)| loc.map(|l| (l.pack, l.offset)));
+        bad.par_extend(
+            chunks
+                .par_iter()
+                .filter_map(|(id, loc)| match store.read(id) {
+                    Ok(data) => {
+                        bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+                        None
+                    }
+                    Err(e) => Some(BadChunk {
+                        chunk: id.to_hex(),
+                        location: loc.map(|l| {
+                            format!("{} @ {}", store.pack_path_of(&l).display(), l.offset)
+                        }),
+                        error: e.to_string(),
+                        snapshots: Vec::new(),
+                    }),
+                }),
+        );
+    }
+    // Who needs the bad chunks.
+    if !bad.is_empty() {
+        let which: HashMap<String, usize> = bad
+            .iter()
+            .enumerate()
+            .map(|(k, b)| (b.chunk.clone(), k))
+            .collect();
+        for &id in &good {
+            let mut users = BTreeSet::new();
+            for d in read(id)?.blocks().data() {
+                if let Some(&k) = which.get(&d?.1.to_hex()) {
+                    users.insert(k);
+                }
             }
-            Err(e) => Some(BadChunk {
-                chunk: id.to_hex(),
-                location: loc
-                    .map(|l| format!("{} @ {}", store.pack_path_of(&l).display(), l.offset)),
-                error: e.to_string(),
-                snapshots: users[id].clone(),
-            }),
-        })
-        .collect();
+            for k in users {
+                bad[k].snapshots.push(id);
+            }
+        }
+    }
     bad.sort_by(|a, b| a.chunk.cmp(&b.chunk));
-    report.chunks_checked = chunks.len() as u64;
     report.bytes_checked = bytes.into_inner();
     report.bad_chunks = bad;
-    report
+    Ok(report)
 }

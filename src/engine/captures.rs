@@ -10,11 +10,11 @@ use crate::catalog::{Change, SnapshotRecord};
 use crate::dirty::DirtyBitmap;
 use crate::disk::Disk;
 use crate::error::{Error, Result};
-use crate::ids::{ChunkId, ServerId, SnapshotId};
+use crate::ids::{ServerId, SnapshotId};
 use crate::job::{Job, Progress};
 use crate::manifest::Manifest;
 use crate::policy::{self, check_cap};
-use crate::refs::{self};
+use crate::sorted::SortedIds;
 use crate::store::Pins;
 use crate::tracking::Tracker;
 use crate::types::{CaptureKind, CaptureStats, FullReason, SnapshotKind, SnapshotStatus};
@@ -255,7 +255,7 @@ impl Engine {
         parent: Option<(SnapshotId, u64)>,
         pins: &Pins,
         progress: &Progress,
-    ) -> Result<(CaptureStats, Vec<ChunkId>)> {
+    ) -> Result<(CaptureStats, SortedIds)> {
         // The whole of it counts: the freeze and the teardown are part of
         // what a live capture costs.
         let started = std::time::Instant::now();
@@ -299,7 +299,7 @@ impl Engine {
         mode: CaptureMode,
         pins: &Pins,
         progress: &Progress,
-    ) -> Result<(CaptureStats, Vec<ChunkId>)> {
+    ) -> Result<(CaptureStats, SortedIds)> {
         let started = std::time::Instant::now();
         let inner = &self.inner;
         let bs = inner.block_size;
@@ -349,13 +349,8 @@ impl Engine {
         };
         let mut plan = plan;
         // A dense disk's list of blocks goes to a scratch file as it grows.
-        let scratch = if inner.root.is_dir() {
-            inner.root.clone()
-        } else {
-            std::env::temp_dir()
-        };
         plan.base
-            .spill_beyond(inner.options.block_list_memory, scratch);
+            .spill_beyond(inner.options.block_list_memory, inner.scratch_dir());
         let captured = capture::capture(&inner.store, disk, &settings, plan, pins, progress)?;
         let synced = std::time::Instant::now();
         inner.store.sync_pinned(pins)?;
@@ -367,7 +362,7 @@ impl Engine {
             captured.blocks,
         )?;
         inner.manifests.write(&manifest)?;
-        let chunks = refs::distinct(manifest.blocks())?;
+        let chunks = inner.chunks_of(&manifest)?;
         let stats = CaptureStats {
             micros: started.elapsed().as_micros() as u64,
             sync_micros: synced.elapsed().as_micros() as u64,
@@ -389,7 +384,7 @@ impl Engine {
     pub(super) fn finish_capture(
         &self,
         id: SnapshotId,
-        outcome: Result<(CaptureStats, Vec<ChunkId>)>,
+        outcome: Result<(CaptureStats, SortedIds)>,
         previous: Option<Tracker>,
     ) -> Result<Snapshot> {
         let mut state = self.inner.state.lock();
@@ -397,7 +392,7 @@ impl Engine {
         state.capture_parents.remove(&id);
         let (outcome, chunks) = match outcome {
             Ok((stats, chunks)) => (Ok(stats), chunks),
-            Err(e) => (Err(e), Vec::new()),
+            Err(e) => (Err(e), SortedIds::from_vec(Vec::new())),
         };
         let mut rec = state.snapshot(id)?.clone();
         let server = rec.server_id;

@@ -31,6 +31,7 @@ use crate::manifest::Manifests;
 use crate::options::{DEFAULT_BLOCK_SIZE, EngineOptions};
 use crate::policy;
 use crate::refs;
+use crate::sorted::SortedIds;
 use crate::store::gc::GcReport;
 use crate::store::{ChunkStore, sync_dir};
 use crate::types::{OpenReport, Server, Snapshot, SnapshotStatus};
@@ -443,10 +444,14 @@ impl Engine {
             None => self.inner.store.check_index().err().map(|e| e.to_string()),
             Some(_) => None,
         };
-        let manifests = ids
-            .into_iter()
-            .map(|id| (id, self.inner.manifests.read(id)));
-        let mut report = verify::verify(&self.inner.store, manifests);
+        let inner = &self.inner;
+        let mut report = verify::verify(
+            &inner.store,
+            &ids,
+            |id| inner.manifests.read(id),
+            inner.options.block_list_memory,
+            &inner.scratch_dir(),
+        )?;
         report.catalog_error = self.inner.catalog.check().err().map(|e| e.to_string());
         report.index_error = index_error;
         if snapshot.is_none() {
@@ -542,6 +547,23 @@ fn check_fixed_settings(options: &EngineOptions, loaded: &Loaded) -> Result<()> 
 }
 
 impl Inner {
+    /// Where scratch files go (a capture's block list, a chunk list being
+    /// sorted): the store's directory, on its disk, or the system's
+    /// temporary directory when the store is not on a real file system.
+    fn scratch_dir(&self) -> PathBuf {
+        if self.root.is_dir() {
+            self.root.clone()
+        } else {
+            std::env::temp_dir()
+        }
+    }
+
+    /// The distinct chunks a manifest references, sorted, in bounded
+    /// memory ([`crate::EngineOptions::block_list_memory`]).
+    fn chunks_of(&self, m: &crate::manifest::Manifest) -> Result<SortedIds> {
+        m.chunks(self.options.block_list_memory, &self.scratch_dir())
+    }
+
     /// Seals the open pack (so the next open need not scan it) and hands
     /// the trackers over cleanly (no write can be missed until the next
     /// open). Runs once; errors are reported, and both steps are tried.

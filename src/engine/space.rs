@@ -55,10 +55,32 @@ fn persist_refs(inner: &Inner, state: &mut State, always: bool) -> Result<()> {
         return Ok(());
     }
     refs.write(inner.manifests.fs().as_ref(), inner.manifests.dir())?;
-    let now: BTreeSet<SnapshotId> = refs.counted().collect();
-    state.refs_tables = refs.tables().clone();
+    tables_written(inner, state);
+    Ok(())
+}
+
+/// After the counts were written as a new table (by [`persist_refs`], or
+/// straight from a large snapshot's chunk list: see `Refs::set_direct`):
+/// the store's view follows, and the manifests of deleted snapshots that
+/// only the old table counted go. Nothing when no table was written.
+fn tables_written(inner: &Inner, state: &mut State) {
+    let Some(refs) = state.refs.as_ref() else {
+        return;
+    };
+    let same = |a: &Option<std::sync::Arc<refs::RefsTable>>,
+                b: &Option<std::sync::Arc<refs::RefsTable>>| match (a, b) {
+        (Some(a), Some(b)) => std::sync::Arc::ptr_eq(a, b),
+        (None, None) => true,
+        _ => false,
+    };
+    let (now, was) = (refs.tables(), &state.refs_tables);
+    if same(&now.base, &was.base) && same(&now.delta, &was.delta) {
+        return;
+    }
+    let counted: BTreeSet<SnapshotId> = refs.counted().collect();
+    state.refs_tables = now.clone();
     state.refs_table_unusable = false;
-    let before = std::mem::replace(&mut state.refs_covered, now);
+    let before = std::mem::replace(&mut state.refs_covered, counted);
     for gone in before.difference(&state.refs_covered) {
         // Never the manifest of a snapshot still listed: a delete whose
         // commit has yet to land, or failed.
@@ -68,7 +90,16 @@ fn persist_refs(inner: &Inner, state: &mut State, always: bool) -> Result<()> {
         // Best effort: one left behind goes at the next open.
         let _ = inner.manifests.remove(*gone);
     }
-    Ok(())
+}
+
+/// When counts are written straight into a table: for snapshots of more
+/// chunks than a block list may hold in memory, on a writable store.
+fn direct(inner: &Inner) -> Option<refs::Direct> {
+    (!inner.options.read_only).then(|| refs::Direct {
+        fs: inner.manifests.fs().clone(),
+        dir: inner.manifests.dir().to_path_buf(),
+        min: inner.options.block_list_memory / 32,
+    })
 }
 
 impl Engine {
@@ -109,7 +140,7 @@ impl Engine {
                 .inner
                 .manifests
                 .read(id)
-                .and_then(|m| refs::distinct(m.blocks()));
+                .and_then(|m| self.inner.chunks_of(&m));
             let mut held = state.held();
             held.remove(&id);
             match chunks {
@@ -139,6 +170,7 @@ impl Engine {
                 if undone.is_err() {
                     state.forget_counts();
                 }
+                tables_written(&self.inner, &mut state);
             }
             return Err(e);
         }
@@ -186,14 +218,20 @@ impl Engine {
         }
         let held = state.held();
         let had_table = !state.refs_tables.is_empty();
+        let direct = direct(&self.inner);
         let from_table = Some(state.refs_tables.clone())
             .filter(|t| !t.is_empty())
-            .and_then(|t| self.replay(Refs::from_tables(t), &held).ok());
+            .and_then(|t| {
+                let mut refs = Refs::from_tables(t);
+                refs.set_direct(direct.clone());
+                self.replay(refs, &held).ok()
+            });
         state.refs_table_unusable |= had_table && from_table.is_none();
         let mut refs = match from_table {
             Some(refs) => refs,
             None => {
                 let mut refs = Refs::from_tables(state.refs_tables.emptied());
+                refs.set_direct(direct);
                 for id in &held {
                     self.count_manifest(&mut refs, *id, true)?;
                 }
@@ -214,6 +252,7 @@ impl Engine {
         }
         state.figures = None;
         state.refs = Some(refs);
+        tables_written(&self.inner, state);
         Ok(())
     }
 
@@ -233,7 +272,7 @@ impl Engine {
 
     fn count_manifest(&self, refs: &mut Refs, id: SnapshotId, add: bool) -> Result<()> {
         let m = self.inner.manifests.read(id)?;
-        let chunks = refs::distinct(m.blocks())?;
+        let chunks = self.inner.chunks_of(&m)?;
         let store = &self.inner.store;
         let counted = if add {
             refs.add(id, &chunks, |c| stored_size(store, c))
@@ -271,7 +310,9 @@ impl Engine {
                 break;
             };
             if change(refs, &size).is_ok() {
-                return figure_changes(refs, held);
+                let changes = figure_changes(refs, held);
+                tables_written(&self.inner, state);
+                return changes;
             }
             self.drop_table(state);
         }

@@ -293,3 +293,22 @@ fn a_pack_removed_after_open_is_corruption() {
     assert!(err.is_corruption(), "{err}");
     assert!(err.to_string().contains("missing"), "{err}");
 }
+
+/// Pins never miss a chunk pinned, through every part the filter grows;
+/// chunks not pinned are seldom taken for pinned.
+#[test]
+fn pins_hold_every_chunk_pinned() {
+    let mut filter = super::PinFilter::default();
+    let id = |n: u64| ChunkId::of(&n.to_le_bytes());
+    let n = 5 * super::PIN_FIRST;
+    for i in 0..n {
+        filter.insert(&id(i));
+    }
+    assert!(filter.parts.len() >= 3);
+    assert!((0..n).all(|i| filter.contains(&id(i))));
+    let others = 100_000;
+    let wrong = (n..n + others).filter(|&i| filter.contains(&id(i))).count();
+    assert!(wrong < others as usize * 3 / 100, "{wrong} false positives");
+    let bytes: usize = filter.parts.iter().map(|(b, _)| b.len() * 8).sum();
+    assert!(bytes as u64 <= n * 4, "{bytes} bytes for {n} chunks");
+}

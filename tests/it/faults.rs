@@ -380,13 +380,18 @@ fn crash_at_random_store_io_calls(group: u32, torn_subsets: bool) {
     let fs = CrashFs::new();
     // The grouped runs write a new chunk index table at every capture's
     // end, so crashes land in its writes too; the others at open and GC.
+    // They also keep no disk's chunk list in memory: each snapshot's
+    // counts are written straight into a table, before the catalog
+    // commit that completes (or deletes) it.
     let persist_min = if group > 0 { 0 } else { 1 << 20 };
+    let list_memory = if group > 0 { 0 } else { 32 << 20 };
     let options = || {
         EngineOptions::new()
             .block_size(BS as u32)
             .compression(blocksnap::Compression::new(1, group))
             .gc_max_unused(0.0)
             .index_persist_min(persist_min)
+            .block_list_memory(list_memory)
             .store_fs(Arc::new(CrashFsHandle(fs.clone())))
     };
     {
