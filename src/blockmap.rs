@@ -309,15 +309,7 @@ impl BlockMap {
             let backing = match &spill.backing {
                 Some(b) => b.clone(),
                 None => {
-                    let file = tempfile::tempfile_in(&spill.dir).map_err(|e| {
-                        Error::io(
-                            &spill.dir,
-                            std::io::Error::new(
-                                e.kind(),
-                                format!("cannot make a scratch file for a disk's block list: {e}"),
-                            ),
-                        )
-                    })?;
+                    let file = crate::fsio::scratch_file(&spill.dir, "a disk's block list")?;
                     let b = Backing::new(Arc::new(file), spill.dir.clone());
                     spill.backing = Some(b.clone());
                     b

@@ -88,15 +88,7 @@ impl SortedIds {
     /// Writes the buffer out as a run.
     fn spill(&mut self) -> Result<()> {
         self.sort_buffer();
-        let file = tempfile::tempfile_in(&self.dir).map_err(|e| {
-            Error::io(
-                &self.dir,
-                std::io::Error::new(
-                    e.kind(),
-                    format!("cannot make a scratch file for a disk's chunk list: {e}"),
-                ),
-            )
-        })?;
+        let file = crate::fsio::scratch_file(&self.dir, "a disk's chunk list")?;
         let mut at = 0u64;
         for part in self.buffer.chunks(READ_IDS * 16) {
             let bytes: Vec<u8> = part.iter().flat_map(|id| id.0).collect();

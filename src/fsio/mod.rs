@@ -25,6 +25,20 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+/// An unnamed scratch file in `dir` for `what`: it goes when closed, or
+/// with the process. Outside the seam: nothing in it needs to last.
+pub(crate) fn scratch_file(dir: &Path, what: &str) -> crate::error::Result<File> {
+    tempfile::tempfile_in(dir).map_err(|e| {
+        crate::error::Error::io(
+            dir,
+            io::Error::new(
+                e.kind(),
+                format!("cannot make a scratch file for {what}: {e}"),
+            ),
+        )
+    })
+}
+
 /// How to open a store file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OpenMode {
