@@ -523,6 +523,12 @@ pub fn capture(
             let mut total = Appended::default();
             for (window, classified, groups) in for_writer {
                 let a = append_window(store, &window, bs, &classified, &groups)?;
+                // A dense disk of new chunks would grow the index's
+                // overlay without end: a new table when due (best effort:
+                // the chunks are found in memory until one is written).
+                if a.chunks > 0 {
+                    let _ = store.persist_index_if_due();
+                }
                 total.chunks += a.chunks;
                 total.raw_bytes += a.raw_bytes;
                 total.stored_bytes += a.stored_bytes;

@@ -23,7 +23,7 @@ pub const DEFAULT_WINDOW_LEN: usize = 16 << 20;
 /// See [`EngineOptions::table_memory`].
 pub const DEFAULT_TABLE_MEMORY: u64 = 64 << 20;
 /// See [`EngineOptions::block_list_memory`].
-pub const DEFAULT_BLOCK_LIST_MEMORY: u64 = 32 << 20;
+pub const DEFAULT_BLOCK_LIST_MEMORY: u64 = 16 << 20;
 /// The largest window: memory use is a few windows.
 const MAX_WINDOW_LEN: usize = 1 << 30;
 
@@ -171,7 +171,7 @@ impl EngineOptions {
     /// the store's directory; a larger manifest keeps its chunk ids in its
     /// file, read again page by page (4,096 blocks) as needed. A dense
     /// 1 TiB disk of 64 KiB blocks has 16M blocks: 530 MiB of ids.
-    /// Default: 32 MiB (about a million data blocks: 64 GiB of data at
+    /// Default: 16 MiB (half a million data blocks: 32 GiB of data at
     /// 64 KiB blocks).
     pub fn block_list_memory(mut self, bytes: u64) -> Self {
         self.block_list_memory = bytes;

@@ -99,9 +99,8 @@ pub struct ChunkIndex {
 pub struct PersistView {
     base: Option<Arc<Table>>,
     patch: Map<Option<ChunkLoc>>,
-    /// The overlay's entries, sorted, and their keys.
+    /// The overlay's entries, sorted.
     overlay: Vec<Entry>,
-    overlay_keys: HashSet<Key>,
 }
 
 impl PersistView {
@@ -118,7 +117,6 @@ impl PersistView {
         covered: &'a HashSet<u32>,
         kept: &'a mut Vec<Entry>,
     ) -> impl Iterator<Item = std::result::Result<table::Entry, Damaged>> + 'a {
-        let overlay_keys = &self.overlay_keys;
         let base = self
             .base
             .iter()
@@ -127,9 +125,6 @@ impl PersistView {
                 Err(d) => Some(Err(d)),
                 Ok(e) => {
                     let key = Key(e.key);
-                    if overlay_keys.contains(&key) {
-                        return None;
-                    }
                     match self.patch.get(&key) {
                         Some(None) => None,
                         Some(Some(l)) => Some(Ok(Entry::new(key, *l))),
@@ -144,12 +139,12 @@ impl PersistView {
         }
         .filter_map(move |e| match e {
             Err(d) => Some(Err(d)),
-            Ok(e) if covered.contains(&e.pack) => Some(Ok(table::Entry {
+            Ok((e, _)) if covered.contains(&e.pack) => Some(Ok(table::Entry {
                 key: e.key.0,
                 loc: e.loc(),
             })),
-            Ok(e) => {
-                if !overlay_keys.contains(&e.key) {
+            Ok((e, from_overlay)) => {
+                if !from_overlay {
                     kept.push(e);
                 }
                 None
@@ -158,7 +153,9 @@ impl PersistView {
     }
 }
 
-/// Two ascending streams of entries with distinct keys, merged.
+/// Two ascending streams of entries, each of distinct keys, merged; where
+/// both hold a key, `b`'s entry (the overlay's: newer) alone. Each entry
+/// comes with whether it is `b`'s.
 struct MergeByKey<A: Iterator, B: Iterator> {
     a: std::iter::Peekable<A>,
     b: std::iter::Peekable<B>,
@@ -167,16 +164,25 @@ struct MergeByKey<A: Iterator, B: Iterator> {
 type Item = std::result::Result<Entry, Damaged>;
 
 impl<A: Iterator<Item = Item>, B: Iterator<Item = Item>> Iterator for MergeByKey<A, B> {
-    type Item = Item;
-    fn next(&mut self) -> Option<Item> {
+    type Item = std::result::Result<(Entry, bool), Damaged>;
+    fn next(&mut self) -> Option<Self::Item> {
         let take_a = match (self.a.peek(), self.b.peek()) {
             (Some(Err(_)), _) => true,
             (_, Some(Err(_))) => false,
-            (Some(Ok(x)), Some(Ok(y))) => x.key <= y.key,
+            (Some(Ok(x)), Some(Ok(y))) if x.key == y.key => {
+                // Shadowed by the overlay.
+                self.a.next();
+                false
+            }
+            (Some(Ok(x)), Some(Ok(y))) => x.key < y.key,
             (Some(_), None) => true,
             (None, _) => false,
         };
-        if take_a { self.a.next() } else { self.b.next() }
+        if take_a {
+            self.a.next().map(|e| e.map(|e| (e, false)))
+        } else {
+            self.b.next().map(|e| e.map(|e| (e, true)))
+        }
     }
 }
 
@@ -393,7 +399,6 @@ impl ChunkIndex {
         PersistView {
             base: self.base.clone(),
             patch: self.patch.clone(),
-            overlay_keys: overlay.iter().map(|e| e.key).collect(),
             overlay,
         }
     }

@@ -1187,13 +1187,16 @@ type PackList = Vec<(u32, PathBuf)>;
 /// entries (and a sixteenth of the table), by default.
 pub const PERSIST_MIN: usize = 4096;
 
-/// ... and at the latest once it holds this many (2M: ~60 MiB in memory),
-/// so that a process's memory does not grow with the store: at 100M
-/// chunks a sixteenth was 6.5M entries, 200 MiB, and a capture read them
-/// from the packs at its first look-up. Rewriting the table then costs
-/// 29 bytes a chunk in the store for every 2M chunks added (36% more
-/// writing with 4 KiB chunks, 2% with 64 KiB ones).
-pub const OVERLAY_MAX: usize = 1 << 21;
+/// ... and at the latest once it holds this many (1M: ~60 MiB in memory,
+/// as much again while a new table is written from it), so that a
+/// process's memory does not grow with the store: at 100M chunks a
+/// sixteenth was 6.5M entries, 200 MiB, and a capture read them from the
+/// packs at its first look-up. A capture writes the table when due as it
+/// goes, so a dense disk of new chunks is held to this too. Rewriting the
+/// table then costs 28 bytes a chunk in the store for every 1M chunks
+/// added: at 100M chunks, 2.8 GB for 64 GiB of new data at 64 KiB blocks
+/// (4% more writing), or 4 GiB at 4 KiB blocks (72%).
+pub const OVERLAY_MAX: usize = 1 << 20;
 
 /// The chunk index, as `stats` reports it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
