@@ -192,19 +192,27 @@ impl Manifest {
     /// Decodes and checks a manifest file's bytes.
     pub fn decode(bytes: &[u8]) -> Result<Self, String> {
         let read = |buf: &mut [u8], offset: u64| -> Result<()> {
-            let start = usize::try_from(offset).unwrap_or(usize::MAX);
-            match bytes.get(start..start.saturating_add(buf.len())) {
-                Some(b) => {
-                    buf.copy_from_slice(b);
-                    Ok(())
-                }
-                None => Err(Error::Internal("read past the end".into())),
+            match copy_at(bytes, buf, offset) {
+                true => Ok(()),
+                false => Err(Error::Internal("read past the end".into())),
             }
         };
         parse(&read, bytes.len() as u64, None).map_err(|e| match e {
             Bad::Corrupt(what) => what,
             Bad::Io(e) => e.to_string(),
         })
+    }
+}
+
+/// Fills `buf` from `bytes` at `offset`; false when they end first.
+fn copy_at(bytes: &[u8], buf: &mut [u8], offset: u64) -> bool {
+    let at = usize::try_from(offset).unwrap_or(usize::MAX);
+    match bytes.get(at..at.saturating_add(buf.len())) {
+        Some(part) => {
+            buf.copy_from_slice(part);
+            true
+        }
+        None => false,
     }
 }
 
@@ -429,14 +437,27 @@ impl Manifests {
         let len = file.len().at(&path)?;
         let ids = len.saturating_sub(MANIFEST_HEADER_LEN as u64);
         let stored = (ids > self.memory).then(|| Backing::new(file.clone(), path.clone()));
+        let cut = |e: std::io::Error| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                Error::corrupt(&path, "cut short")
+            } else {
+                Error::io(&path, e)
+            }
+        };
+        // A small manifest in one read, a large one as a stream.
+        let whole = if len <= WRITE_PIECE as u64 {
+            let mut bytes = vec![0u8; len as usize];
+            file.read_exact_at(&mut bytes, 0).map_err(cut)?;
+            Some(bytes)
+        } else {
+            None
+        };
         let read = |buf: &mut [u8], offset: u64| -> Result<()> {
-            file.read_exact_at(buf, offset).map_err(|e| {
-                if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                    Error::corrupt(&path, "cut short")
-                } else {
-                    Error::io(&path, e)
-                }
-            })
+            match &whole {
+                Some(bytes) if copy_at(bytes, buf, offset) => Ok(()),
+                Some(_) => Err(Error::corrupt(&path, "cut short")),
+                None => file.read_exact_at(buf, offset).map_err(cut),
+            }
         };
         let m = parse(&read, len, stored).map_err(|e| match e {
             Bad::Corrupt(what) => Error::corrupt(&path, what),

@@ -5,8 +5,8 @@
 //! is sorted, rid of repeats and written to an unnamed scratch file as a
 //! run. Reading merges the runs and the buffer (a k-way merge, 64 KiB read
 //! at a time from each run), each id once. A disk whose ids fit the budget
-//! never touches a file; a dense 1 TiB disk (16M ids, 512 MiB) is 16 runs
-//! of a 32 MiB budget.
+//! never touches a file; a dense 1 TiB disk (16M ids, 512 MiB) is 32 runs
+//! of the default 16 MiB budget.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;

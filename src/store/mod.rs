@@ -46,8 +46,18 @@ use pack::{ChunkRecord, GroupRecord, IndexEntry, PACK_HEADER_LEN, RECORD_HEADER_
 pub use recovery::Recovery;
 use recovery::{list_packs, load_pack};
 
-/// A pack is sealed once it grows past this many bytes.
+/// A pack is sealed once it grows past this many bytes...
 pub const PACK_TARGET_LEN: u64 = 256 << 20;
+/// ... or holds this many records. Until it is sealed, the open pack's
+/// index entries (48 bytes each) are in memory twice over: its trailer to
+/// be, and the chunk index's overlay, which no table takes them from. Data
+/// that compresses to almost nothing (a block of zeros but for a few
+/// bytes: some 60 bytes a record) would fill 256 MiB with 4M records:
+/// 400 MiB held by a capture of 4M such blocks.
+#[cfg(not(test))]
+pub const PACK_MAX_RECORDS: usize = 1 << 18;
+#[cfg(test)]
+pub const PACK_MAX_RECORDS: usize = 64;
 // Record offsets are kept as u32 in memory: a pack never reaches 4 GiB.
 const _: () = assert!(PACK_TARGET_LEN + (pack::MAX_CHUNK_LEN as u64) * 2 < u32::MAX as u64);
 
@@ -824,7 +834,7 @@ impl ChunkStore {
             drop(index);
             active.len += record_len;
             done.stored_bytes += record_len;
-            if active.len >= PACK_TARGET_LEN {
+            if active.len >= PACK_TARGET_LEN || active.entries.len() >= PACK_MAX_RECORDS {
                 self.seal(&mut w)?;
             }
         }

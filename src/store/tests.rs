@@ -312,3 +312,31 @@ fn pins_hold_every_chunk_pinned() {
     let bytes: usize = filter.parts.iter().map(|(b, _)| b.len() * 8).sum();
     assert!(bytes as u64 <= n * 4, "{bytes} bytes for {n} chunks");
 }
+
+/// A pack of chunks that compress to almost nothing is sealed at
+/// `PACK_MAX_RECORDS`, not only at its byte target, and every chunk reads
+/// back after a reopen.
+#[test]
+fn a_pack_is_sealed_at_its_record_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = 2 * PACK_MAX_RECORDS as u64 + 5;
+    let data: Vec<Vec<u8>> = (0..n)
+        .map(|i| {
+            let mut d = vec![0u8; 4096];
+            d[..8].copy_from_slice(&(i + 1).to_le_bytes());
+            d
+        })
+        .collect();
+    {
+        let (s, _) = open(dir.path()).unwrap();
+        let refs: Vec<&[u8]> = data.iter().map(|d| d.as_slice()).collect();
+        assert_eq!(put(&s, &refs).chunks, n);
+        s.close().unwrap();
+    }
+    let packs = recovery::list_packs(&StdFs, dir.path()).unwrap();
+    assert_eq!(packs.len(), 3, "{packs:?}");
+    let (s, _) = open(dir.path()).unwrap();
+    for d in &data {
+        assert_eq!(&s.read(&ChunkId::of(d)).unwrap(), d);
+    }
+}
