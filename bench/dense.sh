@@ -8,6 +8,9 @@
 #   - capture-new:   a disk of the same size, every block new;
 #   - restore:       the snapshot onto its disk (every block compared,
 #                    none written: they are the same);
+#   - restore-all:   the snapshot onto a disk whose every block differs
+#                    (a sink that forgets what is written): every block
+#                    compared and rewritten;
 #   - verify:        the snapshot (every chunk read and hashed).
 # Usage: bench/dense.sh [BLOCKS...]   (default "262144 1048576"; 16777216
 # is a 1 TiB disk: its captures each read 1 TiB of synthetic data)
@@ -27,9 +30,13 @@ printf '%-10s %-14s %9s %10s %s\n' blocks step seconds peak_MiB json
 for n in $sizes; do
   store=$work/d$n
   "$scale" build "$store" "$n" "$n" $bsopt > /dev/null
-  for step in capture-known capture-new restore verify; do
+  for step in capture-known capture-new restore restore-all verify; do
     cat "$store"/packs/* > /dev/null
-    json=$(/usr/bin/time -f "%e %M" -o "$work/time" "$scale" "$step" "$store" $bsopt | tail -1)
+    case $step in
+      restore-all) run=(restore "$store" $bsopt --sink) ;;
+      *) run=("$step" "$store" $bsopt) ;;
+    esac
+    json=$(/usr/bin/time -f "%e %M" -o "$work/time" "$scale" "${run[@]}" | tail -1)
     read -r secs kib < "$work/time"
     printf '%-10s %-14s %9s %10s %s\n' "$n" "$step" "$secs" "$((kib / 1024))" "$json"
   done

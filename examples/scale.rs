@@ -10,7 +10,9 @@
 //! scale capture-new STORE     capture a disk of new chunks, then delete it
 //! scale rebuild STORE         rebuild the chunk index table from the packs
 //! scale restore STORE         restore server 1's newest snapshot onto its disk
-//!                             (the same blocks: every one compared, none written)
+//!                             (the same blocks: every one compared, none written;
+//!                             with --sink, a disk of other blocks that forgets
+//!                             what is written: every block rewritten)
 //! scale verify STORE          verify server 1's newest snapshot
 //! ```
 //!
@@ -96,6 +98,19 @@ struct Synthetic {
     seed: u64,
     blocks: u64,
     path: std::path::PathBuf,
+    /// Takes writes and forgets them (`--sink`).
+    sink: bool,
+}
+
+/// A write to a synthetic disk: forgotten by a sink, refused otherwise.
+fn written(sink: bool) -> Result<()> {
+    if sink {
+        Ok(())
+    } else {
+        Err(Error::InvalidParameter(
+            "a synthetic disk is read-only".into(),
+        ))
+    }
 }
 
 impl Disk for Synthetic {
@@ -126,19 +141,13 @@ impl Disk for Synthetic {
         Ok(n)
     }
     fn write_at(&self, _: &[u8], _: u64) -> Result<()> {
-        Err(Error::InvalidParameter(
-            "a synthetic disk is read-only".into(),
-        ))
+        written(self.sink)
     }
     fn write_zeroes(&self, _: u64, _: u64) -> Result<()> {
-        Err(Error::InvalidParameter(
-            "a synthetic disk is read-only".into(),
-        ))
+        written(self.sink)
     }
     fn set_len(&self, _: u64) -> Result<()> {
-        Err(Error::InvalidParameter(
-            "a synthetic disk is read-only".into(),
-        ))
+        written(false)
     }
     fn is_block_device(&self) -> bool {
         true
@@ -153,13 +162,17 @@ impl Disk for Synthetic {
 
 fn options(in_memory: bool) -> EngineOptions {
     let mapped = std::env::args().any(|a| a == "--mapped");
-    let opener: blocksnap::disk::DiskOpener = Arc::new(|path: &Path, _| {
+    // A sink reads as another seed's disk, so that a restore onto it
+    // rewrites every block, and forgets what is written.
+    let sink = std::env::args().any(|a| a == "--sink");
+    let opener: blocksnap::disk::DiskOpener = Arc::new(move |path: &Path, _| {
         let parts: Vec<&str> = path.to_str().unwrap_or("").split('/').collect();
         match parts.as_slice() {
             ["", "synthetic", seed, blocks] => Ok(Box::new(Synthetic {
-                seed: seed.parse().unwrap_or(0),
+                seed: seed.parse::<u64>().unwrap_or(0) + if sink { 1 << 50 } else { 0 },
                 blocks: blocks.parse().unwrap_or(0),
                 path: path.to_path_buf(),
+                sink,
             }) as Box<dyn Disk>),
             _ => Err(Error::InvalidParameter(format!(
                 "{}: not a synthetic disk",
@@ -310,7 +323,11 @@ fn main() -> Result<()> {
                 .ok_or_else(|| Error::InvalidParameter("server 1 has no snapshot".into()))?;
             let t = Instant::now();
             let what = if step == "restore" {
-                let options = blocksnap::RestoreOptions::default().safety_snapshot(false);
+                // Onto a sink nothing reads back what was written.
+                let sink = std::env::args().any(|a| a == "--sink");
+                let options = blocksnap::RestoreOptions::default()
+                    .safety_snapshot(false)
+                    .verify(!sink);
                 let r = engine.restore_snapshot_with(snap.id, options)?;
                 format!("\"blocks_rewritten\": {}", r.blocks_rewritten)
             } else {

@@ -94,7 +94,7 @@ impl HotCore {
         let plan = RestorePlan {
             snapshot: SnapshotId(0),
             blocks_total: manifest.block_count(),
-            rewrite: (0..manifest.block_count()).collect(),
+            rewrite: crate::restore::BlockSet::all(manifest.block_count()),
             bytes_to_write: image_len,
             bytes_compared: 0,
         };
@@ -136,6 +136,6 @@ impl HotCore {
             &Progress::default(),
             &mut written,
         )?;
-        Ok(plan.rewrite.len() as u64)
+        Ok(plan.rewrite.len())
     }
 }

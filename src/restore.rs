@@ -36,12 +36,85 @@ pub struct RestorePlan {
     pub snapshot: SnapshotId,
     /// Blocks in the snapshot.
     pub blocks_total: u64,
-    /// Indexes of the blocks to rewrite, ascending.
-    pub rewrite: Vec<u64>,
+    /// The blocks to rewrite.
+    pub rewrite: BlockSet,
     /// Bytes those blocks cover.
     pub bytes_to_write: u64,
     /// Bytes of the target read and compared (none past its end).
     pub bytes_compared: u64,
+}
+
+/// A set of a disk's blocks, one bit each whatever they are (the blocks
+/// of a dense 1 TiB disk: 2 MiB), read in ascending order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BlockSet {
+    words: Vec<u64>,
+    len: u64,
+}
+
+impl BlockSet {
+    /// No block of a disk of `blocks` blocks.
+    pub fn new(blocks: u64) -> Self {
+        BlockSet {
+            words: vec![0; blocks.div_ceil(64) as usize],
+            len: 0,
+        }
+    }
+
+    /// Every block of a disk of `blocks` blocks.
+    pub fn all(blocks: u64) -> Self {
+        let mut set = BlockSet::new(blocks);
+        for i in 0..blocks {
+            set.insert(i);
+        }
+        set
+    }
+
+    /// Adds block `i` (of the disk the set was made for).
+    pub fn insert(&mut self, i: u64) {
+        if let Some(w) = self.words.get_mut((i / 64) as usize) {
+            let bit = 1u64 << (i % 64);
+            if *w & bit == 0 {
+                *w |= bit;
+                self.len += 1;
+            }
+        }
+    }
+
+    /// Number of blocks in the set.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The blocks, ascending.
+    pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
+        self.words.iter().enumerate().flat_map(|(k, &w)| {
+            let mut w = w;
+            std::iter::from_fn(move || {
+                (w != 0).then(|| {
+                    let bit = w.trailing_zeros();
+                    w &= w - 1;
+                    k as u64 * 64 + u64::from(bit)
+                })
+            })
+        })
+    }
+
+    /// The blocks as `[first, end)` runs, ascending.
+    pub fn runs(&self) -> Vec<(u64, u64)> {
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for b in self.iter() {
+            match runs.last_mut() {
+                Some((_, end)) if *end == b => *end += 1,
+                _ => runs.push((b, b + 1)),
+            }
+        }
+        runs
+    }
 }
 
 /// How a restore found the blocks to rewrite.
@@ -97,7 +170,7 @@ pub fn plan(
 ) -> Result<RestorePlan> {
     let bs = manifest.block_size as usize;
     let window_len = window_len.max(bs) / bs * bs;
-    let mut rewrite = Vec::new();
+    let mut rewrite = BlockSet::new(manifest.block_count());
     let mut bytes_to_write = 0;
     progress.start(manifest.image_len);
     // A disk that is all holes past its end needs no reading.
@@ -139,7 +212,7 @@ pub fn plan(
             for (k, differs) in per_task.into_iter().flatten().enumerate() {
                 if differs {
                     let i = first + k as u64;
-                    rewrite.push(i);
+                    rewrite.insert(i);
                     bytes_to_write += manifest.block_len(i) as u64;
                 }
             }
@@ -153,17 +226,13 @@ pub fn plan(
         let k = runs.partition_point(|r| r.end <= i);
         i < compare_blocks && k < runs.len() && runs[k].start <= i
     };
-    let before = rewrite.len();
     for d in manifest.blocks().data() {
         let (i, _) = d?;
         if read(i) {
             continue;
         }
-        rewrite.push(i);
+        rewrite.insert(i);
         bytes_to_write += manifest.block_len(i) as u64;
-    }
-    if rewrite.len() > before {
-        rewrite.sort_unstable();
     }
     let read_bytes: u64 = runs
         .iter()
@@ -184,7 +253,7 @@ pub fn plan(
 /// manifests, and the dirty ones. Reads nothing. Both manifests must be of
 /// one disk length.
 pub fn plan_delta(base: &Manifest, dirty: &[Range<u64>], target: &Manifest) -> Result<RestorePlan> {
-    let mut rewrite = Vec::new();
+    let mut rewrite = BlockSet::new(target.block_count());
     let mut bytes_to_write = 0;
     let mut runs = dirty.iter().peekable();
     for (i, (have, want)) in base.blocks().iter().zip(target.blocks().iter()).enumerate() {
@@ -193,7 +262,7 @@ pub fn plan_delta(base: &Manifest, dirty: &[Range<u64>], target: &Manifest) -> R
         while runs.next_if(|r| r.end <= i).is_some() {}
         let is_dirty = runs.peek().is_some_and(|r| r.start <= i);
         if is_dirty || have != want {
-            rewrite.push(i);
+            rewrite.insert(i);
             bytes_to_write += target.block_len(i) as u64;
         }
     }
@@ -215,8 +284,8 @@ fn block_matches(bytes: &[u8], want: Option<&ChunkId>) -> bool {
 
 /// A batch of planned blocks with their checked bytes, laid out in batch
 /// order (block k of the batch at `k * block_size`).
-struct Batch<'p> {
-    blocks: &'p [u64],
+struct Batch {
+    blocks: Vec<u64>,
     bytes: Vec<u8>,
 }
 
@@ -233,12 +302,14 @@ pub fn apply(
     written: &mut u64,
 ) -> Result<()> {
     let bs = manifest.block_size as usize;
-    let per_batch =
-        crate::capture::blocks_per_window(plan.rewrite.len() as u64, batch_len, bs) as usize;
     progress.start(plan.bytes_to_write);
+    if plan.rewrite.is_empty() {
+        return Ok(());
+    }
+    let per_batch = crate::capture::blocks_per_window(plan.rewrite.len(), batch_len, bs) as usize;
     let done = AtomicU64::new(0);
     let tried = std::sync::atomic::AtomicBool::new(false);
-    let (to_writer, for_writer) = sync_channel::<Batch<'_>>(1);
+    let (to_writer, for_writer) = sync_channel::<Batch>(1);
     // Batch buffers are reused: no page faults or zeroing per batch.
     let (recycle, recycled) = channel::<Vec<u8>>();
     for _ in 0..BATCHES_IN_FLIGHT {
@@ -254,7 +325,12 @@ pub fn apply(
             Ok(())
         });
         let fetched = (|| -> Result<()> {
-            for blocks in plan.rewrite.chunks(per_batch) {
+            let mut planned = plan.rewrite.iter();
+            loop {
+                let blocks: Vec<u64> = planned.by_ref().take(per_batch).collect();
+                if blocks.is_empty() {
+                    break;
+                }
                 // Fails only when the writer stopped; its error is returned below.
                 let Ok(mut bytes) = recycled.recv() else {
                     break;
@@ -292,12 +368,12 @@ pub fn apply(
 fn write_batch(
     manifest: &Manifest,
     disk: &dyn Disk,
-    batch: &Batch<'_>,
+    batch: &Batch,
     done: &AtomicU64,
     progress: &Progress,
 ) -> Result<()> {
     let bs = u64::from(manifest.block_size);
-    let blocks = batch.blocks;
+    let blocks = &batch.blocks;
     let data: Vec<bool> = blocks
         .iter()
         .map(|&i| Ok(manifest.block(i)?.is_some()))
@@ -386,10 +462,10 @@ pub fn restore(
         server_id: manifest.server,
         method,
         blocks_total: plan.blocks_total,
-        blocks_rewritten: plan.rewrite.len() as u64,
+        blocks_rewritten: plan.rewrite.len(),
         bytes_written: plan.bytes_to_write,
         bytes_compared: plan.bytes_compared,
-        blocks_verified: if verify { plan.rewrite.len() as u64 } else { 0 },
+        blocks_verified: if verify { plan.rewrite.len() } else { 0 },
         safety_snapshot: None,
         micros: micros(started.elapsed()),
         plan_micros: micros(planned),
@@ -402,19 +478,36 @@ pub fn restore(
 /// Bytes read back per rayon task when verifying.
 const VERIFY_PIECE: u64 = 1 << 20;
 
-/// Reads back every block in `blocks` (ascending) and checks it against the
-/// manifest: zero, or the chunk's BLAKE3. Runs of consecutive blocks are
-/// read in pieces of up to 1 MiB, in parallel.
-pub fn verify_written(manifest: &Manifest, disk: &dyn Disk, blocks: &[u64]) -> Result<()> {
+/// Pieces verified together, in parallel.
+const VERIFY_BATCH: usize = 1024;
+
+/// Reads back every block in `blocks` and checks it against the manifest:
+/// zero, or the chunk's BLAKE3. Runs of consecutive blocks are read in
+/// pieces of up to 1 MiB, a batch of pieces at a time in parallel.
+pub fn verify_written(manifest: &Manifest, disk: &dyn Disk, blocks: &BlockSet) -> Result<()> {
     let bs = u64::from(manifest.block_size);
     let per_piece = (VERIFY_PIECE / bs).max(1);
     let mut pieces: Vec<(u64, u64)> = Vec::new();
-    for &i in blocks {
-        match pieces.last_mut() {
-            Some((first, n)) if *first + *n == i && *n < per_piece => *n += 1,
-            _ => pieces.push((i, 1)),
+    for i in blocks.iter() {
+        if let Some((first, n)) = pieces.last_mut()
+            && *first + *n == i
+            && *n < per_piece
+        {
+            *n += 1;
+            continue;
         }
+        if pieces.len() == VERIFY_BATCH {
+            verify_pieces(manifest, disk, &pieces)?;
+            pieces.clear();
+        }
+        pieces.push((i, 1));
     }
+    verify_pieces(manifest, disk, &pieces)
+}
+
+/// Checks pieces of `(first block, blocks)` of the disk, in parallel.
+fn verify_pieces(manifest: &Manifest, disk: &dyn Disk, pieces: &[(u64, u64)]) -> Result<()> {
+    let bs = u64::from(manifest.block_size);
     pieces
         .par_iter()
         .try_for_each_init(Vec::new, |buf, &(first, n)| {
@@ -444,6 +537,22 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    #[test]
+    fn a_block_set_reads_back_its_blocks_in_order_and_runs() {
+        let mut set = BlockSet::new(200);
+        for i in [130, 5, 6, 7, 63, 64, 199, 6, 300] {
+            set.insert(i);
+        }
+        assert_eq!(set.len(), 7);
+        assert_eq!(
+            set.iter().collect::<Vec<u64>>(),
+            [5, 6, 7, 63, 64, 130, 199]
+        );
+        assert_eq!(set.runs(), [(5, 8), (63, 65), (130, 131), (199, 200)]);
+        assert_eq!(BlockSet::all(70).runs(), [(0, 70)]);
+        assert!(BlockSet::new(10).is_empty());
+    }
     use crate::blockmap::BlockMap;
     use crate::capture::{CapturePlan, CaptureSettings, capture};
     use crate::dirty::DirtyBitmap;
@@ -509,7 +618,7 @@ mod tests {
 
             let disk = MemDisk::new(target.clone());
             let p = plan(&manifest, &disk, 3 * BS, &Progress::default()).unwrap();
-            prop_assert_eq!(&p.rewrite, &naive_plan(&snapshot, &target));
+            prop_assert_eq!(&p.rewrite.iter().collect::<Vec<u64>>(), &naive_plan(&snapshot, &target));
             // The same target as a sparse file, its zero blocks holes: the
             // holes are not read, and the plan is the same.
             let sparse = dir.path().join("sparse.img");
@@ -525,7 +634,7 @@ mod tests {
             }
             let file = crate::disk::FileDisk::open(&sparse, false).unwrap();
             let p = plan(&manifest, &file, 3 * BS, &Progress::default()).unwrap();
-            prop_assert_eq!(&p.rewrite, &naive_plan(&snapshot, &target));
+            prop_assert_eq!(&p.rewrite.iter().collect::<Vec<u64>>(), &naive_plan(&snapshot, &target));
             let mut written = 0;
             restore(&store, &manifest, &disk, None, 3 * BS, true, &Progress::default(), &mut written).unwrap();
             prop_assert!(disk.contents() == snapshot);
@@ -608,7 +717,7 @@ mod tests {
             prop_assert!(disk.contents() == v1);
             // The delta plan never rewrites less than a full compare would.
             let compared = naive_plan(&v1, &v2);
-            let delta = plan_delta(&m1, &runs, &m1).unwrap().rewrite;
+            let delta: Vec<u64> = plan_delta(&m1, &runs, &m1).unwrap().rewrite.iter().collect();
             prop_assert!(compared.iter().all(|i| delta.binary_search(i).is_ok()));
             // Now it holds v1, known as m1 with nothing dirty: on to v2.
             let r = restore(&store, &m2, &disk, Some((&m1, &[])), BS, true, &Progress::default(), &mut w).unwrap();

@@ -236,8 +236,8 @@ impl Engine {
             server_id: server.id,
             method,
             blocks_total: plan.blocks_total,
-            blocks_to_rewrite: plan.rewrite.len() as u64,
-            runs: runs_of(&plan.rewrite),
+            blocks_to_rewrite: plan.rewrite.len(),
+            runs: plan.rewrite.runs(),
             bytes_to_write: plan.bytes_to_write,
             bytes_compared: plan.bytes_compared,
             safety_snapshot: safety,
@@ -558,16 +558,4 @@ fn is_missing(path: &Path) -> bool {
         return false;
     }
     matches!(std::fs::metadata(path), Err(e) if e.kind() == std::io::ErrorKind::NotFound)
-}
-
-/// Ascending block indexes as `[first, end)` runs.
-fn runs_of(blocks: &[u64]) -> Vec<(u64, u64)> {
-    let mut runs: Vec<(u64, u64)> = Vec::new();
-    for &b in blocks {
-        match runs.last_mut() {
-            Some((_, end)) if *end == b => *end += 1,
-            _ => runs.push((b, b + 1)),
-        }
-    }
-    runs
 }
