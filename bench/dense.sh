@@ -11,9 +11,12 @@
 #   - restore-all:   the snapshot onto a disk whose every block differs
 #                    (a sink that forgets what is written): every block
 #                    compared and rewritten;
-#   - verify:        the snapshot (every chunk read and hashed).
+#   - verify:        the snapshot (every chunk read and hashed);
+#   - verify-all:    the whole store, as `blocksnap verify` does (also the
+#                    reference counts against a count from every manifest).
 # Usage: bench/dense.sh [BLOCKS...]   (default "262144 1048576"; 16777216
-# is a 1 TiB disk: its captures each read 1 TiB of synthetic data)
+# is a 1 TiB disk: its captures each read 1 TiB of synthetic data).
+# BLOCKSNAP_DENSE_STEPS picks the steps (default: all of them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -30,7 +33,7 @@ printf '%-10s %-14s %9s %10s %s\n' blocks step seconds peak_MiB json
 for n in $sizes; do
   store=$work/d$n
   "$scale" build "$store" "$n" "$n" $bsopt > /dev/null
-  for step in capture-known capture-new restore restore-all verify; do
+  for step in ${BLOCKSNAP_DENSE_STEPS:-capture-known capture-new restore restore-all verify verify-all}; do
     cat "$store"/packs/* > /dev/null
     case $step in
       restore-all) run=(restore "$store" $bsopt --sink) ;;

@@ -341,6 +341,11 @@ impl Refs {
             .collect()
     }
 
+    /// Entries of the overlay.
+    pub fn overlay_len(&self) -> usize {
+        self.overlay.len()
+    }
+
     /// True when the overlay is worth writing down: at least `min`
     /// entries and a 64th of the base table, so that a process that opens
     /// the store replays at most that much.

@@ -155,6 +155,9 @@ impl Engine {
             Err(_) => state.refs_table_unusable = true,
         }
         recover(&catalog, &manifests, &mut state, &mut report, !read_only)?;
+        if !read_only {
+            remove_scratch_dirs(root);
+        }
         let held = state.held();
         state.figures = loaded
             .exclusive
@@ -546,7 +549,34 @@ fn check_fixed_settings(options: &EngineOptions, loaded: &Loaded) -> Result<()> 
     Ok(())
 }
 
+/// Scratch directories start so (see [`Inner::scratch_tables`]).
+const SCRATCH_PREFIX: &str = ".scratch-";
+
+/// Removes the scratch directories a process that died left in the store
+/// (best effort: they hold nothing the store needs).
+fn remove_scratch_dirs(root: &Path) {
+    let Ok(entries) = fs::read_dir(root) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if e.file_name().to_string_lossy().starts_with(SCRATCH_PREFIX) {
+            let _ = fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 impl Inner {
+    /// A scratch directory for tables of counts made to be compared and
+    /// thrown away (`verify`'s count from every manifest): removed when
+    /// dropped, or by the next open after a crash.
+    fn scratch_tables(&self) -> Result<tempfile::TempDir> {
+        let dir = self.scratch_dir();
+        tempfile::Builder::new()
+            .prefix(SCRATCH_PREFIX)
+            .tempdir_in(&dir)
+            .map_err(|e| Error::io(&dir, e))
+    }
+
     /// Where scratch files go (a capture's block list, a chunk list being
     /// sorted): the store's directory, on its disk, or the system's
     /// temporary directory when the store is not on a real file system.

@@ -352,9 +352,27 @@ impl Engine {
             return Some(d.0);
         }
         self.ensure_refs(&mut state).ok()?;
+        // The count from every manifest goes into tables of its own, in
+        // a scratch directory, whenever it holds more than a block list
+        // may: its memory does not grow with the store.
+        let scratch = match self.inner.scratch_tables() {
+            Ok(dir) => dir,
+            Err(e) => return Some(format!("the reference counts could not be checked: {e}")),
+        };
+        let min = self.inner.options.block_list_memory / 32;
         let mut recount = Refs::default();
+        recount.set_direct(Some(refs::Direct {
+            fs: std::sync::Arc::new(crate::fsio::StdFs),
+            dir: scratch.path().to_path_buf(),
+            min,
+        }));
         for id in state.held() {
             self.count_manifest(&mut recount, id, true).ok()?;
+            if recount.overlay_len() as u64 > min
+                && let Err(e) = recount.write(&crate::fsio::StdFs, scratch.path())
+            {
+                return Some(format!("the reference counts could not be checked: {e}"));
+            }
         }
         let refs = state.refs.as_ref()?;
         match refs.differ(&recount) {

@@ -124,3 +124,28 @@ fn a_damaged_manifest_out_of_memory_is_refused_before_any_write() {
     let report = fx.engine.verify(None).unwrap();
     assert_eq!(report.bad_manifests.len(), 1, "{report:?}");
 }
+
+/// A scratch directory left by a process that died (verify's count of
+/// every manifest) goes at the next open, and verify leaves none behind.
+#[test]
+fn scratch_left_by_a_crash_goes_at_the_next_open() {
+    let fx = Fixture::with(tight());
+    fx.server(1, "dense", &dense_disk(3));
+    fx.engine.create_snapshot(ServerId(1), "one", "").unwrap();
+    assert!(fx.engine.verify(None).unwrap().is_ok());
+    let scratch = |store: &std::path::Path| -> Vec<String> {
+        std::fs::read_dir(store)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .filter(|n| n.starts_with(".scratch-"))
+            .collect()
+    };
+    assert!(scratch(&fx.store()).is_empty());
+    let left = fx.store().join(".scratch-left");
+    std::fs::create_dir(&left).unwrap();
+    std::fs::write(left.join("refs.tbl"), b"half").unwrap();
+    let fx = fx.reopen(tight());
+    assert!(scratch(&fx.store()).is_empty());
+    assert!(fx.engine.verify(None).unwrap().is_ok());
+}
