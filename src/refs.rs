@@ -26,7 +26,7 @@ use std::hash::BuildHasherDefault;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::error::Result;
+use crate::error::{IoContext, Result};
 use crate::fsio::StoreFs;
 use crate::ids::{ChunkId, SnapshotId};
 use crate::le::{u32_at, u64_at};
@@ -606,18 +606,24 @@ impl Refs {
             _ => {
                 let path = dir.join(FILE_NAME);
                 let generation = self.tables.base.as_ref().map_or(0, |b| b.generation()) + 1;
+                // The delta goes first, for good: it names its base by
+                // generation only, and a base written from no tables (a
+                // recount) starts again at 1, so a delta left beside the
+                // new base could be taken for its own.
+                let delta = dir.join(DELTA_NAME);
+                match fs.remove(&delta) {
+                    Ok(()) => fs.sync_dir(dir).at(dir)?,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(crate::error::Error::io(&delta, e)),
+                }
                 let entries =
                     Merge::new(table_entries(self.tables.base.as_deref()), changes, false);
                 crate::table::write_with::<RefsFormat>(fs, &path, entries, items, generation)?;
-                let tables = Tables {
+                Ok(Tables {
                     base: Some(open(&path)?),
                     delta: None,
                     memory,
-                };
-                // Stale now (it names the old base's generation): removed,
-                // or ignored by the next open if it stays.
-                let _ = fs.remove(&dir.join(DELTA_NAME));
-                Ok(tables)
+                })
             }
         }
     }
@@ -847,6 +853,45 @@ mod tests {
     /// (the base untouched), deltas build on deltas, and a large change
     /// merges all into a new base; every time, reopened from the files,
     /// the counts are those of a count from scratch.
+    /// A base written from no tables (a recount, after damage) starts
+    /// again at generation 1: the delta of an older base of generation 1
+    /// must be gone for good before it lands, or a crash could pair them.
+    #[test]
+    fn a_recounted_base_never_meets_an_old_delta() {
+        use crate::fsio::{CrashFs, CrashFsHandle, StoreFs};
+        let fs = CrashFs::new();
+        let h = CrashFsHandle(fs.clone());
+        let dir = Path::new("/refs");
+        h.create_dir_all(dir).unwrap();
+        h.sync_dir(Path::new("/")).unwrap();
+        let ids: Vec<ChunkId> = (0..2010u32)
+            .map(|i| ChunkId::of(&i.to_le_bytes()))
+            .collect();
+        let list = |r: std::ops::Range<usize>| SortedIds::from_vec(ids[r].to_vec());
+        let mut refs = Refs::default();
+        refs.add(SnapshotId(1), &list(0..2000), size).unwrap();
+        refs.add(SnapshotId(2), &list(1990..2010), size).unwrap();
+        refs.write(&h, dir).unwrap();
+        refs.remove(SnapshotId(2), &list(1990..2010)).unwrap();
+        refs.write(&h, dir).unwrap();
+        let tables = Tables::open(&h, dir).unwrap();
+        assert_eq!(tables.delta.as_ref().map(|d| d.generation()), Some(1));
+        // Counted again from scratch, then the power goes.
+        let mut fresh = Refs::from_tables(tables.emptied());
+        fresh.add(SnapshotId(3), &list(5..10), size).unwrap();
+        fresh.write(&h, dir).unwrap();
+        fs.crash();
+        fs.restart();
+        let after = Tables::open(&h, dir).unwrap();
+        assert_eq!(after.base.as_ref().map(|b| b.generation()), Some(1));
+        assert!(
+            after.delta.is_none(),
+            "the old delta came back beside the new base"
+        );
+        let covered: Vec<SnapshotId> = after.covered().iter().map(|c| c.0).collect();
+        assert_eq!(covered, [SnapshotId(3)]);
+    }
+
     #[test]
     fn deltas_then_a_new_base_count_as_from_scratch() {
         let dir = tempfile::tempdir().unwrap();
