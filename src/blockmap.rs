@@ -134,15 +134,20 @@ impl Default for BlockMap {
     }
 }
 
-/// A copy shares the stored pages' files and does not spill.
+/// A copy shares the stored pages' files, and spills (to a scratch file
+/// of its own) past the same budget.
 impl Clone for BlockMap {
     fn clone(&self) -> Self {
-        BlockMap {
+        let mut copy = BlockMap {
             len: self.len,
             pages: self.pages.clone(),
             spill: None,
             cache: Mutex::new(Vec::new()),
+        };
+        if let Some(s) = &self.spill {
+            copy.spill_beyond(s.max_mem as u64 * MEM_PAGE_BYTES, s.dir.clone());
         }
+        copy
     }
 }
 
@@ -225,17 +230,22 @@ impl BlockMap {
         }
     }
 
-    /// Stored page `p`, decoded: from the cache, or read into it.
+    /// Stored page `p`, decoded: from the cache, or read (outside its
+    /// lock, so that threads reading other pages need not wait) into it.
     fn cached(&self, p: usize, s: &Stored) -> Result<Arc<Entries>> {
-        let mut cache = self.cache.lock();
-        if let Some((_, page)) = cache.iter().find(|(n, _)| *n == p) {
+        if let Some((_, page)) = self.cache.lock().iter().find(|(n, _)| *n == p) {
             return Ok(page.clone());
         }
         let page = Arc::new(s.load()?);
-        if cache.len() == CACHED_PAGES {
-            cache.remove(0);
+        let mut cache = self.cache.lock();
+        if !cache.iter().any(|(n, _)| *n == p) {
+            // Each of the threads that read in parallel may be on a page
+            // of its own.
+            if cache.len() >= CACHED_PAGES.max(2 * rayon::current_num_threads()) {
+                cache.remove(0);
+            }
+            cache.push((p, page.clone()));
         }
-        cache.push((p, page.clone()));
         Ok(page)
     }
 

@@ -109,6 +109,12 @@ impl Manifest {
         &self.blocks
     }
 
+    /// See [`BlockMap::spill_beyond`]: for copies of the block list made
+    /// to be changed (an incremental capture's plan).
+    pub fn spill_beyond(&mut self, bytes: u64, dir: PathBuf) {
+        self.blocks.spill_beyond(bytes, dir);
+    }
+
     /// Block `i`: its chunk, or `None` when zero.
     pub fn block(&self, i: u64) -> Result<Option<ChunkId>> {
         self.blocks.get(i)
@@ -235,12 +241,14 @@ impl From<&str> for Bad {
 
 /// Reads and checks a manifest of `len` bytes through `read`, every byte
 /// of it (the body's checksum covers them all). The ids stay in memory,
-/// or with `stored` stay in the file, read again when needed: then only
-/// the data bitmap (one bit a block) is kept.
+/// unless `stored` gives the file they are in and the memory they may
+/// take (a page of 4,096 blocks in memory takes 135 KiB however few of
+/// them hold data): then only the data bitmap (one bit a block) is kept,
+/// and the ids are read again from the file when needed.
 fn parse(
     read: &dyn Fn(&mut [u8], u64) -> Result<()>,
     len: u64,
-    stored: Option<Arc<Backing>>,
+    stored: Option<(Arc<Backing>, u64)>,
 ) -> Result<Manifest, Bad> {
     let mut h = [0u8; MANIFEST_HEADER_LEN];
     if len < MANIFEST_HEADER_LEN as u64 {
@@ -308,6 +316,10 @@ fn parse(
     // kept unless they stay in the file.
     let ids_at = MANIFEST_HEADER_LEN as u64 + bitmap_len;
     let mut at = ids_at;
+    let with_data = pages.iter().filter(|w| w.iter().any(|&x| x != 0)).count() as u64;
+    let stored = stored
+        .filter(|(_, memory)| with_data.saturating_mul(crate::blockmap::MEM_PAGE_BYTES) > *memory)
+        .map(|(backing, _)| backing);
     let mut kept = stored.is_none().then(|| BlockMap::zeros(count));
     let mut raw = Vec::new();
     for (p, words) in pages.iter().enumerate() {
@@ -435,8 +447,7 @@ impl Manifests {
             Err(e) => return Err(Error::io(&path, e)),
         };
         let len = file.len().at(&path)?;
-        let ids = len.saturating_sub(MANIFEST_HEADER_LEN as u64);
-        let stored = (ids > self.memory).then(|| Backing::new(file.clone(), path.clone()));
+        let stored = Some((Backing::new(file.clone(), path.clone()), self.memory));
         let cut = |e: std::io::Error| {
             if e.kind() == std::io::ErrorKind::UnexpectedEof {
                 Error::corrupt(&path, "cut short")

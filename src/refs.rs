@@ -263,8 +263,13 @@ impl Refs {
             return Ok(());
         }
         // At once, not by doublings: a doubling holds the old table and the
-        // new, twice over, at a capture's end.
-        self.overlay.reserve(ids.len_bound() as usize);
+        // new, twice over, at a capture's end. (Not past what goes to a
+        // table instead: here only when that write failed.)
+        let hint = match &self.direct {
+            Some(d) => ids.len_bound().min(d.min),
+            None => ids.len_bound(),
+        };
+        self.overlay.reserve(hint as usize);
         self.exclusive.entry(snap).or_insert(0);
         self.touched.insert(snap);
         let mut cursor = Cursor::default();
@@ -804,14 +809,24 @@ mod tests {
     proptest! {
         /// Against recounting from scratch after every step.
         #[test]
+        /// With `direct`, snapshots of more than 3 chunks are counted
+        /// straight into tables (`Refs::written`), the rest through the
+        /// overlay.
         fn exclusive_bytes_match_a_recount(
             steps in proptest::collection::vec(
                 (any::<bool>(), 1u64..6, proptest::collection::btree_set(0u8..12, 0..8)),
                 1..40,
             ),
+            direct in any::<bool>(),
         ) {
             let dir = tempfile::tempdir().unwrap();
+            let straight = direct.then(|| Direct {
+                fs: Arc::new(StdFs),
+                dir: dir.path().to_path_buf(),
+                min: 3,
+            });
             let mut refs = Refs::default();
+            refs.set_direct(straight.clone());
             let mut live: BTreeMap<u64, BTreeSet<u8>> = BTreeMap::new();
             let mut next = 100u64;
             for (add, pick, chunks) in steps {
@@ -821,6 +836,7 @@ mod tests {
                     let tables = Tables::open(&StdFs, dir.path()).unwrap();
                     tables.check().unwrap();
                     refs = Refs::from_tables(tables);
+                    refs.set_direct(straight.clone());
                 }
                 if add || live.is_empty() {
                     next += 1;

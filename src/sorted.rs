@@ -20,10 +20,18 @@ use crate::ids::ChunkId;
 /// Ids read from a run at once.
 const READ_IDS: usize = 2048;
 
-/// A sorted run of distinct ids in a scratch file.
+/// Runs of one level merged into one of the next, so that at most this
+/// many runs per level are open (and read at once) however many ids come:
+/// a billion ids of a 16 MiB budget are 2,000 runs, two levels.
+const FAN_IN: usize = 64;
+
+/// A sorted run of distinct ids in a scratch file: of level 0 when
+/// written from the buffer, of level `n + 1` when merged from runs of
+/// level `n`.
 struct Run {
     file: File,
     len: u64,
+    level: u32,
 }
 
 /// Distinct chunk ids, sorted (see the module's text).
@@ -65,9 +73,13 @@ impl SortedIds {
     }
 
     /// Ids kept in memory as they are, for tests and small lists.
-    pub fn from_vec(mut ids: Vec<ChunkId>) -> Self {
-        let mut sorted = SortedIds::new(u64::MAX, Path::new("."));
-        sorted.buffer.append(&mut ids);
+    pub fn from_vec(ids: Vec<ChunkId>) -> Self {
+        let mut sorted = SortedIds {
+            runs: Vec::new(),
+            max_buffer: ids.len().max(1),
+            buffer: ids,
+            dir: PathBuf::from("."),
+        };
         sorted.finish();
         sorted
     }
@@ -85,22 +97,23 @@ impl SortedIds {
         self.buffer.dedup();
     }
 
-    /// Writes the buffer out as a run.
+    /// Writes the buffer out as a run, then merges runs of a level that
+    /// has [`FAN_IN`] of them.
     fn spill(&mut self) -> Result<()> {
         self.sort_buffer();
-        let file = crate::fsio::scratch_file(&self.dir, "a disk's chunk list")?;
-        let mut at = 0u64;
-        for part in self.buffer.chunks(READ_IDS * 16) {
-            let bytes: Vec<u8> = part.iter().flat_map(|id| id.0).collect();
-            file.write_all_at(&bytes, at)
-                .map_err(|e| Error::io(&self.dir, e))?;
-            at += bytes.len() as u64;
-        }
-        self.runs.push(Run {
-            file,
-            len: self.buffer.len() as u64,
-        });
+        let run = write_run(&self.dir, self.buffer.iter().map(|id| Ok(*id)), 0)?;
+        self.runs.push(run);
         self.buffer.clear();
+        while let Some(level) = (0..=self.runs.iter().map(|r| r.level).max().unwrap_or(0))
+            .find(|l| self.runs.iter().filter(|r| r.level == *l).count() >= FAN_IN)
+        {
+            let (merge, keep): (Vec<Run>, Vec<Run>) = std::mem::take(&mut self.runs)
+                .into_iter()
+                .partition(|r| r.level == level);
+            self.runs = keep;
+            let merged = write_run(&self.dir, merged(&merge, &[], &self.dir), level + 1)?;
+            self.runs.push(merged);
+        }
         Ok(())
     }
 
@@ -118,40 +131,64 @@ impl SortedIds {
 
     /// Every id once, ascending.
     pub fn iter(&self) -> Merged<'_> {
-        let mut sources: Vec<Source<'_>> = self
-            .runs
-            .iter()
-            .map(|r| Source {
-                run: Some(r),
-                next: 0,
-                read: Vec::new(),
-                buffer: &[],
-                at: 0,
-            })
-            .collect();
-        sources.push(Source {
-            run: None,
+        merged(&self.runs, &self.buffer, &self.dir)
+    }
+}
+
+/// Writes `ids` (ascending, distinct) to a new scratch file in `dir` as a
+/// run of `level`.
+fn write_run(dir: &Path, ids: impl Iterator<Item = Result<ChunkId>>, level: u32) -> Result<Run> {
+    let file = crate::fsio::scratch_file(dir, "a disk's chunk list")?;
+    let (mut at, mut len) = (0u64, 0u64);
+    let mut bytes = Vec::with_capacity(READ_IDS * 32);
+    let mut ids = ids.peekable();
+    while ids.peek().is_some() {
+        bytes.clear();
+        for id in ids.by_ref().take(READ_IDS) {
+            bytes.extend_from_slice(&id?.0);
+            len += 1;
+        }
+        file.write_all_at(&bytes, at)
+            .map_err(|e| Error::io(dir, e))?;
+        at += bytes.len() as u64;
+    }
+    Ok(Run { file, len, level })
+}
+
+/// The ids of `runs` and `buffer` (sorted), each once, ascending.
+fn merged<'a>(runs: &'a [Run], buffer: &'a [ChunkId], dir: &'a Path) -> Merged<'a> {
+    let mut sources: Vec<Source<'a>> = runs
+        .iter()
+        .map(|r| Source {
+            run: Some(r),
             next: 0,
             read: Vec::new(),
-            buffer: &self.buffer,
+            buffer: &[],
             at: 0,
-        });
-        let mut heap = BinaryHeap::new();
-        let mut error = None;
-        for (k, s) in sources.iter_mut().enumerate() {
-            match s.peek_refill(&self.dir) {
-                Ok(Some(id)) => heap.push(Reverse((id.0, k))),
-                Ok(None) => {}
-                Err(e) => error = error.or(Some(e)),
-            }
+        })
+        .collect();
+    sources.push(Source {
+        run: None,
+        next: 0,
+        read: Vec::new(),
+        buffer,
+        at: 0,
+    });
+    let mut heap = BinaryHeap::new();
+    let mut error = None;
+    for (k, s) in sources.iter_mut().enumerate() {
+        match s.peek_refill(dir) {
+            Ok(Some(id)) => heap.push(Reverse((id.0, k))),
+            Ok(None) => {}
+            Err(e) => error = error.or(Some(e)),
         }
-        Merged {
-            sources,
-            heap,
-            last: None,
-            error,
-            dir: &self.dir,
-        }
+    }
+    Merged {
+        sources,
+        heap,
+        last: None,
+        error,
+        dir,
     }
 }
 
@@ -246,12 +283,40 @@ mod tests {
             let sorted =
                 SortedIds::gather(ids.iter().copied().map(Ok), budget, dir.path()).unwrap();
             if budget == 0 {
+                // 20 runs of level 0 were written: fewer than FAN_IN.
                 assert!(sorted.runs.len() >= 15);
             }
             let got: Vec<ChunkId> = sorted.iter().collect::<Result<_>>().unwrap();
             assert_eq!(got, want, "budget {budget}");
             assert!(sorted.len_bound() >= want.len() as u64);
         }
+        let empty = SortedIds::gather(std::iter::empty(), 0, dir.path()).unwrap();
+        assert_eq!(empty.iter().count(), 0);
+        assert_eq!(empty.len_bound(), 0);
+    }
+
+    /// Past FAN_IN runs of a level they are merged into one of the next:
+    /// the runs open at once stay few, and the ids come out the same.
+    #[test]
+    fn runs_are_merged_a_level_up_past_the_fan_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut rng = crate::rng::Rng::new(5);
+        let ids: Vec<ChunkId> = (0..100_000)
+            .map(|_| ChunkId::of(&rng.below(60_000).to_le_bytes()))
+            .collect();
+        let mut want = ids.clone();
+        want.sort_unstable_by_key(|id| id.0);
+        want.dedup();
+        let sorted = SortedIds::gather(ids.into_iter().map(Ok), 0, dir.path()).unwrap();
+        assert!(sorted.runs.len() < FAN_IN, "{} runs", sorted.runs.len());
+        assert!(sorted.runs.iter().any(|r| r.level == 1));
+        let got: Vec<ChunkId> = sorted.iter().collect::<Result<_>>().unwrap();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn nothing_gathered_reads_as_nothing() {
+        let dir = tempfile::tempdir().unwrap();
         let empty = SortedIds::gather(std::iter::empty(), 0, dir.path()).unwrap();
         assert_eq!(empty.iter().count(), 0);
         assert_eq!(empty.len_bound(), 0);

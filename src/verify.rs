@@ -105,15 +105,26 @@ pub fn verify(
     let mut good = Vec::new();
     for &id in snapshots {
         report.snapshots_checked += 1;
-        let gathered = read(id).and_then(|m| {
-            for d in m.blocks().data() {
-                all.push(d?.1)?;
+        // A manifest that cannot be read is its snapshot's damage; a
+        // scratch file that cannot be written is verify's own failure.
+        let mut damage = None;
+        match read(id) {
+            Ok(m) => {
+                for d in m.blocks().data() {
+                    match d {
+                        Ok((_, chunk)) => all.push(chunk)?,
+                        Err(e) => {
+                            damage = Some(e);
+                            break;
+                        }
+                    }
+                }
             }
-            Ok(())
-        });
-        match gathered {
-            Ok(()) => good.push(id),
-            Err(e) => report.bad_manifests.push(BadManifest {
+            Err(e) => damage = Some(e),
+        }
+        match damage {
+            None => good.push(id),
+            Some(e) => report.bad_manifests.push(BadManifest {
                 snapshot: id,
                 error: e.to_string(),
             }),
@@ -161,9 +172,13 @@ pub fn verify(
             .map(|(k, b)| (b.chunk.clone(), k))
             .collect();
         for &id in &good {
+            // One deleted (or damaged) since the first pass names none.
+            let Ok(m) = read(id) else {
+                continue;
+            };
             let mut users = BTreeSet::new();
-            for d in read(id)?.blocks().data() {
-                if let Some(&k) = which.get(&d?.1.to_hex()) {
+            for (_, chunk) in m.blocks().data().map_while(|d| d.ok()) {
+                if let Some(&k) = which.get(&chunk.to_hex()) {
                     users.insert(k);
                 }
             }

@@ -329,7 +329,9 @@ impl Engine {
                 Ok(p) if p.image_len != len || p.block_size != bs => {
                     full(&mut how, Some(FullReason::DiskResized))
                 }
-                Ok(p) => {
+                Ok(mut p) => {
+                    // The plan's copy of it spills as it changes.
+                    p.spill_beyond(inner.options.block_list_memory, inner.scratch_dir());
                     let runs = dirty.block_runs(bs)?;
                     let seed = rec.id.0 ^ started.elapsed().as_nanos() as u64 ^ now_nanos();
                     let rate = inner.options.clean_sample_rate;

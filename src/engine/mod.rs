@@ -579,9 +579,10 @@ impl Inner {
 
     /// Where scratch files go (a capture's block list, a chunk list being
     /// sorted): the store's directory, on its disk, or the system's
-    /// temporary directory when the store is not on a real file system.
+    /// temporary directory when the store is not on a real file system or
+    /// is opened read-only (perhaps on a read-only mount).
     fn scratch_dir(&self) -> PathBuf {
-        if self.root.is_dir() {
+        if self.root.is_dir() && !self.options.read_only {
             self.root.clone()
         } else {
             std::env::temp_dir()

@@ -10,12 +10,13 @@ use crate::common::{BS, Fixture, disk_bytes};
 /// Blocks of a list page: the unit spilled and read back.
 const PAGE: usize = 4096;
 
-/// A disk of three and a half list pages, data in most blocks.
+/// A disk of three and a half list pages and a short block (a count of
+/// blocks no multiple of 8), data in most blocks.
 fn dense_disk(seed: u64) -> Vec<u8> {
-    let len = (3 * PAGE + PAGE / 2) * BS;
+    let len = (3 * PAGE + PAGE / 2) * BS + 1000;
     let mut bytes = disk_bytes(len, seed);
     // Distinct stamps in every third block, so that each page holds data.
-    for b in (0..len / BS).step_by(3) {
+    for b in (0..len.div_ceil(BS)).step_by(3) {
         bytes[b * BS..b * BS + 8].copy_from_slice(&(b as u64 ^ seed << 32).to_le_bytes());
     }
     bytes
