@@ -86,18 +86,33 @@ impl Stored {
     fn load(&self) -> Result<Entries> {
         let mut raw = vec![0u8; self.count() * 32];
         self.backing.read(&mut raw, self.offset)?;
-        let mut ids = raw.chunks_exact(32);
-        let mut page: Entries = vec![None; PAGE as usize].into_boxed_slice();
-        for (k, slot) in page.iter_mut().enumerate() {
-            if self.has(k) {
-                let raw = ids.next().ok_or_else(|| {
-                    Error::Internal("a stored page has fewer ids than data blocks".into())
-                })?;
-                *slot = Some(crate::le::chunk_id_at(raw, 0));
-            }
-        }
-        Ok(page)
+        laid_out(&self.bits, &raw)
+            .ok_or_else(|| Error::Internal("a stored page has fewer ids than data blocks".into()))
     }
+}
+
+/// A page's entries from its bitmap and its data blocks' ids (32 bytes
+/// each, in order); `None` when there are fewer ids than bits.
+fn laid_out(bits: &Bits, raw: &[u8]) -> Option<Entries> {
+    let mut ids = raw.chunks_exact(32);
+    let mut page: Entries = vec![None; PAGE as usize].into_boxed_slice();
+    for (k, slot) in page.iter_mut().enumerate() {
+        if bits[k / 64] & (1 << (k % 64)) != 0 {
+            *slot = Some(crate::le::chunk_id_at(ids.next()?, 0));
+        }
+    }
+    Some(page)
+}
+
+/// Which blocks of a page hold data.
+fn bits_of(entries: &Entries) -> Bits {
+    let mut bits: Bits = [0; WORDS];
+    for (k, b) in entries.iter().enumerate() {
+        if b.is_some() {
+            bits[k / 64] |= 1 << (k % 64);
+        }
+    }
+    bits
 }
 
 #[derive(Clone)]
@@ -304,14 +319,8 @@ impl BlockMap {
             let Page::Mem(entries) = &self.pages[p] else {
                 continue;
             };
-            let mut bits: Bits = [0; WORDS];
-            let mut raw = Vec::new();
-            for (k, id) in entries.iter().enumerate() {
-                if let Some(id) = id {
-                    bits[k / 64] |= 1 << (k % 64);
-                    raw.extend_from_slice(&id.0);
-                }
-            }
+            let bits = bits_of(entries);
+            let raw: Vec<u8> = entries.iter().flatten().flat_map(|id| id.0).collect();
             if raw.is_empty() {
                 self.pages[p] = Page::Zero;
                 continue;
@@ -399,18 +408,11 @@ impl BlockMap {
     /// The data bitmap of page `p` (bit `k` of byte `b`: block `8b + k`
     /// of the page), appended to `out`.
     pub(crate) fn page_bitmap(&self, p: usize, out: &mut Vec<u8>) {
-        let mut bits: Bits = [0; WORDS];
-        match &self.pages[p] {
-            Page::Zero => {}
-            Page::Stored(s) => bits = *s.bits,
-            Page::Mem(e) => {
-                for (k, b) in e.iter().enumerate() {
-                    if b.is_some() {
-                        bits[k / 64] |= 1 << (k % 64);
-                    }
-                }
-            }
-        }
+        let bits = match &self.pages[p] {
+            Page::Zero => [0; WORDS],
+            Page::Stored(s) => *s.bits,
+            Page::Mem(e) => bits_of(e),
+        };
         for w in bits {
             out.extend_from_slice(&w.to_le_bytes());
         }
@@ -449,14 +451,7 @@ impl BlockMap {
     /// Sets page `p` of a map being read: `bits` says which of its blocks
     /// hold data, and `raw` holds their ids, 32 bytes each, in order.
     pub(crate) fn put_page(&mut self, p: usize, bits: &Bits, raw: &[u8]) {
-        let mut ids = raw.chunks_exact(32);
-        let mut page: Entries = vec![None; PAGE as usize].into_boxed_slice();
-        for (k, slot) in page.iter_mut().enumerate() {
-            if bits[k / 64] & (1 << (k % 64)) != 0 {
-                *slot = ids.next().map(|b| crate::le::chunk_id_at(b, 0));
-            }
-        }
-        if let Some(slot) = self.pages.get_mut(p) {
+        if let (Some(slot), Some(page)) = (self.pages.get_mut(p), laid_out(bits, raw)) {
             *slot = Page::Mem(page);
         }
     }
