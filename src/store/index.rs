@@ -91,7 +91,10 @@ type Map<V> = HashMap<Key, V, BuildHasherDefault<PrefixHasher>>;
 pub struct ChunkIndex {
     base: Option<Arc<Table>>,
     patch: Map<Option<ChunkLoc>>,
-    sorted: Vec<Entry>,
+    /// Shared with a [`PersistView`] while a new base is written from it,
+    /// so that writing one copies nothing (a change meanwhile, rare,
+    /// copies it then).
+    sorted: Arc<Vec<Entry>>,
     recent: Map<ChunkLoc>,
 }
 
@@ -99,8 +102,8 @@ pub struct ChunkIndex {
 pub struct PersistView {
     base: Option<Arc<Table>>,
     patch: Map<Option<ChunkLoc>>,
-    /// The overlay's entries, sorted.
-    overlay: Vec<Entry>,
+    /// The overlay's entries, sorted (the index's own array, shared).
+    overlay: Arc<Vec<Entry>>,
 }
 
 impl PersistView {
@@ -262,7 +265,7 @@ impl ChunkIndex {
         sorted.dedup_by_key(|e| e.key);
         sorted.shrink_to_fit();
         ChunkIndex {
-            sorted,
+            sorted: Arc::new(sorted),
             ..ChunkIndex::default()
         }
     }
@@ -314,7 +317,7 @@ impl ChunkIndex {
                     }
                 }
             };
-        self.sorted
+        Arc::make_mut(&mut self.sorted)
             .retain_mut(|e| apply(&e.key, &mut e.pack, &mut e.offset, &mut e.stored_len));
         self.recent
             .retain(|k, l| apply(k, &mut l.pack, &mut l.offset, &mut l.stored_len));
@@ -360,7 +363,7 @@ impl ChunkIndex {
     /// (the open pack's, which the base never covers).
     pub fn drop_from(&mut self, pack: u32, offset: u32) {
         let gone = |p: u32, o: u32| p == pack && o >= offset;
-        self.sorted.retain(|e| !gone(e.pack, e.offset));
+        Arc::make_mut(&mut self.sorted).retain(|e| !gone(e.pack, e.offset));
         self.recent.retain(|_, l| !gone(l.pack, l.offset));
     }
 
@@ -385,21 +388,15 @@ impl ChunkIndex {
             + self.patch.capacity() * patch_slot
     }
 
-    /// What a new base is written from: cheap clones of the overlay and
-    /// the patch, and the base itself.
-    pub fn persist_view(&self) -> PersistView {
-        let mut overlay = self.sorted.clone();
-        let fresh: Vec<Entry> = self
-            .recent
-            .iter()
-            .map(|(k, l)| Entry::new(*k, *l))
-            .collect();
-        overlay.extend(fresh);
-        overlay.sort_unstable_by_key(|e| e.key);
+    /// What a new base is written from: the overlay (recent inserts
+    /// merged into the sorted array first, which the view then shares),
+    /// a copy of the patch (garbage collection's, small), and the base.
+    pub fn persist_view(&mut self) -> PersistView {
+        self.merge();
         PersistView {
             base: self.base.clone(),
             patch: self.patch.clone(),
-            overlay,
+            overlay: Arc::clone(&self.sorted),
         }
     }
 
@@ -410,43 +407,46 @@ impl ChunkIndex {
     pub fn install(&mut self, base: Arc<Table>, covered: &HashSet<u32>, kept: Vec<Entry>) {
         self.patch = Map::default();
         self.merge();
-        self.sorted.retain(|e| !covered.contains(&e.pack));
+        Arc::make_mut(&mut self.sorted).retain(|e| !covered.contains(&e.pack));
         for e in kept {
             if self.overlay_get(&e.key).is_none() {
                 self.recent.insert(e.key, e.loc());
             }
         }
         self.merge();
-        self.sorted.shrink_to_fit();
+        Arc::make_mut(&mut self.sorted).shrink_to_fit();
         self.base = Some(base);
     }
 
+    /// Moves the recent inserts into the sorted array, merging in place
+    /// from the back: the array grows by what it takes in and is never
+    /// held twice (a big array's growth is a remap, not a copy).
     fn merge(&mut self) {
+        if self.recent.is_empty() {
+            return;
+        }
         let mut fresh: Vec<Entry> = self
             .recent
             .drain()
-            .map(|(key, l)| Entry {
-                key,
-                pack: l.pack,
-                offset: l.offset,
-                stored_len: l.stored_len,
-            })
+            .map(|(key, l)| Entry::new(key, l))
             .collect();
         fresh.sort_unstable_by_key(|e| e.key);
-        let old = std::mem::take(&mut self.sorted);
-        let mut merged = Vec::with_capacity(old.len() + fresh.len());
-        let (mut a, mut b) = (old.into_iter().peekable(), fresh.into_iter().peekable());
-        loop {
-            let next = match (a.peek(), b.peek()) {
-                (Some(x), Some(y)) if x.key <= y.key => a.next(),
-                (Some(_), Some(_)) => b.next(),
-                (Some(_), None) => a.next(),
-                (None, Some(_)) => b.next(),
-                (None, None) => break,
-            };
-            merged.extend(next);
+        let sorted = Arc::make_mut(&mut self.sorted);
+        let old = sorted.len();
+        sorted.reserve_exact(fresh.len());
+        // Room at the end (filled with copies, each overwritten below).
+        sorted.extend_from_slice(&fresh);
+        let (mut i, mut j) = (old, fresh.len());
+        while j > 0 {
+            let k = i + j - 1;
+            if i > 0 && sorted[i - 1].key > fresh[j - 1].key {
+                sorted[k] = sorted[i - 1];
+                i -= 1;
+            } else {
+                sorted[k] = fresh[j - 1];
+                j -= 1;
+            }
         }
-        self.sorted = merged;
         // Recent inserts stay few; give back what a big merge left behind.
         self.recent.shrink_to(MERGE_MIN);
     }
@@ -576,6 +576,10 @@ mod tests {
             idx.insert_if_absent(id, loc(i as u32));
         }
         assert_eq!(idx.len(), ids.len());
+        // Merged in place, the array stays strictly ascending.
+        let _view = idx.persist_view();
+        assert!(idx.recent.is_empty());
+        assert!(idx.sorted.windows(2).all(|w| w[0].key < w[1].key));
         for (i, id) in ids.iter().enumerate() {
             assert_eq!(idx.get(id).unwrap(), Some(loc(i as u32)));
         }

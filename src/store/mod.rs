@@ -558,7 +558,7 @@ impl ChunkStore {
     fn persist_index(&self, gc: &parking_lot::MutexGuard<'_, ()>) -> Result<()> {
         let (covered, _) = self.coverable()?;
         let set: HashSet<u32> = covered.iter().map(|c| c.seq).collect();
-        let view = self.index()?.persist_view();
+        let view = self.index_mut()?.persist_view();
         let mut kept = Vec::new();
         let written = table::write(
             self.fs.as_ref(),
@@ -572,6 +572,9 @@ impl ChunkStore {
             Err(e) if e.is_corruption() => return self.rebuild_index_locked(gc),
             r => r?,
         }
+        // The overlay's array no longer shared: installing changes it in
+        // place.
+        drop(view);
         self.install_written(&set, kept)
     }
 
