@@ -83,7 +83,9 @@ mod window;
 
 pub use compression::Compression;
 pub use dirty::DirtyBitmap;
-pub use engine::{Engine, RestoreJob, RestoreOptions, RestorePlanReport};
+pub use engine::{
+    Engine, ExportJob, ExportReport, ExportTarget, RestoreJob, RestoreOptions, RestorePlanReport,
+};
 pub use error::{Error, ErrorClass, Result};
 pub use ids::{ChunkId, ServerId, SnapshotId};
 pub use job::{Job, Progress};
@@ -108,6 +110,7 @@ const _: fn() = || {
     shared::<Engine>();
     shared::<CaptureJob>();
     shared::<RestoreJob>();
+    shared::<ExportJob>();
     shared::<Error>();
     shared::<Snapshot>();
     shared::<RestoreReport>();

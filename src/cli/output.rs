@@ -2,8 +2,8 @@
 //! scripts.
 
 use blocksnap::{
-    CaptureKind, Engine, FullReason, GcReport, RestorePlanReport, RestoreReport, Server, Snapshot,
-    SnapshotId, StoreStats,
+    CaptureKind, Engine, ExportReport, FullReason, GcReport, RestorePlanReport, RestoreReport,
+    Server, Snapshot, SnapshotId, StoreStats,
 };
 use serde::Serialize;
 use serde_json::json;
@@ -13,6 +13,36 @@ pub fn print_json<T: Serialize>(v: &T) {
     match serde_json::to_string_pretty(v) {
         Ok(s) => println!("{s}"),
         Err(e) => eprintln!("error: cannot encode JSON: {e}"),
+    }
+}
+
+/// An export's report; on standard error when the image went to standard
+/// output.
+pub fn export(r: &ExportReport, json: bool, to_stdout: bool) {
+    let text = if json {
+        match serde_json::to_string_pretty(r) {
+            Ok(s) => s,
+            Err(e) => format!("error: cannot encode JSON: {e}"),
+        }
+    } else {
+        format!(
+            "exported snapshot {} (server {}) to {}: {} image, {} of data in {} of {} blocks; {:.3} s",
+            r.snapshot_id,
+            r.server_id,
+            r.path
+                .as_ref()
+                .map_or("standard output".into(), |p| p.display().to_string()),
+            human_bytes(r.image_bytes),
+            human_bytes(r.data_bytes),
+            r.blocks_data,
+            r.blocks_total,
+            r.micros as f64 / 1e6
+        )
+    };
+    if to_stdout {
+        eprintln!("{text}");
+    } else {
+        println!("{text}");
     }
 }
 

@@ -38,6 +38,7 @@ use crate::types::{OpenReport, Server, Snapshot, SnapshotStatus};
 use crate::verify::{self, VerifyReport};
 
 mod captures;
+mod exports;
 mod live;
 mod recovery;
 mod restores;
@@ -45,6 +46,7 @@ mod space;
 mod state;
 mod tracking;
 
+pub use exports::{ExportJob, ExportReport, ExportTarget};
 pub use restores::{RestoreJob, RestoreOptions, RestorePlanReport};
 
 use live::Tracking;

@@ -201,7 +201,7 @@ impl Engine {
             let tracker = self.inner.tracking.lock().folded(server.id).cloned();
             (server, tracker, resuming)
         };
-        let manifest = self.restore_manifest(&server, id)?;
+        let manifest = self.checked_manifest(server.id, id)?;
         let (disk, checkpoint) = match self.open_disk(server.id, &server.disk, false) {
             Ok(d) => d,
             // A disk that does not exist yet is restored whole.
@@ -307,11 +307,12 @@ impl Engine {
         committed
     }
 
-    /// The target's manifest, checked against its catalog entry.
-    fn restore_manifest(&self, server: &Server, id: SnapshotId) -> Result<Manifest> {
+    /// Snapshot `id`'s manifest, checked against its catalog entry (of a
+    /// snapshot of `server`).
+    pub(super) fn checked_manifest(&self, server: ServerId, id: SnapshotId) -> Result<Manifest> {
         let inner = &self.inner;
         let manifest = inner.manifests.read(id)?;
-        if manifest.block_size != inner.block_size || manifest.server != server.id {
+        if manifest.block_size != inner.block_size || manifest.server != server {
             return Err(Error::corrupt(
                 inner.manifests.path(id),
                 "manifest does not match its catalog entry (block size or server)",
@@ -346,7 +347,7 @@ impl Engine {
             }
             None => false,
         };
-        let manifest = self.restore_manifest(server, id)?;
+        let manifest = self.checked_manifest(server.id, id)?;
         // A restore that was interrupted after it began writing resumes: the
         // disk is half-restored, and a safety snapshot of it would replace
         // the one taken before the first attempt.

@@ -122,6 +122,12 @@ impl Engine {
                 operation: format!("being restored from snapshot {id}"),
             });
         }
+        if state.live_exports.contains_key(&id) {
+            return Err(Error::Busy {
+                server,
+                operation: format!("exporting snapshot {id}"),
+            });
+        }
         if state.servers.values().any(|s| s.restoring_from == Some(id)) {
             return Err(Error::WrongState(format!(
                 "server {server} was left half-restored from snapshot {id}; run that restore again before deleting it"

@@ -20,6 +20,8 @@ pub(super) struct State {
     pub(super) next_snapshot_id: u64,
     /// Restores running in this process: server -> snapshot.
     pub(super) live_restores: HashMap<ServerId, SnapshotId>,
+    /// Exports running in this process: snapshot -> how many.
+    pub(super) live_exports: HashMap<SnapshotId, usize>,
     pub(super) progress: HashMap<SnapshotId, Arc<Progress>>,
     /// Reference counts and exclusive bytes, loaded on first need (see
     /// `refs`).
@@ -62,6 +64,7 @@ impl State {
             snapshots,
             next_snapshot_id,
             live_restores: HashMap::new(),
+            live_exports: HashMap::new(),
             progress: HashMap::new(),
             refs: None,
             refs_tables: Tables::default(),

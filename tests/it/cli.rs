@@ -163,6 +163,28 @@ fn the_command_drives_the_whole_cycle() {
 
     assert!(ok(&store, &["verify"]).contains("all intact"));
     assert!(ok(&store, &["verify", &id]).contains("all intact"));
+
+    // Export: to a new file, and on standard output (the report then on
+    // standard error), each the disk byte for byte.
+    let image = dir.path().join("exported.img");
+    let exported: Value = serde_json::from_str(&ok(
+        &store,
+        &["snapshot", "export", &id, image.to_str().unwrap(), "--json"],
+    ))
+    .unwrap();
+    assert_eq!(exported["image_bytes"], bytes.len() as u64);
+    assert!(std::fs::read(&image).unwrap() == bytes);
+    fails_with(
+        &store,
+        &["snapshot", "export", &id, image.to_str().unwrap()],
+        2,
+        "--force",
+    );
+    let streamed = blocksnap(&store, &["snapshot", "export", &id, "-"]);
+    assert!(streamed.status.success());
+    assert!(streamed.stdout == bytes, "the stream differs from the disk");
+    assert!(String::from_utf8_lossy(&streamed.stderr).contains("standard output"));
+
     ok(&store, &["snapshot", "delete", &id]);
     let list: Value = serde_json::from_str(&ok(&store, &["snapshot", "list", "--json"])).unwrap();
     // The other snapshot, and the safety snapshot the restore took.

@@ -9,6 +9,7 @@ mod corruption;
 mod crash;
 mod dense;
 mod errors;
+mod export;
 mod faults;
 mod full_disk;
 mod fuzz_corpus;
