@@ -11,6 +11,8 @@
 #   - restore-all:   the snapshot onto a disk whose every block differs
 #                    (a sink that forgets what is written): every block
 #                    compared and rewritten;
+#   - export:        the snapshot as a raw image onto a stream that
+#                    forgets it (every block read, checked, written out);
 #   - verify:        the snapshot (every chunk read and hashed);
 #   - verify-all:    the whole store, as `blocksnap verify` does (also the
 #                    reference counts against a count from every manifest).
@@ -33,7 +35,7 @@ printf '%-10s %-14s %9s %10s %s\n' blocks step seconds peak_MiB json
 for n in $sizes; do
   store=$work/d$n
   "$scale" build "$store" "$n" "$n" $bsopt > /dev/null
-  for step in ${BLOCKSNAP_DENSE_STEPS:-capture-known capture-new restore restore-all verify verify-all}; do
+  for step in ${BLOCKSNAP_DENSE_STEPS:-capture-known capture-new restore restore-all export verify verify-all}; do
     cat "$store"/packs/* > /dev/null
     case $step in
       restore-all) run=(restore "$store" $bsopt --sink) ;;

@@ -13,6 +13,9 @@
 //!                             (the same blocks: every one compared, none written;
 //!                             with --sink, a disk of other blocks that forgets
 //!                             what is written: every block rewritten)
+//! scale export STORE          export server 1's newest snapshot as a raw
+//!                             image onto a stream that forgets it (every
+//!                             block read, checked and written out)
 //! scale verify STORE          verify server 1's newest snapshot
 //! scale verify-all STORE      verify the whole store
 //! ```
@@ -313,7 +316,7 @@ fn main() -> Result<()> {
                 info.table_bytes
             );
         }
-        "restore" | "verify" | "verify-all" => {
+        "restore" | "export" | "verify" | "verify-all" => {
             let sampler = RssSampler::start();
             let engine = options(in_memory).open(store)?;
             let snap = engine
@@ -331,6 +334,10 @@ fn main() -> Result<()> {
                     .verify(!sink);
                 let r = engine.restore_snapshot_with(snap.id, options)?;
                 format!("\"blocks_rewritten\": {}", r.blocks_rewritten)
+            } else if step == "export" {
+                let target = blocksnap::ExportTarget::Stream(Box::new(std::io::sink()));
+                let r = engine.export_snapshot(snap.id, target)?;
+                format!("\"data_bytes\": {}", r.data_bytes)
             } else {
                 // `verify-all`: the whole store, as `blocksnap verify` does
                 // (the catalog, the index, the counts against a count from

@@ -208,6 +208,7 @@ impl BlockMap {
         self.len
     }
 
+    #[cfg(any(test, feature = "testing"))]
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -457,6 +458,7 @@ impl BlockMap {
     }
 
     /// Bytes of memory the pages take (stored pages: their bitmaps).
+    #[cfg(any(test, feature = "testing"))]
     pub fn heap_bytes(&self) -> u64 {
         let per = |p: &Page| match p {
             Page::Zero => 0,

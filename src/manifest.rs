@@ -143,6 +143,7 @@ impl Manifest {
     }
 
     /// The encoded file bytes.
+    #[cfg(any(test, feature = "testing"))]
     pub fn encode(&self) -> Result<Vec<u8>> {
         let mut out = Vec::new();
         self.write_to(&mut |piece| {
@@ -196,6 +197,7 @@ impl Manifest {
     }
 
     /// Decodes and checks a manifest file's bytes.
+    #[cfg(any(test, feature = "testing"))]
     pub fn decode(bytes: &[u8]) -> Result<Self, String> {
         let read = |buf: &mut [u8], offset: u64| -> Result<()> {
             match copy_at(bytes, buf, offset) {

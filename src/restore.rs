@@ -62,6 +62,7 @@ impl BlockSet {
     }
 
     /// Every block of a disk of `blocks` blocks.
+    #[cfg(any(test, feature = "testing"))]
     pub fn all(blocks: u64) -> Self {
         let mut set = BlockSet::new(blocks);
         for i in 0..blocks {

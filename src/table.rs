@@ -736,6 +736,7 @@ pub fn write_with<F: Format>(
 
 /// The bytes of a table, handed to `out` with their offsets, a megabyte
 /// of pages at a time, the header last.
+#[cfg(any(test, feature = "testing"))]
 pub fn encode<F: Format>(
     entries: impl Iterator<Item = Result<F::Entry>>,
     items: &[F::Item],

@@ -113,6 +113,7 @@ pub fn write(
 }
 
 /// The bytes of a table, handed to `out` with their offsets.
+#[cfg(any(test, feature = "testing"))]
 pub fn encode(
     entries: impl Iterator<Item = Result<Entry>>,
     covered: &[Covered],
