@@ -115,6 +115,12 @@ impl FileDisk {
             File::open(path)
         }
         .at(path)?;
+        Self::from_file(file, path)
+    }
+
+    /// A disk over a file already open (for writing, if it is to be
+    /// written); `path` names it in messages.
+    pub fn from_file(file: File, path: &Path) -> Result<Self> {
         let meta = file.metadata().at(path)?;
         let block_device = meta.file_type().is_block_device();
         if !block_device && !meta.is_file() {

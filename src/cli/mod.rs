@@ -641,6 +641,13 @@ fn snapshot(engine: &Engine, cmd: SnapshotCmd) -> blocksnap::Result<i32> {
             json,
         } => {
             let to_stdout = output.as_os_str() == "-";
+            if to_stdout && std::io::stdout().is_terminal() {
+                return Err(Error::InvalidParameter(
+                    "export - writes a disk image to standard output, which is a terminal; \
+                     redirect it to a file or a pipe"
+                        .into(),
+                ));
+            }
             let target = if to_stdout {
                 ExportTarget::Stream(Box::new(std::io::BufWriter::with_capacity(
                     1 << 20,

@@ -17,6 +17,7 @@
 //! exits non-zero).
 
 use std::io::Write;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -36,9 +37,11 @@ use crate::types::SnapshotStatus;
 pub type ExportJob = Job<ExportReport>;
 
 /// Where an export goes.
+#[non_exhaustive]
 pub enum ExportTarget {
-    /// A new image file. An existing file is refused unless `replace`
-    /// (never a block device or a directory: restore writes onto disks).
+    /// A new image file. An existing file is refused unless `replace`;
+    /// never a block device, a directory, a server's disk or a file in
+    /// the store (restore writes onto disks).
     File { path: PathBuf, replace: bool },
     /// A stream (standard output, a pipe, a socket), every byte in order.
     Stream(Box<dyn Write + Send>),
@@ -46,6 +49,7 @@ pub enum ExportTarget {
 
 /// What an export did.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct ExportReport {
     pub snapshot_id: SnapshotId,
     pub server_id: ServerId,
@@ -98,7 +102,7 @@ impl Engine {
             }
         };
         if let ExportTarget::File { path, replace } = &target
-            && let Err(e) = check_target(path, *replace)
+            && let Err(e) = self.check_target(path, *replace)
         {
             release(self);
             return Err(e);
@@ -127,54 +131,16 @@ impl Engine {
         progress: &Progress,
     ) -> Result<ExportReport> {
         let started = std::time::Instant::now();
-        let inner = &self.inner;
         let manifest = self.checked_manifest(server, id)?;
         let plan = data_plan(&manifest)?;
-        let window = inner.options.window_len;
-        let mut written = 0;
         let path = match target {
             ExportTarget::File { path, replace } => {
-                let dir = parent_of(&path);
-                let temp = tempfile::Builder::new()
-                    .prefix(".blocksnap-export-")
-                    .tempfile_in(dir)
-                    .at(dir)?;
-                let disk = FileDisk::open(temp.path(), true)?;
-                // Holes first: only data blocks are written.
-                disk.set_len(manifest.image_len)?;
-                restore::apply(
-                    &inner.store,
-                    &manifest,
-                    &disk,
-                    &plan,
-                    window,
-                    progress,
-                    &mut written,
-                )?;
-                disk.sync()?;
-                drop(disk);
-                let placed = if replace {
-                    temp.persist(&path).map(drop)
-                } else {
-                    temp.persist_noclobber(&path).map(drop)
-                };
-                placed.map_err(|e| Error::io(&path, e.error))?;
-                std::fs::File::open(dir)
-                    .and_then(|d| d.sync_all())
-                    .at(dir)?;
+                self.export_to_file(&manifest, &plan, &path, replace, progress)?;
                 Some(path)
             }
             ExportTarget::Stream(out) => {
                 let stream = Stream::new(out);
-                restore::apply(
-                    &inner.store,
-                    &manifest,
-                    &stream,
-                    &plan,
-                    window,
-                    progress,
-                    &mut written,
-                )?;
+                self.apply_plan(&manifest, &plan, &stream, progress)?;
                 stream.set_len(manifest.image_len)?;
                 stream.sync()?;
                 None
@@ -191,6 +157,115 @@ impl Engine {
             micros: started.elapsed().as_micros() as u64,
         })
     }
+
+    /// Writes the image into a temporary file beside `path`, makes it
+    /// durable, then renames it into place and syncs the directory.
+    fn export_to_file(
+        &self,
+        manifest: &Manifest,
+        plan: &RestorePlan,
+        path: &Path,
+        replace: bool,
+        progress: &Progress,
+    ) -> Result<()> {
+        let dir = parent_of(path);
+        // Readable as any image the user makes (the umask applies), not
+        // private as a temporary file is by default.
+        let temp = tempfile::Builder::new()
+            .prefix(".blocksnap-export-")
+            .permissions(std::fs::Permissions::from_mode(0o666))
+            .tempfile_in(dir)
+            .at(dir)?;
+        let file = temp.as_file().try_clone().at(temp.path())?;
+        let disk = FileDisk::from_file(file, temp.path())?;
+        // Holes first: only data blocks are written.
+        disk.set_len(manifest.image_len)?;
+        self.apply_plan(manifest, plan, &disk, progress)?;
+        disk.sync()?;
+        drop(disk);
+        let placed = if replace {
+            temp.persist(path).map(drop)
+        } else {
+            temp.persist_noclobber(path).map(drop)
+        };
+        placed.map_err(|e| Error::io(path, e.error))?;
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| {
+                let why = format!(
+                    "{} holds the whole image, but its directory could not be synced, \
+                     so a crash may still lose it: {e}",
+                    path.display()
+                );
+                Error::io(dir, std::io::Error::new(e.kind(), why))
+            })
+    }
+
+    /// Reads and checks the plan's blocks and writes them to `disk`.
+    fn apply_plan(
+        &self,
+        manifest: &Manifest,
+        plan: &RestorePlan,
+        disk: &dyn Disk,
+        progress: &Progress,
+    ) -> Result<()> {
+        let mut written = 0;
+        let window = self.inner.options.window_len;
+        let store = &self.inner.store;
+        restore::apply(store, manifest, disk, plan, window, progress, &mut written)
+    }
+
+    /// Refuses a file target that is not a new (or, with `replace`, a
+    /// regular) file in an existing directory, or that lies in the store
+    /// or is a server's disk, before anything is read.
+    fn check_target(&self, path: &Path, replace: bool) -> Result<()> {
+        let dir = parent_of(path);
+        let refuse = |why: String| {
+            Err(Error::InvalidParameter(format!(
+                "cannot export to {}: {why}",
+                path.display()
+            )))
+        };
+        let Ok(real_dir) = dir.canonicalize() else {
+            return refuse(format!("directory {} does not exist", dir.display()));
+        };
+        if let Ok(root) = self.root().canonicalize()
+            && real_dir.starts_with(&root)
+        {
+            return refuse(format!(
+                "it is inside the store {} (export writes a new image file elsewhere)",
+                root.display()
+            ));
+        }
+        let meta = match std::fs::symlink_metadata(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(Error::io(path, e)),
+            Ok(m) => m,
+        };
+        if !meta.is_file() {
+            return refuse(
+                "it exists and is not a regular file; export writes a new image file \
+                 (to write a snapshot onto a disk, restore it)"
+                    .into(),
+            );
+        }
+        if !replace {
+            return refuse(
+                "it exists; export writes a new image file (give --force to replace it)".into(),
+            );
+        }
+        let same = |disk: &Path| {
+            std::fs::metadata(disk).is_ok_and(|d| d.dev() == meta.dev() && d.ino() == meta.ino())
+        };
+        if let Some(server) = self.servers().iter().find(|s| same(&s.disk)) {
+            return refuse(format!(
+                "it is the disk of server {} ({}); to write a snapshot onto a server's disk, \
+                 restore it (a safety snapshot first, only the blocks that differ)",
+                server.id, server.name
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// The directory a file target goes into.
@@ -198,33 +273,6 @@ fn parent_of(path: &Path) -> &Path {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
-    }
-}
-
-/// Refuses a target that is not a new (or, with `replace`, a regular)
-/// file in an existing directory, before anything is read.
-fn check_target(path: &Path, replace: bool) -> Result<()> {
-    let dir = parent_of(path);
-    if !dir.is_dir() {
-        return Err(Error::InvalidParameter(format!(
-            "cannot export to {}: directory {} does not exist",
-            path.display(),
-            dir.display()
-        )));
-    }
-    match std::fs::symlink_metadata(path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::io(path, e)),
-        Ok(m) if m.is_file() && replace => Ok(()),
-        Ok(m) if m.is_file() => Err(Error::InvalidParameter(format!(
-            "{} exists; export writes a new image file (give --force to replace it)",
-            path.display()
-        ))),
-        Ok(_) => Err(Error::InvalidParameter(format!(
-            "{} exists and is not a regular file; export writes a new image file \
-             (to write a snapshot onto a disk, restore it)",
-            path.display()
-        ))),
     }
 }
 

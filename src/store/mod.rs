@@ -568,13 +568,13 @@ impl ChunkStore {
             &covered,
             view.next_generation(),
         );
+        // The overlay's array no longer shared: installing (here or by a
+        // rebuild) changes it in place.
+        drop(view);
         match written {
             Err(e) if e.is_corruption() => return self.rebuild_index_locked(gc),
             r => r?,
         }
-        // The overlay's array no longer shared: installing changes it in
-        // place.
-        drop(view);
         self.install_written(&set, kept)
     }
 

@@ -77,6 +77,20 @@ fn a_file_export_is_the_disk_with_holes_for_zeros() {
         report.data_bytes
     );
     assert!(hidden_files(fx.dir.path()).is_empty());
+
+    // A disk whose last blocks are zeros: the file still has its length.
+    let mut tail = random_bytes(10 * BS, 9);
+    tail.resize(50 * BS + 7, 0);
+    fx.server(2, "tail", &tail);
+    let snap = fx.engine.create_snapshot(ServerId(2), "t", "").unwrap();
+    let out = fx.disk("tail-out.img");
+    fx.engine
+        .export_snapshot(snap.id, to_file(&out, false))
+        .unwrap();
+    assert_eq!(std::fs::read(&out).unwrap(), tail);
+    // Not private, as a temporary file would be.
+    let mode = std::fs::metadata(&out).unwrap().mode();
+    assert_ne!(mode & 0o044, 0, "mode {mode:o}");
 }
 
 #[test]
@@ -97,7 +111,10 @@ fn a_stream_export_is_every_byte_in_order() {
     fx.server(2, "zeros", &vec![0; 17 * BS + 3]);
     fx.server(3, "empty", &[]);
     for server in [2, 3] {
-        let snap = fx.engine.create_snapshot(ServerId(server), "z", "").unwrap();
+        let snap = fx
+            .engine
+            .create_snapshot(ServerId(server), "z", "")
+            .unwrap();
         let sink = Shared::default();
         fx.engine
             .export_snapshot(snap.id, ExportTarget::Stream(Box::new(sink.clone())))
@@ -135,6 +152,22 @@ fn an_existing_target_is_kept_unless_replaced() {
             .unwrap_err();
         assert!(err.to_string().contains("restore"), "{err}");
     }
+    // Nor, even with --force, a server's disk (restore writes onto
+    // disks) or anything in the store.
+    let disk = fx.disk("web.img");
+    let err = fx
+        .engine
+        .export_snapshot(snap.id, to_file(&disk, true))
+        .unwrap_err();
+    assert!(err.to_string().contains("disk of server 1"), "{err}");
+    assert_eq!(std::fs::read(&disk).unwrap(), bytes);
+    for inside in [fx.store().join("x.img"), fx.store().join("packs/x.img")] {
+        let err = fx
+            .engine
+            .export_snapshot(snap.id, to_file(&inside, true))
+            .unwrap_err();
+        assert!(err.to_string().contains("inside the store"), "{err}");
+    }
     let missing = fx.dir.path().join("no/such/dir/x.img");
     let err = fx
         .engine
@@ -146,6 +179,8 @@ fn an_existing_target_is_kept_unless_replaced() {
         .export_snapshot(SnapshotId(99), to_file(&fx.disk("x.img"), false))
         .unwrap_err();
     assert!(matches!(err, Error::SnapshotNotFound(_)), "{err}");
+    // The refused exports hold nothing.
+    fx.engine.delete_snapshot(snap.id).unwrap();
 }
 
 /// Finds `needle` in the store's packs and flips a byte of it.
@@ -177,7 +212,10 @@ fn a_damaged_chunk_fails_the_export_and_leaves_no_file() {
         .unwrap_err();
     assert!(err.is_corruption(), "{err}");
     assert!(!out.exists(), "a partial image was left at the target");
-    assert!(hidden_files(fx.dir.path()).is_empty(), "a temporary was left");
+    assert!(
+        hidden_files(fx.dir.path()).is_empty(),
+        "a temporary was left"
+    );
 
     // Replacing: the old file stays as it was.
     std::fs::write(&out, b"older").unwrap();
@@ -187,6 +225,10 @@ fn a_damaged_chunk_fails_the_export_and_leaves_no_file() {
         .unwrap_err();
     assert!(err.is_corruption(), "{err}");
     assert_eq!(std::fs::read(&out).unwrap(), b"older");
+    assert!(
+        hidden_files(fx.dir.path()).is_empty(),
+        "a temporary was left"
+    );
 
     // A stream stops before the damaged block: it never carries its bytes.
     let sink = Shared::default();
@@ -198,6 +240,8 @@ fn a_damaged_chunk_fails_the_export_and_leaves_no_file() {
     let got = sink.0.lock().unwrap();
     assert!(got.len() <= 50 * BS, "{} bytes streamed", got.len());
     assert!(bytes.starts_with(&got));
+    // The failed exports hold nothing.
+    fx.engine.delete_snapshot(snap.id).unwrap();
 }
 
 /// A writer that waits for a signal before its first write.
