@@ -142,6 +142,16 @@ pub enum Error {
 
     #[error("catalog error: {0}")]
     Catalog(String),
+
+    /// An object store (S3) refused a request, failed, or cannot be
+    /// trusted. `in_doubt`: a write that got no clear answer, which may
+    /// have landed.
+    #[error("object store {peer}: {what}")]
+    Remote {
+        peer: String,
+        what: String,
+        in_doubt: bool,
+    },
 }
 
 /// Whose an error is, which decides how it is answered (see the module doc).
@@ -184,6 +194,7 @@ impl Error {
             | Error::Catalog(_)
             | Error::Nbd { .. }
             | Error::Qmp { .. }
+            | Error::Remote { .. }
             | Error::DiskChanged(_)
             | Error::Internal(_) => ErrorClass::Fault,
         }

@@ -44,6 +44,8 @@ compile_error!(
 struct ReadmeDoctests;
 
 mod blockmap;
+#[cfg(feature = "s3")]
+pub mod bucket;
 mod capture;
 mod catalog;
 mod compression;

@@ -2,6 +2,7 @@
 
 mod api;
 mod blockdev;
+mod bucket;
 mod cli;
 mod common;
 mod concurrency;

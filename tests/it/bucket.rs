@@ -1,0 +1,269 @@
+//! The S3 seam against a real Ceph RADOS Gateway on 127.0.0.1
+//! (`scripts/ceph-rgw.sh`): objects round trip, and the conditional
+//! writes the fleet's catalog relies on hold, under contention too.
+//!
+//! The gateway is started here when Ceph is installed and it is not
+//! running. Where Ceph is not installed these tests say so and pass,
+//! unless `BLOCKSNAP_REQUIRE_RGW` is set (CI sets it): then they fail.
+
+use std::path::Path;
+use std::sync::{Arc, Barrier, OnceLock};
+
+use blocksnap::Error;
+use blocksnap::bucket::{Bucket, BucketConfig, EtagForm, parse_url};
+
+/// The variables `scripts/ceph-rgw.sh env` prints, once the gateway is up;
+/// `None` where it cannot run here.
+fn gateway() -> Option<&'static Vec<(String, String)>> {
+    static UP: OnceLock<Option<Vec<(String, String)>>> = OnceLock::new();
+    UP.get_or_init(|| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/ceph-rgw.sh");
+        let required = std::env::var_os("BLOCKSNAP_REQUIRE_RGW").is_some();
+        let installed = ["radosgw", "ceph-mon", "ceph-osd"].iter().all(|b| {
+            std::process::Command::new("sh")
+                .args(["-c", &format!("command -v {b}")])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        });
+        if !installed && !required {
+            eprintln!(
+                "Ceph is not installed: the object-store tests are skipped \
+                 (`scripts/ceph-rgw.sh install` installs it; CI does)"
+            );
+            return None;
+        }
+        let up = std::process::Command::new("bash")
+            .arg(&script)
+            .arg("up")
+            .output()
+            .expect("cannot run scripts/ceph-rgw.sh");
+        assert!(
+            up.status.success(),
+            "radosgw could not be started: {}",
+            String::from_utf8_lossy(&up.stderr)
+        );
+        let env = std::process::Command::new("bash")
+            .arg(&script)
+            .arg("env")
+            .output()
+            .expect("cannot run scripts/ceph-rgw.sh env");
+        let vars = String::from_utf8_lossy(&env.stdout)
+            .lines()
+            .filter_map(|l| l.strip_prefix("export ")?.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Some(vars)
+    })
+    .as_ref()
+}
+
+fn var(vars: &[(String, String)], name: &str) -> String {
+    vars.iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.clone())
+        .unwrap_or_else(|| panic!("scripts/ceph-rgw.sh env does not set {name}"))
+}
+
+/// A bucket prefix of the test's own on the local gateway, emptied when
+/// dropped.
+struct Scratch {
+    bucket: Bucket,
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if let Ok(all) = self.bucket.list("") {
+            for (name, _) in all {
+                let _ = self.bucket.delete(&name);
+            }
+        }
+    }
+}
+
+fn config(vars: &[(String, String)]) -> BucketConfig {
+    BucketConfig::from_env()
+        .endpoint(&var(vars, "AWS_ENDPOINT_URL"))
+        .region(&var(vars, "AWS_REGION"))
+        .credentials(
+            &var(vars, "AWS_ACCESS_KEY_ID"),
+            &var(vars, "AWS_SECRET_ACCESS_KEY"),
+        )
+}
+
+/// `s3://BUCKET/test-NAME-PID-NANOS`.
+fn scratch_url(vars: &[(String, String)], name: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!(
+        "{}/test-{name}-{}-{nanos}",
+        var(vars, "BLOCKSNAP_TEST_BUCKET"),
+        std::process::id()
+    )
+}
+
+fn scratch(name: &str) -> Option<Scratch> {
+    let vars = gateway()?;
+    let bucket = Bucket::open(&scratch_url(vars, name), &config(vars)).unwrap();
+    Some(Scratch { bucket })
+}
+
+#[test]
+fn objects_round_trip() {
+    let Some(s) = scratch("round-trip") else {
+        return;
+    };
+    let b = &s.bucket;
+    let bytes: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    b.put("packs/0001", bytes.clone()).unwrap();
+    b.put("packs/0002", b"two".to_vec()).unwrap();
+    b.put("manifests/7", b"seven".to_vec()).unwrap();
+    let (got, _) = b.get("packs/0001").unwrap().unwrap();
+    assert!(got == bytes);
+    assert_eq!(
+        b.get_range("packs/0001", 1000..1010).unwrap(),
+        bytes[1000..1010]
+    );
+    assert_eq!(b.get("packs/none").unwrap(), None);
+    assert_eq!(
+        b.list("packs").unwrap(),
+        [
+            ("packs/0001".to_string(), 100_000),
+            ("packs/0002".to_string(), 3)
+        ]
+    );
+    // A range past the end is an error, never fewer bytes taken as all.
+    assert!(b.get_range("packs/0002", 0..10).is_err());
+    b.delete("packs/0002").unwrap();
+    b.delete("packs/0002").unwrap();
+    assert_eq!(b.list("packs").unwrap().len(), 1);
+}
+
+#[test]
+fn conditional_writes_hold_on_radosgw() {
+    let Some(s) = scratch("conditional") else {
+        return;
+    };
+    let b = &s.bucket;
+    // RGW 16 takes If-Match ETags only without quotes; the probe found it.
+    assert_eq!(b.etag_form(), EtagForm::Bare);
+    let v1 = b.create("catalog/next-id", b"1".to_vec()).unwrap().unwrap();
+    assert_eq!(b.create("catalog/next-id", b"9".to_vec()).unwrap(), None);
+    let v2 = b
+        .replace("catalog/next-id", b"2".to_vec(), &v1)
+        .unwrap()
+        .unwrap();
+    // The old version no longer matches: the write is refused.
+    assert_eq!(
+        b.replace("catalog/next-id", b"3".to_vec(), &v1).unwrap(),
+        None
+    );
+    assert_eq!(
+        b.get("catalog/next-id").unwrap().unwrap(),
+        (b"2".to_vec(), v2)
+    );
+    // Nor does any version of an object that is not there.
+    assert_eq!(b.replace("catalog/none", b"x".to_vec(), &v1).unwrap(), None);
+    assert_eq!(b.get("catalog/none").unwrap(), None);
+}
+
+/// Sixteen writers each add one to a counter object by read, then replace
+/// if unchanged, retrying on conflict: no increment is lost.
+#[test]
+fn compare_and_swap_loses_no_update_under_contention() {
+    let Some(s) = scratch("contention") else {
+        return;
+    };
+    let vars = gateway().unwrap();
+    s.bucket.create("counter", b"0".to_vec()).unwrap().unwrap();
+    let url = s.bucket.url().to_string();
+    let writers = 16;
+    let each = 5;
+    let start = Arc::new(Barrier::new(writers));
+    let threads: Vec<_> = (0..writers)
+        .map(|_| {
+            let (url, config, start) = (url.clone(), config(vars), start.clone());
+            std::thread::spawn(move || {
+                let b = Bucket::open(&url, &config).unwrap();
+                start.wait();
+                let mut conflicts = 0;
+                for _ in 0..each {
+                    loop {
+                        let (bytes, version) = b.get("counter").unwrap().unwrap();
+                        let n: u64 = String::from_utf8(bytes).unwrap().parse().unwrap();
+                        let next = (n + 1).to_string().into_bytes();
+                        match b.replace("counter", next, &version) {
+                            Ok(Some(_)) => break,
+                            Ok(None) => conflicts += 1,
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                }
+                conflicts
+            })
+        })
+        .collect();
+    let conflicts: u64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    let (bytes, _) = s.bucket.get("counter").unwrap().unwrap();
+    assert_eq!(
+        String::from_utf8(bytes).unwrap(),
+        (writers * each).to_string(),
+        "increments were lost ({conflicts} conflicts seen)"
+    );
+}
+
+#[test]
+fn a_wrong_address_or_key_is_a_clear_error() {
+    let Some(vars) = gateway() else {
+        return;
+    };
+    let url = scratch_url(vars, "errors");
+    // Nothing listens there.
+    let nowhere = config(vars).endpoint("http://127.0.0.1:1");
+    let err = Bucket::open(&url, &nowhere).err().unwrap();
+    assert!(matches!(err, Error::Remote { .. }), "{err}");
+    // A key the gateway does not know, a bucket that does not exist: a
+    // refusal is a definite answer (nothing was written), and says which.
+    let stranger = config(vars).credentials("nobody", "nothing");
+    let missing = format!("s3://no-such-bucket-{}/x", std::process::id());
+    for (url, config, says) in [
+        (url.as_str(), stranger, "InvalidAccessKeyId"),
+        (missing.as_str(), config(vars), "NoSuchBucket"),
+    ] {
+        let err = Bucket::open(url, &config).err().unwrap();
+        let refused = matches!(
+            err,
+            Error::Remote {
+                in_doubt: false,
+                ..
+            }
+        );
+        assert!(refused, "{err}");
+        assert!(err.to_string().contains(says), "{err}");
+    }
+}
+
+#[test]
+fn bucket_addresses_are_checked() {
+    assert_eq!(
+        parse_url("s3://blocksnap-test/fleet/a/").unwrap(),
+        ("blocksnap-test".to_string(), "fleet/a".to_string())
+    );
+    assert_eq!(
+        parse_url("s3://bucket").unwrap(),
+        ("bucket".to_string(), String::new())
+    );
+    for bad in [
+        "bucket/x",
+        "s3://b/x",
+        "s3://Bucket/x",
+        "s3://-bucket/x",
+        "s3://bucket/a/../b",
+        "s3://bucket/a//b",
+        "http://bucket/x",
+    ] {
+        let err = parse_url(bad).unwrap_err();
+        assert!(matches!(err, Error::InvalidParameter(_)), "{bad}: {err}");
+    }
+}
