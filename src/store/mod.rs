@@ -41,6 +41,7 @@ use table::{Covered, Table};
 use crate::error::{Error, IoContext, Result};
 use crate::fsio::{OpenMode, StoreFile, StoreFs};
 use crate::ids::ChunkId;
+use crate::sorted::Sorted;
 use groups::{DecodedGroup, GroupCache};
 use pack::{ChunkRecord, GroupRecord, IndexEntry, PACK_HEADER_LEN, RECORD_HEADER_LEN, RecordKind};
 pub use recovery::Recovery;
@@ -65,7 +66,8 @@ const PACK_SUFFIX: &str = ".pack";
 
 /// Where a chunk's record lives. For a member of a group record, `offset`
 /// is the group's and `stored_len` is flagged ([`pack::MEMBER_FLAG`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Ordered by pack, then offset: the order records were written in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ChunkLoc {
     pub pack: u32,
     pub offset: u32,
@@ -615,24 +617,30 @@ impl ChunkStore {
                 );
             }
         }
-        let mut all: Vec<table::Entry> = Vec::new();
+        // Sorted in bounded memory, the rest in scratch files: of a chunk
+        // stored twice, the first copy (the least pack and offset) stays.
+        let mut all = Sorted::<table::Entry>::with_budget(
+            REBUILD_MEMORY,
+            &self.dir,
+            "the chunk index being rebuilt",
+        );
         for c in &covered {
             let path = pack_path(&self.dir, c.seq);
             let mut scratch = Recovery::default();
             let entries = load_pack(self.fs.as_ref(), &path, &mut scratch, true)?;
-            all.extend(entries.iter().map(|e| table::Entry {
-                key: index::key_bytes(&e.id),
-                loc: loc_of(c.seq, e),
-            }));
+            for e in &entries {
+                all.push(table::Entry {
+                    key: index::key_bytes(&e.id),
+                    loc: loc_of(c.seq, e),
+                })?;
+            }
         }
-        // Stable: the first copy (in pack order) of a chunk stored twice.
-        all.sort_by_key(|e| e.key);
-        all.dedup_by_key(|e| e.key);
+        all.finish();
         let generation = self.index()?.base().map_or(1, |b| b.generation() + 1);
         table::write(
             self.fs.as_ref(),
             &self.dir,
-            all.into_iter().map(Ok),
+            all.iter(),
             &covered,
             generation,
         )?;
@@ -1210,6 +1218,10 @@ pub const PERSIST_MIN: usize = 4096;
 /// added: at 100M chunks, 2.8 GB for 64 GiB of new data at 64 KiB blocks
 /// (4% more writing), or 4 GiB at 4 KiB blocks (72%).
 pub const OVERLAY_MAX: usize = 1 << 20;
+
+/// Entries a rebuild of the chunk index keeps in memory (28 bytes each);
+/// the rest are sorted in scratch files beside the packs.
+const REBUILD_MEMORY: u64 = 64 << 20;
 
 /// The chunk index, as `stats` reports it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]

@@ -33,10 +33,29 @@ const _: () = assert!(PER_PAGE == 146);
 pub const PACK_LEN: usize = 16;
 
 /// One entry: the first 16 bytes of a chunk id and where the chunk is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Ordered by key, then place.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Entry {
     pub key: [u8; 16],
     pub loc: ChunkLoc,
+}
+
+/// Entries sorted in bounded memory when the table is rebuilt from the
+/// packs: of one key, the least place (the first copy written) stays.
+impl crate::sorted::Item for Entry {
+    const LEN: usize = 28;
+    type Key = [u8; 16];
+    fn key(&self) -> [u8; 16] {
+        self.key
+    }
+    fn encode(&self, out: &mut Vec<u8>) {
+        let mut b = [0u8; 28];
+        <ChunkFormat as Format>::encode(self, &mut b);
+        out.extend_from_slice(&b);
+    }
+    fn decode(b: &[u8]) -> Self {
+        <ChunkFormat as Format>::decode(b)
+    }
 }
 
 /// A pack the table covers, as it was when the table was written.
@@ -128,6 +147,37 @@ mod tests {
     use super::*;
     use crate::fsio::StdFs;
     use crate::ids::ChunkId;
+
+    /// A rebuild's sort, through scratch runs: every key once, in order,
+    /// at its least place (the first copy written) wherever its copies
+    /// came in.
+    #[test]
+    fn a_rebuild_keeps_each_chunks_first_copy_through_runs() {
+        use crate::sorted::Sorted;
+        let dir = tempfile::tempdir().unwrap();
+        let all = entries(5_000);
+        // Every key again at a later place, some before their first copy.
+        let mut pushed: Vec<Entry> = all
+            .iter()
+            .map(|e| Entry {
+                key: e.key,
+                loc: ChunkLoc {
+                    pack: e.loc.pack + 10,
+                    ..e.loc
+                },
+            })
+            .collect();
+        pushed.extend(all.iter().copied());
+        pushed.rotate_left(2_500);
+        let mut sorted = Sorted::<Entry>::with_budget(0, dir.path(), "test entries");
+        for e in &pushed {
+            sorted.push(*e).unwrap();
+        }
+        sorted.finish();
+        assert!(sorted.len_bound() > all.len() as u64, "no run was written");
+        let got: Vec<Entry> = sorted.iter().collect::<Result<_>>().unwrap();
+        assert_eq!(got, all);
+    }
 
     fn entries(n: u32) -> Vec<Entry> {
         let mut v: Vec<Entry> = (0..n)
