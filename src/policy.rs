@@ -68,9 +68,14 @@ pub fn check_server_name(name: &str) -> Result<()> {
 /// taken by a user. Failed ones hold no data a user can restore, and safety
 /// snapshots are the engine's, so neither blocks new captures.
 pub fn counted(s: &SnapshotRecord) -> bool {
-    s.kind == SnapshotKind::Regular
+    counts(s.kind, s.status)
+}
+
+/// Whether a snapshot of this kind and status counts toward the cap.
+pub fn counts(kind: SnapshotKind, status: SnapshotStatus) -> bool {
+    kind == SnapshotKind::Regular
         && matches!(
-            s.status,
+            status,
             SnapshotStatus::InProgress | SnapshotStatus::Completed
         )
 }

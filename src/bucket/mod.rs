@@ -20,6 +20,8 @@
 //! and refuses one whose conditional writes cannot be trusted; the form
 //! of ETag it accepts is remembered for every later replace.
 
+pub mod catalog;
+
 use std::ops::Range;
 use std::sync::Arc;
 

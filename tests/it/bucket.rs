@@ -9,8 +9,9 @@
 use std::path::Path;
 use std::sync::{Arc, Barrier, OnceLock};
 
-use blocksnap::Error;
+use blocksnap::bucket::catalog::FleetCatalog;
 use blocksnap::bucket::{Bucket, BucketConfig, EtagForm, parse_url};
+use blocksnap::{Error, ServerId, SnapshotId};
 
 /// The variables `scripts/ceph-rgw.sh env` prints, once the gateway is up;
 /// `None` where it cannot run here.
@@ -266,4 +267,116 @@ fn bucket_addresses_are_checked() {
         let err = parse_url(bad).unwrap_err();
         assert!(matches!(err, Error::InvalidParameter(_)), "{bad}: {err}");
     }
+}
+
+/// A fleet catalog of a new store under a scratch prefix, as `host`.
+fn fleet(s: &Scratch, host: &str) -> FleetCatalog {
+    let vars = gateway().unwrap();
+    let bucket = Bucket::open(s.bucket.url(), &config(vars)).unwrap();
+    FleetCatalog::open(bucket, host).unwrap()
+}
+
+#[test]
+fn sixteen_creates_from_four_hosts_give_exactly_five() {
+    let Some(s) = scratch("fleet-cap") else {
+        return;
+    };
+    let vars = gateway().unwrap();
+    let first = Bucket::open(s.bucket.url(), &config(vars)).unwrap();
+    let catalog = FleetCatalog::init(first, "host-0", 65536).unwrap();
+    catalog
+        .add_server(ServerId(1), "web", Path::new("/dev/vda"))
+        .unwrap();
+    let start = Arc::new(Barrier::new(16));
+    let threads: Vec<_> = (0..16)
+        .map(|i| {
+            let (url, config, start) = (s.bucket.url().to_string(), config(vars), start.clone());
+            std::thread::spawn(move || {
+                let host = format!("host-{}", i % 4);
+                let bucket = Bucket::open(&url, &config).unwrap();
+                let catalog = FleetCatalog::open(bucket, &host).unwrap();
+                // Each host attaches its own path to the disk.
+                let disk = format!("/var/lib/vms/{host}/web.img");
+                catalog
+                    .add_server(ServerId(1), "web", Path::new(&disk))
+                    .unwrap();
+                start.wait();
+                catalog.reserve_snapshot(ServerId(1), &format!("s{i}"), "")
+            })
+        })
+        .collect();
+    let outcomes: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let mut ids: Vec<SnapshotId> = outcomes
+        .iter()
+        .filter_map(|o| o.as_ref().ok())
+        .copied()
+        .collect();
+    assert_eq!(ids.len(), 5, "{outcomes:?}");
+    for o in &outcomes {
+        if let Err(e) = o {
+            assert!(matches!(e, Error::SnapshotLimit { .. }), "{e}");
+        }
+    }
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 5, "an id was handed out twice");
+    let server = catalog.server(ServerId(1)).unwrap();
+    assert_eq!(server.snapshots.len(), 5);
+    assert_eq!(server.disks.len(), 4, "{:?}", server.disks);
+    assert_eq!(
+        server.disks["host-2"],
+        Path::new("/var/lib/vms/host-2/web.img")
+    );
+
+    // A failed snapshot frees its place; a deleted one too; one in
+    // progress cannot be deleted.
+    let other = fleet(&s, "host-9");
+    other.finish_snapshot(ServerId(1), ids[0], false).unwrap();
+    let sixth = other.reserve_snapshot(ServerId(1), "sixth", "").unwrap();
+    assert!(sixth > ids[4], "ids only grow");
+    let err = other
+        .reserve_snapshot(ServerId(1), "seventh", "")
+        .unwrap_err();
+    assert!(matches!(err, Error::SnapshotLimit { .. }), "{err}");
+    let err = other.delete_snapshot(ServerId(1), ids[1]).unwrap_err();
+    assert!(matches!(err, Error::Busy { .. }), "{err}");
+    other.finish_snapshot(ServerId(1), ids[1], true).unwrap();
+    other.delete_snapshot(ServerId(1), ids[1]).unwrap();
+    other.reserve_snapshot(ServerId(1), "seventh", "").unwrap();
+}
+
+#[test]
+fn a_fleet_catalog_refuses_what_it_cannot_trust() {
+    let Some(s) = scratch("fleet-errors") else {
+        return;
+    };
+    let vars = gateway().unwrap();
+    let open = || Bucket::open(s.bucket.url(), &config(vars)).unwrap();
+    // No store yet; then one; then not twice.
+    let err = FleetCatalog::open(open(), "a").err().unwrap();
+    assert!(matches!(err, Error::NoStore { .. }), "{err}");
+    let catalog = FleetCatalog::init(open(), "a", 4096).unwrap();
+    assert_eq!(catalog.block_size(), 4096);
+    let err = FleetCatalog::init(open(), "b", 4096).err().unwrap();
+    assert!(matches!(err, Error::StoreExists { .. }), "{err}");
+    // One id, one name.
+    catalog
+        .add_server(ServerId(7), "db", Path::new("/d"))
+        .unwrap();
+    let err = fleet(&s, "b")
+        .add_server(ServerId(7), "other", Path::new("/e"))
+        .unwrap_err();
+    assert!(matches!(err, Error::ServerExists(_)), "{err}");
+    let err = catalog.reserve_snapshot(ServerId(8), "x", "").unwrap_err();
+    assert!(matches!(err, Error::ServerNotFound(_)), "{err}");
+    // A damaged document is an error that says so, never trusted.
+    let (mut bytes, _) = s.bucket.get("catalog/servers/7").unwrap().unwrap();
+    bytes[3] ^= 1;
+    s.bucket.put("catalog/servers/7", bytes).unwrap();
+    let err = catalog.server(ServerId(7)).unwrap_err();
+    assert!(err.is_corruption(), "{err}");
+    s.bucket.put("catalog/servers/7", b"{}".to_vec()).unwrap();
+    assert!(catalog.server(ServerId(7)).unwrap_err().is_corruption());
+    s.bucket.put("catalog/servers/7", Vec::new()).unwrap();
+    assert!(catalog.server(ServerId(7)).unwrap_err().is_corruption());
 }

@@ -1,0 +1,436 @@
+//! A catalog several hosts share in a bucket: servers, their snapshots
+//! and the snapshot id counter, each an object changed only by
+//! compare-and-swap, so that the rules hold whichever hosts act at once:
+//! at most five snapshots a server, ids unique across the fleet, a server
+//! registered once and attached by every host that has its disk.
+//!
+//! Objects, under the bucket's prefix (each JSON followed by the CRC32 of
+//! its bytes, little-endian, checked on every read):
+//!
+//! - `catalog/store`: the store's format and block size, created once;
+//! - `catalog/next-snapshot-id`: the next id to hand out;
+//! - `catalog/servers/ID`: a server, the disk each host reaches it by, and
+//!   its snapshots.
+//!
+//! Every change reads an object, changes it and replaces it if unchanged
+//! since (`If-Match`), retrying from the read when another host's write
+//! came first. Each write carries a stamp only its writer uses, so a write
+//! whose outcome is unknown (no answer) is settled by reading the object
+//! back: the stamp is there, or the change is made again.
+//!
+//! This is the catalog's protocol on its own; the engine does not use it
+//! yet (issue #17).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use super::{Bucket, Version};
+use crate::error::{Error, Result};
+use crate::ids::{ServerId, SnapshotId};
+use crate::policy;
+use crate::types::{SnapshotKind, SnapshotStatus};
+
+/// The catalog format this code writes.
+const FORMAT: u64 = 1;
+const STORE: &str = "catalog/store";
+const NEXT_ID: &str = "catalog/next-snapshot-id";
+/// Tries of one change before giving up on contention.
+const MAX_TRIES: u32 = 200;
+
+/// A server as the fleet knows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetServer {
+    pub id: ServerId,
+    pub name: String,
+    /// Host name -> the path (or URI) of the server's disk there.
+    pub disks: BTreeMap<String, PathBuf>,
+    pub snapshots: Vec<FleetSnapshot>,
+    /// The last writer's stamp.
+    stamp: String,
+}
+
+/// A snapshot as the fleet knows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetSnapshot {
+    pub id: SnapshotId,
+    pub name: String,
+    pub description: String,
+    pub status: SnapshotStatus,
+    pub kind: SnapshotKind,
+    /// RFC 3339, UTC, whole seconds.
+    pub created_at: String,
+    /// The host that captured it.
+    pub host: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct StoreDoc {
+    format: u64,
+    block_size: u32,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Counter {
+    next: u64,
+    stamp: String,
+}
+
+/// A document changed by compare-and-swap: it carries its writer's stamp.
+trait Stamped: Serialize + DeserializeOwned + Clone {
+    fn stamp(&mut self) -> &mut String;
+}
+
+impl Stamped for FleetServer {
+    fn stamp(&mut self) -> &mut String {
+        &mut self.stamp
+    }
+}
+
+impl Stamped for Counter {
+    fn stamp(&mut self) -> &mut String {
+        &mut self.stamp
+    }
+}
+
+/// The fleet's catalog in one bucket, as one host acts on it.
+pub struct FleetCatalog {
+    bucket: Bucket,
+    host: String,
+    block_size: u32,
+}
+
+fn server_key(id: ServerId) -> String {
+    format!("catalog/servers/{}", id.0)
+}
+
+/// JSON and its CRC32.
+fn encode<T: Serialize>(doc: &T) -> Result<Vec<u8>> {
+    let mut bytes =
+        serde_json::to_vec(doc).map_err(|e| Error::Internal(format!("cannot encode: {e}")))?;
+    let crc = crc32fast::hash(&bytes);
+    bytes.extend_from_slice(&crc.to_le_bytes());
+    Ok(bytes)
+}
+
+impl FleetCatalog {
+    /// Creates the catalog of a new store in `bucket`; refuses a bucket
+    /// (prefix) that holds one.
+    pub fn init(bucket: Bucket, host: &str, block_size: u32) -> Result<Self> {
+        crate::manifest::check_block_size(block_size)?;
+        let doc = StoreDoc {
+            format: FORMAT,
+            block_size,
+        };
+        if bucket.create(STORE, encode(&doc)?)?.is_none() {
+            return Err(Error::StoreExists {
+                path: PathBuf::from(bucket.url()),
+            });
+        }
+        let counter = Counter {
+            next: 1,
+            stamp: String::new(),
+        };
+        // A counter left by an init that failed after creating it is fine.
+        bucket.create(NEXT_ID, encode(&counter)?)?;
+        Self::open(bucket, host)
+    }
+
+    /// The catalog of the store in `bucket`, acting as `host`.
+    pub fn open(bucket: Bucket, host: &str) -> Result<Self> {
+        if host.is_empty() || host.len() > 255 || host.chars().any(|c| c.is_control()) {
+            return Err(Error::InvalidParameter(format!(
+                "{host:?} is not a host name (1-255 printable characters)"
+            )));
+        }
+        let mut catalog = FleetCatalog {
+            bucket,
+            host: host.to_string(),
+            block_size: 0,
+        };
+        let Some((doc, _)) = catalog.read::<StoreDoc>(STORE)? else {
+            return Err(Error::NoStore {
+                path: PathBuf::from(catalog.bucket.url()),
+            });
+        };
+        if doc.format != FORMAT {
+            return Err(Error::WrongState(format!(
+                "the store in {} has catalog format {}; this blocksnap reads format {FORMAT}",
+                catalog.bucket.url(),
+                doc.format
+            )));
+        }
+        crate::manifest::check_block_size(doc.block_size)
+            .map_err(|_| catalog.corrupt(STORE, "its block size is not one blocksnap writes"))?;
+        catalog.block_size = doc.block_size;
+        Ok(catalog)
+    }
+
+    pub fn block_size(&self) -> u32 {
+        self.block_size
+    }
+
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    fn corrupt(&self, key: &str, what: &str) -> Error {
+        Error::corrupt(format!("{}/{key}", self.bucket.url()), what)
+    }
+
+    /// Reads and checks a document; `None` when there is none.
+    fn read<T: DeserializeOwned>(&self, key: &str) -> Result<Option<(T, Version)>> {
+        let Some((bytes, version)) = self.bucket.get(key)? else {
+            return Ok(None);
+        };
+        let Some(split) = bytes.len().checked_sub(4) else {
+            return Err(self.corrupt(key, "shorter than its checksum"));
+        };
+        let (json, crc) = bytes.split_at(split);
+        if crc32fast::hash(json).to_le_bytes() != crc {
+            return Err(self.corrupt(key, "its checksum does not match"));
+        }
+        let doc = serde_json::from_slice(json)
+            .map_err(|e| self.corrupt(key, &format!("not a catalog document: {e}")))?;
+        Ok(Some((doc, version)))
+    }
+
+    /// A stamp no other write uses.
+    fn new_stamp(&self) -> String {
+        static COUNT: AtomicU64 = AtomicU64::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let n = COUNT.fetch_add(1, Ordering::Relaxed);
+        format!("{}/{}/{nanos}/{n}", self.host, std::process::id())
+    }
+
+    /// Changes the document at `key` with `change` (which may refuse, with
+    /// an error, after seeing it) by compare-and-swap, retrying on
+    /// another writer's change; returns the document written and what
+    /// `change` returned.
+    fn update<T: Stamped, R>(
+        &self,
+        key: &str,
+        missing: impl Fn() -> Error,
+        mut change: impl FnMut(&mut T) -> Result<R>,
+    ) -> Result<(T, R)> {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        let mut rng = crate::rng::Rng::new(nanos ^ u64::from(std::process::id()) << 32);
+        for attempt in 0..MAX_TRIES {
+            let Some((mut doc, version)) = self.read::<T>(key)? else {
+                return Err(missing());
+            };
+            let out = change(&mut doc)?;
+            let stamp = self.new_stamp();
+            *doc.stamp() = stamp.clone();
+            match self.bucket.replace(key, encode(&doc)?, &version) {
+                Ok(Some(_)) => return Ok((doc, out)),
+                Ok(None) => {}
+                // Unknown: read it back; ours if it carries our stamp.
+                Err(e @ Error::Remote { in_doubt: true, .. }) => match self.read::<T>(key) {
+                    Ok(Some((mut now, _))) => {
+                        if *now.stamp() == stamp {
+                            return Ok((doc, out));
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(_) => return Err(e),
+                },
+                Err(e) => return Err(e),
+            }
+            // Another host's write came first: back off a little, at
+            // random, so that contenders spread out.
+            let cap = 1u64 << attempt.min(6);
+            std::thread::sleep(std::time::Duration::from_millis(rng.below(cap + 1)));
+        }
+        Err(Error::Remote {
+            peer: self.bucket.url().to_string(),
+            what: format!("{key} changed under every one of {MAX_TRIES} tries: too many writers"),
+            in_doubt: false,
+        })
+    }
+
+    /// Registers server `id`, or, when the fleet has it already under the
+    /// same name, attaches this host's disk path to it (a server can
+    /// move between hosts). Another name is [`Error::ServerExists`].
+    pub fn add_server(&self, id: ServerId, name: &str, disk: &Path) -> Result<FleetServer> {
+        policy::check_server_name(name)?;
+        let key = server_key(id);
+        let fresh = FleetServer {
+            id,
+            name: name.to_string(),
+            disks: BTreeMap::from([(self.host.clone(), disk.to_path_buf())]),
+            snapshots: Vec::new(),
+            stamp: self.new_stamp(),
+        };
+        if self.bucket.create(&key, encode(&fresh)?)?.is_some() {
+            return Ok(fresh);
+        }
+        let (attached, ()) = self.update(
+            &key,
+            || Error::Internal(format!("server {} went while it was added", id.0)),
+            |doc: &mut FleetServer| {
+                if doc.id != id {
+                    return Err(self.corrupt(&key, "it names another server"));
+                }
+                if doc.name != name {
+                    return Err(Error::ServerExists(id));
+                }
+                doc.disks.insert(self.host.clone(), disk.to_path_buf());
+                Ok(())
+            },
+        )?;
+        Ok(attached)
+    }
+
+    /// One server.
+    pub fn server(&self, id: ServerId) -> Result<FleetServer> {
+        let key = server_key(id);
+        match self.read::<FleetServer>(&key)? {
+            Some((doc, _)) if doc.id == id => Ok(doc),
+            Some(_) => Err(self.corrupt(&key, "it names another server")),
+            None => Err(Error::ServerNotFound(id)),
+        }
+    }
+
+    /// Every server, by id.
+    pub fn servers(&self) -> Result<Vec<FleetServer>> {
+        let mut out = Vec::new();
+        for (key, _) in self.bucket.list("catalog/servers")? {
+            let Some(id) = key
+                .strip_prefix("catalog/servers/")
+                .and_then(|n| n.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            out.push(self.server(ServerId(id))?);
+        }
+        out.sort_by_key(|s| s.id);
+        Ok(out)
+    }
+
+    /// A new snapshot id, unique across the fleet.
+    fn next_id(&self) -> Result<SnapshotId> {
+        let missing = || self.corrupt(NEXT_ID, "the snapshot id counter is missing");
+        let (_, id) = self.update(NEXT_ID, missing, |c: &mut Counter| {
+            let id = c.next;
+            c.next = id
+                .checked_add(1)
+                .ok_or_else(|| self.corrupt(NEXT_ID, "the snapshot id counter is exhausted"))?;
+            Ok(SnapshotId(id))
+        })?;
+        Ok(id)
+    }
+
+    /// Reserves a snapshot of `server` (in progress, captured by this
+    /// host), within the cap of five whatever other hosts do meanwhile.
+    pub fn reserve_snapshot(
+        &self,
+        server: ServerId,
+        name: &str,
+        description: &str,
+    ) -> Result<SnapshotId> {
+        policy::check_snapshot_name(name)?;
+        policy::check_description(description)?;
+        // Refused before an id is spent when the cap is plainly reached.
+        check_cap(&self.server(server)?)?;
+        let id = self.next_id()?;
+        let snapshot = FleetSnapshot {
+            id,
+            name: name.to_string(),
+            description: description.to_string(),
+            status: SnapshotStatus::InProgress,
+            kind: SnapshotKind::Regular,
+            created_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+            host: self.host.clone(),
+        };
+        self.update(
+            &server_key(server),
+            || Error::ServerNotFound(server),
+            |doc: &mut FleetServer| {
+                check_cap(doc)?;
+                doc.snapshots.push(snapshot.clone());
+                Ok(())
+            },
+        )?;
+        Ok(id)
+    }
+
+    /// Marks a reserved snapshot completed (`ok`) or failed.
+    pub fn finish_snapshot(&self, server: ServerId, id: SnapshotId, ok: bool) -> Result<()> {
+        self.update(
+            &server_key(server),
+            || Error::ServerNotFound(server),
+            |doc: &mut FleetServer| {
+                let s = doc
+                    .snapshots
+                    .iter_mut()
+                    .find(|s| s.id == id)
+                    .ok_or(Error::SnapshotNotFound(id))?;
+                if s.status != SnapshotStatus::InProgress {
+                    return Err(Error::WrongState(format!(
+                        "snapshot {} is {}, not in progress",
+                        id.0,
+                        s.status.as_str()
+                    )));
+                }
+                s.status = if ok {
+                    SnapshotStatus::Completed
+                } else {
+                    SnapshotStatus::Failed
+                };
+                Ok(())
+            },
+        )?;
+        Ok(())
+    }
+
+    /// Removes a snapshot that is not in progress.
+    pub fn delete_snapshot(&self, server: ServerId, id: SnapshotId) -> Result<()> {
+        self.update(
+            &server_key(server),
+            || Error::ServerNotFound(server),
+            |doc: &mut FleetServer| {
+                let at = doc
+                    .snapshots
+                    .iter()
+                    .position(|s| s.id == id)
+                    .ok_or(Error::SnapshotNotFound(id))?;
+                if doc.snapshots[at].status == SnapshotStatus::InProgress {
+                    return Err(Error::Busy {
+                        server,
+                        operation: format!(
+                            "capturing snapshot {} on host {}",
+                            id.0, doc.snapshots[at].host
+                        ),
+                    });
+                }
+                doc.snapshots.remove(at);
+                Ok(())
+            },
+        )?;
+        Ok(())
+    }
+}
+
+/// The cap: may the server take one more snapshot?
+fn check_cap(doc: &FleetServer) -> Result<()> {
+    let n = doc
+        .snapshots
+        .iter()
+        .filter(|s| policy::counts(s.kind, s.status))
+        .count();
+    if n >= policy::MAX_SNAPSHOTS_PER_SERVER {
+        return Err(Error::SnapshotLimit {
+            server: doc.id,
+            limit: policy::MAX_SNAPSHOTS_PER_SERVER,
+        });
+    }
+    Ok(())
+}
