@@ -380,3 +380,97 @@ fn a_fleet_catalog_refuses_what_it_cannot_trust() {
     s.bucket.put("catalog/servers/7", Vec::new()).unwrap();
     assert!(catalog.server(ServerId(7)).unwrap_err().is_corruption());
 }
+
+/// One host of [`sixteen_processes_on_one_server_give_exactly_five`]:
+/// run by it as a child process, never alone.
+#[test]
+#[ignore = "a child process of another test"]
+fn fleet_host_child() {
+    let (Some(url), Some(host)) = (
+        std::env::var_os("BLOCKSNAP_FLEET_URL"),
+        std::env::var_os("BLOCKSNAP_FLEET_HOST"),
+    ) else {
+        return;
+    };
+    let (url, host) = (url.to_string_lossy(), host.to_string_lossy());
+    let vars = gateway().unwrap();
+    let catalog = FleetCatalog::open(Bucket::open(&url, &config(vars)).unwrap(), &host).unwrap();
+    let disk = format!("/srv/{host}/web.img");
+    catalog
+        .add_server(ServerId(1), "web", Path::new(&disk))
+        .unwrap();
+    // Start together: at the time the parent gave.
+    let start: u128 = std::env::var("BLOCKSNAP_FLEET_START")
+        .unwrap()
+        .parse()
+        .unwrap();
+    while std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        < start
+    {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    match catalog.reserve_snapshot(ServerId(1), &format!("from-{host}"), "") {
+        Ok(id) => println!("reserved {}", id.0),
+        Err(Error::SnapshotLimit { .. }) => println!("refused"),
+        Err(e) => println!("failed {e}"),
+    }
+}
+
+/// Hosts as separate processes, each with its own connection, all
+/// creating a snapshot of one server at the same moment.
+#[test]
+fn sixteen_processes_on_one_server_give_exactly_five() {
+    let Some(s) = scratch("fleet-processes") else {
+        return;
+    };
+    let vars = gateway().unwrap();
+    let first = Bucket::open(s.bucket.url(), &config(vars)).unwrap();
+    FleetCatalog::init(first, "host-0", 65536).unwrap();
+    let start = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        + 3000;
+    let children: Vec<_> = (0..16)
+        .map(|i| {
+            std::process::Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--exact",
+                    "--ignored",
+                    "bucket::fleet_host_child",
+                    "--nocapture",
+                ])
+                .env("BLOCKSNAP_FLEET_URL", s.bucket.url())
+                .env("BLOCKSNAP_FLEET_HOST", format!("host-{i}"))
+                .env("BLOCKSNAP_FLEET_START", start.to_string())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let said: Vec<String> = children
+        .into_iter()
+        .map(|c| {
+            let out = c.wait_with_output().unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            let line = text.lines().find(|l| {
+                l.starts_with("reserved") || l.starts_with("refused") || l.starts_with("failed")
+            });
+            line.unwrap_or("no answer").to_string()
+        })
+        .collect();
+    let reserved: Vec<&String> = said.iter().filter(|l| l.starts_with("reserved")).collect();
+    let refused = said.iter().filter(|l| *l == "refused").count();
+    assert_eq!((reserved.len(), refused), (5, 11), "{said:?}");
+    let catalog = fleet(&s, "host-0");
+    let server = catalog.server(ServerId(1)).unwrap();
+    assert_eq!(server.snapshots.len(), 5);
+    assert_eq!(server.disks.len(), 16);
+    let mut ids: Vec<u64> = server.snapshots.iter().map(|s| s.id.0).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 5);
+}
