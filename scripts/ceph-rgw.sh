@@ -9,13 +9,14 @@
 #   scripts/ceph-rgw.sh env       print the variables the tests read
 #
 # Settings (environment): RGW_PORT (7480), CEPH_DIR (/tmp/blocksnap-ceph),
-# AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (blocksnap / blocksnap-secret),
-# RGW_BUCKET (blocksnap-test), OSD_BYTES (memstore size, 4 GiB).
+# RGW_ACCESS_KEY / RGW_SECRET_KEY (blocksnap / blocksnap-secret: never
+# the AWS_* ones, which may be real), RGW_BUCKET (blocksnap-test),
+# OSD_BYTES (memstore size, 4 GiB).
 set -euo pipefail
 port=${RGW_PORT:-7480}
 dir=${CEPH_DIR:-/tmp/blocksnap-ceph}
-key=${AWS_ACCESS_KEY_ID:-blocksnap}
-secret=${AWS_SECRET_ACCESS_KEY:-blocksnap-secret}
+key=${RGW_ACCESS_KEY:-blocksnap}
+secret=${RGW_SECRET_KEY:-blocksnap-secret}
 bucket=${RGW_BUCKET:-blocksnap-test}
 endpoint=http://127.0.0.1:$port
 
@@ -42,6 +43,9 @@ up() {
     return 0
   fi
   install
+  # Daemons of an earlier run (radosgw gone, the others not) go first:
+  # they hold the ports and the directory.
+  down
   rm -rf "$dir"
   mkdir -p "$dir"/{mon,osd0,run,log}
   local fsid conf
@@ -116,14 +120,31 @@ make_bucket() {
   code=$(s3 PUT "$bucket")
   case $code in
     200|409) ;;
+    403) echo "radosgw on $endpoint refused key $key (HTTP 403): it runs with other" \
+           "users; stop it (scripts/ceph-rgw.sh down, or its owner) or set RGW_ACCESS_KEY" >&2
+         exit 1 ;;
     *) echo "cannot create bucket $bucket on $endpoint: HTTP $code" >&2; exit 1 ;;
   esac
+  # 409: it exists; it must be ours to use.
+  code=$(s3 HEAD "$bucket")
+  if [ "$code" != 200 ]; then
+    echo "bucket $bucket on $endpoint is not usable with key $key (HTTP $code)" >&2
+    exit 1
+  fi
 }
 
 down() {
+  local pids=()
   for f in "$dir"/run/*.pid; do
-    [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null || true
+    [ -f "$f" ] && pids+=("$(cat "$f")")
   done
+  [ ${#pids[@]} -gt 0 ] || return 0
+  kill "${pids[@]}" 2>/dev/null || true
+  for _ in $(seq 50); do
+    kill -0 "${pids[@]}" 2>/dev/null || return 0
+    sleep 0.2
+  done
+  kill -9 "${pids[@]}" 2>/dev/null || true
 }
 
 env_vars() {

@@ -40,6 +40,17 @@ const STORE: &str = "catalog/store";
 const NEXT_ID: &str = "catalog/next-snapshot-id";
 /// Tries of one change before giving up on contention.
 const MAX_TRIES: u32 = 200;
+/// Writes in a row without an answer before an update gives up (with
+/// that error: the server is failing, not busy).
+const MAX_DOUBTS: u32 = 8;
+
+/// What a change makes of a document.
+enum Step<R> {
+    /// Already as wanted: nothing to write.
+    Done(R),
+    /// Changed: write it.
+    Write(R),
+}
 
 /// A server as the fleet knows it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -125,17 +136,18 @@ impl FleetCatalog {
             format: FORMAT,
             block_size,
         };
+        // The counter first: a store object exists only once its counter
+        // does (a counter left by an init that failed is used as it is).
+        let counter = Counter {
+            next: 1,
+            stamp: String::new(),
+        };
+        bucket.create(NEXT_ID, encode(&counter)?)?;
         if bucket.create(STORE, encode(&doc)?)?.is_none() {
             return Err(Error::StoreExists {
                 path: PathBuf::from(bucket.url()),
             });
         }
-        let counter = Counter {
-            next: 1,
-            stamp: String::new(),
-        };
-        // A counter left by an init that failed after creating it is fine.
-        bucket.create(NEXT_ID, encode(&counter)?)?;
         Self::open(bucket, host)
     }
 
@@ -208,40 +220,55 @@ impl FleetCatalog {
         format!("{}/{}/{nanos}/{n}", self.host, std::process::id())
     }
 
-    /// Changes the document at `key` with `change` (which may refuse, with
-    /// an error, after seeing it) by compare-and-swap, retrying on
-    /// another writer's change; returns the document written and what
-    /// `change` returned.
+    /// Changes the document at `key` with `change` by compare-and-swap,
+    /// retrying from a fresh read when another writer came first; returns
+    /// the document as left and what `change` returned.
+    ///
+    /// `change` sees the document and whether a write of this update may
+    /// already have landed (one that got no answer): it refuses with an
+    /// error, says the document is already as wanted ([`Step::Done`]:
+    /// nothing is written), or changes it ([`Step::Write`]). Each change
+    /// recognises its own effect, so an update whose first write landed
+    /// unseen, and was then overwritten by another host, is not applied
+    /// twice.
     fn update<T: Stamped, R>(
         &self,
         key: &str,
         missing: impl Fn() -> Error,
-        mut change: impl FnMut(&mut T) -> Result<R>,
+        mut change: impl FnMut(&mut T, bool) -> Result<Step<R>>,
     ) -> Result<(T, R)> {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64);
         let mut rng = crate::rng::Rng::new(nanos ^ u64::from(std::process::id()) << 32);
+        let (mut doubted, mut doubts_in_a_row) = (false, 0);
         for attempt in 0..MAX_TRIES {
             let Some((mut doc, version)) = self.read::<T>(key)? else {
                 return Err(missing());
             };
-            let out = change(&mut doc)?;
+            let out = match change(&mut doc, doubted)? {
+                Step::Done(out) => return Ok((doc, out)),
+                Step::Write(out) => out,
+            };
             let stamp = self.new_stamp();
             *doc.stamp() = stamp.clone();
             match self.bucket.replace(key, encode(&doc)?, &version) {
                 Ok(Some(_)) => return Ok((doc, out)),
-                Ok(None) => {}
-                // Unknown: read it back; ours if it carries our stamp.
-                Err(e @ Error::Remote { in_doubt: true, .. }) => match self.read::<T>(key) {
-                    Ok(Some((mut now, _))) => {
-                        if *now.stamp() == stamp {
-                            return Ok((doc, out));
+                Ok(None) => doubts_in_a_row = 0,
+                // Unknown: read it back; ours if it carries our stamp,
+                // else (not landed, or overwritten since) `change` tells.
+                Err(e @ Error::Remote { in_doubt: true, .. }) => {
+                    doubted = true;
+                    doubts_in_a_row += 1;
+                    match self.read::<T>(key) {
+                        Ok(Some((mut now, _))) if doubts_in_a_row < MAX_DOUBTS => {
+                            if *now.stamp() == stamp {
+                                return Ok((doc, out));
+                            }
                         }
+                        _ => return Err(e),
                     }
-                    Ok(None) => {}
-                    Err(_) => return Err(e),
-                },
+                }
                 Err(e) => return Err(e),
             }
             // Another host's write came first: back off a little, at
@@ -252,7 +279,7 @@ impl FleetCatalog {
         Err(Error::Remote {
             peer: self.bucket.url().to_string(),
             what: format!("{key} changed under every one of {MAX_TRIES} tries: too many writers"),
-            in_doubt: false,
+            in_doubt: doubted,
         })
     }
 
@@ -269,21 +296,32 @@ impl FleetCatalog {
             snapshots: Vec::new(),
             stamp: self.new_stamp(),
         };
-        if self.bucket.create(&key, encode(&fresh)?)?.is_some() {
-            return Ok(fresh);
+        // A create without an answer is tried again: if it had landed,
+        // the server exists, with this host's disk already attached.
+        let mut tries = 0;
+        loop {
+            match self.bucket.create(&key, encode(&fresh)?) {
+                Ok(Some(_)) => return Ok(fresh),
+                Ok(None) => break,
+                Err(Error::Remote { in_doubt: true, .. }) if tries + 1 < MAX_DOUBTS => tries += 1,
+                Err(e) => return Err(e),
+            }
         }
         let (attached, ()) = self.update(
             &key,
             || Error::Internal(format!("server {} went while it was added", id.0)),
-            |doc: &mut FleetServer| {
+            |doc: &mut FleetServer, _| {
                 if doc.id != id {
                     return Err(self.corrupt(&key, "it names another server"));
                 }
                 if doc.name != name {
                     return Err(Error::ServerExists(id));
                 }
+                if doc.disks.get(&self.host).map(PathBuf::as_path) == Some(disk) {
+                    return Ok(Step::Done(()));
+                }
                 doc.disks.insert(self.host.clone(), disk.to_path_buf());
-                Ok(())
+                Ok(Step::Write(()))
             },
         )?;
         Ok(attached)
@@ -318,12 +356,13 @@ impl FleetCatalog {
     /// A new snapshot id, unique across the fleet.
     fn next_id(&self) -> Result<SnapshotId> {
         let missing = || self.corrupt(NEXT_ID, "the snapshot id counter is missing");
-        let (_, id) = self.update(NEXT_ID, missing, |c: &mut Counter| {
+        // An increment that landed unseen only leaves a gap in the ids.
+        let (_, id) = self.update(NEXT_ID, missing, |c: &mut Counter, _| {
             let id = c.next;
             c.next = id
                 .checked_add(1)
                 .ok_or_else(|| self.corrupt(NEXT_ID, "the snapshot id counter is exhausted"))?;
-            Ok(SnapshotId(id))
+            Ok(Step::Write(SnapshotId(id)))
         })?;
         Ok(id)
     }
@@ -353,10 +392,14 @@ impl FleetCatalog {
         self.update(
             &server_key(server),
             || Error::ServerNotFound(server),
-            |doc: &mut FleetServer| {
+            |doc: &mut FleetServer, _| {
+                // The id is this call's alone: there, it is ours.
+                if doc.snapshots.iter().any(|s| s.id == id) {
+                    return Ok(Step::Done(()));
+                }
                 check_cap(doc)?;
                 doc.snapshots.push(snapshot.clone());
-                Ok(())
+                Ok(Step::Write(()))
             },
         )?;
         Ok(id)
@@ -367,12 +410,21 @@ impl FleetCatalog {
         self.update(
             &server_key(server),
             || Error::ServerNotFound(server),
-            |doc: &mut FleetServer| {
+            |doc: &mut FleetServer, doubted| {
                 let s = doc
                     .snapshots
                     .iter_mut()
                     .find(|s| s.id == id)
                     .ok_or(Error::SnapshotNotFound(id))?;
+                let target = if ok {
+                    SnapshotStatus::Completed
+                } else {
+                    SnapshotStatus::Failed
+                };
+                // Our own earlier write, landed unseen.
+                if doubted && s.status == target {
+                    return Ok(Step::Done(()));
+                }
                 if s.status != SnapshotStatus::InProgress {
                     return Err(Error::WrongState(format!(
                         "snapshot {} is {}, not in progress",
@@ -380,12 +432,8 @@ impl FleetCatalog {
                         s.status.as_str()
                     )));
                 }
-                s.status = if ok {
-                    SnapshotStatus::Completed
-                } else {
-                    SnapshotStatus::Failed
-                };
-                Ok(())
+                s.status = target;
+                Ok(Step::Write(()))
             },
         )?;
         Ok(())
@@ -396,12 +444,14 @@ impl FleetCatalog {
         self.update(
             &server_key(server),
             || Error::ServerNotFound(server),
-            |doc: &mut FleetServer| {
-                let at = doc
-                    .snapshots
-                    .iter()
-                    .position(|s| s.id == id)
-                    .ok_or(Error::SnapshotNotFound(id))?;
+            |doc: &mut FleetServer, doubted| {
+                let Some(at) = doc.snapshots.iter().position(|s| s.id == id) else {
+                    // Gone by our own earlier write, landed unseen.
+                    if doubted {
+                        return Ok(Step::Done(()));
+                    }
+                    return Err(Error::SnapshotNotFound(id));
+                };
                 if doc.snapshots[at].status == SnapshotStatus::InProgress {
                     return Err(Error::Busy {
                         server,
@@ -412,7 +462,7 @@ impl FleetCatalog {
                     });
                 }
                 doc.snapshots.remove(at);
-                Ok(())
+                Ok(Step::Write(()))
             },
         )?;
         Ok(())

@@ -28,7 +28,9 @@ use std::sync::Arc;
 use futures_util::TryStreamExt;
 use object_store::aws::{AmazonS3, AmazonS3Builder, S3ConditionalPut};
 use object_store::path::Path as Key;
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion};
+use object_store::{
+    ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig, UpdateVersion,
+};
 
 use crate::error::{Error, Result};
 
@@ -81,6 +83,9 @@ impl BucketConfig {
     }
 }
 
+/// Creates tried when the server says "exists" but the object is not.
+const CONFLICT_TRIES: usize = 3;
+
 /// The version of an object a replace must find: its ETag, as the server
 /// gave it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -98,6 +103,10 @@ pub enum EtagForm {
 /// One bucket, under a prefix.
 pub struct Bucket {
     store: Arc<AmazonS3>,
+    /// The same bucket for conditional writes, which are never sent
+    /// twice: a repeat of one that landed would be refused (412) as if
+    /// another writer had won.
+    once: Arc<AmazonS3>,
     prefix: String,
     /// `s3://BUCKET/PREFIX`, for messages.
     url: String,
@@ -136,6 +145,11 @@ pub fn parse_url(url: &str) -> Result<(String, String)> {
     {
         return bad("its prefix has an empty, '.' or '..' part, or a control character");
     }
+    if Key::from(prefix).as_ref() != prefix {
+        return bad(
+            "its prefix has characters object keys would encode (use letters, digits, '-', '_', '.', '/')",
+        );
+    }
     Ok((bucket.to_string(), prefix.to_string()))
 }
 
@@ -166,17 +180,25 @@ impl Bucket {
                 .with_access_key_id(key)
                 .with_secret_access_key(secret);
         }
-        let store = builder.build().map_err(|e| Error::Remote {
-            peer: url.to_string(),
-            what: format!("cannot configure the bucket: {e}"),
-            in_doubt: false,
-        })?;
+        let built = |b: AmazonS3Builder| {
+            b.build().map_err(|e| Error::Remote {
+                peer: url.to_string(),
+                what: format!("cannot configure the bucket: {e}"),
+                in_doubt: false,
+            })
+        };
+        let once = RetryConfig {
+            max_retries: 0,
+            ..RetryConfig::default()
+        };
+        let (store, once) = (built(builder.clone())?, built(builder.with_retry(once))?);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|e| Error::Internal(format!("cannot start an I/O runtime: {e}")))?;
         Ok(Bucket {
             store: Arc::new(store),
+            once: Arc::new(once),
             prefix,
             url: url.to_string(),
             etag_form: EtagForm::Quoted,
@@ -225,15 +247,37 @@ impl Bucket {
     /// (someone else's write won).
     pub fn create(&self, name: &str, bytes: Vec<u8>) -> Result<Option<Version>> {
         let key = self.key(name);
-        let put = self.store.put_opts(
-            &key,
-            PutPayload::from(bytes),
-            PutOptions::from(PutMode::Create),
-        );
-        match self.runtime.block_on(put) {
-            Ok(done) => Ok(Some(Version(done.e_tag.unwrap_or_default()))),
-            Err(object_store::Error::AlreadyExists { .. }) => Ok(None),
-            Err(e) => Err(self.in_doubt("cannot create", name, e)),
+        let payload = PutPayload::from(bytes);
+        // A 409 (concurrent conditional writes, on AWS) also reads as
+        // "exists": believed only when the object is there.
+        for _ in 0..CONFLICT_TRIES {
+            let put = self
+                .once
+                .put_opts(&key, payload.clone(), PutOptions::from(PutMode::Create));
+            match self.runtime.block_on(put) {
+                Ok(done) => return Ok(Some(Version(done.e_tag.unwrap_or_default()))),
+                Err(object_store::Error::AlreadyExists { .. }) => {
+                    if self.exists(name)? {
+                        return Ok(None);
+                    }
+                }
+                Err(e) => return Err(self.in_doubt("cannot create", name, e)),
+            }
+        }
+        Err(Error::Remote {
+            peer: self.url.clone(),
+            what: format!("cannot create {name}: refused as existing, yet it does not exist"),
+            in_doubt: false,
+        })
+    }
+
+    /// True when object `name` exists.
+    fn exists(&self, name: &str) -> Result<bool> {
+        let key = self.key(name);
+        match self.runtime.block_on(self.store.head(&key)) {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(self.failed("cannot look at", name, e)),
         }
     }
 
@@ -265,7 +309,7 @@ impl Bucket {
         });
         let key = self.key(name);
         let put = self
-            .store
+            .once
             .put_opts(&key, PutPayload::from(bytes), PutOptions::from(mode));
         match self.runtime.block_on(put) {
             Ok(done) => Ok(Some(Version(done.e_tag.unwrap_or_default()))),
