@@ -26,7 +26,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use futures_util::TryStreamExt;
-use object_store::aws::{AmazonS3, AmazonS3Builder, S3ConditionalPut};
+use object_store::aws::{AmazonS3Builder, S3ConditionalPut};
 use object_store::path::Path as Key;
 use object_store::{
     ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig, UpdateVersion,
@@ -102,11 +102,11 @@ pub enum EtagForm {
 
 /// One bucket, under a prefix.
 pub struct Bucket {
-    store: Arc<AmazonS3>,
+    store: Arc<dyn ObjectStore>,
     /// The same bucket for conditional writes, which are never sent
     /// twice: a repeat of one that landed would be refused (412) as if
     /// another writer had won.
-    once: Arc<AmazonS3>,
+    once: Arc<dyn ObjectStore>,
     prefix: String,
     /// `s3://BUCKET/PREFIX`, for messages.
     url: String,
@@ -153,6 +153,14 @@ pub fn parse_url(url: &str) -> Result<(String, String)> {
     Ok((bucket.to_string(), prefix.to_string()))
 }
 
+/// The runtime a bucket's requests run on: one thread, the caller's.
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Internal(format!("cannot start an I/O runtime: {e}")))
+}
+
 impl Bucket {
     /// Connects to the bucket at `url` (`s3://BUCKET/PREFIX`) and probes
     /// that its conditional writes hold (see the module doc); refuses it
@@ -160,6 +168,23 @@ impl Bucket {
     pub fn open(url: &str, config: &BucketConfig) -> Result<Bucket> {
         let bucket = Self::connect(url, config)?;
         bucket.probed()
+    }
+
+    /// A bucket over any object store (`object_store`'s in-memory one,
+    /// or a wrapper that injects faults), probed as [`Bucket::open`]
+    /// probes: for tests.
+    #[cfg(feature = "testing")]
+    pub fn over(url: &str, store: Arc<dyn ObjectStore>) -> Result<Bucket> {
+        let (_, prefix) = parse_url(url)?;
+        Bucket {
+            store: store.clone(),
+            once: store,
+            prefix,
+            url: url.to_string(),
+            etag_form: EtagForm::Quoted,
+            runtime: runtime()?,
+        }
+        .probed()
     }
 
     /// Connects without probing.
@@ -192,10 +217,7 @@ impl Bucket {
             ..RetryConfig::default()
         };
         let (store, once) = (built(builder.clone())?, built(builder.with_retry(once))?);
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| Error::Internal(format!("cannot start an I/O runtime: {e}")))?;
+        let runtime = runtime()?;
         Ok(Bucket {
             store: Arc::new(store),
             once: Arc::new(once),

@@ -3,6 +3,7 @@
 mod api;
 mod blockdev;
 mod bucket;
+mod bucket_faults;
 mod cli;
 mod common;
 mod concurrency;
