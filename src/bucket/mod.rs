@@ -83,6 +83,9 @@ impl BucketConfig {
     }
 }
 
+/// Age past which a probe object is a killed process's leftover.
+const STALE_PROBE: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// Creates tried when the server says "exists" but the object is not.
 const CONFLICT_TRIES: usize = 3;
 
@@ -458,7 +461,24 @@ impl Bucket {
         let removed = self.delete(&name);
         self.etag_form = outcome?;
         removed?;
+        self.remove_stale_probes(nanos)?;
         Ok(self)
+    }
+
+    /// Deletes the probe objects of processes killed mid-probe: those
+    /// named over [`STALE_PROBE`] before `now` (by their writer's clock;
+    /// hosts' clocks are assumed within that of each other). A probe
+    /// running elsewhere is younger and stays.
+    fn remove_stale_probes(&self, now: u128) -> Result<()> {
+        for (name, _) in self.list("probe")? {
+            let born = name
+                .rsplit_once('-')
+                .and_then(|(_, nanos)| nanos.parse::<u128>().ok());
+            if born.is_some_and(|born| born + STALE_PROBE.as_nanos() < now) {
+                self.delete(&name)?;
+            }
+        }
+        Ok(())
     }
 
     fn probe(&self, name: &str) -> Result<EtagForm> {

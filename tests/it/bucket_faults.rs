@@ -199,6 +199,32 @@ fn a_store_that_ignores_conditional_writes_is_refused() {
     Bucket::over(URL, Arc::new(Misbehaving::new(false, 0, 1))).unwrap();
 }
 
+/// A probe object a process killed mid-probe left is removed by the next
+/// open; one of a probe running now stays.
+#[test]
+fn probes_left_by_killed_processes_are_removed() {
+    let store = Arc::new(Misbehaving::new(false, 0, 1));
+    let bucket = Bucket::over(URL, store.clone()).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let old = format!("probe/4242-{}", now - 2 * 3600 * 1_000_000_000);
+    let running = format!("probe/4343-{}", now - 1_000_000_000);
+    bucket.put(&old, b"1".to_vec()).unwrap();
+    bucket.put(&running, b"1".to_vec()).unwrap();
+    bucket.put("probe/not-a-probe", b"1".to_vec()).unwrap();
+    drop(bucket);
+    let bucket = Bucket::over(URL, store).unwrap();
+    let left: Vec<String> = bucket
+        .list("probe")
+        .unwrap()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(left, [running.as_str(), "probe/not-a-probe"]);
+}
+
 /// What one host saw of one call.
 #[derive(Debug)]
 enum Saw {
