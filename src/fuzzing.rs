@@ -129,6 +129,8 @@ pub fn targets() -> Vec<(&'static str, Target)> {
     t.push(("nbd_client", nbd_client));
     t.push(("qmp_client", qmp_client));
     t.push(("chunk_index", chunk_index));
+    #[cfg(feature = "s3")]
+    t.push(("fleet_document", fleet_document));
     t.push(("engine_ops", engine_ops));
     t
 }
@@ -534,7 +536,19 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     if encoded.is_ok() {
         out.push(("chunk_index", file));
     }
+    #[cfg(feature = "s3")]
+    for doc in crate::bucket::catalog::fuzz_seeds() {
+        out.push(("fleet_document", doc));
+    }
     out
+}
+
+/// An object of a fleet's catalog in a bucket (the object store's word):
+/// checked and decoded as each kind of document, never a panic. True when
+/// one kind decoded.
+#[cfg(feature = "s3")]
+pub fn fleet_document(bytes: &[u8]) -> bool {
+    crate::bucket::catalog::fuzz_documents(bytes)
 }
 
 /// A chunk index table file (`packs/chunks.idx`): parsed, looked up at

@@ -127,6 +127,59 @@ fn encode<T: Serialize>(doc: &T) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// A document from an object's bytes (the other program's word): its
+/// checksum, then its JSON.
+fn decode<T: DeserializeOwned>(bytes: &[u8]) -> std::result::Result<T, String> {
+    let Some(split) = bytes.len().checked_sub(4) else {
+        return Err("shorter than its checksum".into());
+    };
+    let (json, crc) = bytes.split_at(split);
+    if crc32fast::hash(json).to_le_bytes() != crc {
+        return Err("its checksum does not match".into());
+    }
+    serde_json::from_slice(json).map_err(|e| format!("not a catalog document: {e}"))
+}
+
+/// Any bytes as each kind of catalog document: true when one decodes.
+#[cfg(feature = "testing")]
+pub(crate) fn fuzz_documents(bytes: &[u8]) -> bool {
+    decode::<FleetServer>(bytes).is_ok()
+        || decode::<Counter>(bytes).is_ok()
+        || decode::<StoreDoc>(bytes).is_ok()
+}
+
+/// One valid document of each kind, for the fuzz corpus.
+#[cfg(feature = "testing")]
+pub(crate) fn fuzz_seeds() -> Vec<Vec<u8>> {
+    let server = FleetServer {
+        id: ServerId(3),
+        name: "web".into(),
+        disks: BTreeMap::from([("host-a".to_string(), PathBuf::from("/srv/web.img"))]),
+        snapshots: vec![FleetSnapshot {
+            id: SnapshotId(9),
+            name: "nightly".into(),
+            description: String::new(),
+            status: SnapshotStatus::Completed,
+            kind: SnapshotKind::Regular,
+            created_at: "2026-12-01T00:00:00Z".into(),
+            host: "host-a".into(),
+        }],
+        stamp: "host-a/1/2/3".into(),
+    };
+    let counter = Counter {
+        next: 10,
+        stamp: String::new(),
+    };
+    let store = StoreDoc {
+        format: FORMAT,
+        block_size: 65536,
+    };
+    [encode(&server), encode(&counter), encode(&store)]
+        .into_iter()
+        .filter_map(|e| e.ok())
+        .collect()
+}
+
 impl FleetCatalog {
     /// Creates the catalog of a new store in `bucket`; refuses a bucket
     /// (prefix) that holds one.
@@ -198,15 +251,7 @@ impl FleetCatalog {
         let Some((bytes, version)) = self.bucket.get(key)? else {
             return Ok(None);
         };
-        let Some(split) = bytes.len().checked_sub(4) else {
-            return Err(self.corrupt(key, "shorter than its checksum"));
-        };
-        let (json, crc) = bytes.split_at(split);
-        if crc32fast::hash(json).to_le_bytes() != crc {
-            return Err(self.corrupt(key, "its checksum does not match"));
-        }
-        let doc = serde_json::from_slice(json)
-            .map_err(|e| self.corrupt(key, &format!("not a catalog document: {e}")))?;
+        let doc = decode(&bytes).map_err(|what| self.corrupt(key, &what))?;
         Ok(Some((doc, version)))
     }
 
