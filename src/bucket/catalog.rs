@@ -258,10 +258,8 @@ impl FleetCatalog {
     /// A stamp no other write uses.
     fn new_stamp(&self) -> String {
         static COUNT: AtomicU64 = AtomicU64::new(0);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
         let n = COUNT.fetch_add(1, Ordering::Relaxed);
+        let nanos = super::unix_nanos();
         format!("{}/{}/{nanos}/{n}", self.host, std::process::id())
     }
 
@@ -282,10 +280,8 @@ impl FleetCatalog {
         missing: impl Fn() -> Error,
         mut change: impl FnMut(&mut T, bool) -> Result<Step<R>>,
     ) -> Result<(T, R)> {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64);
-        let mut rng = crate::rng::Rng::new(nanos ^ u64::from(std::process::id()) << 32);
+        let seed = super::unix_nanos() as u64 ^ u64::from(std::process::id()) << 32;
+        let mut rng = crate::rng::Rng::new(seed);
         let (mut doubted, mut doubts_in_a_row) = (false, 0);
         for attempt in 0..MAX_TRIES {
             let Some((mut doc, version)) = self.read::<T>(key)? else {

@@ -156,6 +156,14 @@ pub fn parse_url(url: &str) -> Result<(String, String)> {
     Ok((bucket.to_string(), prefix.to_string()))
 }
 
+/// Nanoseconds since the Unix epoch by this host's clock: what names
+/// probe objects and stamps writes.
+pub(crate) fn unix_nanos() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+}
+
 /// The runtime a bucket's requests run on: one thread, the caller's.
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
@@ -442,9 +450,7 @@ impl Bucket {
     /// after, whatever the outcome) and returns the bucket ready for use,
     /// or an error that says what the server does wrong.
     fn probed(mut self) -> Result<Bucket> {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
+        let nanos = unix_nanos();
         let name = format!("probe/{}-{nanos}", std::process::id());
         let outcome = self.probe(&name).map_err(|e| match e {
             Error::Remote {

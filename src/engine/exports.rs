@@ -31,7 +31,6 @@ use crate::ids::{ServerId, SnapshotId};
 use crate::job::{Job, Progress};
 use crate::manifest::Manifest;
 use crate::restore::{self, BlockSet, RestorePlan};
-use crate::types::SnapshotStatus;
 
 /// An export running in the background.
 pub type ExportJob = Job<ExportReport>;
@@ -81,14 +80,7 @@ impl Engine {
     pub fn start_export(&self, id: SnapshotId, target: ExportTarget) -> Result<ExportJob> {
         let server = {
             let mut state = self.inner.state.lock();
-            let rec = state.snapshot(id)?;
-            if rec.status != SnapshotStatus::Completed {
-                return Err(Error::WrongState(format!(
-                    "snapshot {id} is {}; only a completed snapshot can be exported",
-                    rec.status.as_str()
-                )));
-            }
-            let server = rec.server_id;
+            let server = state.completed(id, "can be exported")?.server_id;
             *state.live_exports.entry(id).or_default() += 1;
             server
         };

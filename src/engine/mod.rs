@@ -426,13 +426,7 @@ impl Engine {
             let state = self.inner.state.lock();
             match snapshot {
                 Some(id) => {
-                    let rec = state.snapshot(id)?;
-                    if rec.status != SnapshotStatus::Completed {
-                        return Err(Error::WrongState(format!(
-                            "snapshot {id} is {}; only a completed snapshot can be verified",
-                            rec.status.as_str()
-                        )));
-                    }
+                    state.completed(id, "can be verified")?;
                     vec![id]
                 }
                 None => state

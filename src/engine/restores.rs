@@ -528,14 +528,7 @@ impl Engine {
 
 /// The server a restore of `id` would write, if it may start now.
 fn restorable(state: &State, id: SnapshotId) -> Result<Server> {
-    let rec = state.snapshot(id)?;
-    if rec.status != SnapshotStatus::Completed {
-        return Err(Error::WrongState(format!(
-            "snapshot {id} is {}; only a completed snapshot can be restored",
-            rec.status.as_str()
-        )));
-    }
-    let server_id = rec.server_id;
+    let server_id = state.completed(id, "can be restored")?.server_id;
     let srv = state.server(server_id)?;
     if let Some(capturing) = state.capturing(server_id) {
         return Err(Error::Busy {

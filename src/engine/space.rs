@@ -392,13 +392,7 @@ impl Engine {
     pub fn exclusive_bytes(&self, id: SnapshotId) -> Result<u64> {
         let mut state = self.inner.state.lock();
         self.ensure_refs(&mut state)?;
-        let rec = state.snapshot(id)?;
-        if rec.status != SnapshotStatus::Completed {
-            return Err(Error::WrongState(format!(
-                "snapshot {id} is {}; only a completed snapshot holds data",
-                rec.status.as_str()
-            )));
-        }
+        state.completed(id, "holds data")?;
         Ok(state
             .refs
             .as_ref()

@@ -85,6 +85,19 @@ impl State {
         self.snapshots.get(&id).ok_or(Error::SnapshotNotFound(id))
     }
 
+    /// Snapshot `id`, refused unless completed: only a completed snapshot
+    /// `can` (e.g. "can be restored").
+    pub(super) fn completed(&self, id: SnapshotId, can: &str) -> Result<&SnapshotRecord> {
+        let rec = self.snapshot(id)?;
+        if rec.status != SnapshotStatus::Completed {
+            return Err(Error::WrongState(format!(
+                "snapshot {id} is {}; only a completed snapshot {can}",
+                rec.status.as_str()
+            )));
+        }
+        Ok(rec)
+    }
+
     pub(super) fn snapshots_of(&self, server: ServerId) -> impl Iterator<Item = &SnapshotRecord> {
         self.snapshots
             .values()
