@@ -49,10 +49,13 @@ pub mod bucket;
 mod capture;
 mod catalog;
 mod compression;
+mod coordinator;
 mod dirty;
 pub mod disk;
 mod engine;
 mod error;
+#[cfg(feature = "s3")]
+pub mod fleet;
 pub mod fsio;
 #[cfg(feature = "testing")]
 #[doc(hidden)]

@@ -402,15 +402,51 @@ impl Manifests {
     /// fsync. A failure leaves at most a temporary file, which
     /// [`Manifests::clean_temporaries`] removes.
     pub fn write(&self, m: &Manifest) -> Result<PathBuf> {
-        let path = self.path(m.snapshot);
+        self.write_pieces(m.snapshot, |out| m.write_to(out))
+    }
+
+    /// Writes the manifest of `snapshot` from its encoded bytes (made by
+    /// another host), as [`Manifests::write`] does, then reads it back
+    /// through every check: one that fails them is removed again and
+    /// reported as corruption of `source`.
+    #[cfg_attr(not(feature = "s3"), allow(dead_code))]
+    pub fn write_encoded(
+        &self,
+        snapshot: SnapshotId,
+        bytes: &[u8],
+        source: &str,
+    ) -> Result<Manifest> {
+        let path = self.write_pieces(snapshot, |out| out(bytes))?;
+        match self.read(snapshot) {
+            Ok(m) if m.snapshot == snapshot => Ok(m),
+            outcome => {
+                let _ = self.remove(snapshot);
+                let why = match outcome {
+                    Ok(m) => format!("it is the manifest of snapshot {}", m.snapshot),
+                    Err(e) => e.to_string(),
+                };
+                Err(Error::corrupt(
+                    &path,
+                    format!("the manifest of snapshot {snapshot} from {source}: {why}"),
+                ))
+            }
+        }
+    }
+
+    fn write_pieces(
+        &self,
+        snapshot: SnapshotId,
+        fill: impl FnOnce(&mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()>,
+    ) -> Result<PathBuf> {
+        let path = self.path(snapshot);
         let tmp = self
             .dir
-            .join(format!("{TMP_PREFIX}{:020}{TMP_SUFFIX}", m.snapshot.0));
+            .join(format!("{TMP_PREFIX}{:020}{TMP_SUFFIX}", snapshot.0));
         let written = (|| {
             let f = self.fs.open(&tmp, OpenMode::CreateNew).at(&tmp)?;
             let mut at = 0;
             let mut buf = Vec::with_capacity(WRITE_PIECE);
-            m.write_to(&mut |piece| {
+            fill(&mut |piece| {
                 buf.extend_from_slice(piece);
                 if buf.len() >= WRITE_PIECE {
                     f.write_all_at(&buf, at).at(&tmp)?;

@@ -49,6 +49,10 @@ pub struct EngineOptions {
     pub(crate) index_persist_min: usize,
     pub(crate) table_memory: u64,
     pub(crate) block_list_memory: u64,
+    /// The fleet this store's host belongs to, when its store is a bucket.
+    pub(crate) coordinator: Option<Arc<dyn crate::coordinator::Coordinator>>,
+    /// Packs are sealed past this many bytes (`None`: the store's default).
+    pub(crate) pack_target: Option<u64>,
 }
 
 impl Default for EngineOptions {
@@ -69,6 +73,8 @@ impl Default for EngineOptions {
             index_persist_min: crate::store::PERSIST_MIN,
             table_memory: DEFAULT_TABLE_MEMORY,
             block_list_memory: DEFAULT_BLOCK_LIST_MEMORY,
+            coordinator: None,
+            pack_target: None,
         }
     }
 }
@@ -213,6 +219,18 @@ impl EngineOptions {
     /// [`crate::fsio::FaultFs`] to fail chosen calls.
     pub fn store_fs(mut self, fs: Arc<dyn StoreFs>) -> Self {
         self.store_fs = fs;
+        self
+    }
+
+    /// Makes the engine one host of a fleet: see [`crate::coordinator`].
+    #[cfg_attr(not(feature = "s3"), allow(dead_code))]
+    pub(crate) fn coordinator(
+        mut self,
+        coordinator: Arc<dyn crate::coordinator::Coordinator>,
+        pack_target: u64,
+    ) -> Self {
+        self.coordinator = Some(coordinator);
+        self.pack_target = Some(pack_target);
         self
     }
 

@@ -18,8 +18,8 @@
 //! whose outcome is unknown (no answer) is settled by reading the object
 //! back: the stamp is there, or the change is made again.
 //!
-//! This is the catalog's protocol on its own; the engine does not use it
-//! yet (issue #17).
+//! The engine of each host acts through it (see `crate::fleet`) and
+//! keeps a mirror of what concerns its host in its own catalog.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -32,7 +32,7 @@ use super::{Bucket, Version};
 use crate::error::{Error, Result};
 use crate::ids::{ServerId, SnapshotId};
 use crate::policy;
-use crate::types::{SnapshotKind, SnapshotStatus};
+use crate::types::{CaptureStats, SnapshotKind, SnapshotStatus};
 
 /// The catalog format this code writes.
 const FORMAT: u64 = 1;
@@ -76,6 +76,9 @@ pub struct FleetSnapshot {
     pub created_at: String,
     /// The host that captured it.
     pub host: String,
+    /// How it was captured, once completed.
+    #[serde(default)]
+    pub stats: Option<CaptureStats>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -163,6 +166,7 @@ pub(crate) fn fuzz_seeds() -> Vec<Vec<u8>> {
             kind: SnapshotKind::Regular,
             created_at: "2026-12-01T00:00:00Z".into(),
             host: "host-a".into(),
+            stats: Some(CaptureStats::default()),
         }],
         stamp: "host-a/1/2/3".into(),
     };
@@ -236,6 +240,11 @@ impl FleetCatalog {
 
     pub fn block_size(&self) -> u32 {
         self.block_size
+    }
+
+    /// The bucket the catalog is in.
+    pub fn bucket(&self) -> &Bucket {
+        &self.bucket
     }
 
     pub fn host(&self) -> &str {
@@ -416,19 +425,37 @@ impl FleetCatalog {
         name: &str,
         description: &str,
     ) -> Result<SnapshotId> {
+        self.reserve(server, name, description, SnapshotKind::Regular)
+    }
+
+    /// [`FleetCatalog::reserve_snapshot`] of a snapshot of `kind`: the
+    /// cap holds for regular snapshots only (a restore's safety snapshot
+    /// is the engine's own).
+    pub fn reserve(
+        &self,
+        server: ServerId,
+        name: &str,
+        description: &str,
+        kind: SnapshotKind,
+    ) -> Result<SnapshotId> {
         policy::check_snapshot_name(name)?;
         policy::check_description(description)?;
+        let capped = kind == SnapshotKind::Regular;
         // Refused before an id is spent when the cap is plainly reached.
-        check_cap(&self.server(server)?)?;
+        let found = self.server(server)?;
+        if capped {
+            check_cap(&found)?;
+        }
         let id = self.next_id()?;
         let snapshot = FleetSnapshot {
             id,
             name: name.to_string(),
             description: description.to_string(),
             status: SnapshotStatus::InProgress,
-            kind: SnapshotKind::Regular,
+            kind,
             created_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
             host: self.host.clone(),
+            stats: None,
         };
         self.update(
             &server_key(server),
@@ -438,7 +465,9 @@ impl FleetCatalog {
                 if doc.snapshots.iter().any(|s| s.id == id) {
                     return Ok(Step::Done(()));
                 }
-                check_cap(doc)?;
+                if capped {
+                    check_cap(doc)?;
+                }
                 doc.snapshots.push(snapshot.clone());
                 Ok(Step::Write(()))
             },
@@ -446,8 +475,19 @@ impl FleetCatalog {
         Ok(id)
     }
 
+    /// Marks a reserved snapshot completed, with how it was captured.
+    pub fn complete(&self, server: ServerId, id: SnapshotId, stats: &CaptureStats) -> Result<()> {
+        self.finish(server, id, Some(*stats))
+    }
+
     /// Marks a reserved snapshot completed (`ok`) or failed.
     pub fn finish_snapshot(&self, server: ServerId, id: SnapshotId, ok: bool) -> Result<()> {
+        self.finish(server, id, ok.then(CaptureStats::default))
+    }
+
+    /// Completed with `stats`, or failed (`None`).
+    fn finish(&self, server: ServerId, id: SnapshotId, stats: Option<CaptureStats>) -> Result<()> {
+        let ok = stats.is_some();
         self.update(
             &server_key(server),
             || Error::ServerNotFound(server),
@@ -474,6 +514,7 @@ impl FleetCatalog {
                     )));
                 }
                 s.status = target;
+                s.stats = stats;
                 Ok(Step::Write(()))
             },
         )?;

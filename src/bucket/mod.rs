@@ -166,7 +166,11 @@ pub(crate) fn unix_nanos() -> u128 {
 
 /// The runtime a bucket's requests run on: one thread, the caller's.
 fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread()
+    // Two workers: pack uploads and ranged reads from several threads
+    // at once make progress together.
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("blocksnap-s3")
         .enable_all()
         .build()
         .map_err(|e| Error::Internal(format!("cannot start an I/O runtime: {e}")))

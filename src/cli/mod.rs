@@ -26,9 +26,24 @@ use output::{human_bytes, print_json};
     about = "Point-in-time snapshots of server disks"
 )]
 struct Cli {
-    /// The store directory (or set BLOCKSNAP_STORE).
-    #[arg(long, global = true, env = "BLOCKSNAP_STORE", value_name = "DIR")]
+    /// The store: a directory, or a bucket, s3://BUCKET/PREFIX, shared by
+    /// a fleet of hosts (or set BLOCKSNAP_STORE). A bucket is reached as
+    /// AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID and
+    /// AWS_SECRET_ACCESS_KEY say.
+    #[arg(
+        long,
+        global = true,
+        env = "BLOCKSNAP_STORE",
+        value_name = "DIR|s3://BUCKET/PREFIX"
+    )]
     store: Option<PathBuf>,
+    /// With a bucket: this host's cache directory (or set BLOCKSNAP_CACHE).
+    #[arg(long, global = true, env = "BLOCKSNAP_CACHE", value_name = "DIR")]
+    cache: Option<PathBuf>,
+    /// With a bucket: this host's name in the fleet (or set
+    /// BLOCKSNAP_HOST; default: the machine's host name).
+    #[arg(long, global = true, env = "BLOCKSNAP_HOST", value_name = "NAME")]
+    host: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -331,11 +346,13 @@ fn dispatch(cli: Cli) -> blocksnap::Result<i32> {
             demo::run(size)
         };
     }
-    let Some(store) = cli.store else {
+    let Some(path) = cli.store else {
         return Err(Error::InvalidParameter(
-            "no store given: pass --store DIR or set BLOCKSNAP_STORE".into(),
+            "no store given: pass --store DIR (or s3://BUCKET/PREFIX) or set BLOCKSNAP_STORE"
+                .into(),
         ));
     };
+    let store = Store::new(path, cli.cache, cli.host)?;
     match cli.command {
         Command::Init {
             block_size,
@@ -398,7 +415,61 @@ fn dispatch(cli: Cli) -> blocksnap::Result<i32> {
     }
 }
 
-fn open(store: &Path) -> blocksnap::Result<Engine> {
+/// Where the store is: a directory, or a bucket and this host's cache.
+struct Store {
+    path: PathBuf,
+    #[cfg(feature = "s3")]
+    fleet: Option<blocksnap::fleet::FleetOptions>,
+}
+
+impl Store {
+    fn new(path: PathBuf, cache: Option<PathBuf>, host: Option<String>) -> blocksnap::Result<Self> {
+        let url = path.to_str().filter(|p| p.starts_with("s3://"));
+        let Some(url) = url else {
+            if cache.is_some() || host.is_some() {
+                return Err(Error::InvalidParameter(
+                    "--cache and --host are for a store in a bucket (--store s3://BUCKET/PREFIX)"
+                        .into(),
+                ));
+            }
+            return Ok(Store {
+                #[cfg(feature = "s3")]
+                fleet: None,
+                path,
+            });
+        };
+        #[cfg(feature = "s3")]
+        {
+            let Some(cache) = cache else {
+                return Err(Error::InvalidParameter(format!(
+                    "{url} is a bucket: give this host's cache directory with --cache DIR \
+                     (or BLOCKSNAP_CACHE)"
+                )));
+            };
+            let mut fleet = blocksnap::fleet::FleetOptions::new(url, cache)?;
+            if let Some(host) = host {
+                fleet = fleet.host(&host);
+            }
+            Ok(Store {
+                fleet: Some(fleet),
+                path,
+            })
+        }
+        #[cfg(not(feature = "s3"))]
+        {
+            let _ = (cache, host);
+            Err(Error::InvalidParameter(format!(
+                "{url} is a bucket, and this blocksnap was built without the s3 feature"
+            )))
+        }
+    }
+
+    fn display(&self) -> std::path::Display<'_> {
+        self.path.display()
+    }
+}
+
+fn open(store: &Store) -> blocksnap::Result<Engine> {
     open_with(store, false)
 }
 
@@ -406,11 +477,16 @@ fn open(store: &Path) -> blocksnap::Result<Engine> {
 /// trackers, an unsealed pack, a crashed capture stay as they are). A
 /// store a crash left unrecovered is opened for writing instead, which
 /// recovers it, as before.
-fn open_read_only(store: &Path) -> blocksnap::Result<Engine> {
+fn open_read_only(store: &Store) -> blocksnap::Result<Engine> {
+    // A fleet host's cache is brought up to date at every open.
+    #[cfg(feature = "s3")]
+    if store.fleet.is_some() {
+        return open(store);
+    }
     match EngineOptions::new()
         .read_only(true)
         .create(false)
-        .open(store)
+        .open(&store.path)
     {
         Err(Error::WrongState(why)) => {
             eprintln!("note: {why}; opening it for writing");
@@ -420,12 +496,30 @@ fn open_read_only(store: &Path) -> blocksnap::Result<Engine> {
     }
 }
 
-fn open_with(store: &Path, change_tracking: bool) -> blocksnap::Result<Engine> {
+fn open_with(store: &Store, change_tracking: bool) -> blocksnap::Result<Engine> {
     open_options(store, EngineOptions::new().change_tracking(change_tracking))
 }
 
-fn open_options(store: &Path, options: EngineOptions) -> blocksnap::Result<Engine> {
-    let engine = options.create(false).open(store)?;
+fn open_options(store: &Store, options: EngineOptions) -> blocksnap::Result<Engine> {
+    #[cfg(feature = "s3")]
+    let engine = match &store.fleet {
+        Some(fleet) => {
+            let (engine, sync) = blocksnap::fleet::open(fleet, options)?;
+            for why in &sync.packs_refused {
+                eprintln!("warning: an object in the bucket is not used: {why}");
+            }
+            if sync.captures_failed > 0 {
+                eprintln!(
+                    "note: {} snapshot(s) this host was capturing when it stopped are now marked failed",
+                    sync.captures_failed
+                );
+            }
+            engine
+        }
+        None => options.create(false).open(&store.path)?,
+    };
+    #[cfg(not(feature = "s3"))]
+    let engine = options.create(false).open(&store.path)?;
     let report = engine.open_report();
     for id in &report.failed_captures {
         eprintln!("note: snapshot {id} was interrupted by a crash and is now marked failed");
@@ -441,7 +535,7 @@ fn open_options(store: &Path, options: EngineOptions) -> blocksnap::Result<Engin
 
 #[cfg(feature = "server")]
 fn serve(
-    store: &Path,
+    store: &Store,
     listen: std::net::SocketAddr,
     token_file: Option<&Path>,
     auto_gc: bool,
@@ -464,22 +558,21 @@ fn serve(
 }
 
 fn init(
-    store: &Path,
+    store: &Store,
     block_size: u64,
     compression: blocksnap::Compression,
 ) -> blocksnap::Result<i32> {
-    if store.join("catalog").exists() {
-        return Err(Error::StoreExists {
-            path: store.to_path_buf(),
-        });
-    }
     let bs = u32::try_from(block_size).map_err(|_| {
         Error::InvalidParameter(format!("block size {block_size} is larger than 4 MiB"))
     })?;
-    let engine = EngineOptions::new()
-        .block_size(bs)
-        .compression(compression)
-        .open(store)?;
+    let options = EngineOptions::new().block_size(bs).compression(compression);
+    #[cfg(feature = "s3")]
+    let engine = match &store.fleet {
+        Some(fleet) => blocksnap::fleet::init(fleet, bs, options)?,
+        None => init_dir(&store.path, options)?,
+    };
+    #[cfg(not(feature = "s3"))]
+    let engine = init_dir(&store.path, options)?;
     let grouped = match engine.compression().group_len() {
         0 => String::new(),
         g => format!(
@@ -494,6 +587,15 @@ fn init(
         engine.compression().level()
     );
     Ok(0)
+}
+
+fn init_dir(store: &Path, options: EngineOptions) -> blocksnap::Result<Engine> {
+    if store.join("catalog").exists() {
+        return Err(Error::StoreExists {
+            path: store.to_path_buf(),
+        });
+    }
+    options.open(store)
 }
 
 fn server(engine: &Engine, cmd: ServerCmd) -> blocksnap::Result<i32> {

@@ -163,16 +163,23 @@ impl Engine {
             let live_parent = state.newest_completed(server);
             // A safety snapshot is the first step of a restore, and the
             // engine's own: neither the restore nor the cap stops it.
+            let fleet = inner.options.coordinator.as_ref();
             if kind == SnapshotKind::Regular {
                 state.check_not_restoring(srv)?;
-                check_cap(server, state.snapshots_of(server), |id| {
-                    state.in_doubt.contains(&id)
-                })?;
+                // In a fleet, the fleet's catalog holds the cap.
+                if fleet.is_none() {
+                    check_cap(server, state.snapshots_of(server), |id| {
+                        state.in_doubt.contains(&id)
+                    })?;
+                }
             }
             if let Some((parent, dirty)) = &explicit {
                 check_parent(&state, server, *parent, dirty, disk_len, inner.block_size)?;
             }
-            let id = SnapshotId(state.next_snapshot_id);
+            let id = match fleet {
+                Some(c) => c.reserve(server, name, description, kind)?,
+                None => SnapshotId(state.next_snapshot_id),
+            };
             let record = SnapshotRecord {
                 id,
                 server_id: server,
@@ -186,11 +193,15 @@ impl Engine {
             };
             // The id is spent whatever the commit says: one that reported
             // an error may have landed, and ids are never reused.
-            state.next_snapshot_id = id.0 + 1;
-            inner.catalog.commit(&[
-                Change::PutSnapshot(&record),
-                Change::NextSnapshotId(id.0 + 1),
-            ])?;
+            state.next_snapshot_id = state.next_snapshot_id.max(id.0 + 1);
+            let next = state.next_snapshot_id;
+            let committed = inner
+                .catalog
+                .commit(&[Change::PutSnapshot(&record), Change::NextSnapshotId(next)]);
+            if let (Err(_), Some(c)) = (&committed, fleet) {
+                c.abandon(server, id);
+            }
+            committed?;
             state.snapshots.insert(id, record.clone());
             state.progress.insert(id, progress.clone());
             // Writes from now on are relative to this capture.
@@ -363,9 +374,9 @@ impl Engine {
             captured.stats.image_len,
             captured.blocks,
         )?;
-        inner.manifests.write(&manifest)?;
+        let manifest_path = inner.manifests.write(&manifest)?;
         let chunks = inner.chunks_of(&manifest)?;
-        let stats = CaptureStats {
+        let mut stats = CaptureStats {
             micros: started.elapsed().as_micros() as u64,
             sync_micros: synced.elapsed().as_micros() as u64,
             kind: how.kind,
@@ -378,6 +389,13 @@ impl Engine {
             scratch_bytes: None,
             ..captured.stats
         };
+        if let Some(fleet) = &inner.options.coordinator {
+            // Every chunk the snapshot holds is then in a sealed pack.
+            inner.store.seal_open_pack()?;
+            let packs = inner.store.sealed_packs()?;
+            fleet.publish(rec.server_id, rec.id, &manifest_path, &packs, &stats)?;
+            stats.micros = started.elapsed().as_micros() as u64;
+        }
         Ok((stats, chunks))
     }
 
@@ -438,6 +456,9 @@ impl Engine {
                 rec.status = SnapshotStatus::Failed;
                 rec.error = Some(e.to_string());
             }
+        }
+        if let (Err(_), Some(fleet)) = (&outcome, &self.inner.options.coordinator) {
+            fleet.abandon(server, id);
         }
         let mut changes = vec![Change::PutSnapshot(&rec)];
         if outcome.is_ok() {

@@ -39,6 +39,8 @@ use crate::verify::{self, VerifyReport};
 
 mod captures;
 mod exports;
+#[cfg(feature = "s3")]
+mod fleet;
 mod live;
 mod recovery;
 mod restores;
@@ -50,7 +52,11 @@ pub use exports::{ExportJob, ExportReport, ExportTarget};
 pub use restores::{RestoreJob, RestoreOptions, RestorePlanReport};
 
 use live::Tracking;
-use recovery::{lock_store, recover};
+#[cfg(feature = "s3")]
+pub(crate) use recovery::lock_store;
+#[cfg(not(feature = "s3"))]
+use recovery::lock_store;
+use recovery::recover;
 use state::State;
 use tracking::load_tracking;
 
@@ -59,7 +65,7 @@ use tracking::load_tracking;
 pub(super) type Changed = (SnapshotId, crate::dirty::DirtyBitmap);
 
 const LOCK_FILE: &str = "LOCK";
-const CATALOG_FILE: &str = "catalog";
+pub(crate) const CATALOG_FILE: &str = "catalog";
 const MANIFEST_DIR: &str = "manifests";
 const PACK_DIR: &str = "packs";
 
@@ -133,6 +139,12 @@ impl Engine {
         };
         store.set_index_persist_min(options.index_persist_min);
         store.set_table_memory(options.table_memory);
+        if let Some(bytes) = options.pack_target {
+            store.set_pack_target(bytes);
+        }
+        if let Some(c) = options.coordinator.clone() {
+            store.set_seal_hook(Arc::new(move |seq, path| c.pack_sealed(seq, path)));
+        }
         if !exists {
             sync_dir(store_fs.as_ref(), root)?;
         }
@@ -288,9 +300,20 @@ impl Engine {
     /// (`nbd+unix:///EXPORT?socket=PATH`, `nbd://HOST[:PORT]/EXPORT`), its
     /// socket path stored absolute.
     pub fn add_server(&self, id: ServerId, name: &str, disk: impl AsRef<Path>) -> Result<Server> {
+        self.add_server_as(id, name, disk.as_ref(), true)
+    }
+
+    /// [`Engine::add_server`]; `in_fleet`: in the fleet's catalog too
+    /// (first), else only here (the fleet has it already).
+    pub(crate) fn add_server_as(
+        &self,
+        id: ServerId,
+        name: &str,
+        disk: &Path,
+        in_fleet: bool,
+    ) -> Result<Server> {
         policy::check_server_name(name)?;
         self.writable("adding a server")?;
-        let disk = disk.as_ref();
         if disk.as_os_str().is_empty() {
             return Err(Error::InvalidParameter("the disk path is empty".into()));
         }
@@ -306,6 +329,9 @@ impl Engine {
         let mut state = self.inner.state.lock();
         if state.servers.contains_key(&id) {
             return Err(Error::ServerExists(id));
+        }
+        if let (true, Some(c)) = (in_fleet, &self.inner.options.coordinator) {
+            c.add_server(id, name, &disk)?;
         }
         let rec = ServerRecord {
             id,

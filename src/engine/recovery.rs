@@ -15,7 +15,7 @@ use crate::types::OpenReport;
 
 /// Takes the store's lock: exclusive to write, shared to only read (read-only
 /// opens may run side by side, never beside a writer).
-pub(super) fn lock_store(root: &Path, shared: bool) -> Result<File> {
+pub(crate) fn lock_store(root: &Path, shared: bool) -> Result<File> {
     let path = root.join(LOCK_FILE);
     let file = if shared {
         OpenOptions::new().read(true).open(&path).at(&path)?

@@ -106,6 +106,12 @@ impl Engine {
     /// Deletes a snapshot: catalog entry first, then its manifest. Its
     /// chunks stay until garbage collection.
     pub fn delete_snapshot(&self, id: SnapshotId) -> Result<()> {
+        self.delete_as(id, true)
+    }
+
+    /// A delete; `in_fleet`: in the fleet's catalog too (first), else
+    /// only here (the fleet deleted it already).
+    pub(crate) fn delete_as(&self, id: SnapshotId, in_fleet: bool) -> Result<()> {
         self.writable("deleting a snapshot")?;
         let mut state = self.inner.state.lock();
         let rec = state.snapshot(id)?;
@@ -138,6 +144,9 @@ impl Engine {
                 server,
                 operation: format!("capturing snapshot {child} as an increment of snapshot {id}"),
             });
+        }
+        if let (true, Some(fleet)) = (in_fleet, &self.inner.options.coordinator) {
+            fleet.delete(server, id)?;
         }
         let mut changes = vec![Change::RemoveSnapshot(id)];
         // The counts need the chunk list, which goes with the manifest.
@@ -418,6 +427,13 @@ impl Engine {
     /// deletes run. With `dry_run`, changes nothing and reports what it
     /// would do.
     pub fn gc(&self, dry_run: bool) -> Result<GcReport> {
+        if self.inner.options.coordinator.is_some() {
+            return Err(Error::WrongState(
+                "this store's packs are shared by a fleet of hosts: a local collection would \
+                 remove chunks other hosts need; run `blocksnap fleet gc` instead"
+                    .into(),
+            ));
+        }
         if !dry_run {
             self.writable("collecting garbage")?;
         }

@@ -193,7 +193,15 @@ pub struct ChunkStore {
     read_only: bool,
     /// Packs whose chunks open could not read: never covered by a table.
     unreadable: Mutex<HashSet<u32>>,
+    /// A pack is sealed once it grows past this many bytes
+    /// ([`ChunkStore::set_pack_target`]).
+    pack_target: AtomicU64,
+    /// Told of every pack sealed, once its trailer is durable.
+    seal_hook: Mutex<Option<SealHook>>,
 }
+
+/// Called with a pack's number and path once it is sealed and durable.
+pub type SealHook = Arc<dyn Fn(u32, &Path) + Send + Sync>;
 
 /// The chunks one running capture has referenced: never collected while
 /// the capture runs. Unregistered when dropped.
@@ -385,6 +393,8 @@ impl ChunkStore {
             stale: Mutex::new(None),
             read_only,
             unreadable: Mutex::new(unreadable),
+            pack_target: AtomicU64::new(PACK_TARGET_LEN),
+            seal_hook: Mutex::new(None),
             fs,
         };
         if !read_only && (recovery.index_rebuilt.is_some() || store.index_due()) {
@@ -432,6 +442,44 @@ impl ChunkStore {
         if let Some(base) = self.index.read().base() {
             base.set_budget(bytes);
         }
+    }
+
+    /// Seals a pack once it grows past `bytes` (at most
+    /// [`PACK_TARGET_LEN`]): smaller packs for a store whose packs go to
+    /// a bucket whole.
+    pub fn set_pack_target(&self, bytes: u64) {
+        self.pack_target.store(
+            bytes.clamp(PACK_HEADER_LEN as u64, PACK_TARGET_LEN),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Calls `hook` with every pack sealed from now on, once it is durable.
+    pub fn set_seal_hook(&self, hook: SealHook) {
+        *self.seal_hook.lock() = Some(hook);
+    }
+
+    /// Seals the open pack, if any, and makes its name durable: every
+    /// chunk appended so far is then in a sealed pack.
+    pub fn seal_open_pack(&self) -> Result<()> {
+        let _one_at_a_time = self.sync_lock.lock();
+        let dir_dirty = {
+            let mut w = self.writer.lock();
+            self.seal(&mut w)?;
+            std::mem::take(&mut w.dir_dirty)
+        };
+        if dir_dirty {
+            self.sync_pack_dir()?;
+        }
+        Ok(())
+    }
+
+    /// The sealed packs, by number and path (the open one left out).
+    pub fn sealed_packs(&self) -> Result<Vec<(u32, PathBuf)>> {
+        let open = self.writer.lock().active.as_ref().map(|a| a.seq);
+        let mut packs = list_packs(self.fs.as_ref(), &self.dir)?;
+        packs.retain(|(seq, _)| Some(*seq) != open);
+        Ok(packs)
     }
 
     /// Entries the index holds in memory before a new table is written
@@ -845,7 +893,8 @@ impl ChunkStore {
             drop(index);
             active.len += record_len;
             done.stored_bytes += record_len;
-            if active.len >= PACK_TARGET_LEN || active.entries.len() >= PACK_MAX_RECORDS {
+            let target = self.pack_target.load(Ordering::Relaxed);
+            if active.len >= target || active.entries.len() >= PACK_MAX_RECORDS {
                 self.seal(&mut w)?;
             }
         }
@@ -1190,6 +1239,9 @@ impl ChunkStore {
             self.abandon(active.seq, active.file.as_ref(), active.synced_len);
             return Err(Error::io(path, e));
         }
+        if let Some(hook) = self.seal_hook.lock().clone() {
+            hook(active.seq, &path);
+        }
         Ok(())
     }
 }
@@ -1314,6 +1366,12 @@ fn sealed_fingerprint(fs: &dyn StoreFs, seq: u32, path: &Path) -> Result<Option<
         trailer_crc: crc32fast::hash(&t),
         len,
     }))
+}
+
+/// The highest pack number in `dir` (0: none).
+#[cfg(feature = "s3")]
+pub(crate) fn max_pack_seq(fs: &dyn StoreFs, dir: &Path) -> Result<u32> {
+    Ok(list_packs(fs, dir)?.last().map_or(0, |(seq, _)| *seq))
 }
 
 fn pack_path(dir: &Path, seq: u32) -> PathBuf {

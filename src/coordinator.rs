@@ -1,0 +1,54 @@
+//! The seam through which an engine whose store several hosts share (a
+//! fleet on one bucket, see `fleet`) asks the fleet before it acts. The
+//! fleet's catalog is the authority on servers, snapshot ids, the cap and
+//! snapshot states; the engine's own catalog mirrors what concerns this
+//! host. Every call is made before the engine changes its own catalog,
+//! so a refusal or failure here leaves the engine as it was.
+
+use std::path::{Path, PathBuf};
+
+use crate::error::Result;
+use crate::ids::{ServerId, SnapshotId};
+use crate::types::{CaptureStats, SnapshotKind};
+
+pub trait Coordinator: Send + Sync {
+    /// Registers `server` in the fleet, or attaches this host's `disk`
+    /// to it when the fleet has it under the same name.
+    fn add_server(&self, server: ServerId, name: &str, disk: &Path) -> Result<()>;
+
+    /// Reserves a snapshot of `server` in the fleet (the cap checked there
+    /// for regular snapshots, whatever other hosts do) and gives its id,
+    /// unique across the fleet.
+    fn reserve(
+        &self,
+        server: ServerId,
+        name: &str,
+        description: &str,
+        kind: SnapshotKind,
+    ) -> Result<SnapshotId>;
+
+    /// Publishes a captured snapshot: `packs` (every sealed pack, by
+    /// number and path; those the fleet has are skipped) and then the
+    /// manifest are made durable in the fleet, then the snapshot is marked
+    /// completed there. Only then does the engine commit it completed.
+    fn publish(
+        &self,
+        server: ServerId,
+        id: SnapshotId,
+        manifest: &Path,
+        packs: &[(u32, PathBuf)],
+        stats: &CaptureStats,
+    ) -> Result<()>;
+
+    /// A reserved snapshot that will not complete here: marked failed in
+    /// the fleet (best effort; the fleet's own clean-up covers a host that
+    /// dies before).
+    fn abandon(&self, server: ServerId, id: SnapshotId);
+
+    /// Removes a snapshot from the fleet's catalog.
+    fn delete(&self, server: ServerId, id: SnapshotId) -> Result<()>;
+
+    /// Told of every pack sealed, so its upload can start while the
+    /// capture goes on.
+    fn pack_sealed(&self, seq: u32, path: &Path);
+}

@@ -1,0 +1,250 @@
+//! One host's side of the fleet: the engine's [`Coordinator`], and the
+//! uploads of the packs it seals.
+//!
+//! A sealed pack goes to the bucket whole, as `packs/HOST/NNNNNNNN-T.pack`
+//! (T: the upload's time in nanoseconds, so a host whose cache was wiped
+//! never writes over an object). A PUT is atomic: the object is there
+//! whole or not at all, so a host killed mid-upload leaves nothing
+//! half-written that others could see. Uploads start when a pack is
+//! sealed, on worker threads, while the capture goes on; publishing a
+//! snapshot waits for those it needs, then writes its manifest, then marks
+//! it completed in the fleet's catalog: data, manifest, catalog.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use parking_lot::{Condvar, Mutex};
+
+use super::packs::{self, Sidecar};
+use crate::bucket::catalog::FleetCatalog;
+use crate::coordinator::Coordinator;
+use crate::error::{Error, IoContext, Result};
+use crate::fsio::StoreFs;
+use crate::ids::{ServerId, SnapshotId};
+use crate::store::pack::{self as packfmt, TRAILER_LEN};
+use crate::types::{CaptureStats, SnapshotKind};
+
+/// Uploads at once.
+const UPLOADERS: usize = 2;
+
+pub(crate) fn manifest_key(id: SnapshotId) -> String {
+    format!("manifests/{:020}", id.0)
+}
+
+#[derive(Default)]
+struct Uploads {
+    /// Packs the bucket has (uploaded by this host or learnt from it).
+    done: HashSet<u32>,
+    queued: VecDeque<(u32, PathBuf)>,
+    busy: HashSet<u32>,
+    /// The last upload of a pack failed, and why.
+    failed: HashMap<u32, String>,
+    workers: usize,
+    closing: bool,
+}
+
+struct Shared {
+    catalog: Arc<FleetCatalog>,
+    fs: Arc<dyn StoreFs>,
+    packs_dir: PathBuf,
+    host: String,
+    uploads: Mutex<Uploads>,
+    changed: Condvar,
+}
+
+/// This host, as its engine's coordinator.
+pub(crate) struct Host {
+    shared: Arc<Shared>,
+    /// The cache's lock, held as long as the engine.
+    _lock: std::fs::File,
+}
+
+impl Host {
+    pub fn new(
+        catalog: Arc<FleetCatalog>,
+        fs: Arc<dyn StoreFs>,
+        packs_dir: PathBuf,
+        in_bucket: impl IntoIterator<Item = u32>,
+        lock: std::fs::File,
+    ) -> Self {
+        let host = catalog.host().to_string();
+        let uploads = Uploads {
+            done: in_bucket.into_iter().collect(),
+            ..Uploads::default()
+        };
+        Host {
+            shared: Arc::new(Shared {
+                catalog,
+                fs,
+                packs_dir,
+                host,
+                uploads: Mutex::new(uploads),
+                changed: Condvar::new(),
+            }),
+            _lock: lock,
+        }
+    }
+
+    /// Queues `seq` for upload unless the bucket has it or it is on its
+    /// way; starts a worker if fewer than [`UPLOADERS`] run.
+    fn enqueue(&self, seq: u32, path: &Path) {
+        let mut up = self.shared.uploads.lock();
+        if up.done.contains(&seq) || up.busy.contains(&seq) || up.queued.iter().any(|q| q.0 == seq)
+        {
+            return;
+        }
+        up.failed.remove(&seq);
+        up.queued.push_back((seq, path.to_path_buf()));
+        if up.workers < UPLOADERS {
+            let shared = self.shared.clone();
+            let spawned = std::thread::Builder::new()
+                .name("pack-upload".into())
+                .spawn(move || shared.work());
+            if spawned.is_ok() {
+                up.workers += 1;
+            }
+        }
+        self.shared.changed.notify_all();
+    }
+
+    /// Waits until every one of `seqs` is in the bucket; the first that
+    /// failed is the error.
+    fn wait_uploaded(&self, seqs: &[u32]) -> Result<()> {
+        let mut up = self.shared.uploads.lock();
+        loop {
+            if let Some((seq, why)) = seqs
+                .iter()
+                .find_map(|s| up.failed.get(s).map(|w| (*s, w.clone())))
+            {
+                return Err(Error::Remote {
+                    peer: self.shared.catalog.bucket().url().to_string(),
+                    what: format!("uploading pack {seq}: {why}"),
+                    in_doubt: false,
+                });
+            }
+            if seqs.iter().all(|s| up.done.contains(s)) {
+                return Ok(());
+            }
+            if up.workers == 0 {
+                return Err(Error::Internal("no pack uploader could be started".into()));
+            }
+            self.shared.changed.wait(&mut up);
+        }
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        self.shared.uploads.lock().closing = true;
+        self.shared.changed.notify_all();
+    }
+}
+
+impl Shared {
+    fn work(&self) {
+        loop {
+            let (seq, path) = {
+                let mut up = self.uploads.lock();
+                loop {
+                    if let Some(next) = up.queued.pop_front() {
+                        up.busy.insert(next.0);
+                        break next;
+                    }
+                    if up.closing {
+                        up.workers -= 1;
+                        self.changed.notify_all();
+                        return;
+                    }
+                    self.changed.wait(&mut up);
+                }
+            };
+            let outcome = self.upload(seq, &path);
+            let mut up = self.uploads.lock();
+            up.busy.remove(&seq);
+            match outcome {
+                Ok(()) => {
+                    up.done.insert(seq);
+                }
+                Err(e) => {
+                    up.failed.insert(seq, e.to_string());
+                }
+            }
+            self.changed.notify_all();
+        }
+    }
+
+    /// Uploads pack `seq` whole, then records it in its sidecar.
+    fn upload(&self, seq: u32, path: &Path) -> Result<()> {
+        let bytes = self.fs.read_all(path).at(path)?;
+        let len = bytes.len() as u64;
+        // Only a sealed pack goes: its trailer must say so.
+        let trailer = bytes
+            .get(bytes.len().saturating_sub(TRAILER_LEN)..)
+            .and_then(|t| packfmt::decode_trailer(t, len))
+            .ok_or_else(|| Error::corrupt(path, "a pack to upload has no valid trailer"))?;
+        let key = format!(
+            "packs/{}/{seq:08}-{:016x}.pack",
+            self.host,
+            crate::bucket::unix_nanos()
+        );
+        self.catalog.bucket().put(&key, bytes)?;
+        let car = Sidecar {
+            key,
+            len,
+            whole: true,
+            index_offset: trailer.index_offset,
+        };
+        packs::write_sidecar(self.fs.as_ref(), path, &car)?;
+        self.fs.sync_dir(&self.packs_dir).at(&self.packs_dir)
+    }
+}
+
+impl Coordinator for Host {
+    fn add_server(&self, server: ServerId, name: &str, disk: &Path) -> Result<()> {
+        self.shared
+            .catalog
+            .add_server(server, name, disk)
+            .map(|_| ())
+    }
+
+    fn reserve(
+        &self,
+        server: ServerId,
+        name: &str,
+        description: &str,
+        kind: SnapshotKind,
+    ) -> Result<SnapshotId> {
+        self.shared.catalog.reserve(server, name, description, kind)
+    }
+
+    fn publish(
+        &self,
+        server: ServerId,
+        id: SnapshotId,
+        manifest: &Path,
+        packs: &[(u32, PathBuf)],
+        stats: &CaptureStats,
+    ) -> Result<()> {
+        for (seq, path) in packs {
+            self.enqueue(*seq, path);
+        }
+        let seqs: Vec<u32> = packs.iter().map(|p| p.0).collect();
+        self.wait_uploaded(&seqs)?;
+        let bytes = self.shared.fs.read_all(manifest).at(manifest)?;
+        self.shared.catalog.bucket().put(&manifest_key(id), bytes)?;
+        self.shared.catalog.complete(server, id, stats)
+    }
+
+    fn abandon(&self, server: ServerId, id: SnapshotId) {
+        let _ = self.shared.catalog.finish_snapshot(server, id, false);
+    }
+
+    fn delete(&self, server: ServerId, id: SnapshotId) -> Result<()> {
+        self.shared.catalog.delete_snapshot(server, id)
+    }
+
+    fn pack_sealed(&self, seq: u32, path: &Path) {
+        self.enqueue(seq, path);
+    }
+}

@@ -1,0 +1,371 @@
+//! A fleet of hosts on one store in an S3 bucket (Ceph's RADOS Gateway,
+//! or any S3 that honours conditional writes).
+//!
+//! In the bucket (under its prefix):
+//!
+//! - `catalog/...`: servers, snapshots and the id counter
+//!   ([`crate::bucket::catalog`]), changed only by compare-and-swap;
+//! - `packs/HOST/NNNNNNNN-T.pack`: sealed packs, uploaded whole; each
+//!   ends with its own index, so a host learns the store's chunks from
+//!   the packs' tails alone;
+//! - `manifests/ID`: the manifest of each completed snapshot, immutable.
+//!
+//! Each host has a cache directory: a blocksnap store of its own
+//! (`store/`), whose packs are this host's packs and placeholders of the
+//! others' (fetched by ranges when read, see [`packs`]), and whose catalog
+//! mirrors the fleet's for the servers whose disks this host has. Opening
+//! brings the cache up to date: the fleet's catalog is read first, then
+//! the packs it does not know yet are learnt (their tails only), then the
+//! snapshots completed elsewhere are taken in (their manifests) and those
+//! deleted elsewhere dropped. The engine then asks the fleet before every
+//! change (see [`crate::coordinator`]): ids, the cap and states come from
+//! the fleet's catalog, and a capture is published (packs, manifest, then
+//! the catalog) before this host commits it.
+
+mod host;
+pub(crate) mod packs;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::bucket::catalog::{FleetCatalog, FleetServer};
+use crate::bucket::{Bucket, BucketConfig};
+use crate::catalog::SnapshotRecord;
+use crate::engine::Engine;
+use crate::error::{Error, IoContext, Result};
+use crate::fsio::StoreFs;
+use crate::ids::SnapshotId;
+use crate::options::EngineOptions;
+use crate::types::SnapshotStatus;
+
+pub use crate::bucket::catalog::FleetSnapshot;
+
+/// Packs are sealed (and uploaded) past this many bytes by default.
+pub const DEFAULT_FLEET_PACK_LEN: u64 = 32 << 20;
+
+/// Where a host's store is and who the host is.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct FleetOptions {
+    /// `s3://BUCKET/PREFIX`.
+    pub url: String,
+    /// This host's cache directory.
+    pub cache: PathBuf,
+    /// This host's name in the fleet: unique to it, the same at every
+    /// start (default: the machine's host name).
+    pub host: String,
+    pub bucket: BucketConfig,
+    /// Packs are sealed and uploaded past this many bytes.
+    pub pack_len: u64,
+}
+
+impl FleetOptions {
+    /// The bucket at `url`, reached as the AWS variables say, this
+    /// machine's host name, packs of [`DEFAULT_FLEET_PACK_LEN`].
+    pub fn new(url: &str, cache: impl AsRef<Path>) -> Result<Self> {
+        Ok(FleetOptions {
+            url: url.to_string(),
+            cache: cache.as_ref().to_path_buf(),
+            host: machine_host_name()?,
+            bucket: BucketConfig::from_env(),
+            pack_len: DEFAULT_FLEET_PACK_LEN,
+        })
+    }
+
+    pub fn host(mut self, name: &str) -> Self {
+        self.host = name.to_string();
+        self
+    }
+
+    pub fn bucket(mut self, config: BucketConfig) -> Self {
+        self.bucket = config;
+        self
+    }
+
+    pub fn pack_len(mut self, bytes: u64) -> Self {
+        self.pack_len = bytes;
+        self
+    }
+}
+
+/// The machine's host name.
+pub fn machine_host_name() -> Result<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most `buf.len()` bytes into `buf`.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return Err(Error::InvalidParameter(
+            "cannot read this machine's host name: pass --host NAME".into(),
+        ));
+    }
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    Ok(String::from_utf8_lossy(&buf[..end]).into_owned())
+}
+
+/// A host name goes into object names: letters, digits, '.', '-', '_'.
+fn check_host(host: &str) -> Result<()> {
+    let ok = (1..=63).contains(&host.len())
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+        && !host.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidParameter(format!(
+            "{host:?} is not a fleet host name: use 1-63 letters, digits, '.', '-' or '_' \
+             (pass --host NAME or set BLOCKSNAP_HOST)"
+        )))
+    }
+}
+
+/// What a cache belongs to, kept in `CACHE/fleet.json`: a cache serves
+/// one host of one store.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct CacheDoc {
+    url: String,
+    host: String,
+}
+
+/// What opening a host found and did to bring its cache up to date.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    /// Packs of other hosts learnt now (their indexes read).
+    pub packs_learnt: u64,
+    /// Objects under `packs/` that are not sealed packs, and why.
+    pub packs_refused: Vec<String>,
+    /// Snapshots completed on other hosts taken in now.
+    pub snapshots_taken_in: u64,
+    /// Snapshots dropped here because the fleet no longer has them.
+    pub snapshots_dropped: u64,
+    /// This host's captures left in progress by a crash, marked failed.
+    pub captures_failed: u64,
+}
+
+/// Creates a new store in the bucket (refusing one that holds a store)
+/// and opens this host on it.
+pub fn init(fleet: &FleetOptions, block_size: u32, options: EngineOptions) -> Result<Engine> {
+    check_host(&fleet.host)?;
+    let bucket = Bucket::open(&fleet.url, &fleet.bucket)?;
+    FleetCatalog::init(bucket, &fleet.host, block_size)?;
+    open(fleet, options.block_size(block_size)).map(|(e, _)| e)
+}
+
+/// Opens this host on the store in the bucket: the cache is brought up
+/// to date (see the module doc), then the engine over it is returned.
+pub fn open(fleet: &FleetOptions, options: EngineOptions) -> Result<(Engine, SyncReport)> {
+    check_host(&fleet.host)?;
+    if options.read_only {
+        return Err(Error::InvalidParameter(
+            "a fleet host's cache is opened for writing (it is brought up to date)".into(),
+        ));
+    }
+    let cache = &fleet.cache;
+    std::fs::create_dir_all(cache).at(cache)?;
+    let lock = crate::engine::lock_store(cache, false)?;
+    check_cache(fleet)?;
+    let bucket = Bucket::open(&fleet.url, &fleet.bucket)?;
+    let catalog = Arc::new(FleetCatalog::open(bucket, &fleet.host)?);
+    let mut report = SyncReport::default();
+    // The catalog before the packs: every pack a snapshot it lists as
+    // completed needs was uploaded before it said so.
+    let servers = catalog.servers()?;
+    let root = cache.join("store");
+    let packs_dir = root.join("packs");
+    let fs: Arc<dyn StoreFs> = options.store_fs.clone();
+    if !root.join(crate::engine::CATALOG_FILE).exists() {
+        // A new cache: its store made empty first, so that the packs
+        // learnt next are never found without a catalog.
+        EngineOptions::new()
+            .block_size(catalog.block_size())
+            .store_fs(fs.clone())
+            .open(&root)?
+            .close()?;
+    }
+    fs.create_dir_all(&packs_dir).at(&packs_dir)?;
+    learn_packs(&catalog, fs.as_ref(), &packs_dir, &mut report)?;
+    let in_bucket = packs::known(fs.as_ref(), &packs_dir)?;
+    let bucket = Arc::new(Bucket::open(&fleet.url, &fleet.bucket)?);
+    let fleet_fs: Arc<dyn StoreFs> = Arc::new(packs::FleetFs::new(fs.clone(), bucket));
+    let host = Arc::new(host::Host::new(
+        catalog.clone(),
+        fs,
+        packs_dir,
+        in_bucket.keys().copied(),
+        lock,
+    ));
+    let block_size = catalog.block_size();
+    let engine = options
+        .create(true)
+        .block_size(block_size)
+        .auto_gc(false)
+        .store_fs(fleet_fs)
+        .coordinator(host, fleet.pack_len)
+        .open(&root)?;
+    reconcile(&engine, &catalog, &servers, &mut report)?;
+    Ok((engine, report))
+}
+
+/// Refuses a cache made for another store or host; marks a new one.
+fn check_cache(fleet: &FleetOptions) -> Result<()> {
+    let path = fleet.cache.join("fleet.json");
+    let want = CacheDoc {
+        url: fleet.url.clone(),
+        host: fleet.host.clone(),
+    };
+    match std::fs::read(&path) {
+        Ok(bytes) => {
+            let found: CacheDoc = serde_json::from_slice(&bytes)
+                .map_err(|e| Error::corrupt(&path, format!("not a cache's record: {e}")))?;
+            if found != want {
+                return Err(Error::InvalidParameter(format!(
+                    "{} is the cache of host {:?} of {}, not of host {:?} of {}: give each host \
+                     and store a cache of its own",
+                    fleet.cache.display(),
+                    found.host,
+                    found.url,
+                    want.host,
+                    want.url
+                )));
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let bytes = serde_json::to_vec_pretty(&want)
+                .map_err(|e| Error::Internal(format!("cannot encode: {e}")))?;
+            let tmp = path.with_extension("json-tmp");
+            std::fs::write(&tmp, bytes).at(&tmp)?;
+            File::open(&tmp).and_then(|f| f.sync_all()).at(&tmp)?;
+            std::fs::rename(&tmp, &path).at(&path)?;
+            File::open(&fleet.cache)
+                .and_then(|f| f.sync_all())
+                .at(&fleet.cache)
+        }
+        Err(e) => Err(Error::io(&path, e)),
+    }
+}
+
+/// Learns the packs in the bucket this cache does not know yet: only
+/// what is new is read (each pack's header and tail).
+fn learn_packs(
+    catalog: &FleetCatalog,
+    fs: &dyn StoreFs,
+    dir: &Path,
+    report: &mut SyncReport,
+) -> Result<()> {
+    let known = packs::known(fs, dir)?;
+    let keys: HashMap<&str, u32> = known.iter().map(|(s, c)| (c.key.as_str(), *s)).collect();
+    let mut next = crate::store::max_pack_seq(fs, dir)? + 1;
+    let bucket = catalog.bucket();
+    let mut learnt = false;
+    for (key, len) in bucket.list("packs")? {
+        if keys.contains_key(key.as_str()) || !key.ends_with(".pack") {
+            continue;
+        }
+        match packs::learn(bucket, fs, dir, next, &key, len) {
+            Ok(()) => {
+                next += 1;
+                report.packs_learnt += 1;
+                learnt = true;
+            }
+            // Another program's object: refused, reported, never used.
+            Err(e @ Error::Corruption { .. }) => report.packs_refused.push(e.to_string()),
+            Err(e) => return Err(e),
+        }
+    }
+    if learnt {
+        fs.sync_dir(dir).at(dir)?;
+    }
+    Ok(())
+}
+
+/// Brings this host's catalog in line with the fleet's.
+fn reconcile(
+    engine: &Engine,
+    catalog: &FleetCatalog,
+    servers: &[FleetServer],
+    report: &mut SyncReport,
+) -> Result<()> {
+    let host = catalog.host();
+    let mut fleet: BTreeMap<SnapshotId, (&FleetServer, &FleetSnapshot)> = BTreeMap::new();
+    for srv in servers {
+        for snap in &srv.snapshots {
+            // This host's captures still running in the fleet's eyes: the
+            // cache's lock says no process of this host runs them now.
+            if snap.host == host && snap.status == SnapshotStatus::InProgress {
+                catalog.finish_snapshot(srv.id, snap.id, false)?;
+                report.captures_failed += 1;
+                continue;
+            }
+            fleet.insert(snap.id, (srv, snap));
+        }
+        if let Some(disk) = srv.disks.get(host)
+            && engine.server(srv.id).is_err()
+        {
+            engine.attach_server(srv.id, &srv.name, disk)?;
+        }
+    }
+    let local = engine.local_snapshots();
+    for (id, _, status) in &local {
+        let keep = fleet
+            .get(id)
+            .is_some_and(|(_, s)| s.status == *status || *status == SnapshotStatus::InProgress);
+        if !keep {
+            engine.forget_snapshot(*id)?;
+            report.snapshots_dropped += 1;
+        }
+    }
+    let here: std::collections::HashSet<SnapshotId> = local.iter().map(|l| l.0).collect();
+    for (id, (srv, snap)) in fleet {
+        if here.contains(&id)
+            || engine.server(srv.id).is_err()
+            || snap.status == SnapshotStatus::InProgress
+        {
+            continue;
+        }
+        let record = SnapshotRecord {
+            id,
+            server_id: srv.id,
+            name: snap.name.clone(),
+            description: snap.description.clone(),
+            status: snap.status,
+            created_at: snap.created_at.clone(),
+            stats: snap.stats,
+            error: (snap.status == SnapshotStatus::Failed)
+                .then(|| format!("failed on host {}", snap.host)),
+            kind: snap.kind,
+        };
+        let key = host::manifest_key(id);
+        let manifest = if snap.status == SnapshotStatus::Completed {
+            let source = format!("{}/{key}", catalog.bucket().url());
+            let Some((bytes, _)) = catalog.bucket().get(&key)? else {
+                return Err(Error::corrupt(
+                    source,
+                    format!(
+                        "snapshot {id} is completed in the fleet's catalog, but its manifest is missing"
+                    ),
+                ));
+            };
+            Some((bytes, source))
+        } else {
+            None
+        };
+        engine.import_snapshot(
+            record,
+            manifest.as_ref().map(|(b, s)| (b.as_slice(), s.as_str())),
+        )?;
+        report.snapshots_taken_in += 1;
+    }
+    Ok(())
+}
+
+/// The fleet's servers and snapshots as the bucket says now (every host's).
+pub fn servers(fleet: &FleetOptions) -> Result<Vec<FleetServer>> {
+    check_host(&fleet.host)?;
+    let bucket = Bucket::open(&fleet.url, &fleet.bucket)?;
+    FleetCatalog::open(bucket, &fleet.host)?.servers()
+}
