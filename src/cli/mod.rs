@@ -568,7 +568,7 @@ fn init(
     let options = EngineOptions::new().block_size(bs).compression(compression);
     #[cfg(feature = "s3")]
     let engine = match &store.fleet {
-        Some(fleet) => blocksnap::fleet::init(fleet, bs, options)?,
+        Some(fleet) => blocksnap::fleet::init(fleet, options)?,
         None => init_dir(&store.path, options)?,
     };
     #[cfg(not(feature = "s3"))]

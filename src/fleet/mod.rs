@@ -148,11 +148,15 @@ pub struct SyncReport {
 
 /// Creates a new store in the bucket (refusing one that holds a store)
 /// and opens this host on it.
-pub fn init(fleet: &FleetOptions, block_size: u32, options: EngineOptions) -> Result<Engine> {
+/// The block size is the options' (default 64 KiB).
+pub fn init(fleet: &FleetOptions, options: EngineOptions) -> Result<Engine> {
     check_host(&fleet.host)?;
+    let block_size = options
+        .block_size
+        .unwrap_or(crate::options::DEFAULT_BLOCK_SIZE);
     let bucket = Bucket::open(&fleet.url, &fleet.bucket)?;
     FleetCatalog::init(bucket, &fleet.host, block_size)?;
-    open(fleet, options.block_size(block_size)).map(|(e, _)| e)
+    open(fleet, options).map(|(e, _)| e)
 }
 
 /// Opens this host on the store in the bucket: the cache is brought up
@@ -180,9 +184,10 @@ pub fn open(fleet: &FleetOptions, options: EngineOptions) -> Result<(Engine, Syn
     if !root.join(crate::engine::CATALOG_FILE).exists() {
         // A new cache: its store made empty first, so that the packs
         // learnt next are never found without a catalog.
-        EngineOptions::new()
+        options
+            .clone()
+            .create(true)
             .block_size(catalog.block_size())
-            .store_fs(fs.clone())
             .open(&root)?
             .close()?;
     }

@@ -10,6 +10,7 @@ use blocksnap::{EngineOptions, ServerId};
 use serde_json::{Value, json};
 
 use crate::common::{Gate, disk_bytes};
+use crate::common::OpenIn;
 
 const TOKEN: &str = "test-token-0123456789";
 
@@ -36,7 +37,7 @@ impl Api {
     /// of data followed by zeros, served on a free port.
     fn with(options: EngineOptions) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let engine = options.open(dir.path().join("store")).unwrap();
+        let engine = options.open_in(dir.path()).unwrap();
         let disk = dir.path().join("web.img");
         std::fs::write(&disk, Self::disk_content()).unwrap();
         engine

@@ -15,9 +15,62 @@ use tempfile::TempDir;
 pub const BS: usize = 4096;
 
 /// A store and a folder for disks, both temporary.
+///
+/// With `BLOCKSNAP_TEST_BACKEND=s3` the store is in the local gateway's
+/// bucket instead (a prefix of its own, see `rgw`), one host with its
+/// cache in the folder: the same tests then run on the bucket backend
+/// (`.ci/run` runs the engine's suites both ways).
 pub struct Fixture {
     pub dir: TempDir,
     pub engine: Engine,
+    pub fleet: Option<blocksnap::fleet::FleetOptions>,
+}
+
+/// True when the tests run on the bucket backend.
+pub fn on_bucket() -> bool {
+    std::env::var("BLOCKSNAP_TEST_BACKEND").is_ok_and(|b| b == "s3")
+}
+
+/// The fleet of the fixture in `dir`, when the tests run on the bucket
+/// backend: its bucket prefix is kept in `dir/fleet-url`, so that any
+/// process can open it again ([`OpenIn`]).
+fn test_fleet(dir: &Path) -> Option<blocksnap::fleet::FleetOptions> {
+    if !on_bucket() {
+        return None;
+    }
+    let vars = crate::rgw::gateway().expect("BLOCKSNAP_TEST_BACKEND=s3 needs the gateway");
+    let marker = dir.join("fleet-url");
+    let url = match std::fs::read_to_string(&marker) {
+        Ok(url) => url,
+        Err(_) => {
+            let url = crate::rgw::scratch_url(vars, "fixture");
+            std::fs::write(&marker, &url).unwrap();
+            url
+        }
+    };
+    Some(
+        blocksnap::fleet::FleetOptions::new(&url, dir.join("cache"))
+            .unwrap()
+            .host("test-host")
+            .bucket(crate::rgw::config(vars)),
+    )
+}
+
+/// Opens the store of the fixture in a folder, on whichever backend the
+/// tests run on.
+pub trait OpenIn {
+    fn open_in(self, dir: &Path) -> blocksnap::Result<Engine>;
+}
+
+impl OpenIn for EngineOptions {
+    fn open_in(self, dir: &Path) -> blocksnap::Result<Engine> {
+        match test_fleet(dir) {
+            Some(f) if dir.join("fleet-url").exists() => {
+                blocksnap::fleet::open(&f, self).map(|(e, _)| e)
+            }
+            _ => self.open(dir.join("store")),
+        }
+    }
 }
 
 impl Fixture {
@@ -27,12 +80,20 @@ impl Fixture {
 
     pub fn with(options: EngineOptions) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let engine = options.open(dir.path().join("store")).unwrap();
-        Fixture { dir, engine }
+        let fleet = test_fleet(dir.path());
+        let engine = match &fleet {
+            Some(f) => blocksnap::fleet::init(f, options).unwrap(),
+            None => options.open_in(dir.path()).unwrap(),
+        };
+        Fixture { dir, engine, fleet }
     }
 
+    /// The store's directory (on the bucket backend: the cache's store).
     pub fn store(&self) -> PathBuf {
-        self.dir.path().join("store")
+        match &self.fleet {
+            Some(_) => self.dir.path().join("cache").join("store"),
+            None => self.dir.path().join("store"),
+        }
     }
 
     pub fn disk(&self, name: &str) -> PathBuf {
@@ -50,10 +111,13 @@ impl Fixture {
     /// Reopens the store (the old engine must be dropped first by the caller
     /// passing it in).
     pub fn reopen(self, options: EngineOptions) -> Self {
-        let Fixture { dir, engine } = self;
+        let Fixture { dir, engine, fleet } = self;
         drop(engine);
-        let engine = options.open(dir.path().join("store")).unwrap();
-        Fixture { dir, engine }
+        let engine = match &fleet {
+            Some(f) => blocksnap::fleet::open(f, options).unwrap().0,
+            None => options.open_in(dir.path()).unwrap(),
+        };
+        Fixture { dir, engine, fleet }
     }
 }
 

@@ -21,6 +21,7 @@ use blocksnap::{
 };
 
 use crate::common::{BS, disk_bytes};
+use crate::common::OpenIn;
 
 const LEN: usize = 40 * BS;
 
@@ -248,7 +249,7 @@ fn trial_copy(base: &Path, op: Op, first: SnapshotId, ledger: &mut Ledger) -> te
     crate::common::copy_tree(base, dir.path());
     if matches!(op, Op::Gc) {
         EngineOptions::new()
-            .open(dir.path().join("store"))
+            .open_in(dir.path())
             .unwrap()
             .delete_snapshot(first)
             .unwrap();
@@ -282,7 +283,7 @@ fn fail_every_store_io_call_once(group: u32) {
             let mut ledger = template.clone();
             let dir = trial_copy(base.path(), op, first, &mut ledger);
             let fs = FaultFs::new();
-            let engine = fault_fs(&fs).open(dir.path().join("store")).unwrap();
+            let engine = fault_fs(&fs).open_in(dir.path()).unwrap();
             fs.heal();
             run_op(&engine, op, first, &mut ledger).unwrap();
             fs.calls()
@@ -312,7 +313,7 @@ fn fail_every_store_io_call_once(group: u32) {
             {
                 let fs = FaultFs::new();
                 let engine = fault_fs(&fs)
-                    .open(dir.path().join("store"))
+                    .open_in(dir.path())
                     .unwrap_or_else(|e| panic!("{ctx}: the copy does not open: {e}"));
                 fs.fail(n, fault);
                 let outcome = run_op(&engine, op, first, &mut ledger);
@@ -395,7 +396,7 @@ fn crash_at_random_store_io_calls(group: u32, torn_subsets: bool) {
             .store_fs(Arc::new(CrashFsHandle(fs.clone())))
     };
     {
-        let engine = options().open(dir.path().join("store")).unwrap();
+        let engine = options().open_in(dir.path()).unwrap();
         for s in 1..=2u64 {
             let disk = dir.path().join(format!("disk{s}.img"));
             std::fs::write(&disk, disk_bytes(LEN, s)).unwrap();
@@ -415,7 +416,7 @@ fn crash_at_random_store_io_calls(group: u32, torn_subsets: bool) {
     // Creates, deletes, restores and collections that completed.
     let mut done = [0u64; 4];
     for trial in 0..crate::common::env_count("BLOCKSNAP_CRASHFS_TRIALS", 30) {
-        let engine = options().open(dir.path().join("store")).unwrap();
+        let engine = options().open_in(dir.path()).unwrap();
         fs.arm(rng.below(400));
         // In half the trials an fsync fails first, landed or not (then its
         // writes are lost for good, as Linux's page cache does), and the
@@ -504,7 +505,7 @@ fn crash_at_random_store_io_calls(group: u32, torn_subsets: bool) {
         fs.restart();
         let ctx = format!("crash {trial} (seed {seed})");
         let engine = options()
-            .open(dir.path().join("store"))
+            .open_in(dir.path())
             .unwrap_or_else(|e| panic!("{ctx}: the store does not open: {e}"));
         let verify = engine.verify(None).unwrap();
         assert!(verify.is_ok(), "{ctx}: {verify:?}");

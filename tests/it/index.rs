@@ -9,6 +9,7 @@ use std::path::Path;
 use blocksnap::{Engine, EngineOptions, RestoreOptions, ServerId};
 
 use crate::common::{BS, disk_bytes};
+use crate::common::OpenIn;
 
 /// A store whose chunk index table is written at every capture's end.
 fn options() -> EngineOptions {
@@ -102,7 +103,7 @@ fn assert_exact_and_deduplicated(engine: &Engine, disks: &[(ServerId, Vec<u8>)],
 fn a_store_reopens_from_its_table_without_reading_its_packs() {
     let dir = tempfile::tempdir().unwrap();
     let disks = store_with_snapshots(dir.path());
-    let engine = options().open(dir.path().join("store")).unwrap();
+    let engine = options().open_in(dir.path()).unwrap();
     let report = engine.open_report();
     assert_eq!(report.packs_indexed, 0, "{report:?}");
     assert!(report.index_rebuilt.is_none(), "{report:?}");

@@ -19,6 +19,7 @@ use blocksnap::{CaptureKind, EngineOptions, FullReason, RestoreMethod, RestoreOp
 use serde_json::Value;
 
 use crate::common::random_bytes;
+use crate::common::OpenIn;
 
 const MIB: usize = 1 << 20;
 
@@ -380,7 +381,7 @@ fn the_api_takes_live_snapshots_of_a_qemu_server() {
     let Some((vm, _)) = vm(dir.path(), &first) else {
         return;
     };
-    let engine = EngineOptions::new().open(dir.path().join("store")).unwrap();
+    let engine = EngineOptions::new().open_in(dir.path()).unwrap();
     engine
         .add_server(ServerId(7), "vm-7", vm.qemu_uri())
         .unwrap();

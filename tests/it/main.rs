@@ -24,6 +24,7 @@ mod persistence;
 mod powercut;
 mod read_only;
 mod restore;
+mod rgw;
 mod roundtrip;
 mod space;
 mod undo;

@@ -17,6 +17,7 @@ use blocksnap::nbd::NbdDisk;
 use blocksnap::{EngineOptions, ServerId};
 
 use crate::common::{random_bytes, run};
+use crate::common::OpenIn;
 
 const MIB: usize = 1 << 20;
 
@@ -101,7 +102,7 @@ fn a_disk_on_nbd_is_captured_without_its_holes_and_restored_exactly() {
         return;
     };
     let uri = qsd.guest_uri();
-    let engine = EngineOptions::new().open(dir.path().join("store")).unwrap();
+    let engine = EngineOptions::new().open_in(dir.path()).unwrap();
     let server = engine.add_server(ServerId(1), "vm-1", &uri).unwrap();
     assert_eq!(server.disk.to_str(), Some(uri.as_str()));
 
@@ -241,7 +242,7 @@ fn an_incremental_snapshot_reads_only_what_a_qemu_dirty_bitmap_marks() {
 #[test]
 fn wrong_nbd_uris_and_absent_servers_are_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
-    let engine = EngineOptions::new().open(dir.path().join("store")).unwrap();
+    let engine = EngineOptions::new().open_in(dir.path()).unwrap();
     let err = engine
         .add_server(ServerId(1), "vm", "nbd+unix:///x")
         .unwrap_err();

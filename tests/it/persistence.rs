@@ -6,6 +6,7 @@ use std::process::{Command, Stdio};
 use blocksnap::{EngineOptions, ServerId, ServerState, SnapshotId, SnapshotStatus};
 
 use crate::common::{BS, Fixture, Gate, disk_bytes};
+use crate::common::OpenIn;
 
 #[test]
 fn servers_snapshots_and_the_id_counter_survive_reopening() {
@@ -67,7 +68,7 @@ fn a_capture_interrupted_by_a_crash_is_failed_on_open() {
     let path = fx.server(1, "web", &bytes);
     let done = fx.engine.create_snapshot(ServerId(1), "done", "").unwrap();
     let fx = fx.reopen(EngineOptions::new().create(false));
-    let Fixture { dir, engine } = fx;
+    let Fixture { dir, engine, .. } = fx;
     drop(engine);
 
     let mut child = Command::new(std::env::current_exe().unwrap())
@@ -91,7 +92,7 @@ fn a_capture_interrupted_by_a_crash_is_failed_on_open() {
     child.kill().unwrap(); // SIGKILL: no destructor runs
     child.wait().unwrap();
 
-    let engine = EngineOptions::new().open(dir.path().join("store")).unwrap();
+    let engine = EngineOptions::new().open_in(dir.path()).unwrap();
     assert_eq!(engine.open_report().failed_captures, vec![SnapshotId(id)]);
     let s = engine.snapshot(SnapshotId(id)).unwrap();
     assert_eq!(s.status, SnapshotStatus::Failed);
@@ -124,7 +125,7 @@ fn close_reports_what_drop_swallows_and_waits_for_other_handles() {
     let fx = Fixture::new();
     let disk = fx.server(1, "web", &disk_bytes(16 * BS, 4));
     let snap = fx.engine.create_snapshot(ServerId(1), "v1", "").unwrap();
-    let Fixture { dir, engine } = fx;
+    let Fixture { dir, engine, .. } = fx;
     let clone = engine.clone();
     assert!(matches!(
         engine.close(),
@@ -137,13 +138,13 @@ fn close_reports_what_drop_swallows_and_waits_for_other_handles() {
     let fs = FaultFs::new();
     let engine = EngineOptions::new()
         .store_fs(Arc::new(FaultFsHandle(fs.clone())))
-        .open(dir.path().join("store"))
+        .open_in(dir.path())
         .unwrap();
     std::fs::write(&disk, disk_bytes(16 * BS, 5)).unwrap();
     engine.create_snapshot(ServerId(1), "v2", "").unwrap();
     fs.fail(0, Fault::Eio); // the seal of the open pack
     assert!(engine.close().is_err(), "a failed seal is reported");
-    let engine = EngineOptions::new().open(dir.path().join("store")).unwrap();
+    let engine = EngineOptions::new().open_in(dir.path()).unwrap();
     assert!(engine.verify(None).unwrap().is_ok());
     engine.restore_snapshot(snap.id).unwrap();
     assert!(std::fs::read(&disk).unwrap() == disk_bytes(16 * BS, 4));

@@ -45,7 +45,7 @@ fn a_read_only_open_changes_nothing_and_refuses_every_write() {
     let first = fx.engine.create_snapshot(ServerId(1), "v1", "").unwrap();
     fx.engine.create_snapshot(ServerId(1), "v2", "").unwrap();
     let before_status = fx.engine.tracking_status(ServerId(1)).unwrap().unwrap();
-    let Fixture { dir, engine } = fx;
+    let Fixture { dir, engine, .. } = fx;
     engine.close().unwrap();
     let store = dir.path().join("store");
     let before = contents(&store);
@@ -103,7 +103,7 @@ fn readers_share_a_store_but_never_with_a_writer() {
         read_only().open(&store),
         Err(Error::StoreLocked { .. })
     ));
-    let Fixture { dir: _dir, engine } = fx;
+    let Fixture { dir: _dir, engine, .. } = fx;
     engine.close().unwrap();
     let a = read_only().open(&store).unwrap();
     let b = read_only().open(&store).unwrap();

@@ -11,6 +11,7 @@ use blocksnap::{
 };
 
 use crate::common::{BS, Faults, Fixture, disk_bytes, faulty_opener};
+use crate::common::OpenIn;
 
 fn safety_snapshots(fx: &Fixture, server: u64) -> Vec<SnapshotId> {
     fx.engine
@@ -266,7 +267,7 @@ fn child_restores_slowly_until_killed() {
             write_delay: Duration::from_millis(4),
             ..Faults::default()
         }))
-        .open(store)
+        .open_in(std::path::Path::new(&store))
         .unwrap();
     println!("restoring");
     engine.restore_snapshot(SnapshotId(id)).unwrap();
@@ -290,7 +291,7 @@ fn a_restore_killed_anywhere_is_finished_by_running_it_again() {
         let work = disk_bytes(len, 21 + kill);
         std::fs::write(&path, &work).unwrap();
         let fx = fx.reopen(EngineOptions::new());
-        let crate::common::Fixture { dir, engine } = fx;
+        let crate::common::Fixture { dir, engine, .. } = fx;
         drop(engine);
 
         let mut child = Command::new(std::env::current_exe().unwrap())
@@ -302,7 +303,7 @@ fn a_restore_killed_anywhere_is_finished_by_running_it_again() {
             ])
             .env(
                 "BLOCKSNAP_TEST_RESTORE_CHILD_STORE",
-                dir.path().join("store"),
+                dir.path(),
             )
             .env(
                 "BLOCKSNAP_TEST_RESTORE_CHILD_SNAPSHOT",
@@ -321,7 +322,7 @@ fn a_restore_killed_anywhere_is_finished_by_running_it_again() {
         child.kill().unwrap();
         child.wait().unwrap();
 
-        let engine = EngineOptions::new().open(dir.path().join("store")).unwrap();
+        let engine = EngineOptions::new().open_in(dir.path()).unwrap();
         let interrupted = engine.open_report().interrupted_restores.clone();
         let server = engine.server(ServerId(1)).unwrap();
         if interrupted.is_empty() {
