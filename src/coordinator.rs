@@ -5,13 +5,31 @@
 //! host. Every call is made before the engine changes its own catalog,
 //! so a refusal or failure here leaves the engine as it was.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use crate::error::Result;
 use crate::ids::{ServerId, SnapshotId};
 use crate::types::{CaptureStats, SnapshotKind};
 
-pub trait Coordinator: Send + Sync {
+/// A captured snapshot, ready to publish.
+pub struct Published<'a> {
+    pub server: ServerId,
+    pub id: SnapshotId,
+    /// Its manifest, written and durable here.
+    pub manifest: &'a Path,
+    /// Every sealed pack, by number and path (those the fleet has are
+    /// skipped).
+    pub packs: &'a [(u32, PathBuf)],
+    /// The packs its chunks are in.
+    pub used: &'a BTreeSet<u32>,
+    pub stats: &'a CaptureStats,
+}
+
+pub trait Coordinator: Send + Sync + std::any::Any {
+    /// For the fleet to find its own type behind the engine's handle.
+    fn as_any(&self) -> &dyn std::any::Any;
+
     /// Registers `server` in the fleet, or attaches this host's `disk`
     /// to it when the fleet has it under the same name.
     fn add_server(&self, server: ServerId, name: &str, disk: &Path) -> Result<()>;
@@ -27,18 +45,10 @@ pub trait Coordinator: Send + Sync {
         kind: SnapshotKind,
     ) -> Result<SnapshotId>;
 
-    /// Publishes a captured snapshot: `packs` (every sealed pack, by
-    /// number and path; those the fleet has are skipped) and then the
-    /// manifest are made durable in the fleet, then the snapshot is marked
-    /// completed there. Only then does the engine commit it completed.
-    fn publish(
-        &self,
-        server: ServerId,
-        id: SnapshotId,
-        manifest: &Path,
-        packs: &[(u32, PathBuf)],
-        stats: &CaptureStats,
-    ) -> Result<()>;
+    /// Publishes a captured snapshot: its packs and then its manifest
+    /// are made durable in the fleet, then it is marked completed there.
+    /// Only then does the engine commit it completed.
+    fn publish(&self, snapshot: &Published<'_>) -> Result<()>;
 
     /// A reserved snapshot that will not complete here: marked failed in
     /// the fleet (best effort; the fleet's own clean-up covers a host that

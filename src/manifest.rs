@@ -197,7 +197,7 @@ impl Manifest {
     }
 
     /// Decodes and checks a manifest file's bytes.
-    #[cfg(any(test, feature = "testing"))]
+    #[cfg(any(test, feature = "testing", feature = "s3"))]
     pub fn decode(bytes: &[u8]) -> Result<Self, String> {
         let read = |buf: &mut [u8], offset: u64| -> Result<()> {
             match copy_at(bytes, buf, offset) {

@@ -21,7 +21,7 @@
 //! The engine of each host acts through it (see `crate::fleet`) and
 //! keeps a mirror of what concerns its host in its own catalog.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -38,6 +38,7 @@ use crate::types::{CaptureStats, SnapshotKind, SnapshotStatus};
 const FORMAT: u64 = 1;
 const STORE: &str = "catalog/store";
 const NEXT_ID: &str = "catalog/next-snapshot-id";
+const GC: &str = "catalog/gc";
 /// Tries of one change before giving up on contention.
 const MAX_TRIES: u32 = 200;
 /// Writes in a row without an answer before an update gives up (with
@@ -81,6 +82,43 @@ pub struct FleetSnapshot {
     pub stats: Option<CaptureStats>,
 }
 
+/// Where the fleet's collection stands (`catalog/gc`): see `crate::fleet`
+/// (module `gc`) for the protocol.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GcState {
+    /// The current condemnation's number (0: none yet).
+    pub generation: u64,
+    pub phase: GcPhase,
+    /// Pack objects no completed snapshot needed when they were marked.
+    pub packs: BTreeSet<String>,
+    /// Manifests of snapshots that were gone or failed when marked.
+    pub manifests: BTreeSet<SnapshotId>,
+    /// When condemned, by the marking host's clock (Unix seconds): the
+    /// sweep waits a while after it, so that captures running then can
+    /// take back what they use instead of failing.
+    pub condemned_at: u64,
+    /// Sweeping: the snapshots in progress when the sweep began (`None`
+    /// for the moment until they are read); it waits for each to end.
+    pub waiting_for: Option<BTreeSet<SnapshotId>>,
+    /// The last writer's stamp.
+    stamp: String,
+}
+
+/// The phases of a collection.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GcPhase {
+    /// Nothing condemned.
+    #[default]
+    Idle,
+    /// Condemned: a capture that uses a condemned pack takes it back.
+    Condemned,
+    /// Being swept: what is condemned goes once every capture that was
+    /// running when the sweep began has ended; a capture begun since that
+    /// uses a condemned pack fails.
+    Sweeping,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct StoreDoc {
     format: u64,
@@ -99,6 +137,12 @@ trait Stamped: Serialize + DeserializeOwned + Clone {
 }
 
 impl Stamped for FleetServer {
+    fn stamp(&mut self) -> &mut String {
+        &mut self.stamp
+    }
+}
+
+impl Stamped for GcState {
     fn stamp(&mut self) -> &mut String {
         &mut self.stamp
     }
@@ -548,6 +592,56 @@ impl FleetCatalog {
             },
         )?;
         Ok(())
+    }
+}
+
+/// The collection's state, as [`FleetCatalog::gc_update`] changes it.
+pub enum GcStep<R> {
+    /// As wanted: nothing to write.
+    Keep(R),
+    /// Changed: write it.
+    Write(R),
+}
+
+impl FleetCatalog {
+    /// Where the collection stands.
+    pub fn gc_state(&self) -> Result<GcState> {
+        Ok(self.read::<GcState>(GC)?.map(|(d, _)| d).unwrap_or_default())
+    }
+
+    /// Changes the collection's state by compare-and-swap (see
+    /// `update`), creating it first if the store has none yet.
+    pub fn gc_update<R>(
+        &self,
+        mut change: impl FnMut(&mut GcState, bool) -> Result<GcStep<R>>,
+    ) -> Result<(GcState, R)> {
+        if self.read::<GcState>(GC)?.is_none() {
+            // Another host's create first is as good.
+            let fresh = GcState {
+                stamp: self.new_stamp(),
+                ..GcState::default()
+            };
+            self.bucket.create(GC, encode(&fresh)?)?;
+        }
+        self.update(
+            GC,
+            || self.corrupt(GC, "the collection's state went"),
+            |doc: &mut GcState, doubted| {
+                Ok(match change(doc, doubted)? {
+                    GcStep::Keep(r) => Step::Done(r),
+                    GcStep::Write(r) => Step::Write(r),
+                })
+            },
+        )
+    }
+
+    /// The next snapshot id the counter will give (every id below it was
+    /// given out already).
+    pub fn next_snapshot_id(&self) -> Result<SnapshotId> {
+        match self.read::<Counter>(NEXT_ID)? {
+            Some((c, _)) => Ok(SnapshotId(c.next)),
+            None => Err(self.corrupt(NEXT_ID, "the snapshot id counter is missing")),
+        }
     }
 }
 

@@ -309,7 +309,7 @@ impl Bucket {
     }
 
     /// True when object `name` exists.
-    fn exists(&self, name: &str) -> Result<bool> {
+    pub fn exists(&self, name: &str) -> Result<bool> {
         let key = self.key(name);
         match self.runtime.block_on(self.store.head(&key)) {
             Ok(_) => Ok(true),

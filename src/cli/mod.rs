@@ -72,6 +72,16 @@ enum Command {
         /// Report what would be given back; change nothing.
         #[arg(long)]
         dry_run: bool,
+        /// With a bucket: how long condemned packs wait before a sweep may
+        /// delete them, so that captures running meanwhile can take back
+        /// what they use (e.g. 30m, 2h).
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "1h")]
+        grace: std::time::Duration,
+        /// With a bucket: a capture in progress this long counts as
+        /// abandoned by a host that died, and a sweep waiting for it marks
+        /// it failed.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "24h")]
+        stale_capture: std::time::Duration,
         #[arg(long)]
         json: bool,
     },
@@ -379,7 +389,23 @@ fn dispatch(cli: Cli) -> blocksnap::Result<i32> {
             );
             snapshot(&open_with(&store, tracking)?, cmd)
         }
-        Command::Gc { dry_run, json } => {
+        Command::Gc {
+            dry_run,
+            grace,
+            stale_capture,
+            json,
+        } => {
+            #[cfg(feature = "s3")]
+            if store.fleet.is_some() {
+                let options = blocksnap::fleet::gc::GcOptions::default()
+                    .dry_run(dry_run)
+                    .grace(grace)
+                    .stale_capture(stale_capture);
+                let report = blocksnap::fleet::collect(&open(&store)?, &options)?;
+                output::fleet_gc(&report, json);
+                return Ok(0);
+            }
+            let _ = (grace, stale_capture);
             let engine = if dry_run {
                 open_read_only(&store)?
             } else {

@@ -353,6 +353,55 @@ pub fn verify(engine: &Engine, id: Option<SnapshotId>, json: bool) -> blocksnap:
 }
 
 /// Prints a garbage collection report.
+#[cfg(feature = "s3")]
+pub fn fleet_gc(r: &blocksnap::fleet::gc::FleetGcReport, json: bool) {
+    use blocksnap::fleet::gc::GcPhase;
+    if json {
+        return print_json(r);
+    }
+    println!(
+        "fleet gc: {} packs, {} in the bucket",
+        r.packs,
+        human_bytes(r.bytes)
+    );
+    if r.packs_deleted + r.manifests_deleted + r.packs_spared > 0 {
+        println!(
+            "swept: {} packs deleted ({}), {} manifests deleted, {} packs kept (used again meanwhile)",
+            r.packs_deleted,
+            human_bytes(r.bytes_deleted),
+            r.manifests_deleted,
+            r.packs_spared
+        );
+    }
+    if !r.captures_expired.is_empty() {
+        println!(
+            "marked failed, in progress past --stale-capture: snapshots {:?}",
+            r.captures_expired.iter().map(|s| s.0).collect::<Vec<_>>()
+        );
+    }
+    match r.phase {
+        GcPhase::Idle => println!("nothing is condemned: every pack holds a chunk a snapshot needs"),
+        GcPhase::Condemned => {
+            println!(
+                "condemned (generation {}): {} packs ({}) and {} manifests no snapshot needs; \
+                 they go at a run of gc after the grace period{}",
+                r.generation,
+                r.packs_condemned,
+                human_bytes(r.bytes_condemned),
+                r.manifests_condemned,
+                r.grace_left
+                    .map(|s| format!(" ({s} s from now)"))
+                    .unwrap_or_default()
+            );
+        }
+        GcPhase::Sweeping => println!(
+            "sweeping (generation {}): waiting for snapshots {:?}, in progress when the sweep began",
+            r.generation,
+            r.waiting_for.iter().map(|s| s.0).collect::<Vec<_>>()
+        ),
+    }
+}
+
 pub fn gc(r: &GcReport, json: bool) {
     if json {
         return print_json(r);

@@ -393,7 +393,24 @@ impl Engine {
             // Every chunk the snapshot holds is then in a sealed pack.
             inner.store.seal_open_pack()?;
             let packs = inner.store.sealed_packs()?;
-            fleet.publish(rec.server_id, rec.id, &manifest_path, &packs, &stats)?;
+            let mut used = std::collections::BTreeSet::new();
+            for id in chunks.iter() {
+                let id = id?;
+                let loc = inner
+                    .store
+                    .locate(&id)?
+                    .ok_or(Error::ChunkMissing { chunk: id })?;
+                used.insert(loc.pack);
+            }
+            let published = crate::coordinator::Published {
+                server: rec.server_id,
+                id: rec.id,
+                manifest: &manifest_path,
+                packs: &packs,
+                used: &used,
+                stats: &stats,
+            };
+            fleet.publish(&published)?;
             stats.micros = started.elapsed().as_micros() as u64;
         }
         Ok((stats, chunks))

@@ -12,6 +12,11 @@ use crate::types::SnapshotStatus;
 use super::Engine;
 
 impl Engine {
+    /// The fleet this engine's host belongs to, if its store is a bucket.
+    pub(crate) fn coordinator(&self) -> Option<&dyn crate::coordinator::Coordinator> {
+        self.inner.options.coordinator.as_deref()
+    }
+
     /// Registers a server the fleet has, with this host's disk for it.
     pub(crate) fn attach_server(&self, id: ServerId, name: &str, disk: &Path) -> Result<()> {
         self.add_server_as(id, name, disk, false).map(|_| ())

@@ -10,7 +10,7 @@
 //! snapshot waits for those it needs, then writes its manifest, then marks
 //! it completed in the fleet's catalog: data, manifest, catalog.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -18,12 +18,13 @@ use parking_lot::{Condvar, Mutex};
 
 use super::packs::{self, Sidecar};
 use crate::bucket::catalog::FleetCatalog;
-use crate::coordinator::Coordinator;
+use crate::coordinator::{Coordinator, Published};
 use crate::error::{Error, IoContext, Result};
 use crate::fsio::StoreFs;
 use crate::ids::{ServerId, SnapshotId};
+use crate::fleet::gc::{FleetGcReport, GcOptions};
 use crate::store::pack::{self as packfmt, TRAILER_LEN};
-use crate::types::{CaptureStats, SnapshotKind};
+use crate::types::SnapshotKind;
 
 /// Uploads at once.
 const UPLOADERS: usize = 2;
@@ -134,6 +135,18 @@ impl Host {
     }
 }
 
+impl Host {
+    /// One collection step across the fleet (see `gc`).
+    pub fn collect(&self, options: &GcOptions) -> Result<FleetGcReport> {
+        super::gc::collect(
+            &self.shared.catalog,
+            self.shared.fs.as_ref(),
+            &self.shared.packs_dir,
+            options,
+        )
+    }
+}
+
 impl Drop for Host {
     fn drop(&mut self) {
         self.shared.uploads.lock().closing = true;
@@ -201,6 +214,10 @@ impl Shared {
 }
 
 impl Coordinator for Host {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
     fn add_server(&self, server: ServerId, name: &str, disk: &Path) -> Result<()> {
         self.shared
             .catalog
@@ -218,22 +235,33 @@ impl Coordinator for Host {
         self.shared.catalog.reserve(server, name, description, kind)
     }
 
-    fn publish(
-        &self,
-        server: ServerId,
-        id: SnapshotId,
-        manifest: &Path,
-        packs: &[(u32, PathBuf)],
-        stats: &CaptureStats,
-    ) -> Result<()> {
-        for (seq, path) in packs {
+    fn publish(&self, snap: &Published<'_>) -> Result<()> {
+        for (seq, path) in snap.packs {
             self.enqueue(*seq, path);
         }
-        let seqs: Vec<u32> = packs.iter().map(|p| p.0).collect();
+        let seqs: Vec<u32> = snap.packs.iter().map(|p| p.0).collect();
         self.wait_uploaded(&seqs)?;
-        let bytes = self.shared.fs.read_all(manifest).at(manifest)?;
-        self.shared.catalog.bucket().put(&manifest_key(id), bytes)?;
-        self.shared.catalog.complete(server, id, stats)
+        let bytes = self.shared.fs.read_all(snap.manifest).at(snap.manifest)?;
+        self.shared
+            .catalog
+            .bucket()
+            .put(&manifest_key(snap.id), bytes)?;
+        // The packs it uses, by name: each must outlive the collection.
+        let mut used = BTreeSet::new();
+        for seq in snap.used {
+            let path = packs::pack_path(&self.shared.packs_dir, *seq);
+            let car = packs::read_sidecar(self.shared.fs.as_ref(), &path).ok_or_else(|| {
+                Error::Internal(format!(
+                    "pack {seq} holds chunks of snapshot {} but is not in the bucket",
+                    snap.id
+                ))
+            })?;
+            used.insert(car.key);
+        }
+        super::gc::check_used(&self.shared.catalog, snap.id, &used)?;
+        self.shared
+            .catalog
+            .complete(snap.server, snap.id, snap.stats)
     }
 
     fn abandon(&self, server: ServerId, id: SnapshotId) {

@@ -22,6 +22,7 @@
 //! the fleet's catalog, and a capture is published (packs, manifest, then
 //! the catalog) before this host commits it.
 
+pub mod gc;
 mod host;
 pub(crate) mod packs;
 
@@ -138,6 +139,8 @@ pub struct SyncReport {
     pub packs_learnt: u64,
     /// Objects under `packs/` that are not sealed packs, and why.
     pub packs_refused: Vec<String>,
+    /// Packs this cache held that the bucket no longer has (collected).
+    pub packs_forgotten: u64,
     /// Snapshots completed on other hosts taken in now.
     pub snapshots_taken_in: u64,
     /// Snapshots dropped here because the fleet no longer has them.
@@ -266,8 +269,19 @@ fn learn_packs(
     let keys: HashMap<&str, u32> = known.iter().map(|(s, c)| (c.key.as_str(), *s)).collect();
     let mut next = crate::store::max_pack_seq(fs, dir)? + 1;
     let bucket = catalog.bucket();
+    let listed = bucket.list("packs")?;
+    // Packs the bucket no longer has (collected): forgotten here, so
+    // that no capture uses them again.
+    let names: std::collections::HashSet<&str> = listed.iter().map(|(k, _)| k.as_str()).collect();
     let mut learnt = false;
-    for (key, len) in bucket.list("packs")? {
+    for (seq, car) in &known {
+        if !names.contains(car.key.as_str()) {
+            packs::forget(fs, dir, *seq)?;
+            report.packs_forgotten += 1;
+            learnt = true;
+        }
+    }
+    for (key, len) in listed.iter().map(|(k, l)| (k.clone(), *l)) {
         if keys.contains_key(key.as_str()) || !key.ends_with(".pack") {
             continue;
         }
@@ -280,6 +294,15 @@ fn learn_packs(
             // Another program's object: refused, reported, never used.
             Err(e @ Error::Corruption { .. }) => report.packs_refused.push(e.to_string()),
             Err(e) => return Err(e),
+        }
+    }
+    if report.packs_forgotten > 0 {
+        // The chunk index table names them: made again from the packs.
+        let table = dir.join(crate::store::INDEX_TABLE_FILE);
+        match fs.remove(&table) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(&table, e)),
         }
     }
     if learnt {
@@ -366,6 +389,20 @@ fn reconcile(
         report.snapshots_taken_in += 1;
     }
     Ok(())
+}
+
+/// One step of the fleet's garbage collection, run from this host (see
+/// [`gc`]): refused for an engine whose store is not in a bucket.
+pub fn collect(engine: &Engine, options: &gc::GcOptions) -> Result<gc::FleetGcReport> {
+    let host = engine
+        .coordinator()
+        .and_then(|c| c.as_any().downcast_ref::<host::Host>())
+        .ok_or_else(|| {
+            Error::InvalidParameter(
+                "this store is not in a bucket: collect its garbage with Engine::gc".into(),
+            )
+        })?;
+    host.collect(options)
 }
 
 /// The fleet's servers and snapshots as the bucket says now (every host's).

@@ -100,6 +100,71 @@ pub(crate) fn known(fs: &dyn StoreFs, dir: &Path) -> Result<HashMap<u32, Sidecar
     Ok(out)
 }
 
+/// What a pack object's header and tail say.
+pub(crate) struct RemoteIndex {
+    pub header: Vec<u8>,
+    /// The index and the trailer, as they end the object.
+    pub tail: Vec<u8>,
+    pub tr: pack::Trailer,
+    pub entries: Vec<pack::IndexEntry>,
+}
+
+/// Reads pack `key`'s header, trailer and index from the bucket (the
+/// other program's word: every field is checked).
+pub(crate) fn read_index(bucket: &Bucket, key: &str, len: u64) -> Result<RemoteIndex> {
+    let corrupt = |what: &str| Error::corrupt(format!("{}/{key}", bucket.url()), what);
+    if len < (PACK_HEADER_LEN + TRAILER_LEN) as u64 {
+        return Err(corrupt("it is shorter than a pack's header and trailer"));
+    }
+    let header = bucket.get_range(key, 0..PACK_HEADER_LEN as u64)?;
+    pack::check_pack_header(&header).map_err(|e| corrupt(&e))?;
+    let trailer = bucket.get_range(key, len - TRAILER_LEN as u64..len)?;
+    let tr = pack::decode_trailer(&trailer, len)
+        .ok_or_else(|| corrupt("it has no valid trailer (not a sealed pack)"))?;
+    let mut tail = bucket.get_range(key, tr.index_offset..len - TRAILER_LEN as u64)?;
+    let entries = pack::decode_index(&tail, &tr).map_err(|e| corrupt(&e))?;
+    tail.extend_from_slice(&trailer);
+    Ok(RemoteIndex {
+        header,
+        tail,
+        tr,
+        entries,
+    })
+}
+
+/// The index entries of a pack this cache holds (whole or placeholder:
+/// its tail is here either way).
+pub(crate) fn local_index(fs: &dyn StoreFs, path: &Path) -> Result<Vec<pack::IndexEntry>> {
+    let file = fs.open(path, OpenMode::Read).at(path)?;
+    let len = file.len().at(path)?;
+    let corrupt = |what: &str| Error::corrupt(path, what);
+    if len < (PACK_HEADER_LEN + TRAILER_LEN) as u64 {
+        return Err(corrupt("it is shorter than a pack's header and trailer"));
+    }
+    let mut trailer = [0u8; TRAILER_LEN];
+    file.read_exact_at(&mut trailer, len - TRAILER_LEN as u64)
+        .at(path)?;
+    let tr = pack::decode_trailer(&trailer, len)
+        .ok_or_else(|| corrupt("it has no valid trailer"))?;
+    let mut index = vec![0u8; (len - TRAILER_LEN as u64 - tr.index_offset) as usize];
+    file.read_exact_at(&mut index, tr.index_offset).at(path)?;
+    pack::decode_index(&index, &tr).map_err(|e| corrupt(&e))
+}
+
+/// Removes pack `seq` of `dir` from this cache: the pack, its sidecar and
+/// its segment list (the store must not be open).
+pub(crate) fn forget(fs: &dyn StoreFs, dir: &Path, seq: u32) -> Result<()> {
+    let path = pack_path(dir, seq);
+    for p in [path.clone(), sidecar_path(&path), have_path(&path)] {
+        match fs.remove(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(&p, e)),
+        }
+    }
+    Ok(())
+}
+
 /// Learns the pack `key` (of `len` bytes) of the bucket: reads its
 /// header, trailer and index (the other program's word: every field is
 /// checked) and writes its placeholder as pack `seq` in `dir`.
@@ -111,18 +176,9 @@ pub(crate) fn learn(
     key: &str,
     len: u64,
 ) -> Result<()> {
-    let corrupt = |what: &str| Error::corrupt(format!("{}/{key}", bucket.url()), what);
-    if len < (PACK_HEADER_LEN + TRAILER_LEN) as u64 {
-        return Err(corrupt("it is shorter than a pack's header and trailer"));
-    }
-    let header = bucket.get_range(key, 0..PACK_HEADER_LEN as u64)?;
-    pack::check_pack_header(&header).map_err(|e| corrupt(&e))?;
-    let trailer = bucket.get_range(key, len - TRAILER_LEN as u64..len)?;
-    let tr = pack::decode_trailer(&trailer, len)
-        .ok_or_else(|| corrupt("it has no valid trailer (not a sealed pack)"))?;
-    let mut tail = bucket.get_range(key, tr.index_offset..len - TRAILER_LEN as u64)?;
-    pack::decode_index(&tail, &tr).map_err(|e| corrupt(&e))?;
-    tail.extend_from_slice(&trailer);
+    let RemoteIndex {
+        header, tail, tr, ..
+    } = read_index(bucket, key, len)?;
     let path = pack_path(dir, seq);
     let tmp = path.with_extension("pack-tmp");
     let _ = fs.remove(&tmp);

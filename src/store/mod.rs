@@ -1368,6 +1368,10 @@ fn sealed_fingerprint(fs: &dyn StoreFs, seq: u32, path: &Path) -> Result<Option<
     }))
 }
 
+/// The chunk index table's file name in the pack directory.
+#[cfg(feature = "s3")]
+pub(crate) const INDEX_TABLE_FILE: &str = table::FILE_NAME;
+
 /// The highest pack number in `dir` (0: none).
 #[cfg(feature = "s3")]
 pub(crate) fn max_pack_seq(fs: &dyn StoreFs, dir: &Path) -> Result<u32> {
