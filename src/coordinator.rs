@@ -58,6 +58,10 @@ pub trait Coordinator: Send + Sync + std::any::Any {
     /// Removes a snapshot from the fleet's catalog.
     fn delete(&self, server: ServerId, id: SnapshotId) -> Result<()>;
 
+    /// Brings the engine up to date with the fleet (packs, snapshots):
+    /// called once a server is attached, to take in its snapshots.
+    fn refresh(&self, engine: &crate::engine::Engine) -> Result<()>;
+
     /// Told of every pack sealed, so its upload can start while the
     /// capture goes on.
     fn pack_sealed(&self, seq: u32, path: &Path);

@@ -606,7 +606,10 @@ pub enum GcStep<R> {
 impl FleetCatalog {
     /// Where the collection stands.
     pub fn gc_state(&self) -> Result<GcState> {
-        Ok(self.read::<GcState>(GC)?.map(|(d, _)| d).unwrap_or_default())
+        Ok(self
+            .read::<GcState>(GC)?
+            .map(|(d, _)| d)
+            .unwrap_or_default())
     }
 
     /// Changes the collection's state by compare-and-swap (see

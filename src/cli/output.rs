@@ -380,7 +380,9 @@ pub fn fleet_gc(r: &blocksnap::fleet::gc::FleetGcReport, json: bool) {
         );
     }
     match r.phase {
-        GcPhase::Idle => println!("nothing is condemned: every pack holds a chunk a snapshot needs"),
+        GcPhase::Idle => {
+            println!("nothing is condemned: every pack holds a chunk a snapshot needs")
+        }
         GcPhase::Condemned => {
             println!(
                 "condemned (generation {}): {} packs ({}) and {} manifests no snapshot needs; \

@@ -22,6 +22,12 @@ impl Engine {
         self.add_server_as(id, name, disk, false).map(|_| ())
     }
 
+    /// Adds a pack of the fleet to the store while it is open (see
+    /// `ChunkStore::adopt_pack`).
+    pub(crate) fn adopt_pack(&self, make: impl FnOnce(&Path) -> Result<()>) -> Result<u32> {
+        self.inner.store.adopt_pack(make)
+    }
+
     /// Removes a snapshot the fleet no longer has (deleted on another
     /// host, or failed there).
     pub(crate) fn forget_snapshot(&self, id: SnapshotId) -> Result<()> {

@@ -343,6 +343,16 @@ impl Engine {
         let view = state.server_view(&rec);
         state.servers.insert(id, rec);
         self.inner.tracking.lock().add_server(id);
+        drop(state);
+        if let (true, Some(c)) = (in_fleet, &self.inner.options.coordinator) {
+            // The snapshots other hosts took of it are this host's now.
+            c.refresh(self).map_err(|e| {
+                Error::WrongState(format!(
+                    "server {id} is registered, but taking in the snapshots other hosts took \
+                     of it failed ({e}); they are taken in when the store is next opened"
+                ))
+            })?;
+        }
         Ok(view)
     }
 

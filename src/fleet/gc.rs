@@ -174,6 +174,9 @@ pub(crate) fn collect(
     }
     if state.phase == GcPhase::Idle {
         state = mark(catalog, fs, dir, options, &mut report)?;
+        if state.phase == GcPhase::Condemned && !options.grace.is_zero() {
+            report.grace_left = Some(options.grace.as_secs());
+        }
     }
     report.phase = state.phase;
     report.generation = state.generation;
@@ -463,15 +466,13 @@ pub(crate) fn check_used(
             (GcPhase::Condemned, _) => {
                 let generation = state.generation;
                 let (_, taken) = catalog.gc_update(|s, _| {
-                    Ok(
-                        match (s.phase, s.generation == generation) {
-                            (GcPhase::Condemned, true) => {
-                                s.packs.retain(|k| !hit.contains(k));
-                                GcStep::Write(true)
-                            }
-                            _ => GcStep::Keep(false),
-                        },
-                    )
+                    Ok(match (s.phase, s.generation == generation) {
+                        (GcPhase::Condemned, true) => {
+                            s.packs.retain(|k| !hit.contains(k));
+                            GcStep::Write(true)
+                        }
+                        _ => GcStep::Keep(false),
+                    })
                 })?;
                 if taken {
                     return Ok(());

@@ -16,13 +16,15 @@ use std::sync::Arc;
 
 use parking_lot::{Condvar, Mutex};
 
+use super::SyncReport;
 use super::packs::{self, Sidecar};
 use crate::bucket::catalog::FleetCatalog;
 use crate::coordinator::{Coordinator, Published};
+use crate::engine::Engine;
 use crate::error::{Error, IoContext, Result};
+use crate::fleet::gc::{FleetGcReport, GcOptions};
 use crate::fsio::StoreFs;
 use crate::ids::{ServerId, SnapshotId};
-use crate::fleet::gc::{FleetGcReport, GcOptions};
 use crate::store::pack::{self as packfmt, TRAILER_LEN};
 use crate::types::SnapshotKind;
 
@@ -136,6 +138,39 @@ impl Host {
 }
 
 impl Host {
+    /// Brings `engine` (this host's) up to date with the fleet while it is
+    /// open: the catalog is read, then the packs uploaded since are learnt
+    /// (their tails), then the catalog is mirrored (see `reconcile`).
+    pub fn sync(&self, engine: &Engine) -> Result<SyncReport> {
+        let sh = &self.shared;
+        let mut report = SyncReport::default();
+        let servers = sh.catalog.servers()?;
+        let known: HashSet<String> = packs::known(sh.fs.as_ref(), &sh.packs_dir)?
+            .into_values()
+            .map(|c| c.key)
+            .collect();
+        for (key, len) in sh.catalog.bucket().list("packs")? {
+            if known.contains(&key) || !key.ends_with(".pack") {
+                continue;
+            }
+            let index = match packs::read_index(sh.catalog.bucket(), &key, len) {
+                Ok(index) => index,
+                Err(e @ Error::Corruption { .. }) => {
+                    report.packs_refused.push(e.to_string());
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let seq = engine.adopt_pack(|path| {
+                packs::write_placeholder(sh.fs.as_ref(), path, &key, len, &index)
+            })?;
+            sh.uploads.lock().done.insert(seq);
+            report.packs_learnt += 1;
+        }
+        super::reconcile(engine, &sh.catalog, &servers, &mut report)?;
+        Ok(report)
+    }
+
     /// One collection step across the fleet (see `gc`).
     pub fn collect(&self, options: &GcOptions) -> Result<FleetGcReport> {
         super::gc::collect(
@@ -187,8 +222,13 @@ impl Shared {
         }
     }
 
-    /// Uploads pack `seq` whole, then records it in its sidecar.
+    /// Uploads pack `seq` whole, then records it in its sidecar; a pack
+    /// with a sidecar is in the bucket already (learnt from it, or
+    /// uploaded before a restart).
     fn upload(&self, seq: u32, path: &Path) -> Result<()> {
+        if packs::read_sidecar(self.fs.as_ref(), path).is_some() {
+            return Ok(());
+        }
         let bytes = self.fs.read_all(path).at(path)?;
         let len = bytes.len() as u64;
         // Only a sealed pack goes: its trailer must say so.
@@ -270,6 +310,10 @@ impl Coordinator for Host {
 
     fn delete(&self, server: ServerId, id: SnapshotId) -> Result<()> {
         self.shared.catalog.delete_snapshot(server, id)
+    }
+
+    fn refresh(&self, engine: &Engine) -> Result<()> {
+        self.sync(engine).map(|_| ())
     }
 
     fn pack_sealed(&self, seq: u32, path: &Path) {

@@ -178,9 +178,6 @@ pub fn open(fleet: &FleetOptions, options: EngineOptions) -> Result<(Engine, Syn
     let bucket = Bucket::open(&fleet.url, &fleet.bucket)?;
     let catalog = Arc::new(FleetCatalog::open(bucket, &fleet.host)?);
     let mut report = SyncReport::default();
-    // The catalog before the packs: every pack a snapshot it lists as
-    // completed needs was uploaded before it said so.
-    let servers = catalog.servers()?;
     let root = cache.join("store");
     let packs_dir = root.join("packs");
     let fs: Arc<dyn StoreFs> = options.store_fs.clone();
@@ -199,22 +196,28 @@ pub fn open(fleet: &FleetOptions, options: EngineOptions) -> Result<(Engine, Syn
     let in_bucket = packs::known(fs.as_ref(), &packs_dir)?;
     let bucket = Arc::new(Bucket::open(&fleet.url, &fleet.bucket)?);
     let fleet_fs: Arc<dyn StoreFs> = Arc::new(packs::FleetFs::new(fs.clone(), bucket));
-    let host = Arc::new(host::Host::new(
+    let host_handle = host::Host::new(
         catalog.clone(),
         fs,
         packs_dir,
         in_bucket.keys().copied(),
         lock,
-    ));
+    );
+    let host = Arc::new(host_handle);
     let block_size = catalog.block_size();
     let engine = options
         .create(true)
         .block_size(block_size)
         .auto_gc(false)
         .store_fs(fleet_fs)
-        .coordinator(host, fleet.pack_len)
+        .coordinator(host.clone(), fleet.pack_len)
         .open(&root)?;
-    reconcile(&engine, &catalog, &servers, &mut report)?;
+    let now = host.sync(&engine)?;
+    report.packs_learnt += now.packs_learnt;
+    report.packs_refused.extend(now.packs_refused);
+    report.snapshots_taken_in = now.snapshots_taken_in;
+    report.snapshots_dropped = now.snapshots_dropped;
+    report.captures_failed = now.captures_failed;
     Ok((engine, report))
 }
 
@@ -319,23 +322,33 @@ fn reconcile(
     report: &mut SyncReport,
 ) -> Result<()> {
     let host = catalog.host();
-    let mut fleet: BTreeMap<SnapshotId, (&FleetServer, &FleetSnapshot)> = BTreeMap::new();
+    let mut fleet: BTreeMap<SnapshotId, (&FleetServer, FleetSnapshot)> = BTreeMap::new();
+    let mut failed = Vec::new();
     for srv in servers {
         for snap in &srv.snapshots {
             // This host's captures still running in the fleet's eyes: the
             // cache's lock says no process of this host runs them now.
             if snap.host == host && snap.status == SnapshotStatus::InProgress {
-                catalog.finish_snapshot(srv.id, snap.id, false)?;
+                match catalog.finish_snapshot(srv.id, snap.id, false) {
+                    // Failed meanwhile (by a collection): as wanted.
+                    Ok(()) | Err(Error::WrongState(_)) => {}
+                    Err(e) => return Err(e),
+                }
                 report.captures_failed += 1;
+                failed.push((srv, snap.clone()));
                 continue;
             }
-            fleet.insert(snap.id, (srv, snap));
+            fleet.insert(snap.id, (srv, snap.clone()));
         }
         if let Some(disk) = srv.disks.get(host)
             && engine.server(srv.id).is_err()
         {
             engine.attach_server(srv.id, &srv.name, disk)?;
         }
+    }
+    for (srv, mut snap) in failed {
+        snap.status = SnapshotStatus::Failed;
+        fleet.insert(snap.id, (srv, snap));
     }
     let local = engine.local_snapshots();
     for (id, _, status) in &local {

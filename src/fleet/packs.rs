@@ -144,8 +144,8 @@ pub(crate) fn local_index(fs: &dyn StoreFs, path: &Path) -> Result<Vec<pack::Ind
     let mut trailer = [0u8; TRAILER_LEN];
     file.read_exact_at(&mut trailer, len - TRAILER_LEN as u64)
         .at(path)?;
-    let tr = pack::decode_trailer(&trailer, len)
-        .ok_or_else(|| corrupt("it has no valid trailer"))?;
+    let tr =
+        pack::decode_trailer(&trailer, len).ok_or_else(|| corrupt("it has no valid trailer"))?;
     let mut index = vec![0u8; (len - TRAILER_LEN as u64 - tr.index_offset) as usize];
     file.read_exact_at(&mut index, tr.index_offset).at(path)?;
     pack::decode_index(&index, &tr).map_err(|e| corrupt(&e))
@@ -176,17 +176,30 @@ pub(crate) fn learn(
     key: &str,
     len: u64,
 ) -> Result<()> {
+    let index = read_index(bucket, key, len)?;
+    write_placeholder(fs, &pack_path(dir, seq), key, len, &index)
+}
+
+/// Writes the placeholder of pack object `key` at `path`: its length,
+/// with its header and its tail; the sidecar first.
+pub(crate) fn write_placeholder(
+    fs: &dyn StoreFs,
+    path: &Path,
+    key: &str,
+    len: u64,
+    index: &RemoteIndex,
+) -> Result<()> {
     let RemoteIndex {
         header, tail, tr, ..
-    } = read_index(bucket, key, len)?;
-    let path = pack_path(dir, seq);
+    } = index;
+    let path = path.to_path_buf();
     let tmp = path.with_extension("pack-tmp");
     let _ = fs.remove(&tmp);
     let written = (|| {
         let f = fs.open(&tmp, OpenMode::CreateNew).at(&tmp)?;
         f.set_len(len).at(&tmp)?;
-        f.write_all_at(&header, 0).at(&tmp)?;
-        f.write_all_at(&tail, tr.index_offset).at(&tmp)?;
+        f.write_all_at(header, 0).at(&tmp)?;
+        f.write_all_at(tail, tr.index_offset).at(&tmp)?;
         f.sync().at(&tmp)?;
         // The sidecar before the pack's name: a pack named without one
         // would pass for whole.

@@ -474,6 +474,28 @@ impl ChunkStore {
         Ok(())
     }
 
+    /// Adds a sealed pack while the store is open: `make` writes it at the
+    /// path it is given (quickly: the writer waits), then its index is
+    /// read and its chunks indexed. Returns its number.
+    #[cfg(feature = "s3")]
+    pub(crate) fn adopt_pack(&self, make: impl FnOnce(&Path) -> Result<()>) -> Result<u32> {
+        let (seq, path) = {
+            let mut w = self.writer.lock();
+            let seq = w.next_seq;
+            let path = pack_path(&self.dir, seq);
+            make(&path)?;
+            w.next_seq += 1;
+            w.dir_dirty = true;
+            (seq, path)
+        };
+        let entries = load_pack(self.fs.as_ref(), &path, &mut Recovery::default(), true)?;
+        let mut index = self.index_mut()?;
+        for e in entries {
+            index.insert_if_absent(&e.id, loc_of(seq, &e));
+        }
+        Ok(seq)
+    }
+
     /// The sealed packs, by number and path (the open one left out).
     pub fn sealed_packs(&self) -> Result<Vec<(u32, PathBuf)>> {
         let open = self.writer.lock().active.as_ref().map(|a| a.seq);

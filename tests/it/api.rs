@@ -9,8 +9,8 @@ use blocksnap::http::{RunningApi, Tokens, start};
 use blocksnap::{EngineOptions, ServerId};
 use serde_json::{Value, json};
 
-use crate::common::{Gate, disk_bytes};
 use crate::common::OpenIn;
+use crate::common::{Gate, disk_bytes};
 
 const TOKEN: &str = "test-token-0123456789";
 

@@ -2,8 +2,8 @@
 
 use blocksnap::{Compression, EngineOptions, Error, ServerId, SnapshotId, SnapshotStatus};
 
-use crate::common::{BS, Fixture, Gate, disk_bytes};
 use crate::common::OpenIn;
+use crate::common::{BS, Fixture, Gate, disk_bytes};
 
 #[test]
 fn invalid_names_are_refused_and_change_nothing() {

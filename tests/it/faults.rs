@@ -20,8 +20,8 @@ use blocksnap::{
     Engine, EngineOptions, RestoreOptions, ServerId, SnapshotId, SnapshotKind, SnapshotStatus,
 };
 
-use crate::common::{BS, disk_bytes};
 use crate::common::OpenIn;
+use crate::common::{BS, disk_bytes};
 
 const LEN: usize = 40 * BS;
 

@@ -8,8 +8,8 @@ use std::path::Path;
 
 use blocksnap::{Engine, EngineOptions, RestoreOptions, ServerId};
 
-use crate::common::{BS, disk_bytes};
 use crate::common::OpenIn;
+use crate::common::{BS, disk_bytes};
 
 /// A store whose chunk index table is written at every capture's end.
 fn options() -> EngineOptions {

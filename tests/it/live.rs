@@ -18,8 +18,8 @@ use blocksnap::live::testbed::{Daemon, Guest, point_in_time, qcow2_image, read_e
 use blocksnap::{CaptureKind, EngineOptions, FullReason, RestoreMethod, RestoreOptions, ServerId};
 use serde_json::Value;
 
-use crate::common::random_bytes;
 use crate::common::OpenIn;
+use crate::common::random_bytes;
 
 const MIB: usize = 1 << 20;
 

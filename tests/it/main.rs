@@ -13,6 +13,7 @@ mod dense;
 mod errors;
 mod export;
 mod faults;
+mod fleet;
 mod full_disk;
 mod fuzz_corpus;
 mod gc;

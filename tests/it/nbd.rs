@@ -16,8 +16,8 @@ use blocksnap::live::testbed::Daemon;
 use blocksnap::nbd::NbdDisk;
 use blocksnap::{EngineOptions, ServerId};
 
-use crate::common::{random_bytes, run};
 use crate::common::OpenIn;
+use crate::common::{random_bytes, run};
 
 const MIB: usize = 1 << 20;
 

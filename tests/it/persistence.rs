@@ -5,8 +5,8 @@ use std::process::{Command, Stdio};
 
 use blocksnap::{EngineOptions, ServerId, ServerState, SnapshotId, SnapshotStatus};
 
-use crate::common::{BS, Fixture, Gate, disk_bytes};
 use crate::common::OpenIn;
+use crate::common::{BS, Fixture, Gate, disk_bytes};
 
 #[test]
 fn servers_snapshots_and_the_id_counter_survive_reopening() {

@@ -103,7 +103,9 @@ fn readers_share_a_store_but_never_with_a_writer() {
         read_only().open(&store),
         Err(Error::StoreLocked { .. })
     ));
-    let Fixture { dir: _dir, engine, .. } = fx;
+    let Fixture {
+        dir: _dir, engine, ..
+    } = fx;
     engine.close().unwrap();
     let a = read_only().open(&store).unwrap();
     let b = read_only().open(&store).unwrap();

@@ -83,4 +83,3 @@ pub fn scratch_url(vars: &[(String, String)], name: &str) -> String {
         std::process::id()
     )
 }
-

@@ -10,8 +10,8 @@ use blocksnap::{
     SnapshotKind, SnapshotStatus,
 };
 
-use crate::common::{BS, Faults, Fixture, disk_bytes, faulty_opener};
 use crate::common::OpenIn;
+use crate::common::{BS, Faults, Fixture, disk_bytes, faulty_opener};
 
 fn safety_snapshots(fx: &Fixture, server: u64) -> Vec<SnapshotId> {
     fx.engine
@@ -301,10 +301,7 @@ fn a_restore_killed_anywhere_is_finished_by_running_it_again() {
                 "undo::child_restores_slowly_until_killed",
                 "--nocapture",
             ])
-            .env(
-                "BLOCKSNAP_TEST_RESTORE_CHILD_STORE",
-                dir.path(),
-            )
+            .env("BLOCKSNAP_TEST_RESTORE_CHILD_STORE", dir.path())
             .env(
                 "BLOCKSNAP_TEST_RESTORE_CHILD_SNAPSHOT",
                 snap.id.0.to_string(),
