@@ -167,9 +167,7 @@ pub fn init(fleet: &FleetOptions, options: EngineOptions) -> Result<Engine> {
 pub fn open(fleet: &FleetOptions, options: EngineOptions) -> Result<(Engine, SyncReport)> {
     check_host(&fleet.host)?;
     if options.read_only {
-        return Err(Error::InvalidParameter(
-            "a fleet host's cache is opened for writing (it is brought up to date)".into(),
-        ));
+        return open_read_only(fleet, options);
     }
     let cache = &fleet.cache;
     std::fs::create_dir_all(cache).at(cache)?;
@@ -219,6 +217,23 @@ pub fn open(fleet: &FleetOptions, options: EngineOptions) -> Result<(Engine, Syn
     report.snapshots_dropped = now.snapshots_dropped;
     report.captures_failed = now.captures_failed;
     Ok((engine, report))
+}
+
+/// This host's cache as it is, to read: not brought up to date, nothing
+/// written to the bucket or the cache's store (chunks of other hosts'
+/// packs are still fetched into it when read). Beside a process that has
+/// the cache open for writing it fails, as for any store.
+fn open_read_only(fleet: &FleetOptions, options: EngineOptions) -> Result<(Engine, SyncReport)> {
+    let root = fleet.cache.join("store");
+    if !root.join(crate::engine::CATALOG_FILE).exists() {
+        return Err(Error::NoStore { path: root });
+    }
+    check_cache(fleet)?;
+    let bucket = Arc::new(Bucket::open(&fleet.url, &fleet.bucket)?);
+    let fleet_fs: Arc<dyn StoreFs> =
+        Arc::new(packs::FleetFs::new(options.store_fs.clone(), bucket));
+    let engine = options.store_fs(fleet_fs).open(&root)?;
+    Ok((engine, SyncReport::default()))
 }
 
 /// Refuses a cache made for another store or host; marks a new one.
