@@ -88,7 +88,7 @@ mon data = $dir/mon
 [osd.0]
 osd data = $dir/osd0
 [client.rgw.blocksnap]
-rgw frontends = beast endpoint=127.0.0.1:$port
+rgw frontends = beast endpoint=127.0.0.1:$port tcp_nodelay=1
 rgw data = $dir/rgw
 EOF
   local c="-c $conf" k=$dir/keyring

@@ -156,7 +156,7 @@ impl Stamped for Counter {
 
 /// The fleet's catalog in one bucket, as one host acts on it.
 pub struct FleetCatalog {
-    bucket: Bucket,
+    bucket: std::sync::Arc<Bucket>,
     host: String,
     block_size: u32,
 }
@@ -231,7 +231,12 @@ pub(crate) fn fuzz_seeds() -> Vec<Vec<u8>> {
 impl FleetCatalog {
     /// Creates the catalog of a new store in `bucket`; refuses a bucket
     /// (prefix) that holds one.
-    pub fn init(bucket: Bucket, host: &str, block_size: u32) -> Result<Self> {
+    pub fn init(
+        bucket: impl Into<std::sync::Arc<Bucket>>,
+        host: &str,
+        block_size: u32,
+    ) -> Result<Self> {
+        let bucket = bucket.into();
         crate::manifest::check_block_size(block_size)?;
         let doc = StoreDoc {
             format: FORMAT,
@@ -253,7 +258,8 @@ impl FleetCatalog {
     }
 
     /// The catalog of the store in `bucket`, acting as `host`.
-    pub fn open(bucket: Bucket, host: &str) -> Result<Self> {
+    pub fn open(bucket: impl Into<std::sync::Arc<Bucket>>, host: &str) -> Result<Self> {
+        let bucket = bucket.into();
         if host.is_empty() || host.len() > 255 || host.chars().any(|c| c.is_control()) {
             return Err(Error::InvalidParameter(format!(
                 "{host:?} is not a host name (1-255 printable characters)"
@@ -289,6 +295,11 @@ impl FleetCatalog {
     /// The bucket the catalog is in.
     pub fn bucket(&self) -> &Bucket {
         &self.bucket
+    }
+
+    /// The bucket, to share.
+    pub fn shared_bucket(&self) -> std::sync::Arc<Bucket> {
+        self.bucket.clone()
     }
 
     pub fn host(&self) -> &str {

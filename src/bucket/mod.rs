@@ -270,9 +270,9 @@ impl Bucket {
     }
 
     /// Writes `bytes` at `name`, whatever is there.
-    pub fn put(&self, name: &str, bytes: Vec<u8>) -> Result<Version> {
+    pub fn put(&self, name: &str, bytes: impl Into<bytes::Bytes>) -> Result<Version> {
         let key = self.key(name);
-        let put = self.store.put(&key, PutPayload::from(bytes));
+        let put = self.store.put(&key, PutPayload::from(bytes.into()));
         let done = self
             .runtime
             .block_on(put)

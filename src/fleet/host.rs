@@ -23,7 +23,7 @@ use crate::coordinator::{Coordinator, Published};
 use crate::engine::Engine;
 use crate::error::{Error, IoContext, Result};
 use crate::fleet::gc::{FleetGcReport, GcOptions};
-use crate::fsio::StoreFs;
+use crate::fsio::{OpenMode, StoreFs};
 use crate::ids::{ServerId, SnapshotId};
 use crate::store::pack::{self as packfmt, TRAILER_LEN};
 use crate::types::SnapshotKind;
@@ -229,7 +229,15 @@ impl Shared {
         if packs::read_sidecar(self.fs.as_ref(), path).is_some() {
             return Ok(());
         }
-        let bytes = self.fs.read_all(path).at(path)?;
+        // Mapped where the file system allows: the pack goes to the
+        // socket without a copy in between. A sealed pack is never
+        // written again (the local collection, the one writer of old
+        // packs, is refused in a fleet).
+        let file = self.fs.open(path, OpenMode::Read).at(path)?;
+        let bytes = match file.map().at(path)? {
+            Some(map) => bytes::Bytes::from_owner(map),
+            None => bytes::Bytes::from(self.fs.read_all(path).at(path)?),
+        };
         let len = bytes.len() as u64;
         // Only a sealed pack goes: its trailer must say so.
         let trailer = bytes
@@ -279,7 +287,22 @@ impl Coordinator for Host {
         for (seq, path) in snap.packs {
             self.enqueue(*seq, path);
         }
-        let seqs: Vec<u32> = snap.packs.iter().map(|p| p.0).collect();
+        // Only the packs it uses hold it up: one that will not upload
+        // fails the captures that need it, not every capture.
+        let seqs: Vec<u32> = snap.used.iter().copied().collect();
+        {
+            let up = self.shared.uploads.lock();
+            let sealed: HashSet<u32> = snap.packs.iter().map(|p| p.0).collect();
+            if let Some(seq) = seqs
+                .iter()
+                .find(|s| !up.done.contains(s) && !sealed.contains(s))
+            {
+                return Err(Error::Internal(format!(
+                    "snapshot {} uses pack {seq}, which is neither sealed nor in the bucket",
+                    snap.id
+                )));
+            }
+        }
         self.wait_uploaded(&seqs)?;
         let bytes = self.shared.fs.read_all(snap.manifest).at(snap.manifest)?;
         self.shared

@@ -192,8 +192,8 @@ pub fn open(fleet: &FleetOptions, options: EngineOptions) -> Result<(Engine, Syn
     fs.create_dir_all(&packs_dir).at(&packs_dir)?;
     learn_packs(&catalog, fs.as_ref(), &packs_dir, &mut report)?;
     let in_bucket = packs::known(fs.as_ref(), &packs_dir)?;
-    let bucket = Arc::new(Bucket::open(&fleet.url, &fleet.bucket)?);
-    let fleet_fs: Arc<dyn StoreFs> = Arc::new(packs::FleetFs::new(fs.clone(), bucket));
+    let fleet_fs: Arc<dyn StoreFs> =
+        Arc::new(packs::FleetFs::new(fs.clone(), catalog.shared_bucket()));
     let host_handle = host::Host::new(
         catalog.clone(),
         fs,
