@@ -193,6 +193,7 @@ pub(crate) fn fuzz_documents(bytes: &[u8]) -> bool {
     decode::<FleetServer>(bytes).is_ok()
         || decode::<Counter>(bytes).is_ok()
         || decode::<StoreDoc>(bytes).is_ok()
+        || decode::<GcState>(bytes).is_ok()
 }
 
 /// One valid document of each kind, for the fuzz corpus.
@@ -222,10 +223,24 @@ pub(crate) fn fuzz_seeds() -> Vec<Vec<u8>> {
         format: FORMAT,
         block_size: 65536,
     };
-    [encode(&server), encode(&counter), encode(&store)]
-        .into_iter()
-        .filter_map(|e| e.ok())
-        .collect()
+    let gc = GcState {
+        generation: 2,
+        phase: GcPhase::Sweeping,
+        packs: BTreeSet::from(["packs/host-a/00000007-1.pack".to_string()]),
+        manifests: BTreeSet::from([SnapshotId(4)]),
+        condemned_at: 1_764_547_200,
+        waiting_for: Some(BTreeSet::from([SnapshotId(9)])),
+        stamp: "host-b/7/8/9".into(),
+    };
+    [
+        encode(&server),
+        encode(&counter),
+        encode(&store),
+        encode(&gc),
+    ]
+    .into_iter()
+    .filter_map(|e| e.ok())
+    .collect()
 }
 
 impl FleetCatalog {

@@ -28,6 +28,8 @@ use crate::store::pack::{self, PACK_HEADER_LEN, TRAILER_LEN};
 pub(crate) const SEGMENT: u64 = 4 << 20;
 
 const REMOTE_SUFFIX: &str = ".remote";
+/// The largest index a pack object may claim.
+const MAX_INDEX_LEN: u64 = 64 << 20;
 const HAVE_SUFFIX: &str = ".have";
 
 /// What the sidecar of a pack in the bucket says.
@@ -116,11 +118,20 @@ pub(crate) fn read_index(bucket: &Bucket, key: &str, len: u64) -> Result<RemoteI
     if len < (PACK_HEADER_LEN + TRAILER_LEN) as u64 {
         return Err(corrupt("it is shorter than a pack's header and trailer"));
     }
+    // Record offsets are 32 bits: no pack blocksnap writes reaches 4 GiB.
+    if len >= u64::from(u32::MAX) {
+        return Err(corrupt("it is larger than any pack"));
+    }
     let header = bucket.get_range(key, 0..PACK_HEADER_LEN as u64)?;
     pack::check_pack_header(&header).map_err(|e| corrupt(&e))?;
     let trailer = bucket.get_range(key, len - TRAILER_LEN as u64..len)?;
     let tr = pack::decode_trailer(&trailer, len)
         .ok_or_else(|| corrupt("it has no valid trailer (not a sealed pack)"))?;
+    // A pack is sealed at a quarter of a million records and a group's
+    // members: its index is some 12 MiB at most.
+    if len - TRAILER_LEN as u64 - tr.index_offset > MAX_INDEX_LEN {
+        return Err(corrupt("its index is larger than any pack's"));
+    }
     let mut tail = bucket.get_range(key, tr.index_offset..len - TRAILER_LEN as u64)?;
     let entries = pack::decode_index(&tail, &tr).map_err(|e| corrupt(&e))?;
     tail.extend_from_slice(&trailer);
