@@ -8,8 +8,10 @@
 //! three steps, each a run of `fleet gc` on any host:
 //!
 //! 1. **Mark and condemn** (phase idle -> condemned): the chunks of every
-//!    completed snapshot's manifest are live; a pack none of whose chunks
-//!    is live is condemned, and so is the manifest of a snapshot that is
+//!    completed snapshot's manifest are live; a pack that holds no live
+//!    chunk's first copy (in the packs' name order) is condemned: one with
+//!    none live, or only second copies of chunks two hosts uploaded at
+//!    once. So is the manifest of a snapshot that is
 //!    gone or failed (ids below the counter read first only: a newer one
 //!    may be a capture not yet in the catalog).
 //! 2. **Begin the sweep** (condemned -> sweeping), once the condemnation
@@ -55,7 +57,7 @@
 //!   deleting an object twice is no error).
 //!
 //! Only packs wholly unneeded are deleted: a pack that holds one live
-//! chunk stays whole (packs are sealed at every capture and at 32 MiB, so
+//! chunk's first copy stays whole (packs are sealed at every capture and at 32 MiB, so
 //! this stays a fraction of the store; rewriting such packs is left to
 //! come).
 
@@ -266,20 +268,14 @@ fn sweep(
     }
     // Marked again: what completed since the condemnation is live.
     let live = live_chunks(catalog, &servers)?;
-    let sizes: std::collections::HashMap<String, u64> =
-        catalog.bucket().list("packs")?.into_iter().collect();
-    let known = known_by_key(fs, dir)?;
+    let unneeded = unneeded_packs(catalog, fs, dir, &live)?;
     for key in &state.packs {
-        let Some(&len) = sizes.get(key) else {
-            continue; // deleted already (by a collector that died after)
-        };
-        if pack_ids(catalog, fs, dir, &known, key, len)?
-            .iter()
-            .any(|id| live.contains(id))
-        {
-            report.packs_spared += 1;
+        let Some(&len) = unneeded.packs.get(key) else {
+            // Needed again, or deleted already (by a collector that died
+            // after deleting).
+            report.packs_spared += u64::from(unneeded.listed.contains(key));
             continue;
-        }
+        };
         catalog.bucket().delete(key)?;
         report.packs_deleted += 1;
         report.bytes_deleted += len;
@@ -326,26 +322,12 @@ fn mark(
     let next = catalog.next_snapshot_id()?;
     let servers = catalog.servers()?;
     let live = live_chunks(catalog, &servers)?;
-    let known = known_by_key(fs, dir)?;
-    let mut packs = BTreeSet::new();
-    for (key, len) in catalog.bucket().list("packs")? {
-        if !key.ends_with(".pack") {
-            continue;
-        }
-        report.packs += 1;
-        report.bytes += len;
-        let ids = match pack_ids(catalog, fs, dir, &known, &key, len) {
-            Ok(ids) => ids,
-            // Not a pack: never ours to delete.
-            Err(Error::Corruption { .. }) => continue,
-            Err(e) => return Err(e),
-        };
-        if !ids.iter().any(|id| live.contains(id)) {
-            report.packs_condemned += 1;
-            report.bytes_condemned += len;
-            packs.insert(key);
-        }
-    }
+    let unneeded = unneeded_packs(catalog, fs, dir, &live)?;
+    report.packs = unneeded.listed.len() as u64;
+    report.bytes = unneeded.bytes;
+    report.packs_condemned = unneeded.packs.len() as u64;
+    report.bytes_condemned = unneeded.packs.values().sum();
+    let packs: BTreeSet<String> = unneeded.packs.into_keys().collect();
     let held: HashSet<SnapshotId> = servers
         .iter()
         .flat_map(|s| &s.snapshots)
@@ -385,6 +367,59 @@ fn mark(
         })
     })?;
     Ok(state)
+}
+
+/// The packs in the bucket, and those no completed snapshot needs.
+struct Unneeded {
+    /// Every pack object listed, and their bytes.
+    listed: HashSet<String>,
+    bytes: u64,
+    /// Name -> bytes of the packs that can go.
+    packs: std::collections::HashMap<String, u64>,
+}
+
+/// The packs that hold no live chunk but copies of ones another pack
+/// holds first. Each live chunk's *first* copy (the first pack, in name
+/// order, that holds it) is the one kept: so a chunk two hosts uploaded
+/// at once, each not knowing the other's pack, is kept once, and a pack
+/// holding only such second copies goes. A chunk's first copy is in a
+/// pack that holds it first, which is never one that can go, so every
+/// live chunk keeps a copy whatever set of these packs is deleted.
+fn unneeded_packs(
+    catalog: &FleetCatalog,
+    fs: &dyn StoreFs,
+    dir: &Path,
+    live: &HashSet<ChunkId>,
+) -> Result<Unneeded> {
+    let known = known_by_key(fs, dir)?;
+    let mut out = Unneeded {
+        listed: HashSet::new(),
+        bytes: 0,
+        packs: std::collections::HashMap::new(),
+    };
+    let mut placed: HashSet<ChunkId> = HashSet::new();
+    // `list` gives names in order: the same order on every host.
+    for (key, len) in catalog.bucket().list("packs")? {
+        if !key.ends_with(".pack") {
+            continue;
+        }
+        let ids = match pack_ids(catalog, fs, dir, &known, &key, len) {
+            Ok(ids) => ids,
+            // Not a pack: never ours to delete.
+            Err(Error::Corruption { .. }) => continue,
+            Err(e) => return Err(e),
+        };
+        out.listed.insert(key.clone());
+        out.bytes += len;
+        let mut first = false;
+        for id in ids.iter().filter(|id| live.contains(*id)) {
+            first |= placed.insert(*id);
+        }
+        if !first {
+            out.packs.insert(key, len);
+        }
+    }
+    Ok(out)
 }
 
 /// The chunks of every completed snapshot, from the manifests in the

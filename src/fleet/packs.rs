@@ -372,10 +372,24 @@ impl RemotePack {
     fn fetch(&self, i: usize) -> io::Result<()> {
         let start = i as u64 * SEGMENT;
         let end = (start + SEGMENT).min(self.car.index_offset);
-        let bytes = self
-            .bucket
-            .get_range(&self.car.key, start..end)
-            .map_err(other)?;
+        let bytes = match self.bucket.get_range(&self.car.key, start..end) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                if let Ok(false) = self.bucket.exists(&self.car.key) {
+                    return Err(io::Error::new(
+                        io::ErrorKind::NotFound,
+                        format!(
+                            "{}/{} is gone from the bucket (collected: another copy of its \
+                             chunks is kept); open the store again, which forgets it and \
+                             reads those chunks from the copy kept",
+                            self.bucket.url(),
+                            self.car.key
+                        ),
+                    ));
+                }
+                return Err(other(e));
+            }
+        };
         // The header is checked again: the object must still be the pack
         // whose index was learnt.
         if i == 0 && pack::check_pack_header(&bytes[..PACK_HEADER_LEN.min(bytes.len())]).is_err() {

@@ -342,6 +342,61 @@ fn collecting_while_other_hosts_capture_and_delete_loses_no_chunk() {
 }
 
 #[test]
+fn a_chunk_two_hosts_uploaded_at_once_is_kept_once_after_a_collection() {
+    let Some(f) = Fleet::new("duplicates") else {
+        return;
+    };
+    let bytes = random_bytes(300 * BS, 21);
+    std::fs::write(f.path("x.img"), &bytes).unwrap();
+    std::fs::write(f.path("y.img"), &bytes).unwrap();
+    // Both hosts open before either uploads: neither knows the other's
+    // packs, so both store the same chunks.
+    let a = f.open("a");
+    let b = f.open("b");
+    a.add_server(ServerId(1), "x", f.path("x.img")).unwrap();
+    b.add_server(ServerId(2), "y", f.path("y.img")).unwrap();
+    let sa = a.create_snapshot(ServerId(1), "a", "").unwrap();
+    let sb = b.create_snapshot(ServerId(2), "b", "").unwrap();
+    assert!(
+        sb.stats.unwrap().new_chunks > 0,
+        "host B did not know host A's packs"
+    );
+    let twice = f.pack_bytes();
+    assert!(twice >= 2 * bytes.len() as u64);
+    let reports = collect_all(&a);
+    assert!(reports.iter().any(|r| r.packs_deleted > 0), "{reports:?}");
+    let once = f.pack_bytes();
+    assert!(once < twice * 6 / 10, "{once} of {twice} bytes left");
+    assert!(once >= bytes.len() as u64);
+    drop((a, b));
+    // Every snapshot restores, on a new host and on each host reopened
+    // (which forgets the copy that went).
+    let c = f.open("c");
+    for (srv, id, name) in [(ServerId(1), sa.id, "x"), (ServerId(2), sb.id, "y")] {
+        let path = f.path(&format!("c-{name}.img"));
+        std::fs::write(&path, b"").unwrap();
+        c.add_server(srv, name, &path).unwrap();
+        c.restore_snapshot_with(
+            id,
+            blocksnap::RestoreOptions::default().safety_snapshot(false),
+        )
+        .unwrap();
+        assert!(std::fs::read(&path).unwrap() == bytes, "snapshot {id}");
+    }
+    for (host, id, disk) in [("a", sa.id, "x.img"), ("b", sb.id, "y.img")] {
+        let e = f.open(host);
+        std::fs::write(f.path(disk), b"").unwrap();
+        e.restore_snapshot_with(
+            id,
+            blocksnap::RestoreOptions::default().safety_snapshot(false),
+        )
+        .unwrap();
+        assert!(std::fs::read(f.path(disk)).unwrap() == bytes, "host {host}");
+        assert!(e.verify(None).unwrap().is_ok());
+    }
+}
+
+#[test]
 fn deleted_snapshots_go_from_the_bucket_after_condemnation_and_sweep() {
     let Some(f) = Fleet::new("gc-steps") else {
         return;
