@@ -137,18 +137,24 @@ impl FileDisk {
     }
 
     fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-        let (Ok(off), Ok(n)) = (i64::try_from(offset), i64::try_from(len)) else {
-            return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
-        };
-        // SAFETY: fallocate takes a file descriptor we own for the duration of
-        // the call and plain integers; it touches no memory of ours.
-        let rc = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, off, n) };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(std::io::Error::last_os_error())
-        }
+        punch_hole(&self.file, offset, len)
+    }
+}
+
+/// Gives back the blocks of bytes `offset..offset + len` of `file`,
+/// which then read as zeros (its length unchanged).
+pub(crate) fn punch_hole(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    let (Ok(off), Ok(n)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
+    };
+    // SAFETY: fallocate takes a file descriptor we own for the duration of
+    // the call and plain integers; it touches no memory of ours.
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), mode, off, n) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 

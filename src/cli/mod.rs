@@ -44,6 +44,11 @@ struct Cli {
     /// BLOCKSNAP_HOST; default: the machine's host name).
     #[arg(long, global = true, env = "BLOCKSNAP_HOST", value_name = "NAME")]
     host: Option<String>,
+    /// With a bucket: keep the cache's packs within this size (e.g. 20G;
+    /// or set BLOCKSNAP_CACHE_MAX): trimmed at every open, least recently
+    /// fetched first; what is trimmed is fetched again when read.
+    #[arg(long, global = true, env = "BLOCKSNAP_CACHE_MAX", value_name = "SIZE", value_parser = parse_size)]
+    cache_max: Option<u64>,
     #[command(subcommand)]
     command: Command,
 }
@@ -362,7 +367,7 @@ fn dispatch(cli: Cli) -> blocksnap::Result<i32> {
                 .into(),
         ));
     };
-    let store = Store::new(path, cli.cache, cli.host)?;
+    let store = Store::new(path, cli.cache, cli.host, cli.cache_max)?;
     match cli.command {
         Command::Init {
             block_size,
@@ -449,12 +454,18 @@ struct Store {
 }
 
 impl Store {
-    fn new(path: PathBuf, cache: Option<PathBuf>, host: Option<String>) -> blocksnap::Result<Self> {
+    fn new(
+        path: PathBuf,
+        cache: Option<PathBuf>,
+        host: Option<String>,
+        cache_max: Option<u64>,
+    ) -> blocksnap::Result<Self> {
         let url = path.to_str().filter(|p| p.starts_with("s3://"));
         let Some(url) = url else {
-            if cache.is_some() || host.is_some() {
+            if cache.is_some() || host.is_some() || cache_max.is_some() {
                 return Err(Error::InvalidParameter(
-                    "--cache and --host are for a store in a bucket (--store s3://BUCKET/PREFIX)"
+                    "--cache, --host and --cache-max are for a store in a bucket \
+                     (--store s3://BUCKET/PREFIX)"
                         .into(),
                 ));
             }
@@ -472,7 +483,7 @@ impl Store {
                      (or BLOCKSNAP_CACHE)"
                 )));
             };
-            let mut fleet = blocksnap::fleet::FleetOptions::new(url, cache)?;
+            let mut fleet = blocksnap::fleet::FleetOptions::new(url, cache)?.cache_max(cache_max);
             if let Some(host) = host {
                 fleet = fleet.host(&host);
             }
@@ -483,7 +494,7 @@ impl Store {
         }
         #[cfg(not(feature = "s3"))]
         {
-            let _ = (cache, host);
+            let _ = (cache, host, cache_max);
             Err(Error::InvalidParameter(format!(
                 "{url} is a bucket, and this blocksnap was built without the s3 feature"
             )))

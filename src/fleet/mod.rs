@@ -62,6 +62,10 @@ pub struct FleetOptions {
     pub bucket: BucketConfig,
     /// Packs are sealed and uploaded past this many bytes.
     pub pack_len: u64,
+    /// The cache's packs are trimmed to this many bytes at every open
+    /// (`None`: kept whole). Records of packs the bucket has are given
+    /// back, least recently fetched first, and fetched again when read.
+    pub cache_max: Option<u64>,
 }
 
 impl FleetOptions {
@@ -74,6 +78,7 @@ impl FleetOptions {
             host: machine_host_name()?,
             bucket: BucketConfig::from_env(),
             pack_len: DEFAULT_FLEET_PACK_LEN,
+            cache_max: None,
         })
     }
 
@@ -89,6 +94,11 @@ impl FleetOptions {
 
     pub fn pack_len(mut self, bytes: u64) -> Self {
         self.pack_len = bytes;
+        self
+    }
+
+    pub fn cache_max(mut self, bytes: Option<u64>) -> Self {
+        self.cache_max = bytes;
         self
     }
 }
@@ -147,6 +157,8 @@ pub struct SyncReport {
     pub snapshots_dropped: u64,
     /// This host's captures left in progress by a crash, marked failed.
     pub captures_failed: u64,
+    /// Bytes of the cache given back to stay within `cache_max`.
+    pub cache_trimmed: u64,
 }
 
 /// Creates a new store in the bucket (refusing one that holds a store)
@@ -191,6 +203,9 @@ pub fn open(fleet: &FleetOptions, options: EngineOptions) -> Result<(Engine, Syn
     }
     fs.create_dir_all(&packs_dir).at(&packs_dir)?;
     learn_packs(&catalog, fs.as_ref(), &packs_dir, &mut report)?;
+    if let Some(max) = fleet.cache_max {
+        report.cache_trimmed = packs::trim(fs.as_ref(), &packs_dir, max)?;
+    }
     let in_bucket = packs::known(fs.as_ref(), &packs_dir)?;
     let fleet_fs: Arc<dyn StoreFs> =
         Arc::new(packs::FleetFs::new(fs.clone(), catalog.shared_bucket()));

@@ -434,3 +434,83 @@ impl StoreFile for RemotePack {
         Ok(self.car.len)
     }
 }
+
+/// Bytes the packs in `dir` take on disk (allocated, not their lengths:
+/// a placeholder takes only what was fetched).
+pub(crate) fn cache_bytes(dir: &Path) -> Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir).at(dir)? {
+        let path = entry.at(dir)?.path();
+        if path.extension().is_some_and(|e| e == "pack") {
+            total += std::fs::metadata(&path).at(&path)?.blocks() * 512;
+        }
+    }
+    Ok(total)
+}
+
+/// Keeps the packs of `dir` within `max` bytes on disk: the records of
+/// packs the bucket has are given back (hole punched), those used least
+/// recently first (by when their segments were last fetched, or their
+/// upload), until the cache fits; their headers, indexes and trailers
+/// stay, so their chunks stay indexed and are fetched again when read.
+/// Packs not yet in the bucket are never touched. The store must not be
+/// open. Returns the bytes given back.
+pub(crate) fn trim(fs: &dyn StoreFs, dir: &Path, max: u64) -> Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let mut used = cache_bytes(dir)?;
+    if used <= max {
+        return Ok(0);
+    }
+    let mut candidates = Vec::new();
+    for (seq, car) in known(fs, dir)? {
+        let path = pack_path(dir, seq);
+        let meta = std::fs::metadata(&path).at(&path)?;
+        let held = meta.blocks() * 512;
+        if held <= car.len - car.index_offset + PACK_HEADER_LEN as u64 + 8192 {
+            continue; // nothing of its records here
+        }
+        let touched = std::fs::metadata(have_path(&path))
+            .or_else(|_| std::fs::metadata(sidecar_path(&path)))
+            .map(|m| m.mtime())
+            .unwrap_or(0);
+        candidates.push((touched, seq, car, held));
+    }
+    candidates.sort_by_key(|c| (c.0, c.1));
+    let mut freed = 0;
+    for (_, seq, car, held) in candidates {
+        if used <= max {
+            break;
+        }
+        let path = pack_path(dir, seq);
+        // Marked missing first, then given back: a crash between the two
+        // costs a fetch, never a record read from a hole.
+        let have = have_path(&path);
+        match fs.remove(&have) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(&have, e)),
+        }
+        if car.whole {
+            write_sidecar(
+                fs,
+                &path,
+                &Sidecar {
+                    whole: false,
+                    ..car.clone()
+                },
+            )?;
+        }
+        fs.sync_dir(dir).at(dir)?;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .at(&path)?;
+        let start = PACK_HEADER_LEN as u64;
+        crate::disk::punch_hole(&file, start, car.index_offset - start).at(&path)?;
+        let now = std::fs::metadata(&path).at(&path)?.blocks() * 512;
+        freed += held.saturating_sub(now);
+        used = used.saturating_sub(held.saturating_sub(now));
+    }
+    Ok(freed)
+}

@@ -396,6 +396,50 @@ fn a_chunk_two_hosts_uploaded_at_once_is_kept_once_after_a_collection() {
     }
 }
 
+/// Bytes the pack files of a host's cache take on disk.
+fn cache_pack_bytes(f: &Fleet, host: &str) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(f.dir.path().join(format!("cache-{host}/store/packs")))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "pack"))
+        .map(|e| e.metadata().unwrap().blocks() * 512)
+        .sum()
+}
+
+#[test]
+fn a_cache_kept_within_its_bound_still_restores_everything() {
+    let Some(f) = Fleet::new("cache-max") else {
+        return;
+    };
+    let bytes = random_bytes(1024 * BS, 22);
+    std::fs::write(f.path("x.img"), &bytes).unwrap();
+    let host = f.host("a").pack_len(256 << 10);
+    let a = fleet::open(&host, EngineOptions::new()).unwrap().0;
+    a.add_server(ServerId(1), "x", f.path("x.img")).unwrap();
+    let snap = a.create_snapshot(ServerId(1), "x", "").unwrap();
+    drop(a);
+    let full = cache_pack_bytes(&f, "a");
+    assert!(full >= bytes.len() as u64);
+    let max = 1 << 20;
+    let (a, sync) = fleet::open(&host.clone().cache_max(Some(max)), EngineOptions::new()).unwrap();
+    assert!(sync.cache_trimmed >= full - max - (64 << 10), "{sync:?}");
+    assert!(cache_pack_bytes(&f, "a") <= max);
+    // What was given back is fetched again when read.
+    std::fs::write(f.path("x.img"), b"").unwrap();
+    a.restore_snapshot_with(
+        snap.id,
+        blocksnap::RestoreOptions::default().safety_snapshot(false),
+    )
+    .unwrap();
+    assert!(std::fs::read(f.path("x.img")).unwrap() == bytes);
+    assert!(a.verify(None).unwrap().is_ok());
+    drop(a);
+    // Trimmed again at the next open.
+    fleet::open(&host.cache_max(Some(max)), EngineOptions::new()).unwrap();
+    assert!(cache_pack_bytes(&f, "a") <= max);
+}
+
 #[test]
 fn deleted_snapshots_go_from_the_bucket_after_condemnation_and_sweep() {
     let Some(f) = Fleet::new("gc-steps") else {
