@@ -49,6 +49,7 @@ pub mod bucket;
 mod capture;
 mod catalog;
 mod compression;
+#[cfg_attr(not(feature = "s3"), allow(dead_code))]
 mod coordinator;
 mod dirty;
 pub mod disk;

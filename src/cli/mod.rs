@@ -117,6 +117,10 @@ enum Command {
         /// is locked while serving, so `blocksnap gc` cannot run then).
         #[arg(long)]
         auto_gc: bool,
+        /// With a bucket: how often to take in what other hosts did (their
+        /// snapshots, their packs).
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+        fleet_refresh: std::time::Duration,
     },
     /// Run the whole cycle on a sample disk in a temporary store.
     Demo {
@@ -441,7 +445,14 @@ fn dispatch(cli: Cli) -> blocksnap::Result<i32> {
             listen,
             token_file,
             auto_gc,
-        } => serve(&store, listen, token_file.as_deref(), auto_gc),
+            fleet_refresh,
+        } => serve(
+            &store,
+            listen,
+            token_file.as_deref(),
+            auto_gc,
+            fleet_refresh,
+        ),
         Command::Demo { .. } => unreachable!("handled above"),
     }
 }
@@ -576,20 +587,53 @@ fn serve(
     listen: std::net::SocketAddr,
     token_file: Option<&Path>,
     auto_gc: bool,
+    fleet_refresh: std::time::Duration,
 ) -> blocksnap::Result<i32> {
     use blocksnap::http::{Tokens, run_until_signal};
     use std::io::Write;
     let env_token = std::env::var("BLOCKSNAP_API_TOKEN").ok();
     let tokens = Tokens::load(env_token.as_deref(), token_file)?;
     let engine = open_options(store, EngineOptions::new().auto_gc(auto_gc))?;
-    run_until_signal(engine, listen, tokens, |addr| {
+    // On a bucket: other hosts' snapshots and packs, taken in as they
+    // come, until the server stops (`stop` goes: the thread ends, and with
+    // it its handle on the store, which then closes cleanly).
+    #[cfg(feature = "s3")]
+    let (stop, refresher) = {
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let host = engine.clone();
+        let refresher = store.fleet.is_some().then(|| {
+            std::thread::Builder::new()
+                .name("fleet-refresh".into())
+                .spawn(move || {
+                    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                        stopped.recv_timeout(fleet_refresh)
+                    {
+                        if let Err(e) = blocksnap::fleet::refresh(&host) {
+                            eprintln!("warning: bringing this host up to date with the fleet: {e}");
+                        }
+                    }
+                })
+        });
+        (stop, refresher)
+    };
+    #[cfg(not(feature = "s3"))]
+    let _ = fleet_refresh;
+    let served = run_until_signal(engine, listen, tokens, |addr| {
         println!("listening on http://{addr}");
         eprintln!(
             "serving store {} (locked while serving); stop with Ctrl-C or SIGTERM",
             store.display()
         );
         let _ = std::io::stdout().flush();
-    })?;
+    });
+    #[cfg(feature = "s3")]
+    {
+        drop(stop);
+        if let Some(Ok(t)) = refresher {
+            let _ = t.join();
+        }
+    }
+    served?;
     eprintln!("stopped: running captures and restores finished");
     Ok(0)
 }

@@ -434,18 +434,30 @@ fn reconcile(
     Ok(())
 }
 
-/// One step of the fleet's garbage collection, run from this host (see
-/// [`gc`]): refused for an engine whose store is not in a bucket.
-pub fn collect(engine: &Engine, options: &gc::GcOptions) -> Result<gc::FleetGcReport> {
-    let host = engine
+/// Brings an open host up to date with the fleet: packs uploaded since
+/// are learnt, snapshots completed elsewhere taken in and those deleted
+/// elsewhere dropped (what opening does; packs the bucket no longer has
+/// are forgotten only by opening). A long-running process (`serve`) calls
+/// it now and then.
+pub fn refresh(engine: &Engine) -> Result<SyncReport> {
+    host_of(engine)?.sync(engine)
+}
+
+fn host_of(engine: &Engine) -> Result<&host::Host> {
+    engine
         .coordinator()
         .and_then(|c| c.as_any().downcast_ref::<host::Host>())
         .ok_or_else(|| {
             Error::InvalidParameter(
-                "this store is not in a bucket: collect its garbage with Engine::gc".into(),
+                "this store is not in a bucket: it has no fleet to act with".into(),
             )
-        })?;
-    host.collect(options)
+        })
+}
+
+/// One step of the fleet's garbage collection, run from this host (see
+/// [`gc`]): refused for an engine whose store is not in a bucket.
+pub fn collect(engine: &Engine, options: &gc::GcOptions) -> Result<gc::FleetGcReport> {
+    host_of(engine)?.collect(options)
 }
 
 /// The fleet's servers and snapshots as the bucket says now (every host's).

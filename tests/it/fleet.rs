@@ -714,3 +714,69 @@ fn a_host_killed_mid_upload_leaves_nothing_half_written_and_the_others_go_on() {
         .unwrap();
     assert!(std::fs::read(&path).unwrap() == bytes);
 }
+
+#[test]
+fn serve_on_a_bucket_takes_in_what_other_hosts_did() {
+    use std::io::{BufRead, BufReader};
+    let Some(f) = Fleet::new("serve") else {
+        return;
+    };
+    std::fs::write(f.path("x.img"), disk_bytes(64 * BS, 23)).unwrap();
+    let x = f.path("x.img");
+    let x = x.to_str().unwrap();
+    ok(&f.cli(
+        "api",
+        &["server", "add", "--id", "1", "--name", "x", "--disk", x],
+    ));
+    ok(&f.cli(
+        "other",
+        &["server", "add", "--id", "1", "--name", "x", "--disk", x],
+    ));
+    let mut server = f
+        .command(
+            "api",
+            &[
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--fleet-refresh",
+                "200ms",
+            ],
+        )
+        .env("BLOCKSNAP_API_TOKEN", "fleet-token")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(server.stdout.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().expect("serve ended").unwrap();
+        if let Some(a) = line.strip_prefix("listening on ") {
+            break a.to_string();
+        }
+    };
+    // Another host captures the server the API host serves.
+    ok(&f.cli(
+        "other",
+        &["snapshot", "create", "--server", "1", "--name", "elsewhere"],
+    ));
+    let agent = ureq::Agent::new_with_defaults();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let seen = loop {
+        let body = agent
+            .get(format!("{addr}/api/v1/snapshots/"))
+            .header("Authorization", "Bearer fleet-token")
+            .call()
+            .unwrap()
+            .body_mut()
+            .read_to_string()
+            .unwrap();
+        if body.contains("elsewhere") || std::time::Instant::now() > deadline {
+            break body;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let _ = Command::new("kill").arg(server.id().to_string()).status();
+    server.wait().unwrap();
+    assert!(seen.contains("elsewhere"), "{seen}");
+}
