@@ -100,6 +100,13 @@ pub struct GcState {
     /// Sweeping: the snapshots in progress when the sweep began (`None`
     /// for the moment until they are read); it waits for each to end.
     pub waiting_for: Option<BTreeSet<SnapshotId>>,
+    /// Deleting: the packs and manifests agreed to go (a subset of those
+    /// condemned, marked again), deleted by whichever collector gets
+    /// there; nothing else is ever deleted, and no capture may use them.
+    #[serde(default)]
+    pub deleting: BTreeSet<String>,
+    #[serde(default)]
+    pub deleting_manifests: BTreeSet<SnapshotId>,
     /// The last writer's stamp.
     stamp: String,
 }
@@ -117,6 +124,8 @@ pub enum GcPhase {
     /// running when the sweep began has ended; a capture begun since that
     /// uses a condemned pack fails.
     Sweeping,
+    /// The set to delete is agreed (`deleting`): it is being deleted.
+    Deleting,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -230,6 +239,8 @@ pub(crate) fn fuzz_seeds() -> Vec<Vec<u8>> {
         manifests: BTreeSet::from([SnapshotId(4)]),
         condemned_at: 1_764_547_200,
         waiting_for: Some(BTreeSet::from([SnapshotId(9)])),
+        deleting: BTreeSet::new(),
+        deleting_manifests: BTreeSet::new(),
         stamp: "host-b/7/8/9".into(),
     };
     [

@@ -396,6 +396,11 @@ pub fn fleet_gc(r: &blocksnap::fleet::gc::FleetGcReport, json: bool) {
                     .unwrap_or_default()
             );
         }
+        GcPhase::Deleting => println!(
+            "deleting (generation {}): the packs agreed to go are being deleted; the next run \
+             of gc finishes it if this one could not",
+            r.generation
+        ),
         GcPhase::Sweeping => println!(
             "sweeping (generation {}): waiting for snapshots {:?}, in progress when the sweep began",
             r.generation,

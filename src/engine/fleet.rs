@@ -28,6 +28,12 @@ impl Engine {
         self.inner.store.adopt_pack(make)
     }
 
+    /// Takes packs the fleet no longer has out of the open store (see
+    /// `ChunkStore::forget_packs`).
+    pub(crate) fn forget_packs(&self, gone: &[u32]) -> Result<()> {
+        self.inner.store.forget_packs(gone)
+    }
+
     /// Removes a snapshot the fleet no longer has (deleted on another
     /// host, or failed there).
     pub(crate) fn forget_snapshot(&self, id: SnapshotId) -> Result<()> {

@@ -5,7 +5,7 @@
 //! known only once it is published. So a pack no completed snapshot needs
 //! is not deleted at once; the fleet's catalog keeps the collection's
 //! state (`catalog/gc`, changed only by compare-and-swap) and it goes in
-//! three steps, each a run of `fleet gc` on any host:
+//! four steps, each one or more runs of `gc` on any host:
 //!
 //! 1. **Mark and condemn** (phase idle -> condemned): the chunks of every
 //!    completed snapshot's manifest are live; a pack that holds no live
@@ -17,24 +17,29 @@
 //! 2. **Begin the sweep** (condemned -> sweeping), once the condemnation
 //!    is older than the grace period: the snapshots in progress at that
 //!    moment are read (after the phase change is visible) and recorded.
-//! 3. **Sweep** (sweeping -> idle), once every one of those has ended:
-//!    the chunks of every completed manifest are marked again, and only
-//!    the condemned packs still unneeded are deleted (with the condemned
-//!    manifests whose snapshots are still gone).
+//! 3. **Agree** (sweeping -> deleting), once every one of those has
+//!    ended: the chunks of every completed manifest are marked again, and
+//!    the condemned packs still unneeded (with the condemned manifests
+//!    whose snapshots are still gone) are written into the state as the
+//!    set to delete, by one compare-and-swap: only that set is ever
+//!    deleted, by whichever collector gets there.
+//! 4. **Delete** (deleting -> idle): the agreed set goes.
 //!
 //! A capture publishing (see `host`) checks the packs it uses against
-//! the state before it marks itself completed: every one must still
-//! exist; in the condemned phase it takes back the ones condemned (a
+//! the state before it marks itself completed: none may be in the agreed
+//! set; in the condemned phase it takes back the ones condemned (a
 //! compare-and-swap that wins only before the sweep begins); in the
 //! sweeping phase it may use condemned packs only if it was in progress
 //! when the sweep began (then the sweep waits for it and marks it);
 //! otherwise it fails, leaving nothing behind that the catalog lists.
+//! Then, after that read, every pack it uses must still exist.
 //!
-//! Why no needed chunk is deleted: a pack is deleted by step 3 only if no
-//! manifest completed by then uses it. A capture that completes later
-//! either was in progress when the sweep began (so step 3 waited for it:
-//! contradiction), or began after, and then saw the sweeping phase at
-//! publish and failed if it used the pack.
+//! Why no needed chunk is deleted: only an agreed set is deleted, and it
+//! holds no first copy of a chunk that a manifest completed by step 3
+//! uses. A capture that completes later either was in progress when the
+//! sweep began (so step 3 waited for it and marked it), or read the state
+//! after the condemnation and failed if it used a condemned pack; a pack
+//! deleted before its read is missing when it looks.
 //!
 //! Failure cases:
 //! - **A host that dies mid-capture** leaves a snapshot in progress that
@@ -53,8 +58,9 @@
 //!   never on a clock. Skew can make a capture be declared stale early,
 //!   which fails it; 24 h leaves room for any plausible skew.
 //! - **A collector that dies** at any step leaves a state the next run
-//!   goes on from (every step is a compare-and-swap of a whole state, and
-//!   deleting an object twice is no error).
+//!   goes on from (every step is a compare-and-swap of a whole state;
+//!   deleting an object twice is no error, and pack names are never
+//!   reused). A collector that stalls finds the phase moved on.
 //!
 //! Only packs wholly unneeded are deleted: a pack that holds one live
 //! chunk's first copy stays whole (packs are sealed at every capture and at 32 MiB, so
@@ -174,6 +180,9 @@ pub(crate) fn collect(
     if state.phase == GcPhase::Sweeping && !options.dry_run {
         state = sweep(catalog, fs, dir, state, options, &mut report)?;
     }
+    if state.phase == GcPhase::Deleting && !options.dry_run {
+        state = delete(catalog, state, &mut report)?;
+    }
     if state.phase == GcPhase::Idle {
         state = mark(catalog, fs, dir, options, &mut report)?;
         if state.phase == GcPhase::Condemned && !options.grace.is_zero() {
@@ -198,6 +207,13 @@ fn begin_sweep(catalog: &FleetCatalog, generation: u64) -> Result<GcState> {
             _ => GcStep::Keep(()),
         })
     })?;
+    record_running(catalog, generation)
+}
+
+/// The second write of step 2: the snapshots in progress, read now (after
+/// the phase change is visible), recorded once. Also what a run does that
+/// finds a collector died between the two writes.
+fn record_running(catalog: &FleetCatalog, generation: u64) -> Result<GcState> {
     let running: BTreeSet<SnapshotId> = in_progress(&catalog.servers()?).collect();
     let (state, ()) = catalog.gc_update(|s, _| {
         Ok(
@@ -231,9 +247,10 @@ fn sweep(
     report: &mut FleetGcReport,
 ) -> Result<GcState> {
     let Some(waiting) = state.waiting_for.clone() else {
-        // Another collector is between the two writes of step 2; it
-        // goes on from there.
-        return Ok(state);
+        // Between the two writes of step 2 (another collector's, which
+        // may have died there): the second is made now, and the sweep
+        // waits for what runs from here.
+        return record_running(catalog, state.generation);
     };
     let mut servers = catalog.servers()?;
     let now = std::time::SystemTime::now();
@@ -269,37 +286,73 @@ fn sweep(
     // Marked again: what completed since the condemnation is live.
     let live = live_chunks(catalog, &servers)?;
     let unneeded = unneeded_packs(catalog, fs, dir, &live)?;
-    for key in &state.packs {
-        let Some(&len) = unneeded.packs.get(key) else {
-            // Needed again, or deleted already (by a collector that died
-            // after deleting).
-            report.packs_spared += u64::from(unneeded.listed.contains(key));
-            continue;
-        };
-        catalog.bucket().delete(key)?;
-        report.packs_deleted += 1;
-        report.bytes_deleted += len;
-    }
+    let doomed: BTreeSet<String> = state
+        .packs
+        .iter()
+        .filter(|k| unneeded.packs.contains_key(*k))
+        .cloned()
+        .collect();
+    report.packs_spared = state
+        .packs
+        .iter()
+        .filter(|k| unneeded.listed.contains(*k) && !doomed.contains(*k))
+        .count() as u64;
     let held: HashSet<SnapshotId> = servers
         .iter()
         .flat_map(|s| &s.snapshots)
         .filter(|s| s.status != SnapshotStatus::Failed)
         .map(|s| s.id)
         .collect();
-    for id in &state.manifests {
-        if !held.contains(id) {
-            catalog.bucket().delete(&manifest_key(*id))?;
-            report.manifests_deleted += 1;
-        }
-    }
+    let manifests: BTreeSet<SnapshotId> = state
+        .manifests
+        .iter()
+        .filter(|id| !held.contains(id))
+        .copied()
+        .collect();
+    // Step 3a: the set to delete, agreed by compare-and-swap: only the
+    // collector whose write lands deletes, and only that set (a collector
+    // that stalled with a set of its own finds the phase moved on).
     let generation = state.generation;
     let (state, ()) = catalog.gc_update(|s, _| {
         Ok(match (s.phase, s.generation == generation) {
             (GcPhase::Sweeping, true) => {
+                s.phase = GcPhase::Deleting;
+                s.deleting = doomed.clone();
+                s.deleting_manifests = manifests.clone();
+                GcStep::Write(())
+            }
+            _ => GcStep::Keep(()),
+        })
+    })?;
+    Ok(state)
+}
+
+/// Step 3b: deletes the agreed set (again, if a collector died midway:
+/// deleting an object twice is no error), then goes idle.
+fn delete(catalog: &FleetCatalog, state: GcState, report: &mut FleetGcReport) -> Result<GcState> {
+    let sizes: std::collections::HashMap<String, u64> =
+        catalog.bucket().list("packs")?.into_iter().collect();
+    for key in &state.deleting {
+        catalog.bucket().delete(key)?;
+        if let Some(len) = sizes.get(key) {
+            report.packs_deleted += 1;
+            report.bytes_deleted += len;
+        }
+    }
+    for id in &state.deleting_manifests {
+        catalog.bucket().delete(&manifest_key(*id))?;
+        report.manifests_deleted += 1;
+    }
+    let generation = state.generation;
+    let (state, ()) = catalog.gc_update(|s, _| {
+        Ok(match (s.phase, s.generation == generation) {
+            (GcPhase::Deleting, true) => {
                 s.phase = GcPhase::Idle;
                 s.packs.clear();
                 s.manifests.clear();
                 s.waiting_for = None;
+                s.deleting.clear();
+                s.deleting_manifests.clear();
                 GcStep::Write(())
             }
             _ => GcStep::Keep(()),
@@ -485,14 +538,29 @@ pub(crate) fn check_used(
     snapshot: SnapshotId,
     used: &BTreeSet<String>,
 ) -> Result<()> {
+    check_state(catalog, snapshot, used)?;
+    // After the state: a pack deleted before it was read is missing here;
+    // one agreed for deletion after it was read was condemned after the
+    // read too, when this capture was running, so the sweep waits for it.
     for key in used {
         if !catalog.bucket().exists(key)? {
             return Err(collected(catalog, key));
         }
     }
+    Ok(())
+}
+
+fn check_state(
+    catalog: &FleetCatalog,
+    snapshot: SnapshotId,
+    used: &BTreeSet<String>,
+) -> Result<()> {
     // The state's two writes at the start of a sweep are moments apart.
     for _ in 0..600 {
         let state = catalog.gc_state()?;
+        if let Some(key) = state.deleting.intersection(used).next() {
+            return Err(collected(catalog, key));
+        }
         let hit: BTreeSet<String> = state.packs.intersection(used).cloned().collect();
         if hit.is_empty() || state.phase == GcPhase::Idle {
             return Ok(());
@@ -513,7 +581,10 @@ pub(crate) fn check_used(
                     return Ok(());
                 }
             }
-            (_, Some(waiting)) if waiting.contains(&snapshot) => return Ok(()),
+            // Waited for: its manifest is marked before anything goes.
+            (GcPhase::Sweeping, Some(waiting)) if waiting.contains(&snapshot) => return Ok(()),
+            // Only `deleting` goes (none of it used, as checked above).
+            (GcPhase::Deleting, _) => return Ok(()),
             (_, Some(_)) => {
                 let key = hit.iter().next().map_or("", String::as_str);
                 return Err(collected(catalog, key));

@@ -141,15 +141,31 @@ impl Host {
     /// Brings `engine` (this host's) up to date with the fleet while it is
     /// open: the catalog is read, then the packs uploaded since are learnt
     /// (their tails), then the catalog is mirrored (see `reconcile`).
-    pub fn sync(&self, engine: &Engine) -> Result<SyncReport> {
+    pub fn sync(&self, engine: &Engine, at_open: bool) -> Result<SyncReport> {
         let sh = &self.shared;
         let mut report = SyncReport::default();
         let servers = sh.catalog.servers()?;
-        let known: HashSet<String> = packs::known(sh.fs.as_ref(), &sh.packs_dir)?
-            .into_values()
-            .map(|c| c.key)
+        let known = packs::known(sh.fs.as_ref(), &sh.packs_dir)?;
+        let listed = sh.catalog.bucket().list("packs")?;
+        // Packs the bucket no longer has (collected: a copy of anything
+        // live is kept in another): out of the store, so that no capture
+        // uses them and reads go to the copy kept.
+        let names: HashSet<&str> = listed.iter().map(|(k, _)| k.as_str()).collect();
+        let gone: Vec<u32> = known
+            .iter()
+            .filter(|(_, c)| !names.contains(c.key.as_str()))
+            .map(|(s, _)| *s)
             .collect();
-        for (key, len) in sh.catalog.bucket().list("packs")? {
+        if !gone.is_empty() {
+            engine.forget_packs(&gone)?;
+            for seq in &gone {
+                packs::forget(sh.fs.as_ref(), &sh.packs_dir, *seq)?;
+                sh.uploads.lock().done.remove(seq);
+            }
+            report.packs_forgotten += gone.len() as u64;
+        }
+        let known: HashSet<String> = known.into_values().map(|c| c.key).collect();
+        for (key, len) in listed {
             if known.contains(&key) || !key.ends_with(".pack") {
                 continue;
             }
@@ -167,7 +183,7 @@ impl Host {
             sh.uploads.lock().done.insert(seq);
             report.packs_learnt += 1;
         }
-        super::reconcile(engine, &sh.catalog, &servers, &mut report)?;
+        super::reconcile(engine, &sh.catalog, &servers, &mut report, at_open)?;
         Ok(report)
     }
 
@@ -207,7 +223,11 @@ impl Shared {
                     self.changed.wait(&mut up);
                 }
             };
-            let outcome = self.upload(seq, &path);
+            // A panic must not leave the pack busy forever, with every
+            // publish that needs it waiting.
+            let outcome =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.upload(seq, &path)))
+                    .unwrap_or_else(|_| Err(Error::Internal("uploading a pack panicked".into())));
             let mut up = self.uploads.lock();
             up.busy.remove(&seq);
             match outcome {
@@ -228,6 +248,17 @@ impl Shared {
     fn upload(&self, seq: u32, path: &Path) -> Result<()> {
         if packs::read_sidecar(self.fs.as_ref(), path).is_some() {
             return Ok(());
+        }
+        // A pack without a (readable) sidecar is this host's own, written
+        // whole; a placeholder whose sidecar was damaged has holes, and
+        // must never go up as if it held its records.
+        if !packs::has_no_hole(path)? {
+            return Err(Error::corrupt(
+                path,
+                "a pack with holes and no sidecar: a placeholder whose sidecar is damaged, \
+                 not a pack of this host's to upload; remove it (and its .remote and .have) \
+                 and open the store again, which learns it anew",
+            ));
         }
         // Mapped where the file system allows: the pack goes to the
         // socket without a copy in between. A sealed pack is never
@@ -336,7 +367,7 @@ impl Coordinator for Host {
     }
 
     fn refresh(&self, engine: &Engine) -> Result<()> {
-        self.sync(engine).map(|_| ())
+        self.sync(engine, false).map(|_| ())
     }
 
     fn pack_sealed(&self, seq: u32, path: &Path) {

@@ -225,7 +225,7 @@ pub fn open(fleet: &FleetOptions, options: EngineOptions) -> Result<(Engine, Syn
         .store_fs(fleet_fs)
         .coordinator(host.clone(), fleet.pack_len)
         .open(&root)?;
-    let now = host.sync(&engine)?;
+    let now = host.sync(&engine, true)?;
     report.packs_learnt += now.packs_learnt;
     report.packs_refused.extend(now.packs_refused);
     report.snapshots_taken_in = now.snapshots_taken_in;
@@ -345,20 +345,23 @@ fn learn_packs(
 }
 
 /// Brings this host's catalog in line with the fleet's.
+///
+/// `at_open`: no capture of this host runs (the cache's lock says so), so
+/// its captures the fleet shows in progress were left by a crash and are
+/// marked failed. While open, they are this process's own, running.
 fn reconcile(
     engine: &Engine,
     catalog: &FleetCatalog,
     servers: &[FleetServer],
     report: &mut SyncReport,
+    at_open: bool,
 ) -> Result<()> {
     let host = catalog.host();
     let mut fleet: BTreeMap<SnapshotId, (&FleetServer, FleetSnapshot)> = BTreeMap::new();
     let mut failed = Vec::new();
     for srv in servers {
         for snap in &srv.snapshots {
-            // This host's captures still running in the fleet's eyes: the
-            // cache's lock says no process of this host runs them now.
-            if snap.host == host && snap.status == SnapshotStatus::InProgress {
+            if snap.host == host && snap.status == SnapshotStatus::InProgress && at_open {
                 match catalog.finish_snapshot(srv.id, snap.id, false) {
                     // Failed meanwhile (by a collection): as wanted.
                     Ok(()) | Err(Error::WrongState(_)) => {}
@@ -380,17 +383,31 @@ fn reconcile(
         snap.status = SnapshotStatus::Failed;
         fleet.insert(snap.id, (srv, snap));
     }
-    let local = engine.local_snapshots();
-    for (id, _, status) in &local {
-        let keep = fleet
-            .get(id)
-            .is_some_and(|(_, s)| s.status == *status || *status == SnapshotStatus::InProgress);
+    for (id, _, status) in engine.local_snapshots() {
+        use SnapshotStatus::{Completed, Failed, InProgress};
+        // Dropped here when the fleet no longer has it, or says it failed
+        // where this host has it completed (a completing write in doubt
+        // that did not land), or completed where this host has it failed
+        // (one that did: it is taken in below). A snapshot the fleet
+        // shows in progress is one whose end this read predates.
+        let keep = match (fleet.get(&id).map(|(_, s)| s.status), status) {
+            (None, _) => false,
+            (Some(InProgress), _) | (_, InProgress) => true,
+            (Some(Completed), Failed) | (Some(Failed), Completed) => false,
+            (Some(_), _) => true,
+        };
         if !keep {
-            engine.forget_snapshot(*id)?;
-            report.snapshots_dropped += 1;
+            match engine.forget_snapshot(id) {
+                Ok(()) => report.snapshots_dropped += 1,
+                // Being restored or exported here: dropped at a later
+                // refresh, once that ends.
+                Err(Error::Busy { .. } | Error::WrongState(_)) if !at_open => {}
+                Err(e) => return Err(e),
+            }
         }
     }
-    let here: std::collections::HashSet<SnapshotId> = local.iter().map(|l| l.0).collect();
+    let here: std::collections::HashSet<SnapshotId> =
+        engine.local_snapshots().iter().map(|l| l.0).collect();
     for (id, (srv, snap)) in fleet {
         if here.contains(&id)
             || engine.server(srv.id).is_err()
@@ -440,7 +457,7 @@ fn reconcile(
 /// are forgotten only by opening). A long-running process (`serve`) calls
 /// it now and then.
 pub fn refresh(engine: &Engine) -> Result<SyncReport> {
-    host_of(engine)?.sync(engine)
+    host_of(engine)?.sync(engine, false)
 }
 
 fn host_of(engine: &Engine) -> Result<&host::Host> {

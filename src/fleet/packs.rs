@@ -221,6 +221,8 @@ pub(crate) fn write_placeholder(
             index_offset: tr.index_offset,
         };
         write_sidecar(fs, &path, &car)?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        fs.sync_dir(dir).at(dir)?;
         fs.rename(&tmp, &path).at(&path)
     })();
     if written.is_err() {
@@ -358,7 +360,10 @@ impl RemotePack {
         }
         segs[i] = Seg::Fetching;
         drop(segs);
-        let outcome = self.fetch(i);
+        // A panic must not leave the segment fetching forever, with every
+        // reader of it waiting.
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.fetch(i)))
+            .unwrap_or_else(|_| Err(io::Error::other("fetching a segment panicked")));
         let mut segs = self.segs.lock();
         segs[i] = if outcome.is_ok() {
             Seg::Here
@@ -513,4 +518,18 @@ pub(crate) fn trim(fs: &dyn StoreFs, dir: &Path, max: u64) -> Result<u64> {
         used = used.saturating_sub(held.saturating_sub(now));
     }
     Ok(freed)
+}
+
+/// True when `path` has no hole: every byte of it was written (a pack this
+/// host wrote), never a placeholder whose records were not all fetched.
+pub(crate) fn has_no_hole(path: &Path) -> Result<bool> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(path).at(path)?;
+    let len = file.metadata().at(path)?.len();
+    // SAFETY: lseek on a descriptor we own; no memory is touched.
+    let hole = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_HOLE) };
+    if hole < 0 {
+        return Err(Error::io(path, io::Error::last_os_error()));
+    }
+    Ok(hole as u64 >= len)
 }

@@ -496,6 +496,46 @@ impl ChunkStore {
         Ok(seq)
     }
 
+    /// Takes packs out of the open store (gone from where they were
+    /// shared): their entries leave the index, and the chunks they held
+    /// that another pack holds too are indexed there instead (the first
+    /// such copy in pack order). The caller removes their files after.
+    #[cfg(feature = "s3")]
+    pub(crate) fn forget_packs(&self, gone: &[u32]) -> Result<()> {
+        use index::{Moves, move_key};
+        let _one_at_a_time = self.gc_lock.lock();
+        let mut dropped = HashSet::new();
+        for &seq in gone {
+            let path = pack_path(&self.dir, seq);
+            let entries = load_pack(self.fs.as_ref(), &path, &mut Recovery::default(), true)?;
+            let moves: Moves = entries
+                .iter()
+                .map(|e| (move_key(e.offset, &e.id), None))
+                .collect();
+            {
+                let _guard = self.gc_guard.write();
+                self.index_mut()?
+                    .relocate(seq, seq, &moves, &entries)
+                    .map_err(|d| self.damaged(d))?;
+            }
+            self.readers.write().remove(&seq);
+            dropped.extend(entries.into_iter().map(|e| e.id));
+        }
+        for (seq, path) in self.sealed_packs()? {
+            if gone.contains(&seq) || dropped.is_empty() {
+                continue;
+            }
+            let entries = load_pack(self.fs.as_ref(), &path, &mut Recovery::default(), true)?;
+            let mut index = self.index_mut()?;
+            for e in entries {
+                if dropped.remove(&e.id) {
+                    index.insert_if_absent(&e.id, loc_of(seq, &e));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The sealed packs, by number and path (the open one left out).
     pub fn sealed_packs(&self) -> Result<Vec<(u32, PathBuf)>> {
         let open = self.writer.lock().active.as_ref().map(|a| a.seq);

@@ -266,7 +266,8 @@ fn collecting_while_other_hosts_capture_and_delete_loses_no_chunk() {
     };
     let rounds = crate::common::env_count("BLOCKSNAP_FLEET_GC_ROUNDS", 6);
     // Two hosts capture servers that share most blocks, and delete their
-    // oldest; a third collects without grace all along.
+    // oldest; a third collects without grace all along, in this process
+    // and, every other run, as a `blocksnap gc` process of a fourth host.
     let hosts: Vec<(Engine, PathBuf)> = (0..2u64)
         .map(|h| {
             let e = f.open(&format!("cap-{h}"));
@@ -280,12 +281,22 @@ fn collecting_while_other_hosts_capture_and_delete_loses_no_chunk() {
     let collector = f.open("gc");
     let stop = std::sync::atomic::AtomicBool::new(false);
     let mut kept: Vec<(SnapshotId, Vec<u8>)> = Vec::new();
+    let mut deleted = 0;
     std::thread::scope(|s| {
         let gc = s.spawn(|| {
             let options = GcOptions::default().grace(Duration::ZERO);
             let mut deleted = 0;
-            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                deleted += fleet::collect(&collector, &options).unwrap().packs_deleted;
+            for run in 0.. {
+                if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    break;
+                }
+                if run % 2 == 0 {
+                    deleted += fleet::collect(&collector, &options).unwrap().packs_deleted;
+                } else {
+                    let out = ok(&f.cli("gc-process", &["gc", "--grace", "0s", "--json"]));
+                    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+                    deleted += report["packs_deleted"].as_u64().unwrap();
+                }
             }
             deleted
         });
@@ -295,7 +306,9 @@ fn collecting_while_other_hosts_capture_and_delete_loses_no_chunk() {
                 let mut mine = Vec::new();
                 for r in 0..rounds {
                     let mut bytes = std::fs::read(path).unwrap();
-                    let at = ((r as usize * 13 + h * 5) % 200) * BS;
+                    // The same blocks each round: a deleted snapshot's
+                    // own chunks are garbage, its packs collectable.
+                    let at = (h * 50 + (r as usize % 2) * 8) * BS;
                     bytes[at..at + 8 * BS]
                         .copy_from_slice(&random_bytes(8 * BS, r * 10 + h as u64));
                     std::fs::write(path, &bytes).unwrap();
@@ -318,10 +331,15 @@ fn collecting_while_other_hosts_capture_and_delete_loses_no_chunk() {
             kept.extend(w.join().unwrap());
         }
         stop.store(true, std::sync::atomic::Ordering::SeqCst);
-        gc.join().unwrap();
+        deleted = gc.join().unwrap();
     });
     drop(hosts);
-    collect_all(&collector);
+    deleted += collect_all(&collector)
+        .iter()
+        .map(|r| r.packs_deleted)
+        .sum::<u64>();
+    // The deletes gave space back: the collection ran, not only waited.
+    assert!(deleted > 0);
     // A host that never saw any of it restores every snapshot kept.
     let fresh = f.open("fresh");
     for (h, srv) in [(0u64, ServerId(1)), (1, ServerId(2))] {
@@ -779,4 +797,127 @@ fn serve_on_a_bucket_takes_in_what_other_hosts_did() {
     let _ = Command::new("kill").arg(server.id().to_string()).status();
     server.wait().unwrap();
     assert!(seen.contains("elsewhere"), "{seen}");
+}
+
+/// Changes the collection's state by hand, as a collector between steps
+/// would leave it.
+fn force_gc_state(f: &Fleet, change: impl Fn(&mut blocksnap::bucket::catalog::GcState)) {
+    use blocksnap::bucket::catalog::{FleetCatalog, GcStep};
+    let catalog = FleetCatalog::open(f.bucket(), "test").unwrap();
+    catalog
+        .gc_update(|s, _| {
+            change(s);
+            Ok(GcStep::Write(()))
+        })
+        .unwrap();
+}
+
+#[test]
+fn a_capture_using_a_pack_agreed_for_deletion_fails_and_a_stalled_collection_goes_on() {
+    let Some(f) = Fleet::new("gc-agreed") else {
+        return;
+    };
+    let bytes = random_bytes(100 * BS, 24);
+    std::fs::write(f.path("x.img"), &bytes).unwrap();
+    let a = f.open("a");
+    a.add_server(ServerId(1), "x", f.path("x.img")).unwrap();
+    a.create_snapshot(ServerId(1), "first", "").unwrap();
+    let keys: std::collections::BTreeSet<String> = f
+        .bucket()
+        .list("packs")
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    // Whatever the phase, a pack in the agreed set is never used again.
+    force_gc_state(&f, |s| {
+        s.phase = GcPhase::Deleting;
+        s.deleting = keys.clone();
+    });
+    let err = a.create_snapshot(ServerId(1), "again", "").unwrap_err();
+    assert!(
+        matches!(err, Error::WrongState(ref why) if why.contains("garbage collection")),
+        "{err}"
+    );
+    // A collector that died between the two writes that begin a sweep:
+    // the next run makes the second, and the one after goes on to idle.
+    force_gc_state(&f, |s| {
+        s.phase = GcPhase::Sweeping;
+        s.deleting.clear();
+        s.packs.clear();
+        s.waiting_for = None;
+    });
+    let b = f.open("b");
+    let first = fleet::collect(&b, &GcOptions::default().grace(Duration::ZERO)).unwrap();
+    assert_eq!(first.phase, GcPhase::Sweeping);
+    let second = fleet::collect(&b, &GcOptions::default().grace(Duration::ZERO)).unwrap();
+    assert_ne!(second.phase, GcPhase::Sweeping, "{second:?}");
+    assert_eq!(second.packs_deleted, 0);
+    // The failed capture's manifest (put before its check failed) is
+    // condemned; its packs are the first snapshot's, kept.
+    assert_eq!(second.manifests_condemned, 1, "{second:?}");
+    assert_eq!(second.packs_condemned, 0, "{second:?}");
+    // The snapshot that completed is intact, and the capture goes through.
+    a.create_snapshot(ServerId(1), "again", "").unwrap();
+    assert!(a.verify(None).unwrap().is_ok());
+}
+
+#[test]
+fn a_refresh_while_a_capture_runs_leaves_it_running() {
+    let Some(f) = Fleet::new("refresh-running") else {
+        return;
+    };
+    std::fs::write(f.path("x.img"), disk_bytes(64 * BS, 25)).unwrap();
+    let gate = crate::common::Gate::default();
+    let a = fleet::open(
+        &f.host("a"),
+        EngineOptions::new().disk_opener(gate.opener()),
+    )
+    .unwrap()
+    .0;
+    a.add_server(ServerId(1), "x", f.path("x.img")).unwrap();
+    let _opens = gate.open_on_drop();
+    let job = a.start_snapshot(ServerId(1), "running", "").unwrap();
+    gate.wait_for_a_reader();
+    let sync = fleet::refresh(&a).unwrap();
+    assert_eq!(sync.captures_failed, 0);
+    gate.open();
+    let snap = job.wait().unwrap();
+    assert_eq!(snap.status, SnapshotStatus::Completed);
+    fleet::refresh(&a).unwrap();
+    assert_eq!(
+        a.snapshot(snap.id).unwrap().status,
+        SnapshotStatus::Completed
+    );
+}
+
+#[test]
+fn a_long_running_host_goes_on_after_its_copy_of_a_chunk_is_collected() {
+    let Some(f) = Fleet::new("dup-running") else {
+        return;
+    };
+    let bytes = random_bytes(200 * BS, 26);
+    std::fs::write(f.path("x.img"), &bytes).unwrap();
+    std::fs::write(f.path("y.img"), &bytes).unwrap();
+    let a = f.open("a");
+    let b = f.open("b");
+    a.add_server(ServerId(1), "x", f.path("x.img")).unwrap();
+    b.add_server(ServerId(2), "y", f.path("y.img")).unwrap();
+    a.create_snapshot(ServerId(1), "a", "").unwrap();
+    let sb = b.create_snapshot(ServerId(2), "b", "").unwrap();
+    let reports = collect_all(&a);
+    assert!(reports.iter().any(|r| r.packs_deleted > 0), "{reports:?}");
+    // Host B, still open, takes the collection in: whichever copy went,
+    // its snapshot restores and the same data is captured again.
+    let sync = fleet::refresh(&b).unwrap();
+    std::fs::write(f.path("y.img"), b"").unwrap();
+    b.restore_snapshot_with(
+        sb.id,
+        blocksnap::RestoreOptions::default().safety_snapshot(false),
+    )
+    .unwrap();
+    assert!(std::fs::read(f.path("y.img")).unwrap() == bytes);
+    let again = b.create_snapshot(ServerId(2), "again", "").unwrap();
+    assert_eq!(again.status, SnapshotStatus::Completed);
+    assert!(b.verify(None).unwrap().is_ok(), "{sync:?}");
 }
