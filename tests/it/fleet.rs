@@ -55,6 +55,16 @@ impl Fleet {
             .0
     }
 
+    /// Host `name` whose disk reads wait at `gate` (to hold a capture).
+    fn open_gated(&self, name: &str, gate: &crate::common::Gate) -> Engine {
+        fleet::open(
+            &self.host(name),
+            EngineOptions::new().disk_opener(gate.opener()),
+        )
+        .unwrap()
+        .0
+    }
+
     fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
@@ -92,6 +102,17 @@ impl Fleet {
             .map(|(_, len)| len)
             .sum()
     }
+}
+
+/// Restores a snapshot onto its server's disk here, without a safety
+/// snapshot first.
+fn restore_plain(engine: &Engine, id: SnapshotId) {
+    engine
+        .restore_snapshot_with(
+            id,
+            blocksnap::RestoreOptions::default().safety_snapshot(false),
+        )
+        .unwrap();
 }
 
 fn ok(out: &Output) -> String {
@@ -394,21 +415,13 @@ fn a_chunk_two_hosts_uploaded_at_once_is_kept_once_after_a_collection() {
         let path = f.path(&format!("c-{name}.img"));
         std::fs::write(&path, b"").unwrap();
         c.add_server(srv, name, &path).unwrap();
-        c.restore_snapshot_with(
-            id,
-            blocksnap::RestoreOptions::default().safety_snapshot(false),
-        )
-        .unwrap();
+        restore_plain(&c, id);
         assert!(std::fs::read(&path).unwrap() == bytes, "snapshot {id}");
     }
     for (host, id, disk) in [("a", sa.id, "x.img"), ("b", sb.id, "y.img")] {
         let e = f.open(host);
         std::fs::write(f.path(disk), b"").unwrap();
-        e.restore_snapshot_with(
-            id,
-            blocksnap::RestoreOptions::default().safety_snapshot(false),
-        )
-        .unwrap();
+        restore_plain(&e, id);
         assert!(std::fs::read(f.path(disk)).unwrap() == bytes, "host {host}");
         assert!(e.verify(None).unwrap().is_ok());
     }
@@ -445,11 +458,7 @@ fn a_cache_kept_within_its_bound_still_restores_everything() {
     assert!(cache_pack_bytes(&f, "a") <= max);
     // What was given back is fetched again when read.
     std::fs::write(f.path("x.img"), b"").unwrap();
-    a.restore_snapshot_with(
-        snap.id,
-        blocksnap::RestoreOptions::default().safety_snapshot(false),
-    )
-    .unwrap();
+    restore_plain(&a, snap.id);
     assert!(std::fs::read(f.path("x.img")).unwrap() == bytes);
     assert!(a.verify(None).unwrap().is_ok());
     drop(a);
@@ -532,12 +541,7 @@ fn a_capture_running_through_a_condemnation_takes_its_packs_back() {
     let path = f.path("c.img");
     std::fs::write(&path, b"").unwrap();
     fresh.add_server(ServerId(1), "x", &path).unwrap();
-    fresh
-        .restore_snapshot_with(
-            again.id,
-            blocksnap::RestoreOptions::default().safety_snapshot(false),
-        )
-        .unwrap();
+    restore_plain(&fresh, again.id);
     assert!(std::fs::read(&path).unwrap() == bytes);
 }
 
@@ -556,12 +560,7 @@ fn a_capture_begun_after_a_sweep_began_that_uses_its_packs_fails_cleanly() {
     let b = f.open("b");
     std::fs::write(f.path("y.img"), random_bytes(8 * BS, 13)).unwrap();
     let gate = crate::common::Gate::default();
-    let slow = fleet::open(
-        &f.host("slow"),
-        EngineOptions::new().disk_opener(gate.opener()),
-    )
-    .unwrap()
-    .0;
+    let slow = f.open_gated("slow", &gate);
     slow.add_server(ServerId(2), "y", f.path("y.img")).unwrap();
     let _opens = gate.open_on_drop();
     let running = slow.start_snapshot(ServerId(2), "slow", "").unwrap();
@@ -592,11 +591,7 @@ fn a_capture_begun_after_a_sweep_began_that_uses_its_packs_fails_cleanly() {
     let path = f.path("c.img");
     std::fs::write(&path, b"").unwrap();
     c.add_server(ServerId(1), "x", &path).unwrap();
-    c.restore_snapshot_with(
-        late.id,
-        blocksnap::RestoreOptions::default().safety_snapshot(false),
-    )
-    .unwrap();
+    restore_plain(&c, late.id);
     assert!(std::fs::read(&path).unwrap() == bytes);
     let listed: Vec<_> = c.snapshots(Some(ServerId(1))).unwrap();
     // The capture that failed is listed failed, never completed.
@@ -704,12 +699,7 @@ fn a_host_killed_mid_upload_leaves_nothing_half_written_and_the_others_go_on() {
     other.add_server(ServerId(2), "w", f.path("w.img")).unwrap();
     let w = other.create_snapshot(ServerId(2), "w", "").unwrap();
     std::fs::write(f.path("w.img"), b"").unwrap();
-    other
-        .restore_snapshot_with(
-            w.id,
-            blocksnap::RestoreOptions::default().safety_snapshot(false),
-        )
-        .unwrap();
+    restore_plain(&other, w.id);
     assert!(std::fs::read(f.path("w.img")).unwrap() == disk_bytes(64 * BS, 17));
     // The victim, restarted, marks its dead capture failed and captures
     // again; a collection takes what the dead one left.
@@ -724,12 +714,7 @@ fn a_host_killed_mid_upload_leaves_nothing_half_written_and_the_others_go_on() {
     other.add_server(ServerId(1), "v", &path).unwrap();
     drop(other);
     let other = f.open("other");
-    other
-        .restore_snapshot_with(
-            again.id,
-            blocksnap::RestoreOptions::default().safety_snapshot(false),
-        )
-        .unwrap();
+    restore_plain(&other, again.id);
     assert!(std::fs::read(&path).unwrap() == bytes);
 }
 
@@ -869,12 +854,7 @@ fn a_refresh_while_a_capture_runs_leaves_it_running() {
     };
     std::fs::write(f.path("x.img"), disk_bytes(64 * BS, 25)).unwrap();
     let gate = crate::common::Gate::default();
-    let a = fleet::open(
-        &f.host("a"),
-        EngineOptions::new().disk_opener(gate.opener()),
-    )
-    .unwrap()
-    .0;
+    let a = f.open_gated("a", &gate);
     a.add_server(ServerId(1), "x", f.path("x.img")).unwrap();
     let _opens = gate.open_on_drop();
     let job = a.start_snapshot(ServerId(1), "running", "").unwrap();
@@ -911,11 +891,7 @@ fn a_long_running_host_goes_on_after_its_copy_of_a_chunk_is_collected() {
     // its snapshot restores and the same data is captured again.
     let sync = fleet::refresh(&b).unwrap();
     std::fs::write(f.path("y.img"), b"").unwrap();
-    b.restore_snapshot_with(
-        sb.id,
-        blocksnap::RestoreOptions::default().safety_snapshot(false),
-    )
-    .unwrap();
+    restore_plain(&b, sb.id);
     assert!(std::fs::read(f.path("y.img")).unwrap() == bytes);
     let again = b.create_snapshot(ServerId(2), "again", "").unwrap();
     assert_eq!(again.status, SnapshotStatus::Completed);
