@@ -49,6 +49,10 @@ struct Cli {
     /// fetched first; what is trimmed is fetched again when read.
     #[arg(long, global = true, env = "BLOCKSNAP_CACHE_MAX", value_name = "SIZE", value_parser = parse_size)]
     cache_max: Option<u64>,
+    /// With a bucket: seal and upload packs at this size (default 32M; or
+    /// set BLOCKSNAP_PACK_SIZE).
+    #[arg(long, global = true, env = "BLOCKSNAP_PACK_SIZE", value_name = "SIZE", value_parser = parse_size)]
+    pack_size: Option<u64>,
     #[command(subcommand)]
     command: Command,
 }
@@ -371,7 +375,7 @@ fn dispatch(cli: Cli) -> blocksnap::Result<i32> {
                 .into(),
         ));
     };
-    let store = Store::new(path, cli.cache, cli.host, cli.cache_max)?;
+    let store = Store::new(path, cli.cache, cli.host, cli.cache_max, cli.pack_size)?;
     match cli.command {
         Command::Init {
             block_size,
@@ -470,12 +474,13 @@ impl Store {
         cache: Option<PathBuf>,
         host: Option<String>,
         cache_max: Option<u64>,
+        pack_size: Option<u64>,
     ) -> blocksnap::Result<Self> {
         let url = path.to_str().filter(|p| p.starts_with("s3://"));
         let Some(url) = url else {
-            if cache.is_some() || host.is_some() || cache_max.is_some() {
+            if cache.is_some() || host.is_some() || cache_max.is_some() || pack_size.is_some() {
                 return Err(Error::InvalidParameter(
-                    "--cache, --host and --cache-max are for a store in a bucket \
+                    "--cache, --host, --cache-max and --pack-size are for a store in a bucket \
                      (--store s3://BUCKET/PREFIX)"
                         .into(),
                 ));
@@ -498,6 +503,9 @@ impl Store {
             if let Some(host) = host {
                 fleet = fleet.host(&host);
             }
+            if let Some(bytes) = pack_size {
+                fleet = fleet.pack_len(bytes);
+            }
             Ok(Store {
                 fleet: Some(fleet),
                 path,
@@ -505,7 +513,7 @@ impl Store {
         }
         #[cfg(not(feature = "s3"))]
         {
-            let _ = (cache, host, cache_max);
+            let _ = (cache, host, cache_max, pack_size);
             Err(Error::InvalidParameter(format!(
                 "{url} is a bucket, and this blocksnap was built without the s3 feature"
             )))

@@ -117,6 +117,18 @@ pub fn machine_host_name() -> Result<String> {
     Ok(String::from_utf8_lossy(&buf[..end]).into_owned())
 }
 
+/// Packs of at least 64 KiB (smaller ones are objects to little
+/// purpose) and at most the store's largest.
+fn check_pack_len(bytes: u64) -> Result<()> {
+    if (64 << 10..=crate::store::PACK_TARGET_LEN).contains(&bytes) {
+        return Ok(());
+    }
+    Err(Error::InvalidParameter(format!(
+        "packs of {bytes} bytes: give a size from 64K to {}M",
+        crate::store::PACK_TARGET_LEN >> 20
+    )))
+}
+
 /// A host name goes into object names: letters, digits, '.', '-', '_'.
 fn check_host(host: &str) -> Result<()> {
     let ok = (1..=63).contains(&host.len())
@@ -178,6 +190,9 @@ pub fn init(fleet: &FleetOptions, options: EngineOptions) -> Result<Engine> {
 /// to date (see the module doc), then the engine over it is returned.
 pub fn open(fleet: &FleetOptions, options: EngineOptions) -> Result<(Engine, SyncReport)> {
     check_host(&fleet.host)?;
+    check_pack_len(fleet.pack_len)?;
+    // Checked before the cache is made or marked as this store's.
+    crate::bucket::parse_url(&fleet.url)?;
     if options.read_only {
         return open_read_only(fleet, options);
     }

@@ -897,3 +897,63 @@ fn a_long_running_host_goes_on_after_its_copy_of_a_chunk_is_collected() {
     assert_eq!(again.status, SnapshotStatus::Completed);
     assert!(b.verify(None).unwrap().is_ok(), "{sync:?}");
 }
+
+/// The command's bucket options are checked before anything is reached,
+/// each wrong one with an error that says what to do.
+#[test]
+fn wrong_bucket_options_are_refused_with_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_blocksnap"))
+            .args(args)
+            .env_remove("BLOCKSNAP_STORE")
+            .env_remove("BLOCKSNAP_CACHE")
+            .env_remove("BLOCKSNAP_HOST")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let store = dir.path().join("store");
+    let cache = dir.path().join("cache");
+    let (store, cache) = (store.to_str().unwrap(), cache.to_str().unwrap());
+    let err = run(&["--store", store, "--cache", cache, "server", "list"]);
+    assert!(err.contains("for a store in a bucket"), "{err}");
+    let err = run(&["--store", "s3://blocksnap-test/x", "server", "list"]);
+    assert!(err.contains("--cache DIR"), "{err}");
+    let err = run(&[
+        "--store",
+        "s3://blocksnap-test/x",
+        "--cache",
+        cache,
+        "--pack-size",
+        "1K",
+        "server",
+        "list",
+    ]);
+    assert!(err.contains("from 64K"), "{err}");
+    let err = run(&[
+        "--store",
+        "s3://blocksnap-test/x",
+        "--cache",
+        cache,
+        "--host",
+        "a/b",
+        "server",
+        "list",
+    ]);
+    assert!(err.contains("not a fleet host name"), "{err}");
+    let err = run(&[
+        "--store",
+        "s3://Not_A_Bucket/x",
+        "--cache",
+        cache,
+        "--host",
+        "a",
+        "server",
+        "list",
+    ]);
+    assert!(err.contains("not a bucket address"), "{err}");
+    // Nothing was made of a cache for a store that could not be named.
+    assert!(!dir.path().join("cache").join("fleet.json").exists());
+}
