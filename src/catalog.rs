@@ -52,6 +52,11 @@ pub struct ServerRecord {
     /// Set while a restore from this snapshot has started and not finished;
     /// survives a crash, so a half-restored disk is never reported idle.
     pub restoring_from: Option<SnapshotId>,
+    /// The account that owns it: the API shows and acts on it only for
+    /// that account's tokens (and operators'). Stores from before accounts
+    /// read as the default account's.
+    #[serde(default = "crate::policy::default_account")]
+    pub account: String,
 }
 
 /// A snapshot, as persisted.
@@ -613,6 +618,7 @@ mod tests {
                 name: "web".into(),
                 disk: "/dev/null".into(),
                 restoring_from: None,
+                account: "default".into(),
             };
             c.commit(&[
                 Change::PutServer(&server),

@@ -64,6 +64,32 @@ pub fn check_server_name(name: &str) -> Result<()> {
     Ok(())
 }
 
+/// The account servers belong to unless another is given.
+pub const DEFAULT_ACCOUNT: &str = "default";
+
+pub(crate) fn default_account() -> String {
+    DEFAULT_ACCOUNT.to_string()
+}
+
+/// An account name: 1 to 64 characters from `[A-Za-z0-9_-]`, or `*` is
+/// refused (it names every account in a tokens file).
+pub fn check_account_name(name: &str) -> Result<()> {
+    let ok = (1..=MAX_NAME_LEN).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidName {
+            name: name.to_string(),
+            reason: format!(
+                "an account name has 1 to {MAX_NAME_LEN} characters from [A-Za-z0-9_-]"
+            ),
+        })
+    }
+}
+
 /// Snapshots that count toward the cap: in progress or completed, and
 /// taken by a user. Failed ones hold no data a user can restore, and safety
 /// snapshots are the engine's, so neither blocks new captures.

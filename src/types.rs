@@ -44,6 +44,8 @@ pub struct Server {
     pub state: ServerState,
     /// The snapshot an unfinished restore was writing, if any.
     pub restoring_from: Option<SnapshotId>,
+    /// The account that owns it.
+    pub account: String,
 }
 
 /// A server as a snapshot names it.

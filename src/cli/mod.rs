@@ -114,9 +114,14 @@ enum Command {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: std::net::SocketAddr,
-        /// File of API tokens, one a line (or set BLOCKSNAP_API_TOKEN).
+        /// File of operators' API tokens, one a line (or set
+        /// BLOCKSNAP_API_TOKEN): they act for every account.
         #[arg(long, value_name = "FILE")]
         token_file: Option<PathBuf>,
+        /// File of scoped API tokens, as `blocksnap token new` prints them:
+        /// each acts for one account (or all), read or read-write.
+        #[arg(long, value_name = "FILE")]
+        tokens: Option<PathBuf>,
         /// Collect garbage in the background after every delete (the store
         /// is locked while serving, so `blocksnap gc` cannot run then).
         #[arg(long)]
@@ -126,6 +131,10 @@ enum Command {
         #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
         fleet_refresh: std::time::Duration,
     },
+    /// API tokens for `serve --tokens`.
+    #[cfg(feature = "server")]
+    #[command(subcommand)]
+    Token(TokenCmd),
     /// Run the whole cycle on a sample disk in a temporary store.
     Demo {
         /// Size of the sample disk image.
@@ -180,11 +189,43 @@ enum ServerCmd {
         /// private socket for each operation and stops it after.
         #[arg(long, value_name = "PATH", requires = "qemu")]
         nbd_socket: Option<PathBuf>,
+        /// The account that owns it: the API acts on it only for that
+        /// account's tokens (and operators').
+        #[arg(long, default_value = "default")]
+        account: String,
     },
     /// List registered servers.
     List {
         #[arg(long)]
         json: bool,
+    },
+    /// Move a server to another account.
+    SetAccount { id: u64, account: String },
+}
+
+#[cfg(feature = "server")]
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Make a new random token: prints it on the first line (shown this
+    /// once; the tokens file keeps only its digest), and on the second the
+    /// line to append to the tokens file.
+    New {
+        /// The account it acts for.
+        #[arg(
+            long,
+            required_unless_present = "operator",
+            conflicts_with = "operator"
+        )]
+        account: Option<String>,
+        /// An operator's token: it acts for every account.
+        #[arg(long)]
+        operator: bool,
+        /// It may only read (list snapshots).
+        #[arg(long)]
+        read_only: bool,
+        /// Its name in the audit log.
+        #[arg(long, value_name = "LABEL")]
+        name: Option<String>,
     },
 }
 
@@ -369,6 +410,25 @@ fn dispatch(cli: Cli) -> blocksnap::Result<i32> {
             demo::run(size)
         };
     }
+    #[cfg(feature = "server")]
+    if let Command::Token(TokenCmd::New {
+        account,
+        operator: _,
+        read_only,
+        name,
+    }) = &cli.command
+    {
+        use blocksnap::http::Scope;
+        let scope = if *read_only {
+            Scope::Read
+        } else {
+            Scope::ReadWrite
+        };
+        let (token, line) = blocksnap::http::new_token(account.as_deref(), scope, name.as_deref())?;
+        println!("{token}");
+        println!("{line}");
+        return Ok(0);
+    }
     let Some(path) = cli.store else {
         return Err(Error::InvalidParameter(
             "no store given: pass --store DIR (or s3://BUCKET/PREFIX) or set BLOCKSNAP_STORE"
@@ -448,15 +508,18 @@ fn dispatch(cli: Cli) -> blocksnap::Result<i32> {
         Command::Serve {
             listen,
             token_file,
+            tokens,
             auto_gc,
             fleet_refresh,
         } => serve(
             &store,
             listen,
-            token_file.as_deref(),
+            (token_file.as_deref(), tokens.as_deref()),
             auto_gc,
             fleet_refresh,
         ),
+        #[cfg(feature = "server")]
+        Command::Token(_) => unreachable!("handled above"),
         Command::Demo { .. } => unreachable!("handled above"),
     }
 }
@@ -593,14 +656,14 @@ fn open_options(store: &Store, options: EngineOptions) -> blocksnap::Result<Engi
 fn serve(
     store: &Store,
     listen: std::net::SocketAddr,
-    token_file: Option<&Path>,
+    (token_file, scoped): (Option<&Path>, Option<&Path>),
     auto_gc: bool,
     fleet_refresh: std::time::Duration,
 ) -> blocksnap::Result<i32> {
     use blocksnap::http::{Tokens, run_until_signal};
     use std::io::Write;
     let env_token = std::env::var("BLOCKSNAP_API_TOKEN").ok();
-    let tokens = Tokens::load(env_token.as_deref(), token_file)?;
+    let tokens = Tokens::load_all(env_token.as_deref(), token_file, scoped)?;
     let engine = open_options(store, EngineOptions::new().auto_gc(auto_gc))?;
     // On a bucket: other hosts' snapshots and packs, taken in as they
     // come, until the server stops (`stop` goes: the thread ends, and with
@@ -697,6 +760,7 @@ fn server(engine: &Engine, cmd: ServerCmd) -> blocksnap::Result<i32> {
             qemu,
             node,
             nbd_socket,
+            account,
         } => {
             let disk = match (disk, nbd, qemu) {
                 (None, None, Some(qmp)) => {
@@ -722,15 +786,23 @@ fn server(engine: &Engine, cmd: ServerCmd) -> blocksnap::Result<i32> {
                 }
                 _ => unreachable!("clap requires exactly one of --disk, --nbd and --qemu"),
             };
-            let s = engine.add_server(ServerId(id), &name, &disk)?;
+            let s = engine.add_server_for(ServerId(id), &name, &disk, &account)?;
             println!(
-                "registered server {} ({}) with disk {}",
+                "registered server {} ({}) of account {} with disk {}",
                 s.id,
                 s.name,
+                s.account,
                 s.disk.display()
             );
         }
         ServerCmd::List { json } => output::servers(&engine.servers(), json),
+        ServerCmd::SetAccount { id, account } => {
+            let s = engine.set_server_account(ServerId(id), &account)?;
+            println!(
+                "server {} ({}) belongs to account {}",
+                s.id, s.name, s.account
+            );
+        }
     }
     Ok(0)
 }

@@ -149,13 +149,17 @@ pub fn servers(list: &[Server], json: bool) {
         println!("no servers registered");
         return;
     }
-    println!("{:>8}  {:<10}  {:<24}  DISK", "ID", "STATUS", "NAME");
+    println!(
+        "{:>8}  {:<10}  {:<24}  {:<16}  DISK",
+        "ID", "STATUS", "NAME", "ACCOUNT"
+    );
     for s in list {
         println!(
-            "{:>8}  {:<10}  {:<24}  {}",
+            "{:>8}  {:<10}  {:<24}  {:<16}  {}",
             s.id,
             s.state.as_str(),
             s.name,
+            s.account,
             s.disk.display()
         );
     }

@@ -19,7 +19,8 @@ impl Engine {
 
     /// Registers a server the fleet has, with this host's disk for it.
     pub(crate) fn attach_server(&self, id: ServerId, name: &str, disk: &Path) -> Result<()> {
-        self.add_server_as(id, name, disk, false).map(|_| ())
+        self.add_server_as(id, name, disk, false, crate::policy::DEFAULT_ACCOUNT)
+            .map(|_| ())
     }
 
     /// Adds a pack of the fleet to the store while it is open (see

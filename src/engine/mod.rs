@@ -300,7 +300,32 @@ impl Engine {
     /// (`nbd+unix:///EXPORT?socket=PATH`, `nbd://HOST[:PORT]/EXPORT`), its
     /// socket path stored absolute.
     pub fn add_server(&self, id: ServerId, name: &str, disk: impl AsRef<Path>) -> Result<Server> {
-        self.add_server_as(id, name, disk.as_ref(), true)
+        self.add_server_as(id, name, disk.as_ref(), true, policy::DEFAULT_ACCOUNT)
+    }
+
+    /// [`Engine::add_server`] for `account` (the default account's
+    /// otherwise): the API acts on it only for that account's tokens.
+    pub fn add_server_for(
+        &self,
+        id: ServerId,
+        name: &str,
+        disk: impl AsRef<Path>,
+        account: &str,
+    ) -> Result<Server> {
+        self.add_server_as(id, name, disk.as_ref(), true, account)
+    }
+
+    /// Moves server `id` to `account`.
+    pub fn set_server_account(&self, id: ServerId, account: &str) -> Result<Server> {
+        policy::check_account_name(account)?;
+        self.writable("moving a server to another account")?;
+        let mut state = self.inner.state.lock();
+        let mut rec = state.server(id)?.clone();
+        rec.account = account.to_string();
+        self.inner.catalog.commit(&[Change::PutServer(&rec)])?;
+        let view = state.server_view(&rec);
+        state.servers.insert(id, rec);
+        Ok(view)
     }
 
     /// [`Engine::add_server`]; `in_fleet`: in the fleet's catalog too
@@ -311,8 +336,10 @@ impl Engine {
         name: &str,
         disk: &Path,
         in_fleet: bool,
+        account: &str,
     ) -> Result<Server> {
         policy::check_server_name(name)?;
+        policy::check_account_name(account)?;
         self.writable("adding a server")?;
         if disk.as_os_str().is_empty() {
             return Err(Error::InvalidParameter("the disk path is empty".into()));
@@ -338,6 +365,7 @@ impl Engine {
             name: name.to_string(),
             disk,
             restoring_from: None,
+            account: account.to_string(),
         };
         self.inner.catalog.commit(&[Change::PutServer(&rec)])?;
         let view = state.server_view(&rec);

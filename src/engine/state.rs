@@ -155,6 +155,7 @@ impl State {
             disk: rec.disk.clone(),
             state,
             restoring_from: rec.restoring_from,
+            account: rec.account.clone(),
         }
     }
 

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
+use axum::http::Method;
 use axum::http::header::AUTHORIZATION;
 use axum::middleware::Next;
 use axum::response::Response;
@@ -14,15 +15,48 @@ use axum::response::Response;
 use super::handlers::ApiError;
 use crate::error::{Error, IoContext, Result};
 
-/// The API tokens a server accepts.
+/// What a request may do: read only, or read and change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    Read,
+    ReadWrite,
+}
+
+/// Whom an accepted token acts for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Principal {
+    /// The account it acts for; `None`: an operator, for every account.
+    pub account: Option<String>,
+    pub scope: Scope,
+    /// Its name, for the audit log.
+    pub name: Option<String>,
+}
+
+impl Principal {
+    /// May it see and act on what `account` owns?
+    pub fn owns(&self, account: &str) -> bool {
+        self.account.as_deref().is_none_or(|a| a == account)
+    }
+}
+
+struct Entry {
+    digest: blake3::Hash,
+    principal: Principal,
+}
+
+/// The API tokens a server accepts, and whom each acts for.
 #[derive(Clone)]
-pub struct Tokens(Vec<blake3::Hash>);
+pub struct Tokens(Arc<Vec<Entry>>);
+
+/// The tokens file's prefix of a digest.
+const DIGEST_PREFIX: &str = "blake3:";
 
 impl Tokens {
-    /// Accepts these tokens; refuses an empty set (serving without auth is
-    /// never allowed) and tokens with spaces or control characters.
+    /// Accepts these tokens as operators' (every account, read-write);
+    /// refuses an empty set (serving without auth is never allowed) and
+    /// tokens with spaces or control characters.
     pub fn new<S: AsRef<str>>(tokens: impl IntoIterator<Item = S>) -> Result<Self> {
-        let mut digests = Vec::new();
+        let mut entries = Vec::new();
         for t in tokens {
             let t = t.as_ref();
             if t.is_empty() || t.chars().any(|c| c.is_whitespace() || c.is_control()) {
@@ -30,20 +64,44 @@ impl Tokens {
                     "an API token must be non-empty, without spaces or control characters".into(),
                 ));
             }
-            digests.push(blake3::hash(t.as_bytes()));
+            entries.push(Entry {
+                digest: blake3::hash(t.as_bytes()),
+                principal: Principal {
+                    account: None,
+                    scope: Scope::ReadWrite,
+                    name: None,
+                },
+            });
         }
-        if digests.is_empty() {
+        Self::checked(entries)
+    }
+
+    fn checked(entries: Vec<Entry>) -> Result<Self> {
+        if entries.is_empty() {
             return Err(Error::InvalidParameter(
-                "no API token configured: pass --token-file FILE or set BLOCKSNAP_API_TOKEN".into(),
+                "no API token configured: pass --tokens FILE or --token-file FILE, or set \
+                 BLOCKSNAP_API_TOKEN"
+                    .into(),
             ));
         }
-        Ok(Tokens(digests))
+        Ok(Tokens(Arc::new(entries)))
     }
 
     /// The tokens of `env_token` (the value of BLOCKSNAP_API_TOKEN) and of
     /// `file` (one a line; blank lines and lines starting with `#` are
-    /// skipped), together. Neither, or both empty, is an error.
+    /// skipped), together, as operators'. Neither, or both empty, is an
+    /// error.
     pub fn load(env_token: Option<&str>, file: Option<&Path>) -> Result<Self> {
+        Self::load_all(env_token, file, None)
+    }
+
+    /// [`Tokens::load`], and the scoped tokens of a tokens file (see
+    /// [`Tokens::parse_scoped`]).
+    pub fn load_all(
+        env_token: Option<&str>,
+        file: Option<&Path>,
+        scoped: Option<&Path>,
+    ) -> Result<Self> {
         let text = match file {
             Some(path) => std::fs::read_to_string(path).at(path)?,
             None => String::new(),
@@ -52,21 +110,130 @@ impl Tokens {
             .lines()
             .map(str::trim)
             .filter(|l| !l.is_empty() && !l.starts_with('#'));
-        Self::new(env_token.map(str::trim).into_iter().chain(from_file))
+        let operators: Vec<&str> = env_token
+            .map(str::trim)
+            .into_iter()
+            .chain(from_file)
+            .collect();
+        let mut entries = match operators.is_empty() {
+            true => Vec::new(),
+            false => Arc::try_unwrap(Self::new(operators)?.0).unwrap_or_default(),
+        };
+        if let Some(path) = scoped {
+            let text = std::fs::read_to_string(path).at(path)?;
+            entries.extend(
+                Self::parse_scoped(&text)
+                    .map_err(|e| Error::InvalidParameter(format!("{}: {e}", path.display())))?,
+            );
+        }
+        Self::checked(entries)
     }
 
-    fn accepts(&self, presented: &str) -> bool {
+    /// A tokens file: one token a line, as
+    /// `blake3:DIGEST account=NAME|* scope=read|read-write [name=LABEL]`
+    /// (`blocksnap token new` prints such lines); `account=*` is an
+    /// operator's. Blank lines and lines starting with `#` are skipped.
+    fn parse_scoped(text: &str) -> std::result::Result<Vec<Entry>, String> {
+        let mut out = Vec::new();
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let bad = |why: &str| format!("line {}: {why}", n + 1);
+            let mut fields = line.split_whitespace();
+            let digest = fields
+                .next()
+                .and_then(|d| d.strip_prefix(DIGEST_PREFIX))
+                .and_then(|hex| blake3::Hash::from_hex(hex).ok())
+                .ok_or_else(|| bad("expected blake3:DIGEST (64 hex digits) first"))?;
+            let (mut account, mut scope, mut name) = (None, None, None);
+            for field in fields {
+                match field.split_once('=') {
+                    Some(("account", "*")) => account = Some(None),
+                    Some(("account", a)) => {
+                        crate::policy::check_account_name(a).map_err(|e| bad(&e.to_string()))?;
+                        account = Some(Some(a.to_string()));
+                    }
+                    Some(("scope", "read")) => scope = Some(Scope::Read),
+                    Some(("scope", "read-write")) => scope = Some(Scope::ReadWrite),
+                    Some(("name", l)) if !l.is_empty() && l.len() <= 64 => {
+                        name = Some(l.to_string());
+                    }
+                    _ => return Err(bad(&format!("unknown field {field:?}"))),
+                }
+            }
+            let (Some(account), Some(scope)) = (account, scope) else {
+                return Err(bad("account= and scope= are required"));
+            };
+            out.push(Entry {
+                digest,
+                principal: Principal {
+                    account,
+                    scope,
+                    name,
+                },
+            });
+        }
+        Ok(out)
+    }
+
+    /// Whom `presented` acts for, if it is accepted: compared against
+    /// every configured digest, with no early exit.
+    fn accepts(&self, presented: &str) -> Option<&Principal> {
         let h = blake3::hash(presented.as_bytes());
-        // No early exit: every token is compared.
-        self.0.iter().fold(false, |ok, t| ok | (*t == h))
+        self.0.iter().fold(None, |found, e| {
+            let hit = e.digest == h;
+            found.or(hit.then_some(&e.principal))
+        })
     }
 }
 
+/// A new random token (32 bytes from the OS, hex), and its tokens-file line.
+pub fn new_token(
+    account: Option<&str>,
+    scope: Scope,
+    name: Option<&str>,
+) -> Result<(String, String)> {
+    use std::io::Read;
+    if let Some(a) = account {
+        crate::policy::check_account_name(a)?;
+    }
+    if let Some(n) = name
+        && (n.is_empty() || n.len() > 64 || n.chars().any(|c| c.is_whitespace() || c.is_control()))
+    {
+        return Err(Error::InvalidParameter(
+            "a token's name has 1 to 64 characters, no spaces".into(),
+        ));
+    }
+    let mut bytes = [0u8; 32];
+    let urandom = Path::new("/dev/urandom");
+    std::fs::File::open(urandom)
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .at(urandom)?;
+    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let token = format!("bst_{token}");
+    let mut line = format!(
+        "{DIGEST_PREFIX}{} account={} scope={}",
+        blake3::hash(token.as_bytes()).to_hex(),
+        account.unwrap_or("*"),
+        match scope {
+            Scope::Read => "read",
+            Scope::ReadWrite => "read-write",
+        }
+    );
+    if let Some(n) = name {
+        line.push_str(&format!(" name={n}"));
+    }
+    Ok((token, line))
+}
+
 /// Middleware: 401 unless the request carries `Authorization: Bearer <token>`
-/// with an accepted token.
+/// with an accepted token; 403 for a read-only token's request to change
+/// something. Whom the token acts for goes to the handlers.
 pub async fn require_token(
     State(tokens): State<Arc<Tokens>>,
-    req: Request,
+    mut req: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
     let Some(value) = req.headers().get(AUTHORIZATION) else {
@@ -86,9 +253,16 @@ pub async fn require_token(
             "Invalid Authorization header: expected 'Bearer <token>'.",
         ));
     }
-    if !tokens.accepts(token) {
+    let Some(principal) = tokens.accepts(token).cloned() else {
         return Err(ApiError::unauthorized("Invalid token."));
+    };
+    let reads = matches!(*req.method(), Method::GET | Method::HEAD);
+    if principal.scope == Scope::Read && !reads {
+        return Err(ApiError::forbidden(
+            "You do not have permission to perform this action.",
+        ));
     }
+    req.extensions_mut().insert(principal);
     Ok(next.run(req).await)
 }
 
@@ -99,16 +273,52 @@ mod tests {
     #[test]
     fn tokens_match_exactly() {
         let t = Tokens::new(["alpha", "beta"]).unwrap();
-        assert!(t.accepts("alpha"));
-        assert!(t.accepts("beta"));
-        assert!(!t.accepts("alph"));
-        assert!(!t.accepts("alphaa"));
-        assert!(!t.accepts(""));
+        assert!(t.accepts("alpha").is_some());
+        assert!(t.accepts("beta").is_some());
+        assert!(t.accepts("alph").is_none());
+        assert!(t.accepts("alphaa").is_none());
+        assert!(t.accepts("").is_none());
     }
 
     #[test]
     fn serving_without_a_token_is_refused() {
         assert!(Tokens::new(Vec::<String>::new()).is_err());
         assert!(Tokens::new(["has space"]).is_err());
+    }
+
+    #[test]
+    fn a_tokens_file_gives_each_token_its_account_and_scope() {
+        let (a, line_a) = new_token(Some("acme"), Scope::ReadWrite, Some("ci")).unwrap();
+        let (r, line_r) = new_token(Some("acme"), Scope::Read, None).unwrap();
+        let (o, line_o) = new_token(None, Scope::ReadWrite, Some("ops")).unwrap();
+        assert_ne!(a, r);
+        let text = format!("# tokens\n{line_a}\n\n{line_r}\n{line_o}\n");
+        let t = Tokens(Arc::new(Tokens::parse_scoped(&text).unwrap()));
+        let p = t.accepts(&a).unwrap();
+        assert_eq!(p.account.as_deref(), Some("acme"));
+        assert_eq!(p.scope, Scope::ReadWrite);
+        assert_eq!(p.name.as_deref(), Some("ci"));
+        assert!(p.owns("acme") && !p.owns("other"));
+        assert_eq!(t.accepts(&r).unwrap().scope, Scope::Read);
+        let op = t.accepts(&o).unwrap();
+        assert!(op.account.is_none() && op.owns("anyone"));
+        // The file holds digests, never a token.
+        assert!(!text.contains(&a) && !text.contains(&r) && !text.contains(&o));
+        for bad in [
+            "acme",
+            "blake3:zz account=a scope=read",
+            &format!("{} scope=read", line_a.split(' ').next().unwrap()),
+            &format!("{} account=a", line_a.split(' ').next().unwrap()),
+            &format!(
+                "{} account=a b scope=read",
+                line_a.split(' ').next().unwrap()
+            ),
+            &format!(
+                "{} account=a scope=write",
+                line_a.split(' ').next().unwrap()
+            ),
+        ] {
+            assert!(Tokens::parse_scoped(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -3,11 +3,12 @@
 use axum::Json;
 use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 
+use super::auth::Principal;
 use super::{App, MAX_BODY_LEN};
 use crate::error::{Error, ErrorClass};
 use crate::ids::{ServerId, SnapshotId};
@@ -35,6 +36,10 @@ impl ApiError {
 
     pub fn unauthorized(detail: &str) -> Self {
         Self::new(StatusCode::UNAUTHORIZED, detail)
+    }
+
+    pub fn forbidden(detail: &str) -> Self {
+        Self::new(StatusCode::FORBIDDEN, detail)
     }
 
     fn bad_request(detail: impl Into<String>) -> Self {
@@ -100,6 +105,7 @@ async fn blocking<T: Send + 'static>(
 /// `GET /api/v1/snapshots/?server_id=N`
 pub async fn list(
     State(app): State<App>,
+    Extension(who): Extension<Principal>,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> ApiResult<Json<Value>> {
     let Ok(Query(pairs)) = query else {
@@ -108,12 +114,19 @@ pub async fn list(
     let server = parse_server_filter(&pairs)?;
     let include_safety = parse_include_safety(&pairs)?;
     let engine = app.engine.clone();
-    let all = blocking(move || engine.snapshots(None)).await?;
+    let (all, servers) = blocking(move || Ok((engine.snapshots(None)?, engine.servers()))).await?;
+    // Only the caller's servers' snapshots: another account's server
+    // lists nothing, as an unknown one does.
+    let mine: std::collections::HashSet<ServerId> = servers
+        .iter()
+        .filter(|s| who.owns(&s.account))
+        .map(|s| s.id)
+        .collect();
+    let all = all.into_iter().filter(|s| mine.contains(&s.server.id));
     // A server keeps at most five snapshots, as documented: the safety
     // snapshots restores take are listed only when asked for, with a
     // `kind` on every snapshot to tell them apart.
     let results: Vec<Value> = all
-        .into_iter()
         .filter(|s| server.is_none_or(|id| s.server.id == id))
         .filter(|s| include_safety || s.kind == SnapshotKind::Regular)
         .map(|s| {
@@ -162,12 +175,21 @@ fn parse_include_safety(pairs: &[(String, String)]) -> ApiResult<bool> {
 }
 
 /// `POST /api/v1/snapshots/`
-pub async fn create(State(app): State<App>, headers: HeaderMap, body: Body) -> ApiResult<Response> {
+pub async fn create(
+    State(app): State<App>,
+    Extension(who): Extension<Principal>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
     check_json_content_type(&headers)?;
     let bytes = read_body(body).await?;
     let (server_id, name, description) = create_request(&bytes)?;
     let engine = app.engine.clone();
-    let job = blocking(move || engine.start_snapshot(server_id, &name, &description)).await?;
+    let job = blocking(move || {
+        owned_server(&engine, &who, server_id)?;
+        engine.start_snapshot(server_id, &name, &description)
+    })
+    .await?;
     let mut body = serde_json::to_value(&job.snapshot).unwrap_or_default();
     if let Value::Object(m) = &mut body {
         m.insert("message".into(), Value::String(CREATE_MESSAGE.into()));
@@ -246,6 +268,27 @@ fn json_object(bytes: &[u8]) -> ApiResult<Map<String, Value>> {
     }
 }
 
+/// Server `id`, if the caller may act on it. Another account's server is
+/// answered exactly as one that does not exist (the same error, after the
+/// same look-up), so ids cannot be probed.
+fn owned_server(engine: &crate::Engine, who: &Principal, id: ServerId) -> crate::Result<()> {
+    match engine.server(id) {
+        Ok(s) if who.owns(&s.account) => Ok(()),
+        Ok(_) => Err(Error::ServerNotFound(id)),
+        Err(e) => Err(e),
+    }
+}
+
+/// Snapshot `id`, if the caller may act on its server; another account's
+/// is answered exactly as one that does not exist.
+fn owned_snapshot(engine: &crate::Engine, who: &Principal, id: SnapshotId) -> crate::Result<()> {
+    let snap = engine.snapshot(id)?;
+    match engine.server(snap.server.id) {
+        Ok(s) if who.owns(&s.account) => Ok(()),
+        _ => Err(Error::SnapshotNotFound(id)),
+    }
+}
+
 /// A snapshot id from the path; anything but a non-negative integer names
 /// no snapshot.
 fn snapshot_id(raw: &str) -> ApiResult<SnapshotId> {
@@ -255,10 +298,15 @@ fn snapshot_id(raw: &str) -> ApiResult<SnapshotId> {
 }
 
 /// `POST /api/v1/snapshots/{id}/restore/`
-pub async fn restore(State(app): State<App>, Path(raw): Path<String>) -> ApiResult<Json<Value>> {
+pub async fn restore(
+    State(app): State<App>,
+    Extension(who): Extension<Principal>,
+    Path(raw): Path<String>,
+) -> ApiResult<Json<Value>> {
     let id = snapshot_id(&raw)?;
     let engine = app.engine.clone();
     let (job, snap, server) = blocking(move || {
+        owned_snapshot(&engine, &who, id)?;
         let job = engine.start_restore(id)?;
         let snap = engine.snapshot(id)?;
         let server = engine.server(snap.server.id)?;
@@ -278,10 +326,18 @@ pub async fn restore(State(app): State<App>, Path(raw): Path<String>) -> ApiResu
 }
 
 /// `DELETE /api/v1/snapshots/{id}/`
-pub async fn delete(State(app): State<App>, Path(raw): Path<String>) -> ApiResult<StatusCode> {
+pub async fn delete(
+    State(app): State<App>,
+    Extension(who): Extension<Principal>,
+    Path(raw): Path<String>,
+) -> ApiResult<StatusCode> {
     let id = snapshot_id(&raw)?;
     let engine = app.engine.clone();
-    blocking(move || engine.delete_snapshot(id)).await?;
+    blocking(move || {
+        owned_snapshot(&engine, &who, id)?;
+        engine.delete_snapshot(id)
+    })
+    .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

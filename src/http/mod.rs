@@ -20,7 +20,7 @@ use axum::Router;
 use axum::routing::{delete, get, post};
 use parking_lot::Mutex;
 
-pub use auth::Tokens;
+pub use auth::{Principal, Scope, Tokens, new_token};
 
 use crate::engine::{Engine, RestoreJob};
 use crate::error::{Error, IoContext, Result};

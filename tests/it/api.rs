@@ -53,11 +53,7 @@ impl Api {
         let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
         let running = start(engine, addr, Tokens::new([TOKEN]).unwrap()).unwrap();
         let base = format!("http://{}", running.addr());
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(30)))
-            .build()
-            .into();
+        let agent = crate::common::http_agent();
         Api {
             running: Some(running),
             base,
@@ -702,10 +698,7 @@ fn serve_needs_a_token_and_stops_cleanly_on_sigterm() {
         .strip_prefix("listening on ")
         .unwrap()
         .to_string();
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into();
+    let agent = crate::common::http_agent();
     for token in ["file-token", "env-token"] {
         let r = agent
             .get(format!("{url}/api/v1/snapshots/"))

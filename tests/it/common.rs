@@ -599,3 +599,12 @@ fn present(available: Result<(), String>) -> bool {
         ),
     }
 }
+
+/// An HTTP client for the API tests: statuses are answers, not errors.
+pub fn http_agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(std::time::Duration::from_secs(30)))
+        .build()
+        .into()
+}

@@ -1,5 +1,6 @@
 //! Integration tests, one binary (to keep link time down): each module a topic.
 
+mod accounts;
 mod api;
 mod blockdev;
 mod bucket;
