@@ -9,6 +9,7 @@
 //! the server stops accepting requests and waits for them to finish.
 
 mod auth;
+mod conns;
 mod handlers;
 
 pub use handlers::create_request;
@@ -21,6 +22,7 @@ use axum::routing::{delete, get, post};
 use parking_lot::Mutex;
 
 pub use auth::{Principal, Scope, Tokens, new_token};
+pub use conns::{ConnLimits, HEADER_TIMEOUT, IDLE_TIMEOUT, raise_file_limit};
 
 use crate::engine::{Engine, RestoreJob};
 use crate::error::{Error, IoContext, Result};
@@ -164,6 +166,9 @@ pub fn run_until_signal(
     tokens: Tokens,
     ready: impl FnOnce(SocketAddr),
 ) -> Result<()> {
+    // A service's default soft limit (1,024) is raised to the hard one:
+    // connections are capped below what is then left.
+    raise_file_limit();
     let listener = bind(listen)?;
     ready(listener.local_addr().at(listen.to_string())?);
     runtime()
@@ -202,9 +207,13 @@ async fn serve_on(
         jobs: Arc::new(Mutex::new(Jobs::default())),
     };
     let jobs = app.jobs.clone();
-    axum::serve(listener, router_for(app, tokens))
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    conns::serve(
+        listener,
+        router_for(app, tokens),
+        ConnLimits::from_file_limit(),
+        shutdown,
+    )
+    .await?;
     tokio::task::spawn_blocking(move || jobs.lock().wait_all())
         .await
         .map_err(std::io::Error::other)

@@ -8,6 +8,7 @@ mod bucket_faults;
 mod cli;
 mod common;
 mod concurrency;
+mod connections;
 mod corruption;
 mod crash;
 mod dense;
