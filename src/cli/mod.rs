@@ -122,6 +122,18 @@ enum Command {
         /// each acts for one account (or all), read or read-write.
         #[arg(long, value_name = "FILE")]
         tokens: Option<PathBuf>,
+        /// Requests a second each account token may make (bursts of twice
+        /// as many); past it, 429 with Retry-After. 0: no limit. Operators'
+        /// tokens are not limited.
+        #[arg(long, default_value = "20")]
+        rate_limit: f64,
+        /// Captures and restores one account may have running at once.
+        #[arg(long, default_value = "4")]
+        account_jobs: usize,
+        /// Append a JSON line for every request that changes something or
+        /// is refused to this file, durably before answering.
+        #[arg(long, value_name = "FILE")]
+        audit_log: Option<PathBuf>,
         /// Collect garbage in the background after every delete (the store
         /// is locked while serving, so `blocksnap gc` cannot run then).
         #[arg(long)]
@@ -509,12 +521,21 @@ fn dispatch(cli: Cli) -> blocksnap::Result<i32> {
             listen,
             token_file,
             tokens,
+            rate_limit,
+            account_jobs,
+            audit_log,
             auto_gc,
             fleet_refresh,
         } => serve(
             &store,
             listen,
-            (token_file.as_deref(), tokens.as_deref()),
+            ServeGuard {
+                token_file,
+                tokens,
+                rate_limit,
+                account_jobs,
+                audit_log,
+            },
             auto_gc,
             fleet_refresh,
         ),
@@ -652,18 +673,36 @@ fn open_options(store: &Store, options: EngineOptions) -> blocksnap::Result<Engi
     Ok(engine)
 }
 
+/// How `serve` guards the API (its flags).
+#[cfg(feature = "server")]
+struct ServeGuard {
+    token_file: Option<PathBuf>,
+    tokens: Option<PathBuf>,
+    rate_limit: f64,
+    account_jobs: usize,
+    audit_log: Option<PathBuf>,
+}
+
 #[cfg(feature = "server")]
 fn serve(
     store: &Store,
     listen: std::net::SocketAddr,
-    (token_file, scoped): (Option<&Path>, Option<&Path>),
+    guard: ServeGuard,
     auto_gc: bool,
     fleet_refresh: std::time::Duration,
 ) -> blocksnap::Result<i32> {
     use blocksnap::http::{Tokens, run_until_signal};
     use std::io::Write;
     let env_token = std::env::var("BLOCKSNAP_API_TOKEN").ok();
-    let tokens = Tokens::load_all(env_token.as_deref(), token_file, scoped)?;
+    let tokens = Tokens::load_all(
+        env_token.as_deref(),
+        guard.token_file.as_deref(),
+        guard.tokens.as_deref(),
+    )?;
+    let config = blocksnap::http::ApiConfig::from(tokens)
+        .rate_limit(guard.rate_limit)
+        .account_jobs(guard.account_jobs)
+        .audit_log(guard.audit_log);
     let engine = open_options(store, EngineOptions::new().auto_gc(auto_gc))?;
     // On a bucket: other hosts' snapshots and packs, taken in as they
     // come, until the server stops (`stop` goes: the thread ends, and with
@@ -689,7 +728,7 @@ fn serve(
     };
     #[cfg(not(feature = "s3"))]
     let _ = fleet_refresh;
-    let served = run_until_signal(engine, listen, tokens, |addr| {
+    let served = run_until_signal(engine, listen, config, |addr| {
         println!("listening on http://{addr}");
         eprintln!(
             "serving store {} (locked while serving); stop with Ctrl-C or SIGTERM",

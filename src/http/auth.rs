@@ -10,7 +10,7 @@ use axum::extract::{Request, State};
 use axum::http::Method;
 use axum::http::header::AUTHORIZATION;
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 
 use super::handlers::ApiError;
 use crate::error::{Error, IoContext, Result};
@@ -30,6 +30,8 @@ pub struct Principal {
     pub scope: Scope,
     /// Its name, for the audit log.
     pub name: Option<String>,
+    /// Which configured token it is (rate limits are per token).
+    pub(crate) key: usize,
 }
 
 impl Principal {
@@ -70,13 +72,17 @@ impl Tokens {
                     account: None,
                     scope: Scope::ReadWrite,
                     name: None,
+                    key: 0,
                 },
             });
         }
         Self::checked(entries)
     }
 
-    fn checked(entries: Vec<Entry>) -> Result<Self> {
+    fn checked(mut entries: Vec<Entry>) -> Result<Self> {
+        for (key, e) in entries.iter_mut().enumerate() {
+            e.principal.key = key;
+        }
         if entries.is_empty() {
             return Err(Error::InvalidParameter(
                 "no API token configured: pass --tokens FILE or --token-file FILE, or set \
@@ -172,6 +178,7 @@ impl Tokens {
                     account,
                     scope,
                     name,
+                    key: 0,
                 },
             });
         }
@@ -228,42 +235,104 @@ pub fn new_token(
     Ok((token, line))
 }
 
-/// Middleware: 401 unless the request carries `Authorization: Bearer <token>`
-/// with an accepted token; 403 for a read-only token's request to change
-/// something. Whom the token acts for goes to the handlers.
-pub async fn require_token(
-    State(tokens): State<Arc<Tokens>>,
+/// What the middleware checks requests against.
+pub(crate) struct Guard {
+    pub tokens: Tokens,
+    pub rate: Option<super::guard::RateLimiter>,
+    pub audit: Option<super::guard::AuditLog>,
+}
+
+/// Middleware: 401 unless the request carries `Authorization: Bearer
+/// <token>` with an accepted token; 429 past the token's rate; 403 for a
+/// read-only token's request to change something. Whom the token acts
+/// for goes to the handlers. Every request that changes something, and
+/// every refused one, is written to the audit log before it is answered.
+pub(crate) async fn require_token(
+    State(guard): State<Arc<Guard>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let started = std::time::Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let (who, outcome) = authorize(&guard, req, next).await;
+    let response = outcome.unwrap_or_else(IntoResponse::into_response);
+    let status = response.status();
+    let reads = matches!(method, Method::GET | Method::HEAD);
+    if let Some(log) = &guard.audit
+        && (!reads || status.as_u16() >= 400)
+    {
+        let touched = response
+            .extensions()
+            .get::<super::guard::Touched>()
+            .copied()
+            .unwrap_or_default();
+        let record = super::guard::AuditRecord {
+            time: humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
+            token: who.as_ref().and_then(|p| p.name.clone()),
+            account: who
+                .as_ref()
+                .map(|p| p.account.clone().unwrap_or_else(|| "*".into())),
+            method: method.to_string(),
+            path,
+            server_id: touched.server,
+            snapshot_id: touched.snapshot,
+            status: status.as_u16(),
+            micros: started.elapsed().as_micros() as u64,
+        };
+        // The request happened either way: its answer stays true, and
+        // the failure goes to the server's log.
+        if let Err(e) = log.append(record).await {
+            eprintln!("blocksnap serve: AUDIT LOG FAILED, a request went unrecorded: {e}");
+        }
+    }
+    response
+}
+
+async fn authorize(
+    guard: &Guard,
     mut req: Request,
     next: Next,
-) -> Result<Response, ApiError> {
+) -> (Option<Principal>, Result<Response, ApiError>) {
     let Some(value) = req.headers().get(AUTHORIZATION) else {
-        return Err(ApiError::unauthorized(
-            "Authentication credentials were not provided.",
-        ));
+        return (
+            None,
+            Err(ApiError::unauthorized(
+                "Authentication credentials were not provided.",
+            )),
+        );
     };
     let value = value.to_str().unwrap_or("");
     let mut parts = value.split_whitespace();
+    let malformed =
+        || ApiError::unauthorized("Invalid Authorization header: expected 'Bearer <token>'.");
     let (Some(scheme), Some(token), None) = (parts.next(), parts.next(), parts.next()) else {
-        return Err(ApiError::unauthorized(
-            "Invalid Authorization header: expected 'Bearer <token>'.",
-        ));
+        return (None, Err(malformed()));
     };
     if !scheme.eq_ignore_ascii_case("bearer") {
-        return Err(ApiError::unauthorized(
-            "Invalid Authorization header: expected 'Bearer <token>'.",
-        ));
+        return (None, Err(malformed()));
     }
-    let Some(principal) = tokens.accepts(token).cloned() else {
-        return Err(ApiError::unauthorized("Invalid token."));
+    let Some(principal) = guard.tokens.accepts(token).cloned() else {
+        return (None, Err(ApiError::unauthorized("Invalid token.")));
     };
+    // Accounts' tokens are rate-limited; operators' (the provider's own
+    // tools) are not.
+    if let (Some(rate), Some(_)) = (&guard.rate, &principal.account)
+        && let Err(wait) = rate.take(principal.key)
+    {
+        return (Some(principal), Err(ApiError::throttled(wait)));
+    }
     let reads = matches!(*req.method(), Method::GET | Method::HEAD);
     if principal.scope == Scope::Read && !reads {
-        return Err(ApiError::forbidden(
-            "You do not have permission to perform this action.",
-        ));
+        return (
+            Some(principal),
+            Err(ApiError::forbidden(
+                "You do not have permission to perform this action.",
+            )),
+        );
     }
-    req.extensions_mut().insert(principal);
-    Ok(next.run(req).await)
+    req.extensions_mut().insert(principal.clone());
+    (Some(principal), Ok(next.run(req).await))
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 
 use super::auth::Principal;
+use super::guard::Touched;
 use super::{App, MAX_BODY_LEN};
 use crate::error::{Error, ErrorClass};
 use crate::ids::{ServerId, SnapshotId};
@@ -40,6 +41,14 @@ impl ApiError {
 
     pub fn forbidden(detail: &str) -> Self {
         Self::new(StatusCode::FORBIDDEN, detail)
+    }
+
+    /// 429: come back in `seconds` (said in `Retry-After` too).
+    pub fn throttled(seconds: u64) -> Self {
+        ApiError {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            detail: format!("Request was throttled. Expected available in {seconds} seconds."),
+        }
     }
 
     fn bad_request(detail: impl Into<String>) -> Self {
@@ -76,7 +85,18 @@ impl From<Error> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        let retry_after = (self.status == StatusCode::TOO_MANY_REQUESTS).then(|| {
+            self.detail
+                .split_whitespace()
+                .find_map(|w| w.parse::<u64>().ok())
+                .unwrap_or(1)
+        });
         let mut resp = (self.status, Json(json!({ "detail": self.detail }))).into_response();
+        if let Some(secs) = retry_after
+            && let Ok(v) = header::HeaderValue::from_str(&secs.to_string())
+        {
+            resp.headers_mut().insert(header::RETRY_AFTER, v);
+        }
         if self.status == StatusCode::UNAUTHORIZED {
             resp.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
@@ -185,19 +205,33 @@ pub async fn create(
     let bytes = read_body(body).await?;
     let (server_id, name, description) = create_request(&bytes)?;
     let engine = app.engine.clone();
-    let job = blocking(move || {
-        owned_server(&engine, &who, server_id)?;
-        engine.start_snapshot(server_id, &name, &description)
+    let (jobs, limit) = (app.jobs.clone(), app.account_jobs);
+    let snapshot = blocking(move || {
+        let account = owned_server(&engine, &who, server_id)?;
+        // Counted and started under one lock: racing requests of one
+        // account cannot pass the cap together.
+        let mut jobs = jobs.lock();
+        if who.account.is_some() && jobs.running_for(&account) >= limit {
+            return Ok(None);
+        }
+        let job = engine.start_snapshot(server_id, &name, &description)?;
+        let snapshot = job.snapshot.clone();
+        jobs.captures.push((account, job));
+        Ok(Some(snapshot))
     })
-    .await?;
-    let mut body = serde_json::to_value(&job.snapshot).unwrap_or_default();
+    .await?
+    .ok_or_else(|| too_many(limit))?;
+    let id = snapshot.id.0;
+    let mut body = serde_json::to_value(&snapshot).unwrap_or_default();
     if let Value::Object(m) = &mut body {
         m.insert("message".into(), Value::String(CREATE_MESSAGE.into()));
     }
-    let mut jobs = app.jobs.lock();
-    jobs.prune();
-    jobs.captures.push(job);
-    Ok((StatusCode::CREATED, Json(body)).into_response())
+    let mut resp = (StatusCode::CREATED, Json(body)).into_response();
+    resp.extensions_mut().insert(Touched {
+        server: Some(server_id.0),
+        snapshot: Some(id),
+    });
+    Ok(resp)
 }
 
 /// The server, name and description of a create request's body: a JSON
@@ -271,21 +305,36 @@ fn json_object(bytes: &[u8]) -> ApiResult<Map<String, Value>> {
 /// Server `id`, if the caller may act on it. Another account's server is
 /// answered exactly as one that does not exist (the same error, after the
 /// same look-up), so ids cannot be probed.
-fn owned_server(engine: &crate::Engine, who: &Principal, id: ServerId) -> crate::Result<()> {
+fn owned_server(engine: &crate::Engine, who: &Principal, id: ServerId) -> crate::Result<String> {
     match engine.server(id) {
-        Ok(s) if who.owns(&s.account) => Ok(()),
+        Ok(s) if who.owns(&s.account) => Ok(s.account),
         Ok(_) => Err(Error::ServerNotFound(id)),
         Err(e) => Err(e),
     }
 }
 
-/// Snapshot `id`, if the caller may act on its server; another account's
-/// is answered exactly as one that does not exist.
-fn owned_snapshot(engine: &crate::Engine, who: &Principal, id: SnapshotId) -> crate::Result<()> {
+/// Snapshot `id`'s server and its account, if the caller may act on it;
+/// another account's is answered exactly as one that does not exist.
+fn owned_snapshot(
+    engine: &crate::Engine,
+    who: &Principal,
+    id: SnapshotId,
+) -> crate::Result<(ServerId, String)> {
     let snap = engine.snapshot(id)?;
     match engine.server(snap.server.id) {
-        Ok(s) if who.owns(&s.account) => Ok(()),
+        Ok(s) if who.owns(&s.account) => Ok((s.id, s.account)),
         _ => Err(Error::SnapshotNotFound(id)),
+    }
+}
+
+/// 429 for an account at its cap of running captures and restores.
+fn too_many(limit: usize) -> ApiError {
+    ApiError {
+        status: StatusCode::TOO_MANY_REQUESTS,
+        detail: format!(
+            "This account already runs {limit} captures and restores; retry in 5 seconds, \
+             when one may have ended."
+        ),
     }
 }
 
@@ -302,27 +351,37 @@ pub async fn restore(
     State(app): State<App>,
     Extension(who): Extension<Principal>,
     Path(raw): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Response> {
     let id = snapshot_id(&raw)?;
     let engine = app.engine.clone();
-    let (job, snap, server) = blocking(move || {
-        owned_snapshot(&engine, &who, id)?;
+    let (jobs, limit) = (app.jobs.clone(), app.account_jobs);
+    let (snap, server) = blocking(move || {
+        let (_, account) = owned_snapshot(&engine, &who, id)?;
+        let mut jobs = jobs.lock();
+        if who.account.is_some() && jobs.running_for(&account) >= limit {
+            return Ok(None);
+        }
         let job = engine.start_restore(id)?;
+        jobs.restores.push((account, job));
         let snap = engine.snapshot(id)?;
         let server = engine.server(snap.server.id)?;
-        Ok((job, snap, server))
+        Ok(Some((snap, server)))
     })
-    .await?;
-    let mut jobs = app.jobs.lock();
-    jobs.prune();
-    jobs.restores.push(job);
-    Ok(Json(json!({
+    .await?
+    .ok_or_else(|| too_many(limit))?;
+    let mut resp = Json(json!({
         "status": "success",
         "message": RESTORE_MESSAGE,
         "snapshot": { "id": snap.id, "name": snap.name, "created_at": snap.created_at },
         // The restore was accepted and is under way.
         "server": { "id": server.id, "name": server.name, "status": "restoring" },
-    })))
+    }))
+    .into_response();
+    resp.extensions_mut().insert(Touched {
+        server: Some(server.id.0),
+        snapshot: Some(id.0),
+    });
+    Ok(resp)
 }
 
 /// `DELETE /api/v1/snapshots/{id}/`
@@ -330,15 +389,21 @@ pub async fn delete(
     State(app): State<App>,
     Extension(who): Extension<Principal>,
     Path(raw): Path<String>,
-) -> ApiResult<StatusCode> {
+) -> ApiResult<Response> {
     let id = snapshot_id(&raw)?;
     let engine = app.engine.clone();
-    blocking(move || {
-        owned_snapshot(&engine, &who, id)?;
-        engine.delete_snapshot(id)
+    let server = blocking(move || {
+        let (server, _) = owned_snapshot(&engine, &who, id)?;
+        engine.delete_snapshot(id)?;
+        Ok(server)
     })
     .await?;
-    Ok(StatusCode::NO_CONTENT)
+    let mut resp = StatusCode::NO_CONTENT.into_response();
+    resp.extensions_mut().insert(Touched {
+        server: Some(server.0),
+        snapshot: Some(id.0),
+    });
+    Ok(resp)
 }
 
 pub async fn not_found() -> ApiError {

@@ -10,6 +10,7 @@
 
 mod auth;
 mod conns;
+mod guard;
 mod handlers;
 
 pub use handlers::create_request;
@@ -23,6 +24,7 @@ use parking_lot::Mutex;
 
 pub use auth::{Principal, Scope, Tokens, new_token};
 pub use conns::{ConnLimits, HEADER_TIMEOUT, IDLE_TIMEOUT, raise_file_limit};
+pub use guard::ApiConfig;
 
 use crate::engine::{Engine, RestoreJob};
 use crate::error::{Error, IoContext, Result};
@@ -45,46 +47,75 @@ pub const ROUTES: &[(&str, &str)] = &[
 struct App {
     engine: Engine,
     jobs: Arc<Mutex<Jobs>>,
+    /// Captures and restores an account may have running at once.
+    account_jobs: usize,
 }
 
-/// Background work started by requests, kept so shutdown can wait for it.
+impl App {
+    fn new(engine: Engine, config: &ApiConfig) -> Self {
+        App {
+            engine,
+            jobs: Arc::new(Mutex::new(Jobs::default())),
+            account_jobs: config.account_jobs,
+        }
+    }
+}
+
+/// Background work started by requests, with the account of its server,
+/// kept so shutdown can wait for it.
 #[derive(Default)]
 struct Jobs {
-    captures: Vec<CaptureJob>,
-    restores: Vec<RestoreJob>,
+    captures: Vec<(String, CaptureJob)>,
+    restores: Vec<(String, RestoreJob)>,
 }
 
 impl Jobs {
     fn prune(&mut self) {
-        self.captures.retain(|j| !j.is_finished());
-        self.restores.retain(|j| !j.is_finished());
+        self.captures.retain(|(_, j)| !j.is_finished());
+        self.restores.retain(|(_, j)| !j.is_finished());
+    }
+
+    /// Captures and restores running for `account`.
+    fn running_for(&mut self, account: &str) -> usize {
+        self.prune();
+        self.captures.iter().filter(|(a, _)| a == account).count()
+            + self.restores.iter().filter(|(a, _)| a == account).count()
     }
 
     /// Waits for everything still running. Outcomes are in the catalog.
     fn wait_all(&mut self) {
-        for j in self.captures.drain(..) {
+        for (_, j) in self.captures.drain(..) {
             let _ = j.wait();
         }
-        for j in self.restores.drain(..) {
+        for (_, j) in self.restores.drain(..) {
             let _ = j.wait();
         }
     }
 }
 
-/// The API's router over `engine`, every route behind `tokens`.
-pub fn router(engine: Engine, tokens: Tokens) -> Router {
-    let app = App {
-        engine,
-        jobs: Arc::new(Mutex::new(Jobs::default())),
-    };
-    router_for(app, tokens)
+/// The API's router over `engine`, every route behind the tokens of
+/// `config` (or just tokens).
+pub fn router(engine: Engine, config: impl Into<ApiConfig>) -> Result<Router> {
+    let config = config.into();
+    let app = App::new(engine, &config);
+    router_for(app, &config)
 }
 
-fn router_for(app: App, tokens: Tokens) -> Router {
+fn router_for(app: App, config: &ApiConfig) -> Result<Router> {
+    let guard = auth::Guard {
+        tokens: config.tokens.clone(),
+        rate: config
+            .rate
+            .map(|(per_second, burst)| guard::RateLimiter::new(per_second, burst)),
+        audit: match &config.audit_log {
+            Some(path) => Some(guard::AuditLog::open(path)?),
+            None => None,
+        },
+    };
     let list = get(handlers::list).post(handlers::create);
     let restore = post(handlers::restore);
     let remove = delete(handlers::delete);
-    Router::new()
+    Ok(Router::new()
         .route("/api/v1/snapshots/", list.clone())
         .route("/api/v1/snapshots", list)
         .route("/api/v1/snapshots/{snapshot_id}/restore/", restore.clone())
@@ -94,10 +125,10 @@ fn router_for(app: App, tokens: Tokens) -> Router {
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
-            Arc::new(tokens),
+            Arc::new(guard),
             auth::require_token,
         ))
-        .with_state(app)
+        .with_state(app))
 }
 
 /// A server running on its own thread (tests, embedders).
@@ -139,14 +170,22 @@ impl Drop for RunningApi {
 }
 
 /// Binds `listen` and serves on a new thread until [`RunningApi::shutdown`].
-pub fn start(engine: Engine, listen: SocketAddr, tokens: Tokens) -> Result<RunningApi> {
+pub fn start(
+    engine: Engine,
+    listen: SocketAddr,
+    config: impl Into<ApiConfig>,
+) -> Result<RunningApi> {
+    let config = config.into();
+    let app = App::new(engine, &config);
+    let jobs = app.jobs.clone();
+    let router = (router_for(app, &config)?, jobs);
     let listener = bind(listen)?;
     let addr = listener.local_addr().at(listen.to_string())?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let thread = std::thread::Builder::new()
         .name("blocksnap-http".into())
         .spawn(move || {
-            runtime()?.block_on(serve_on(listener, engine, tokens, async {
+            runtime()?.block_on(serve_on(listener, router, async {
                 let _ = stopped.await;
             }))
         })
@@ -163,9 +202,13 @@ pub fn start(engine: Engine, listen: SocketAddr, tokens: Tokens) -> Result<Runni
 pub fn run_until_signal(
     engine: Engine,
     listen: SocketAddr,
-    tokens: Tokens,
+    config: impl Into<ApiConfig>,
     ready: impl FnOnce(SocketAddr),
 ) -> Result<()> {
+    let config = config.into();
+    let app = App::new(engine, &config);
+    let jobs = app.jobs.clone();
+    let router = (router_for(app, &config)?, jobs);
     // A service's default soft limit (1,024) is raised to the hard one:
     // connections are capped below what is then left.
     raise_file_limit();
@@ -173,7 +216,7 @@ pub fn run_until_signal(
     ready(listener.local_addr().at(listen.to_string())?);
     runtime()
         .at("<tokio runtime>")?
-        .block_on(serve_on(listener, engine, tokens, shutdown_signal()))
+        .block_on(serve_on(listener, router, shutdown_signal()))
         .at(listen.to_string())
 }
 
@@ -197,23 +240,11 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 
 async fn serve_on(
     listener: std::net::TcpListener,
-    engine: Engine,
-    tokens: Tokens,
+    (router, jobs): (Router, Arc<Mutex<Jobs>>),
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::from_std(listener)?;
-    let app = App {
-        engine,
-        jobs: Arc::new(Mutex::new(Jobs::default())),
-    };
-    let jobs = app.jobs.clone();
-    conns::serve(
-        listener,
-        router_for(app, tokens),
-        ConnLimits::from_file_limit(),
-        shutdown,
-    )
-    .await?;
+    conns::serve(listener, router, ConnLimits::from_file_limit(), shutdown).await?;
     tokio::task::spawn_blocking(move || jobs.lock().wait_all())
         .await
         .map_err(std::io::Error::other)

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
-use blocksnap::http::{RunningApi, Scope, Tokens, new_token, start};
+use blocksnap::http::{ApiConfig, RunningApi, Scope, Tokens, new_token, start};
 use blocksnap::{Engine, EngineOptions, ServerId, SnapshotId, SnapshotStatus};
 use serde_json::{Value, json};
 
@@ -38,11 +38,22 @@ impl Drop for Fixture {
 /// Server 1 and 3 are acme's, 2 and 4 globex's; servers 1 and 2 have one
 /// completed snapshot each.
 fn fixture() -> (Fixture, SnapshotId, SnapshotId) {
+    fixture_with(EngineOptions::new(), |c| c)
+}
+
+/// [`fixture`] with the engine's options and the API's config as given.
+fn fixture_with(
+    options: EngineOptions,
+    config: impl FnOnce(ApiConfig) -> ApiConfig,
+) -> (Fixture, SnapshotId, SnapshotId) {
     let dir = tempfile::tempdir().unwrap();
-    let engine = EngineOptions::new().open(dir.path().join("store")).unwrap();
+    let engine = options.open(dir.path().join("store")).unwrap();
     for (id, account) in [(1u64, "acme"), (2, "globex"), (3, "acme"), (4, "globex")] {
         let path = dir.path().join(format!("s{id}.img"));
-        std::fs::write(&path, disk_bytes(256 << 10, id)).unwrap();
+        // Servers 3 and 4 are twice as large: a gate on the second half
+        // holds their captures, not the others'.
+        let len = if id > 2 { 512 << 10 } else { 256 << 10 };
+        std::fs::write(&path, disk_bytes(len, id)).unwrap();
         engine
             .add_server_for(ServerId(id), &format!("srv-{id}"), &path, account)
             .unwrap();
@@ -56,7 +67,7 @@ fn fixture() -> (Fixture, SnapshotId, SnapshotId) {
     std::fs::write(&file, format!("{l1}\n{l2}\n{l3}\n")).unwrap();
     let tokens = Tokens::load_all(Some(OPERATOR), None, Some(&file)).unwrap();
     let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let running = start(engine.clone(), addr, tokens).unwrap();
+    let running = start(engine.clone(), addr, config(ApiConfig::from(tokens))).unwrap();
     let base = format!("http://{}", running.addr());
     let agent = crate::common::http_agent();
     let fx = Fixture {
@@ -362,4 +373,136 @@ fn the_command_makes_tokens_and_moves_servers_between_accounts() {
     let engine = EngineOptions::new().open(&store).unwrap();
     assert_eq!(engine.server(ServerId(1)).unwrap().account, "globex");
     assert_eq!(engine.server(ServerId(2)).unwrap().account, "default");
+}
+
+#[test]
+fn a_flooding_account_is_throttled_and_the_others_are_not() {
+    let (fx, _, _) = fixture_with(EngineOptions::new(), |c| c.rate_limit(5.0));
+    let mut throttled = None;
+    for _ in 0..40 {
+        let url = format!("{}/api/v1/snapshots/", fx.base);
+        let mut r = fx
+            .agent
+            .get(&url)
+            .header("Authorization", format!("Bearer {}", fx.acme))
+            .call()
+            .unwrap();
+        if r.status().as_u16() == 429 {
+            let retry = r
+                .headers()
+                .get("Retry-After")
+                .map(|v| v.to_str().unwrap().to_string());
+            throttled = Some((retry, r.body_mut().read_to_string().unwrap()));
+            break;
+        }
+    }
+    let (retry, body) = throttled.expect("40 requests at once were never throttled");
+    assert!(retry.is_some_and(|r| r.parse::<u64>().is_ok_and(|s| s >= 1)));
+    assert!(body.contains("\"detail\""), "{body}");
+    // Another account, and the operator, are answered meanwhile.
+    assert_eq!(
+        fx.call(&fx.globex, "GET", "/api/v1/snapshots/", None).0,
+        200
+    );
+    for _ in 0..40 {
+        assert_eq!(fx.call(OPERATOR, "GET", "/api/v1/snapshots/", None).0, 200);
+    }
+}
+
+#[test]
+fn an_account_at_its_cap_of_running_jobs_gets_429_and_the_others_go_on() {
+    let gate = crate::common::Gate::default();
+    let (fx, _, _) = fixture_with(
+        EngineOptions::new().disk_opener(gate.opener_from(256 << 10)),
+        |c| c.account_jobs(1),
+    );
+    let _opens = gate.open_on_drop();
+    let create = |token: &str, server: u64| {
+        fx.call(
+            token,
+            "POST",
+            "/api/v1/snapshots/",
+            Some(json!({"server_id": server, "name": format!("n{server}")})),
+        )
+    };
+    // Server 3's capture is held running: acme is at its cap of one.
+    assert_eq!(create(&fx.acme, 3).0, 201);
+    gate.wait_for_a_reader();
+    let (status, body) = create(&fx.acme, 1);
+    assert_eq!(status, 429, "{body}");
+    let (status, body) = fx.call(&fx.acme, "POST", "/api/v1/snapshots/1/restore/", None);
+    assert_eq!(status, 429, "{body}");
+    // Another account is not starved, nor is the operator.
+    assert_eq!(create(&fx.globex, 2).0, 201);
+    assert_eq!(create(OPERATOR, 4).0, 201);
+    gate.open();
+    fx.settle();
+    assert_eq!(create(&fx.acme, 1).0, 201);
+    fx.settle();
+}
+
+#[test]
+fn the_audit_log_records_every_change_and_every_refusal_durably() {
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let path = log.path().to_path_buf();
+    let (fx, s1, s2) = fixture_with(EngineOptions::new(), |c| c.audit_log(Some(path.clone())));
+    assert_eq!(
+        fx.call(
+            &fx.acme,
+            "POST",
+            "/api/v1/snapshots/",
+            Some(json!({"server_id": 1, "name": "a"}))
+        )
+        .0,
+        201
+    );
+    assert_eq!(
+        fx.call(
+            &fx.acme,
+            "DELETE",
+            &format!("/api/v1/snapshots/{}/", s2.0),
+            None
+        )
+        .0,
+        404
+    );
+    assert_eq!(
+        fx.call("no-such-token", "GET", "/api/v1/snapshots/", None)
+            .0,
+        401
+    );
+    assert_eq!(
+        fx.call(
+            &fx.acme_ro,
+            "DELETE",
+            &format!("/api/v1/snapshots/{}/", s1.0),
+            None
+        )
+        .0,
+        403
+    );
+    assert_eq!(fx.call(&fx.acme, "GET", "/api/v1/snapshots/", None).0, 200);
+    // Each answered request's line is in the file by then.
+    let lines: Vec<Value> = std::fs::read_to_string(&path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4, "{lines:?}");
+    assert_eq!(lines[0]["method"], "POST");
+    assert_eq!(lines[0]["status"], 201);
+    assert_eq!(lines[0]["token"], "acme-ci");
+    assert_eq!(lines[0]["account"], "acme");
+    assert_eq!(lines[0]["server_id"], 1);
+    assert!(lines[0]["snapshot_id"].as_u64().is_some());
+    assert_eq!(lines[1]["status"], 404);
+    assert_eq!(lines[1]["path"], format!("/api/v1/snapshots/{}/", s2.0));
+    assert_eq!(lines[2]["status"], 401);
+    assert_eq!(lines[2]["account"], Value::Null);
+    assert_eq!(lines[3]["status"], 403);
+    for l in &lines {
+        assert!(l["time"].as_str().is_some_and(|t| t.ends_with('Z')));
+        assert!(l["micros"].as_u64().is_some());
+    }
+    fx.settle();
 }
