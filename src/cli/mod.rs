@@ -134,6 +134,16 @@ enum Command {
         /// is refused to this file, durably before answering.
         #[arg(long, value_name = "FILE")]
         audit_log: Option<PathBuf>,
+        /// Serve HTTPS with this certificate chain (PEM).
+        #[arg(long, value_name = "FILE", requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The certificate's private key (PEM).
+        #[arg(long, value_name = "FILE", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// Serve plain HTTP on an address other than loopback all the same
+        /// (a proxy in front terminates TLS).
+        #[arg(long, conflicts_with = "tls_cert")]
+        insecure_http: bool,
         /// Collect garbage in the background after every delete (the store
         /// is locked while serving, so `blocksnap gc` cannot run then).
         #[arg(long)]
@@ -524,6 +534,9 @@ fn dispatch(cli: Cli) -> blocksnap::Result<i32> {
             rate_limit,
             account_jobs,
             audit_log,
+            tls_cert,
+            tls_key,
+            insecure_http,
             auto_gc,
             fleet_refresh,
         } => serve(
@@ -535,6 +548,8 @@ fn dispatch(cli: Cli) -> blocksnap::Result<i32> {
                 rate_limit,
                 account_jobs,
                 audit_log,
+                tls: tls_cert.zip(tls_key),
+                insecure_http,
             },
             auto_gc,
             fleet_refresh,
@@ -681,6 +696,8 @@ struct ServeGuard {
     rate_limit: f64,
     account_jobs: usize,
     audit_log: Option<PathBuf>,
+    tls: Option<(PathBuf, PathBuf)>,
+    insecure_http: bool,
 }
 
 #[cfg(feature = "server")]
@@ -702,7 +719,13 @@ fn serve(
     let config = blocksnap::http::ApiConfig::from(tokens)
         .rate_limit(guard.rate_limit)
         .account_jobs(guard.account_jobs)
-        .audit_log(guard.audit_log);
+        .audit_log(guard.audit_log)
+        .insecure_http(guard.insecure_http);
+    let scheme = if guard.tls.is_some() { "https" } else { "http" };
+    let config = match guard.tls {
+        Some((cert, key)) => config.tls(cert, key),
+        None => config,
+    };
     let engine = open_options(store, EngineOptions::new().auto_gc(auto_gc))?;
     // On a bucket: other hosts' snapshots and packs, taken in as they
     // come, until the server stops (`stop` goes: the thread ends, and with
@@ -729,7 +752,7 @@ fn serve(
     #[cfg(not(feature = "s3"))]
     let _ = fleet_refresh;
     let served = run_until_signal(engine, listen, config, |addr| {
-        println!("listening on http://{addr}");
+        println!("listening on {scheme}://{addr}");
         eprintln!(
             "serving store {} (locked while serving); stop with Ctrl-C or SIGTERM",
             store.display()

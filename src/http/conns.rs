@@ -160,6 +160,7 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
     limits: ConnLimits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let registry = Arc::new(Registry {
@@ -197,7 +198,7 @@ pub async fn serve(
             registry.shed_one();
         }
         let _ = stream.set_nodelay(true);
-        spawn_conn(&registry, &graceful, &router, stream);
+        spawn_conn(&registry, &graceful, &router, tls.clone(), stream);
     }
     drop(listener);
     reaper.abort();
@@ -205,11 +206,13 @@ pub async fn serve(
     Ok(())
 }
 
-/// Serves one connection on its own task, registered while it lives.
+/// Serves one connection on its own task, registered while it lives
+/// (after its TLS handshake, which must end within [`HEADER_TIMEOUT`]).
 fn spawn_conn(
     registry: &Arc<Registry>,
     graceful: &GracefulShutdown,
     router: &Router,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     stream: tokio::net::TcpStream,
 ) {
     let mut open = registry.open.lock();
@@ -232,15 +235,28 @@ fn spawn_conn(
             }
         })
     };
-    let conn = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT)
-        .serve_connection(TokioIo::new(stream), service);
-    let watched = graceful.watch(conn);
+    let watcher = graceful.watcher();
     let done = registry.clone();
     // Takes the registry's lock when it ends: not before it is entered.
     let task = tokio::spawn(async move {
-        let _ = watched.await;
+        let http = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_TIMEOUT)
+            .clone();
+        match tls {
+            None => {
+                let conn = http.serve_connection(TokioIo::new(stream), service);
+                let _ = watcher.watch(conn).await;
+            }
+            Some(acceptor) => {
+                if let Ok(Ok(stream)) =
+                    tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream)).await
+                {
+                    let conn = http.serve_connection(TokioIo::new(stream), service);
+                    let _ = watcher.watch(conn).await;
+                }
+            }
+        }
         done.open.lock().conns.remove(&id);
     });
     open.conns.insert(

@@ -30,6 +30,10 @@ pub struct ApiConfig {
     pub account_jobs: usize,
     /// Where the audit log is appended (`None`: no log).
     pub audit_log: Option<PathBuf>,
+    /// TLS: the certificate chain and the private key, PEM files.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// Serve plain HTTP on an address other than loopback all the same.
+    pub insecure_http: bool,
 }
 
 impl From<Tokens> for ApiConfig {
@@ -40,6 +44,8 @@ impl From<Tokens> for ApiConfig {
             rate: None,
             account_jobs: usize::MAX,
             audit_log: None,
+            tls: None,
+            insecure_http: false,
         }
     }
 }
@@ -60,6 +66,70 @@ impl ApiConfig {
     pub fn audit_log(mut self, path: Option<PathBuf>) -> Self {
         self.audit_log = path;
         self
+    }
+
+    /// Serves HTTPS with this certificate chain and key (PEM files).
+    pub fn tls(mut self, cert: PathBuf, key: PathBuf) -> Self {
+        self.tls = Some((cert, key));
+        self
+    }
+
+    pub fn insecure_http(mut self, on: bool) -> Self {
+        self.insecure_http = on;
+        self
+    }
+
+    /// Refuses plain HTTP on an address other than loopback: tokens would
+    /// cross the network in the clear.
+    pub(crate) fn check_listen(&self, listen: std::net::SocketAddr) -> Result<()> {
+        if self.tls.is_none() && !self.insecure_http && !listen.ip().is_loopback() {
+            return Err(crate::Error::InvalidParameter(format!(
+                "serving plain HTTP on {listen}, which is not a loopback address, would send \
+                 API tokens in the clear: give --tls-cert FILE and --tls-key FILE, or \
+                 --insecure-http if a proxy in front terminates TLS"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The TLS acceptor, when serving HTTPS.
+    pub(crate) fn acceptor(&self) -> Result<Option<tokio_rustls::TlsAcceptor>> {
+        use tokio_rustls::rustls::pki_types::pem::PemObject;
+        use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let Some((cert, key)) = &self.tls else {
+            return Ok(None);
+        };
+        let bad = |path: &Path, why: String| {
+            crate::Error::InvalidParameter(format!("{}: {why}", path.display()))
+        };
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+            .map_err(|e| bad(cert, format!("cannot read a PEM certificate: {e}")))?
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| bad(cert, format!("not a PEM certificate chain: {e}")))?;
+        if certs.is_empty() {
+            return Err(bad(cert, "holds no certificate".into()));
+        }
+        let key = PrivateKeyDer::from_pem_file(key)
+            .map_err(|e| bad(key, format!("not a PEM private key: {e}")))?;
+        // The provider named, not the process default: with more than one
+        // compiled in, there is no default.
+        let provider = tokio_rustls::rustls::crypto::aws_lc_rs::default_provider();
+        let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(
+            std::sync::Arc::new(provider),
+        )
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad(cert, format!("no TLS version to offer: {e}")))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| {
+            bad(
+                cert,
+                format!("the certificate and key do not go together: {e}"),
+            )
+        })?;
+        Ok(Some(tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(
+            config,
+        ))))
     }
 }
 

@@ -176,9 +176,11 @@ pub fn start(
     config: impl Into<ApiConfig>,
 ) -> Result<RunningApi> {
     let config = config.into();
+    config.check_listen(listen)?;
+    let tls = config.acceptor()?;
     let app = App::new(engine, &config);
     let jobs = app.jobs.clone();
-    let router = (router_for(app, &config)?, jobs);
+    let router = (router_for(app, &config)?, jobs, tls);
     let listener = bind(listen)?;
     let addr = listener.local_addr().at(listen.to_string())?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -206,9 +208,11 @@ pub fn run_until_signal(
     ready: impl FnOnce(SocketAddr),
 ) -> Result<()> {
     let config = config.into();
+    config.check_listen(listen)?;
+    let tls = config.acceptor()?;
     let app = App::new(engine, &config);
     let jobs = app.jobs.clone();
-    let router = (router_for(app, &config)?, jobs);
+    let router = (router_for(app, &config)?, jobs, tls);
     // A service's default soft limit (1,024) is raised to the hard one:
     // connections are capped below what is then left.
     raise_file_limit();
@@ -240,11 +244,18 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 
 async fn serve_on(
     listener: std::net::TcpListener,
-    (router, jobs): (Router, Arc<Mutex<Jobs>>),
+    (router, jobs, tls): (Router, Arc<Mutex<Jobs>>, Option<tokio_rustls::TlsAcceptor>),
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::from_std(listener)?;
-    conns::serve(listener, router, ConnLimits::from_file_limit(), shutdown).await?;
+    conns::serve(
+        listener,
+        router,
+        ConnLimits::from_file_limit(),
+        tls,
+        shutdown,
+    )
+    .await?;
     tokio::task::spawn_blocking(move || jobs.lock().wait_all())
         .await
         .map_err(std::io::Error::other)
