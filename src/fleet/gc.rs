@@ -229,6 +229,16 @@ fn record_running(catalog: &FleetCatalog, generation: u64) -> Result<GcState> {
     Ok(state)
 }
 
+/// The snapshots whose manifests must stay: completed or in progress.
+fn held(servers: &[FleetServer]) -> HashSet<SnapshotId> {
+    servers
+        .iter()
+        .flat_map(|s| &s.snapshots)
+        .filter(|s| s.status != SnapshotStatus::Failed)
+        .map(|s| s.id)
+        .collect()
+}
+
 fn in_progress(servers: &[FleetServer]) -> impl Iterator<Item = SnapshotId> + '_ {
     servers
         .iter()
@@ -297,12 +307,7 @@ fn sweep(
         .iter()
         .filter(|k| unneeded.listed.contains(*k) && !doomed.contains(*k))
         .count() as u64;
-    let held: HashSet<SnapshotId> = servers
-        .iter()
-        .flat_map(|s| &s.snapshots)
-        .filter(|s| s.status != SnapshotStatus::Failed)
-        .map(|s| s.id)
-        .collect();
+    let held = held(&servers);
     let manifests: BTreeSet<SnapshotId> = state
         .manifests
         .iter()
@@ -381,12 +386,7 @@ fn mark(
     report.packs_condemned = unneeded.packs.len() as u64;
     report.bytes_condemned = unneeded.packs.values().sum();
     let packs: BTreeSet<String> = unneeded.packs.into_keys().collect();
-    let held: HashSet<SnapshotId> = servers
-        .iter()
-        .flat_map(|s| &s.snapshots)
-        .filter(|s| s.status != SnapshotStatus::Failed)
-        .map(|s| s.id)
-        .collect();
+    let held = held(&servers);
     let mut manifests = BTreeSet::new();
     for (key, _) in catalog.bucket().list("manifests")? {
         let Some(id) = key

@@ -89,6 +89,16 @@ impl Fleet {
         cmd
     }
 
+    /// `blocksnap server add` as host `host`, which must succeed.
+    fn add_server_cli(&self, host: &str, id: u64, name: &str, disk: &Path) {
+        let id = id.to_string();
+        let disk = disk.to_str().unwrap();
+        ok(&self.cli(
+            host,
+            &["server", "add", "--id", &id, "--name", name, "--disk", disk],
+        ));
+    }
+
     fn cli(&self, host: &str, args: &[&str]) -> Output {
         self.command(host, args).output().unwrap()
     }
@@ -159,19 +169,7 @@ fn a_snapshot_taken_on_one_host_restores_byte_exact_through_another() {
     other[100 * BS..140 * BS].copy_from_slice(&random_bytes(40 * BS, 2));
     std::fs::write(f.path("b.img"), &other).unwrap();
     let b_disk = f.path("b.img");
-    ok(&f.cli(
-        "host-b",
-        &[
-            "server",
-            "add",
-            "--id",
-            "1",
-            "--name",
-            "web",
-            "--disk",
-            b_disk.to_str().unwrap(),
-        ],
-    ));
+    f.add_server_cli("host-b", 1, "web", &b_disk);
     let list = ok(&f.cli("host-b", &["snapshot", "list", "--json"]));
     assert!(list.contains("\"v1\""), "{list}");
     ok(&f.cli("host-b", &["snapshot", "restore", &snap.id.0.to_string()]));
@@ -201,19 +199,7 @@ fn sixteen_creates_from_separate_host_processes_give_exactly_five() {
     let disk = f.path("d.img");
     let hosts: Vec<String> = (0..16).map(|i| format!("h{i}")).collect();
     for h in &hosts {
-        ok(&f.cli(
-            h,
-            &[
-                "server",
-                "add",
-                "--id",
-                "5",
-                "--name",
-                "db",
-                "--disk",
-                disk.to_str().unwrap(),
-            ],
-        ));
+        f.add_server_cli(h, 5, "db", &disk);
     }
     let children: Vec<_> = hosts
         .iter()
@@ -725,16 +711,9 @@ fn serve_on_a_bucket_takes_in_what_other_hosts_did() {
         return;
     };
     std::fs::write(f.path("x.img"), disk_bytes(64 * BS, 23)).unwrap();
-    let x = f.path("x.img");
-    let x = x.to_str().unwrap();
-    ok(&f.cli(
-        "api",
-        &["server", "add", "--id", "1", "--name", "x", "--disk", x],
-    ));
-    ok(&f.cli(
-        "other",
-        &["server", "add", "--id", "1", "--name", "x", "--disk", x],
-    ));
+    for host in ["api", "other"] {
+        f.add_server_cli(host, 1, "x", &f.path("x.img"));
+    }
     let mut server = f
         .command(
             "api",
@@ -921,39 +900,25 @@ fn wrong_bucket_options_are_refused_with_what_to_do() {
     assert!(err.contains("for a store in a bucket"), "{err}");
     let err = run(&["--store", "s3://blocksnap-test/x", "server", "list"]);
     assert!(err.contains("--cache DIR"), "{err}");
-    let err = run(&[
-        "--store",
-        "s3://blocksnap-test/x",
-        "--cache",
-        cache,
-        "--pack-size",
-        "1K",
-        "server",
-        "list",
-    ]);
-    assert!(err.contains("from 64K"), "{err}");
-    let err = run(&[
-        "--store",
-        "s3://blocksnap-test/x",
-        "--cache",
-        cache,
-        "--host",
-        "a/b",
-        "server",
-        "list",
-    ]);
-    assert!(err.contains("not a fleet host name"), "{err}");
-    let err = run(&[
-        "--store",
-        "s3://Not_A_Bucket/x",
-        "--cache",
-        cache,
-        "--host",
-        "a",
-        "server",
-        "list",
-    ]);
-    assert!(err.contains("not a bucket address"), "{err}");
+    for (url, extra, says) in [
+        ("s3://blocksnap-test/x", ["--pack-size", "1K"], "from 64K"),
+        (
+            "s3://blocksnap-test/x",
+            ["--host", "a/b"],
+            "not a fleet host name",
+        ),
+        (
+            "s3://Not_A_Bucket/x",
+            ["--host", "a"],
+            "not a bucket address",
+        ),
+    ] {
+        let mut args = vec!["--store", url, "--cache", cache];
+        args.extend(extra);
+        args.extend(["server", "list"]);
+        let err = run(&args);
+        assert!(err.contains(says), "{err}");
+    }
     // Nothing was made of a cache for a store that could not be named.
     assert!(!dir.path().join("cache").join("fleet.json").exists());
 }
